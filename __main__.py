@@ -1,0 +1,3 @@
+from branchout.orchestrator.cli import main
+
+main()

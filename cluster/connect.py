@@ -1,0 +1,60 @@
+"""Connect the driver to Ray: an embedded local instance, or an existing cluster.
+
+``cluster.address: null`` starts Ray inside this process's machine (the default, CPU
+only unless GPUs are present). Inside a submitted Ray job, ``RAY_ADDRESS`` is set and
+the same call joins that cluster instead, so one pipeline file runs unchanged either
+way. Worker output goes to Ray's log files, not the terminal: the driver draws its own
+progress from the progress hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from branchout.orchestrator.spec import ClusterSpec
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be started or reached; the message says what to check."""
+
+
+@dataclass
+class ClusterInfo:
+    address: str
+    embedded: bool
+    resources: dict[str, float]
+    nodes: int
+
+
+@contextmanager
+def connect(cluster: ClusterSpec) -> Iterator[ClusterInfo]:
+    """Start or join Ray for the duration of the block; shuts down only what it started."""
+    import ray
+
+    started_here = False
+    if not ray.is_initialized():
+        address = cluster.address or os.environ.get("RAY_ADDRESS")
+        kwargs = dict(log_to_driver=False, logging_level=logging.WARNING, namespace="branchout")
+        try:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+                         include_dashboard=False, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ClusterError(f"cannot connect to Ray at {address or 'a new local instance'}: "
+                               f"{str(e).splitlines()[0]}") from None
+        started_here = True
+    try:
+        ctx = ray.get_runtime_context()
+        embedded = not (cluster.address or os.environ.get("RAY_ADDRESS"))
+        yield ClusterInfo(address=ctx.gcs_address, embedded=embedded,
+                          resources=dict(ray.cluster_resources()),
+                          nodes=len([n for n in ray.nodes() if n.get("Alive")]))
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,138 @@
+"""What the user sees: the plan, live progress of stages and domain jobs, the results.
+
+On a terminal the progress is a live table redrawn a few times a second; elsewhere
+(CI logs, a submitted job's log) it is one plain line per state change plus a progress
+line every ``quiet_interval`` seconds, so logs stay readable.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from branchout.orchestrator.plan import Plan
+from branchout.orchestrator.state import RunRecord, StageState
+
+_STYLE = {
+    StageState.PENDING: "dim", StageState.QUEUED: "yellow", StageState.RUNNING: "cyan",
+    StageState.SUCCEEDED: "green", StageState.FAILED: "bold red", StageState.SKIPPED: "dim",
+}
+
+
+def print_plan(console: Console, plan: Plan) -> None:
+    console.print(f"[bold]Plan for {plan.pipeline}[/]  ({plan.cluster})")
+    console.print(f"  model: {plan.model_type}, {plan.params / 1e6:.2f}M parameters "
+                  f"({plan.non_embedding_params / 1e6:.2f}M non-embedding), vocab {plan.vocab_size:,}")
+    p = plan.pretrain
+    zero = "single process" if p.zero_stage is None else f"DeepSpeed ZeRO-{p.zero_stage}"
+    console.print(f"  pretrain: {p.arithmetic()}")
+    console.print(f"            {p.steps:,} steps = {p.total_tokens:,} tokens; {p.checkpoints} checkpoint(s); "
+                  f"{zero}, {p.precision}; ~{p.memory_gib:.2f} GiB/worker; "
+                  f"{plan.flops_per_token(p.seq_len) / 1e6:.1f} MFLOP/token")
+    table = Table(title=f"fan-out: {plan.fanout_jobs} jobs ({', '.join(plan.eval_models)} scored)",
+                  title_justify="left", show_edge=False)
+    for col in ("domain", "method", "tokens/step", "steps", "tokens", "engine", "resources", "mem/worker"):
+        table.add_column(col, justify="left" if col in ("domain", "method", "engine", "resources") else "right")
+    for name, d in plan.domains.items():
+        engine = "torch" if d.zero_stage is None else f"ZeRO-{d.zero_stage}×{d.workers}"
+        table.add_row(name, plan.domain_methods[name], f"{d.tokens_per_step:,}", f"{d.steps:,}",
+                      f"{d.total_tokens:,}", engine, _bundle(d.resources), f"{d.memory_gib:.2f} GiB")
+    console.print(table)
+
+
+def _bundle(b: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:g}" for k, v in b.items())
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return format(v, spec) if isinstance(v, int | float) else "-"
+
+
+class ProgressView:
+    """Draws the run record plus the hub's live numbers; call ``update`` often."""
+
+    def __init__(self, console: Console, quiet_interval: float = 30.0):
+        self.console = console
+        self.live = Live(console=console, refresh_per_second=4, transient=False) if console.is_terminal else None
+        self.quiet_interval = quiet_interval
+        self._last_quiet = 0.0
+        self._seen: dict[str, StageState] = {}
+
+    def __enter__(self) -> ProgressView:
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live:
+            self.live.__exit__(*exc)
+
+    def update(self, record: RunRecord, snapshot: dict[str, dict[str, Any]]) -> None:
+        if self.live:
+            self.live.update(self._render(record, snapshot))
+            return
+        now = time.time()
+        for name, rec in record.stages.items():
+            if self._seen.get(name) is not rec.state:
+                self._seen[name] = rec.state
+                extra = f": {rec.error}" if rec.error and rec.state is StageState.FAILED else ""
+                self.console.print(f"{time.strftime('%H:%M:%S')} {name}: {rec.state.value}{extra}")
+        if now - self._last_quiet >= self.quiet_interval:
+            self._last_quiet = now
+            for name, live in snapshot.items():
+                rec = record.stages.get(name)
+                if rec and rec.state is StageState.RUNNING and "step" in live:
+                    self.console.print(f"{time.strftime('%H:%M:%S')} {name}: {self._progress_text(rec, live)}")
+
+    @staticmethod
+    def _progress_text(rec, live: dict[str, Any]) -> str:
+        step, total = live.get("step", 0), live.get("total_steps") or 0
+        eta = "-"
+        if rec.started and step and total:
+            # rate over this attempt's own steps, so a resumed job's ETA is not inflated
+            done_here = step - live.get("resumed_from", 0)
+            if done_here > 0:
+                eta = f"{(time.time() - live.get('started', rec.started)) / done_here * (total - step):.0f}s"
+        return (f"step {step}/{total}  loss {_fmt(live.get('loss'), '.3f')}  "
+                f"{_fmt(live.get('tokens_per_s'), ',.0f')} tok/s  ETA {eta}")
+
+    def _render(self, record: RunRecord, snapshot: dict[str, dict[str, Any]]):
+        table = Table(show_edge=False, title=f"run {record.run_id}", title_justify="left")
+        for col in ("stage / job", "state", "progress", "elapsed"):
+            table.add_column(col)
+        now = time.time()
+        for name, rec in record.stages.items():
+            live = snapshot.get(name, {})
+            progress = self._progress_text(rec, live) if rec.state is StageState.RUNNING and "step" in live else ""
+            if rec.state is StageState.FAILED and rec.error:
+                progress = rec.error[:100]
+            elapsed = ((rec.ended or now) - rec.started) if rec.started else None
+            table.add_row(name, f"[{_STYLE[rec.state]}]{rec.state.value}[/]", progress,
+                          f"{elapsed:.0f}s" if elapsed is not None else "")
+        return Group(table)
+
+
+def print_results(console: Console, record: RunRecord, metrics: dict[str, Any] | None,
+                  report_path: str | None) -> None:
+    table = Table(title="results (held-out perplexity, lower is better)", title_justify="left")
+    for col in ("domain", "finetune", "base ppl", "finetuned ppl", "scratch ppl", "gain vs base"):
+        table.add_column(col, justify="left" if col in ("domain", "finetune") else "right")
+    domains = (metrics or {}).get("domains", {})
+    for name, job in record.jobs("finetune").items():
+        m = domains.get(name, {})
+        gain = m.get("transfer_gain")
+        table.add_row(name, f"[{_STYLE[job.state]}]{job.state.value}[/]",
+                      _fmt(m.get("base_ppl"), ".2f"), _fmt(m.get("finetuned_ppl"), ".2f"),
+                      _fmt(m.get("scratch_ppl"), ".2f"), f"{gain:.1%}" if isinstance(gain, float) else "-")
+    console.print(table)
+    seconds = (record.ended or time.time()) - (record.started or record.created)
+    colour = "green" if record.state.value == "succeeded" else "red"
+    console.print(f"run {record.run_id}: [{colour}]{record.state.value}[/] in {seconds:.0f}s"
+                  + (f" — {record.error}" if record.error else ""))
+    console.print(f"run directory: {record.run_uri}")
+    if report_path:
+        console.print(f"report: {report_path}")

@@ -1,0 +1,281 @@
+"""The pipeline driver: tokenizer → data → pretrain → fan-out → evaluate → report.
+
+``run_pipeline`` reads top to bottom as the pipeline does. Each stage is a handful of
+jobs (the tokenizer, one data job per dataset, the pretrain, a fine-tune and a baseline
+per domain, an evaluation per domain); ``orchestrator.fanout.run_jobs`` runs a stage's
+jobs concurrently and records their states. The driver is the only writer of the run
+record. The same code runs under ``branchout run`` (embedded Ray) and as a submitted
+Ray job (``RAY_ADDRESS`` set by Ray).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from branchout.cluster.connect import ClusterInfo, connect
+from branchout.orchestrator.display import ProgressView, print_plan, print_results
+from branchout.orchestrator.fanout import WorkItem, run_jobs, submit_task
+from branchout.orchestrator.plan import Plan, build_plan
+from branchout.orchestrator.progress import hub_name, start_hub
+from branchout.orchestrator.spec import DatasetSpec, PipelineSpec
+from branchout.orchestrator.state import RunRecord, RunState, StageState
+from branchout.stages import storage
+from branchout.stages.data import PackedInfo
+from branchout.stages.job import TrainJob
+
+
+class StageFailedError(RuntimeError):
+    """A stage cannot continue; the message names the job and the cause."""
+
+
+@dataclass
+class RunContext:
+    spec: PipelineSpec
+    plan: Plan
+    record: RunRecord
+    cluster: ClusterInfo
+    view: ProgressView
+    hub: Any = None
+    threads: cf.ThreadPoolExecutor = field(default_factory=lambda: cf.ThreadPoolExecutor(8))
+
+    @property
+    def run_uri(self) -> str:
+        return self.record.run_uri
+
+    @property
+    def hub_name(self) -> str:
+        return hub_name(self.record.run_id)
+
+    def uri(self, *parts: str) -> str:
+        return storage.join(self.run_uri, *parts)
+
+    def run(self, items: list[WorkItem], max_in_flight: int | None = None) -> dict[str, Any]:
+        return run_jobs(self.record, items, self.hub,
+                        lambda snap: self.view.update(self.record, snap), max_in_flight)
+
+
+def run_pipeline(spec: PipelineSpec, console: Console, run_id: str | None = None) -> RunRecord:
+    """Run every stage of ``spec``; returns the final run record (never raises for job failures)."""
+    plan = build_plan(spec)
+    print_plan(console, plan)
+    record = create_run(spec, run_id)
+    console.print(f"run [bold]{record.run_id}[/] → {record.run_uri}")
+    with connect(spec.cluster) as cluster, ProgressView(console) as view:
+        ctx = RunContext(spec, plan, record, cluster, view, hub=start_hub(record.run_id))
+        record.set_run_state(RunState.RUNNING)
+        try:
+            tokenizer_uri, tokenizer_hash = stage_tokenizer(ctx)
+            data = stage_data(ctx, tokenizer_uri, tokenizer_hash)
+            base_uri = stage_pretrain(ctx, tokenizer_uri, data["pretrain"])
+            stage_finetune(ctx, tokenizer_uri, data, base_uri)
+            stage_evaluate(ctx, data, base_uri)
+            failed = [n for n, r in record.stages.items() if r.state is StageState.FAILED]
+            if failed:
+                record.set_run_state(RunState.FAILED, error=f"failed: {', '.join(failed)}")
+            else:
+                record.set_run_state(RunState.SUCCEEDED)
+        except StageFailedError as e:
+            skip_pending(record)
+            record.set_run_state(RunState.FAILED, error=str(e))
+        except KeyboardInterrupt:
+            skip_pending(record)
+            record.set_run_state(RunState.STOPPED, error="interrupted")
+        finally:
+            view.update(record, {})
+            ctx.threads.shutdown(wait=False, cancel_futures=True)
+    report_path = write_report(record)
+    print_results(console, record, _read_metrics(record), report_path)
+    return record
+
+
+# ---- run creation ------------------------------------------------------------------
+
+
+def create_run(spec: PipelineSpec, run_id: str | None = None) -> RunRecord:
+    """Make the run directory with the resolved spec, and a record listing every job."""
+    run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    run_uri = storage.join(spec.storage, spec.name, run_id)
+    resolved = spec.model_dump(mode="json")
+    storage.write_text(storage.join(run_uri, "spec.yaml"), yaml.safe_dump(resolved, sort_keys=False))
+    record = RunRecord(run_id=run_id, pipeline=spec.name, run_uri=run_uri, spec_hash=spec_hash(spec))
+    names = ["tokenizer", "data/pretrain", *[f"data/{d.name}" for d in spec.finetune.domains], "pretrain"]
+    for d in spec.finetune.domains:
+        names.append(f"finetune/{d.name}")
+        if "scratch" in spec.evaluate.models:
+            names.append(f"scratch/{d.name}")
+    names += [f"evaluate/{d.name}" for d in spec.finetune.domains]
+    for name in names:
+        record.stage(name)
+    record.save()
+    return record
+
+
+def spec_hash(spec: PipelineSpec) -> str:
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def skip_pending(record: RunRecord) -> None:
+    for name, rec in record.stages.items():
+        if rec.state in (StageState.PENDING, StageState.QUEUED):
+            record.set_stage(name, StageState.SKIPPED)
+
+
+def _require(results: dict[str, Any], record: RunRecord, names: list[str]) -> None:
+    failed = [n for n in names if n not in results]
+    if failed:
+        errors = "; ".join(f"{n}: {record.stage(n).error}" for n in failed)
+        raise StageFailedError(errors)
+
+
+# ---- stages --------------------------------------------------------------------------
+
+
+def stage_tokenizer(ctx: RunContext) -> tuple[str, str]:
+    """Train (or copy in) the tokenizer; returns its URI in the run and its content hash."""
+    from branchout.stages.tokenizer import tokenizer_job
+
+    spec = ctx.spec
+    uri = ctx.uri("tokenizer")
+    args = (spec.tokenizer.model_dump(), spec.pretrain.dataset.model_dump(),
+            spec.evaluate.heldout_fraction, spec.evaluate.split_seed, uri)
+    item = WorkItem("tokenizer", lambda: submit_task(tokenizer_job, args, {"CPU": 1}, "tokenizer", ctx.hub_name))
+    results = ctx.run([item])
+    _require(results, ctx.record, ["tokenizer"])
+    return uri, results["tokenizer"]
+
+
+def stage_data(ctx: RunContext, tokenizer_uri: str, tokenizer_hash: str) -> dict[str, PackedInfo]:
+    """Tokenize and pack every dataset (once per distinct dataset and block length)."""
+    from branchout.stages.data import prepare
+
+    spec = ctx.spec
+    wanted: dict[str, tuple[DatasetSpec, int]] = {"pretrain": (spec.pretrain.dataset, spec.pretrain.seq_len)}
+    for d in spec.finetune.domains:
+        wanted[d.name] = (d.dataset, spec.domain_seq_len(d))
+    cache_root = storage.join(spec.storage, "cache", "data")
+    ev = spec.evaluate
+    items = [
+        WorkItem(f"data/{name}", lambda ds=ds, n=seq: submit_task(
+            prepare, (ds, tokenizer_uri, tokenizer_hash, n, ev.heldout_fraction, ev.split_seed, cache_root),
+            {"CPU": 1}, "data", ctx.hub_name),
+            on_success=lambda info: {"uri": info.uri, "train_blocks": info.train_blocks,
+                                     "heldout_blocks": info.heldout_blocks, "cached": info.cached})
+        for name, (ds, seq) in wanted.items()
+    ]
+    results = ctx.run(items)
+    _require(results, ctx.record, [i.name for i in items])
+    return {name: results[f"data/{name}"] for name in wanted}
+
+
+def stage_pretrain(ctx: RunContext, tokenizer_uri: str, data: PackedInfo) -> str:
+    """DeepSpeed pretrain on Ray Train; returns the URI of the exported base model."""
+    from branchout.orchestrator.training import run_distributed
+
+    spec = ctx.spec
+    job = TrainJob(
+        name="pretrain", kind="pretrain", training=spec.pretrain.model_dump(mode="json"),
+        steps=ctx.plan.pretrain.steps, model_type=spec.model.type, model_overrides=spec.model.config,
+        tokenizer_uri=tokenizer_uri, data_uri=data.uri, out_uri=ctx.uri("pretrain"),
+        logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id, hub_name=ctx.hub_name,
+    )
+    item = WorkItem("pretrain", lambda: ctx.threads.submit(run_distributed, job),
+                    on_success=lambda r: {"model_uri": job.model_uri, "final_loss": r["final_loss"],
+                                          "tokens_per_s": r["tokens_per_s"]})
+    _require(ctx.run([item]), ctx.record, ["pretrain"])
+    return job.model_uri
+
+
+def stage_finetune(ctx: RunContext, tokenizer_uri: str, data: dict[str, PackedInfo], base_uri: str) -> None:
+    """One fine-tune per domain from the shared base, plus from-scratch baselines, concurrently."""
+    from branchout.orchestrator.training import run_distributed
+    from branchout.stages.finetune import run_single_worker
+
+    spec = ctx.spec
+    items = []
+    kinds = ["finetune"] + (["scratch"] if "scratch" in spec.evaluate.models else [])
+    for kind in kinds:
+        for d in spec.finetune.domains:
+            training = d.model_dump(mode="json", exclude={"name", "dataset"})
+            training["seq_len"] = spec.domain_seq_len(d)
+            job = TrainJob(
+                name=f"{kind}/{d.name}", kind=kind, training=training, steps=d.steps,
+                model_type=spec.model.type, model_overrides=spec.model.config,
+                tokenizer_uri=tokenizer_uri, data_uri=data[d.name].uri,
+                out_uri=ctx.uri(kind, d.name), logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id,
+                hub_name=ctx.hub_name,
+                # the baseline trains every weight from scratch whatever the domain's method
+                method=d.method if kind == "finetune" else "full",
+                lora=d.lora.model_dump(), base_model_uri=base_uri if kind == "finetune" else None,
+            )
+            if d.num_workers > 1:
+                submit = (lambda job=job: ctx.threads.submit(run_distributed, job))
+            else:
+                submit = (lambda job=job, res=d.resources_per_worker.ray_bundle():
+                          submit_task(run_single_worker, (job,), res, job.name, ctx.hub_name))
+            items.append(WorkItem(job.name, submit, max_retries=d.max_retries,
+                                  on_success=lambda r, job=job: {
+                                      "model_uri": job.model_uri, "final_loss": r["final_loss"],
+                                      "tokens_per_s": r["tokens_per_s"]}))
+    ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
+
+
+def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) -> None:
+    """Held-out perplexity per domain of base, fine-tuned and scratch models."""
+    from branchout.stages.evaluate import evaluate_domain
+
+    spec = ctx.spec
+    ev = spec.evaluate
+    items = []
+    for d in spec.finetune.domains:
+        candidates: dict[str, tuple[str, str | None]] = {}
+        if "base" in ev.models:
+            candidates["base"] = (base_uri, None)
+        ft = ctx.record.stage(f"finetune/{d.name}")
+        if "finetuned" in ev.models and ft.state is StageState.SUCCEEDED:
+            candidates["finetuned"] = (ft.outputs["model_uri"], base_uri if d.method == "lora" else None)
+        sc = ctx.record.stage(f"scratch/{d.name}")
+        if "scratch" in ev.models and sc.state is StageState.SUCCEEDED:
+            candidates["scratch"] = (sc.outputs["model_uri"], None)
+        args = (d.name, data[d.name].uri, candidates, ev.batch_size, ev.max_blocks, 1)
+        items.append(WorkItem(f"evaluate/{d.name}",
+                              lambda args=args: submit_task(evaluate_domain, args, {"CPU": 1},
+                                                            f"evaluate/{args[0]}", ctx.hub_name),
+                              on_success=lambda r: {"metrics": r}))
+    results = ctx.run(items)
+    domains = {}
+    for d in spec.finetune.domains:
+        r = results.get(f"evaluate/{d.name}")
+        if r is None:
+            continue
+        row = {k: r[k] for k in ("base_ppl", "finetuned_ppl", "scratch_ppl", "heldout_tokens") if k in r}
+        if "base_ppl" in row and "finetuned_ppl" in row:
+            row["transfer_gain"] = 1 - row["finetuned_ppl"] / row["base_ppl"]
+        if "scratch_ppl" in row and "finetuned_ppl" in row:
+            row["gain_vs_scratch"] = 1 - row["finetuned_ppl"] / row["scratch_ppl"]
+        row["method"] = d.method
+        domains[d.name] = row
+    metrics = {"run_id": ctx.record.run_id, "pipeline": spec.name, "domains": domains,
+               "pretrain": ctx.record.stage("pretrain").outputs}
+    storage.write_text(ctx.uri("eval", "metrics.json"), json.dumps(metrics, indent=1))
+
+
+def _read_metrics(record: RunRecord) -> dict | None:
+    uri = storage.join(record.run_uri, "eval", "metrics.json")
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def write_report(record: RunRecord) -> str | None:
+    from branchout.orchestrator.report import write_report as _write
+
+    metrics = _read_metrics(record)
+    return _write(record, metrics) if metrics else None

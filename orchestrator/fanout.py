@@ -1,0 +1,122 @@
+"""Fan-out: run many independent jobs concurrently, as many as the cluster holds.
+
+Every job is submitted to Ray at once (up to ``max_in_flight``); Ray's scheduler runs
+as many as fit and queues the rest, which is exactly "packed onto the cluster". A job
+is QUEUED until its worker reports that it started, then RUNNING. One job failing never
+stops the others; a failed job is resubmitted up to its ``max_retries``.
+
+Single-worker jobs are Ray tasks. Multi-worker jobs (a domain with ``num_workers > 1``)
+are Ray Train runs driven from a driver thread. Both are waited on as futures.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from branchout.orchestrator.state import RunRecord, StageState
+
+
+@dataclass
+class WorkItem:
+    name: str  # the record key, e.g. "finetune/legal"
+    submit: Callable[[], cf.Future]
+    max_retries: int = 0
+    on_success: Callable[[Any], dict[str, Any]] | None = None  # result → record outputs
+
+
+def submit_task(fn: Callable, args: tuple, resources: dict[str, float], job: str,
+                hub: str | None) -> cf.Future:
+    """Run ``fn(*args)`` as a Ray task reserving ``resources``; it reports its start to the hub."""
+    import ray
+
+    bundle = dict(resources)
+    cpus, gpus = bundle.pop("CPU", 1.0), bundle.pop("GPU", 0.0)
+    task = ray.remote(_announce_and_call).options(
+        num_cpus=cpus, num_gpus=gpus, resources=bundle or None, name=job, max_retries=0)
+    return task.remote(fn, job, hub, *args).future()
+
+
+def _announce_and_call(fn: Callable, job: str, hub: str | None, *args: Any) -> Any:
+    from branchout.orchestrator.progress import connect_hub
+
+    handle = connect_hub(hub)
+    if handle is not None:
+        handle.update.remote(job, {"state": "running", "started": time.time()})
+    return fn(*args)
+
+
+def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[dict], None],
+             max_in_flight: int | None = None) -> dict[str, Any]:
+    """Run ``items`` to completion; returns results of those that succeeded, by name."""
+    pending = deque(items)
+    running: dict[cf.Future, WorkItem] = {}
+    results: dict[str, Any] = {}
+    limit = max_in_flight or len(items) or 1
+    for item in items:
+        record.set_stage(item.name, StageState.PENDING)
+    while pending or running:
+        while pending and len(running) < limit:
+            item = pending.popleft()
+            record.set_stage(item.name, StageState.QUEUED)
+            running[item.submit()] = item
+        done, _ = cf.wait(list(running), timeout=0.5, return_when=cf.FIRST_COMPLETED)
+        snapshot = _snapshot(hub)
+        for item in running.values():
+            live = snapshot.get(item.name, {})
+            if live.get("state") == "running" and record.stage(item.name).state is StageState.QUEUED:
+                record.set_stage(item.name, StageState.RUNNING, when=live.get("started"))
+        for future in done:
+            item = running.pop(future)
+            rec = record.stage(item.name)
+            try:
+                result = future.result()
+            except Exception as e:  # any job error is recorded, never propagated
+                if rec.state is StageState.QUEUED:
+                    record.set_stage(item.name, StageState.RUNNING)
+                record.set_stage(item.name, StageState.FAILED, error=describe_error(e))
+                if rec.attempts <= item.max_retries:
+                    pending.append(item)
+                continue
+            if rec.state is StageState.QUEUED:
+                record.set_stage(item.name, StageState.RUNNING, when=_started(result))
+            outputs = item.on_success(result) if item.on_success else {}
+            record.set_stage(item.name, StageState.SUCCEEDED, when=_ended(result), outputs=outputs)
+            results[item.name] = result
+        on_tick(snapshot)
+    return results
+
+
+def _snapshot(hub) -> dict[str, dict[str, Any]]:
+    if hub is None:
+        return {}
+    import ray
+
+    try:
+        return ray.get(hub.snapshot.remote(), timeout=5)
+    except Exception:  # a slow or lost hub only costs the live numbers
+        return {}
+
+
+def _started(result: Any) -> float | None:
+    return result.get("started") if isinstance(result, dict) else None
+
+
+def _ended(result: Any) -> float | None:
+    return result.get("ended") if isinstance(result, dict) else None
+
+
+def describe_error(error: BaseException) -> str:
+    """One line: the root error of a Ray task failure, not Ray's wrapper text."""
+    from branchout.orchestrator.training import root_cause
+
+    cause = getattr(error, "cause", None)
+    if cause is not None:
+        return root_cause(cause)
+    text = "".join(traceback.format_exception_only(type(error), error)).strip().splitlines()
+    return root_cause(error) if not text else text[-1]

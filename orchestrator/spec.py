@@ -1,0 +1,272 @@
+"""The pipeline spec: one set of pydantic models, loaded from one YAML file.
+
+Every model forbids unknown keys, so a typo is an error rather than a setting that is
+silently ignored. Field-level checks live on the fields; checks that span sections
+(batch arithmetic, positions vs. sequence length, LoRA targets vs. model type) live in
+``orchestrator.checks`` so that the loader can report every problem of a file at once.
+
+Glossary:
+    block         ``seq_len`` consecutive token ids; the unit the data is packed into.
+    micro-batch   blocks one worker feeds through forward/backward at once.
+    global batch  blocks per optimizer step, summed over workers and accumulation.
+    domain        one fine-tune target (legal, code, ...), with its own dataset.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for every spec section: unknown keys are errors, values are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, validate_default=True)
+
+
+class Resources(StrictModel):
+    """Ray resources one worker (or one single-worker job) reserves."""
+
+    cpu: float = Field(1.0, ge=0, description="CPUs per worker; fractions pack jobs.")
+    gpu: float = Field(0.0, ge=0, description="GPUs per worker; 0 trains on the CPU.")
+    custom: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources.")
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.gpu > 0
+
+    def ray_bundle(self) -> dict[str, float]:
+        """The resource dict Ray Train / ``.options()`` expects."""
+        bundle = {"CPU": self.cpu, **self.custom}
+        if self.gpu:
+            bundle["GPU"] = self.gpu
+        return bundle
+
+
+class DatasetSpec(StrictModel):
+    """Any source ``datasets`` can load: local text/jsonl/parquet/csv files or a hub name."""
+
+    path: str = Field(description="File, directory, glob, or hub dataset name.")
+    format: Literal["auto", "text", "json", "parquet", "csv", "hub"] = Field(
+        "auto", description="'auto' infers from the file extension; 'hub' loads by name."
+    )
+    text_column: str = Field("text", min_length=1)
+    split: str = Field("train", description="Split to read (hub datasets).")
+    revision: str | None = Field(None, description="Hub revision to pin (hub datasets).")
+
+
+class TokenizerSpec(StrictModel):
+    """Train a byte-level BPE on the pretraining corpus, or load an existing one."""
+
+    path: str | None = Field(None, description="Existing tokenizer directory; skips training.")
+    vocab_size: int = Field(8192, ge=300, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+
+
+class ModelSpec(StrictModel):
+    """A transformers causal LM built from its config class; nothing is downloaded."""
+
+    type: str = Field("llama", description="A model type known to transformers.AutoConfig.")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the config class's fields."
+    )
+
+
+class OptimizerSpec(StrictModel):
+    lr: float = Field(3e-4, gt=0, le=10)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="Max grad norm; 0 disables clipping.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class ScheduleSpec(StrictModel):
+    """Linear warmup then cosine decay to ``min_lr_ratio`` × lr."""
+
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class DeepSpeedSpec(StrictModel):
+    """DeepSpeed settings for multi-worker training; ``config`` passes any other key through."""
+
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload optimizer states to CPU.")
+    offload_params: bool = Field(False, description="Offload parameters to CPU (ZeRO-3 only).")
+    precision: Literal["bf16", "fp32", "fp16"] = "bf16"
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Raw DeepSpeed config keys, merged last."
+    )
+
+
+class TrainingSpec(StrictModel):
+    """What pretrain and fine-tune share: batch arithmetic, workers, optimizer, schedule."""
+
+    seq_len: int | None = Field(None, ge=8, description="Tokens per block.")
+    global_batch_size: int = Field(32, ge=1, description="Blocks per optimizer step.")
+    micro_batch_size: int = Field(4, ge=1, description="Blocks per worker per forward.")
+    num_workers: int = Field(1, ge=1, le=4096)
+    resources_per_worker: Resources = Field(default_factory=Resources)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    checkpoint_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class PretrainSpec(TrainingSpec):
+    dataset: DatasetSpec
+    seq_len: int = Field(256, ge=8)
+    steps: int | None = Field(None, ge=1, description="Optimizer steps; or give `tokens`.")
+    tokens: int | None = Field(None, ge=1, description="Token budget; steps are derived.")
+
+    @model_validator(mode="after")
+    def _steps_or_tokens(self) -> PretrainSpec:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of `steps` or `tokens`")
+        return self
+
+
+class LoraSpec(StrictModel):
+    rank: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; default depends on the model type."
+    )
+
+
+class FinetuneOptions(TrainingSpec):
+    """Options of one domain fine-tune; ``finetune.defaults`` and each domain's overrides."""
+
+    method: Literal["full", "lora"] = "full"
+    steps: int = Field(100, ge=1)
+    global_batch_size: int = Field(8, ge=1)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    max_retries: int = Field(0, ge=0, description="Retries of a failed domain job.")
+
+
+class DomainSpec(FinetuneOptions):
+    """One domain: its name and dataset, plus any FinetuneOptions overriding the defaults."""
+
+    name: str
+    dataset: DatasetSpec
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        return _check_slug(v)
+
+
+class FinetuneSpec(StrictModel):
+    defaults: FinetuneOptions = Field(default_factory=FinetuneOptions)
+    domains: list[DomainSpec] = Field(default_factory=list)
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Cap on domain jobs in flight; default: what the cluster holds."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_defaults(cls, data: Any) -> Any:
+        # Domains inherit every default they do not set; nested sections merge key by key
+        # so `lora: {rank: 16}` keeps the default alpha.
+        if not isinstance(data, dict):
+            return data
+        defaults = data.get("defaults") or {}
+        domains = data.get("domains")
+        if isinstance(defaults, dict) and isinstance(domains, list):
+            data = {**data, "domains": [
+                deep_merge(defaults, d) if isinstance(d, dict) else d for d in domains
+            ]}
+        return data
+
+    @field_validator("domains")
+    @classmethod
+    def _unique_names(cls, v: list[DomainSpec]) -> list[DomainSpec]:
+        names = [d.name for d in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"domain names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+
+EvalModel = Literal["base", "finetuned", "scratch"]
+
+
+class EvaluateSpec(StrictModel):
+    heldout_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of each dataset's documents held out."
+    )
+    split_seed: int = Field(0, description="Seed of the document-level held-out split.")
+    models: list[EvalModel] = Field(default_factory=lambda: ["base", "finetuned", "scratch"])
+    max_blocks: int = Field(256, ge=1, description="Held-out blocks scored per domain at most.")
+    batch_size: int = Field(8, ge=1)
+
+    @field_validator("models")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one model to score")
+        return list(dict.fromkeys(v))
+
+
+class ClusterSpec(StrictModel):
+    address: str | None = Field(
+        None, description="null starts an embedded local Ray; else 'auto' or ray://host:port."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray only.")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of the embedded Ray only.")
+
+
+class PipelineSpec(StrictModel):
+    name: str
+    description: str = ""
+    storage: str = Field("./runs", description="Directory or URI under which runs are written.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    pretrain: PretrainSpec
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        return _check_slug(v)
+
+    def domain_seq_len(self, domain: DomainSpec) -> int:
+        """Fine-tunes use the pretrain block length unless a domain sets its own."""
+        return domain.seq_len or self.pretrain.seq_len
+
+
+_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_slug(v: str) -> str:
+    if not _SLUG.match(v):
+        raise ValueError(
+            "must be 1-64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
+        )
+    return v
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` wins; dicts present on both sides are merged recursively."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,172 @@
+"""Run, stage and job states, their legal transitions, and the run record.
+
+This module is the only place states change: ``RunRecord.set_run_state`` and
+``RunRecord.set_stage`` check every move against the tables below and persist the
+record to ``<run dir>/state.json`` after each change, so a reader (``status``, a
+resumed driver, the report) always sees a state the driver actually passed through.
+
+Run states::
+
+    PENDING ──► RUNNING ──► SUCCEEDED
+       │           ├──────► FAILED ──┐
+       └───────────┴──────► STOPPED ─┴─► RUNNING (resume)
+
+Stage and job states (a *stage* is tokenizer/data/pretrain/finetune/evaluate; a *job*
+is one domain's fine-tune, baseline or evaluation, keyed ``<kind>/<domain>``)::
+
+    PENDING ──► QUEUED ──► RUNNING ──► SUCCEEDED
+       │          │          └───────► FAILED ──► QUEUED (retry)
+       └──────────┴──────────────────► SKIPPED (an upstream stage failed)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from branchout.stages import storage
+
+
+class RunState(str, Enum):
+    PENDING = "pending"  # created; no stage has started
+    RUNNING = "running"  # a driver is working through the stages
+    SUCCEEDED = "succeeded"  # every stage and every domain job succeeded
+    FAILED = "failed"  # a stage or a domain job failed; `error` says which
+    STOPPED = "stopped"  # stopped by a user or the driver was interrupted
+
+    def is_terminal(self) -> bool:
+        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED)
+
+
+class StageState(str, Enum):
+    PENDING = "pending"  # not reached yet
+    QUEUED = "queued"  # submitted; waiting for the cluster to free resources
+    RUNNING = "running"  # a worker reported that it started
+    SUCCEEDED = "succeeded"  # outputs published and verified
+    FAILED = "failed"  # gave up after its retries; `error` holds the cause
+    SKIPPED = "skipped"  # not run because something it needs failed
+
+    def is_terminal(self) -> bool:
+        return self in (StageState.SUCCEEDED, StageState.FAILED, StageState.SKIPPED)
+
+
+RUN_TRANSITIONS: dict[RunState, set[RunState]] = {
+    RunState.PENDING: {RunState.RUNNING, RunState.FAILED, RunState.STOPPED},
+    RunState.RUNNING: {RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED},
+    RunState.FAILED: {RunState.RUNNING},
+    RunState.STOPPED: {RunState.RUNNING},
+    RunState.SUCCEEDED: set(),
+}
+
+STAGE_TRANSITIONS: dict[StageState, set[StageState]] = {
+    StageState.PENDING: {StageState.QUEUED, StageState.RUNNING, StageState.SKIPPED, StageState.FAILED},
+    StageState.QUEUED: {StageState.RUNNING, StageState.FAILED, StageState.SKIPPED},
+    StageState.RUNNING: {StageState.SUCCEEDED, StageState.FAILED},
+    StageState.FAILED: {StageState.QUEUED, StageState.RUNNING},
+    StageState.SUCCEEDED: set(),
+    StageState.SKIPPED: set(),
+}
+
+
+class IllegalTransitionError(RuntimeError):
+    """An internal bug: the driver tried a move the tables above do not allow."""
+
+
+@dataclass
+class StageRecord:
+    name: str
+    state: StageState = StageState.PENDING
+    attempts: int = 0
+    started: float | None = None
+    ended: float | None = None
+    error: str | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float | None:
+        return (self.ended - self.started) if self.started and self.ended else None
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    pipeline: str
+    run_uri: str
+    spec_hash: str
+    state: RunState = RunState.PENDING
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    ended: float | None = None
+    error: str | None = None
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+
+    # ---- transitions -------------------------------------------------------------
+
+    def set_run_state(self, new: RunState, error: str | None = None) -> None:
+        if new not in RUN_TRANSITIONS[self.state]:
+            raise IllegalTransitionError(f"run {self.run_id}: {self.state.value} → {new.value}")
+        self.state = new
+        if new is RunState.RUNNING:
+            self.started = self.started or time.time()
+            self.ended, self.error = None, None
+        if new.is_terminal():
+            self.ended = time.time()
+            self.error = error
+        self.save()
+
+    def set_stage(self, name: str, new: StageState, *, error: str | None = None,
+                  when: float | None = None, outputs: dict[str, Any] | None = None,
+                  metrics: dict[str, Any] | None = None) -> StageRecord:
+        rec = self.stages.setdefault(name, StageRecord(name))
+        if new is not rec.state:
+            if new not in STAGE_TRANSITIONS[rec.state]:
+                raise IllegalTransitionError(f"{name}: {rec.state.value} → {new.value}")
+            rec.state = new
+            now = when or time.time()
+            if new is StageState.RUNNING:
+                rec.attempts += 1
+                rec.started = rec.started or now
+            if new.is_terminal():
+                rec.ended = now
+            if new is StageState.QUEUED:
+                rec.ended = None
+        if error is not None:
+            rec.error = error
+        rec.outputs.update(outputs or {})
+        rec.metrics.update(metrics or {})
+        self.save()
+        return rec
+
+    def stage(self, name: str) -> StageRecord:
+        return self.stages.setdefault(name, StageRecord(name))
+
+    def jobs(self, kind: str) -> dict[str, StageRecord]:
+        """Domain jobs of one kind (``finetune``, ``scratch``, ``evaluate``) by domain."""
+        prefix = f"{kind}/"
+        return {k[len(prefix):]: v for k, v in self.stages.items() if k.startswith(prefix)}
+
+    # ---- persistence -------------------------------------------------------------
+
+    @property
+    def state_uri(self) -> str:
+        return storage.join(self.run_uri, "state.json")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, default=lambda v: v.value if isinstance(v, Enum) else str(v))
+
+    def save(self) -> None:
+        storage.write_text(self.state_uri, self.to_json(), durable=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunRecord:
+        raw = json.loads(text)
+        stages = {k: StageRecord(**{**v, "state": StageState(v["state"])}) for k, v in raw.pop("stages").items()}
+        return cls(**{**raw, "state": RunState(raw["state"]), "stages": stages})
+
+    @classmethod
+    def load(cls, run_uri: str) -> RunRecord:
+        return cls.from_json(storage.read_text(storage.join(run_uri, "state.json")))

@@ -1,0 +1,62 @@
+"""Launch a distributed ``TrainJob`` as a Ray Train ``TorchTrainer`` and wait for it.
+
+Ray Train owns the worker group, the process group, restarts and checkpoint retention;
+its run directory is ``<job dir>/ray`` in run storage, so re-creating the trainer with
+the same name continues from the newest reported checkpoint (this is how a resumed
+pipeline continues a pretrain).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from branchout.stages import storage
+from branchout.stages.job import TrainJob
+
+
+class TrainingFailedError(RuntimeError):
+    """A distributed job failed after Ray Train's retries; the message is the root cause."""
+
+
+def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
+    """Run ``job`` on ``num_workers`` Ray Train workers; returns its result dict."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from branchout.stages.pretrain import read_result, train_worker
+
+    t = job.spec()
+    r = t.resources_per_worker
+    fs, path = storage.filesystem(storage.join(job.out_uri, "ray"))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": asdict(job)},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=r.uses_gpu,
+                                     resources_per_worker=r.ray_bundle()),
+        run_config=RunConfig(
+            name="train", storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors in several types; report the root cause
+        raise TrainingFailedError(root_cause(e)) from e
+    result = read_result(job)
+    if result is None:
+        raise TrainingFailedError(f"{job.name}: finished without writing its result")
+    return result
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost error's last line: what a user needs, without Ray's wrapping."""
+    seen = error
+    while True:
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    text = str(seen).strip().splitlines()
+    last = next((line for line in reversed(text) if line.strip()), type(seen).__name__)
+    return f"{type(seen).__name__}: {last.strip()}" if type(seen).__name__ not in last else last.strip()

@@ -1,0 +1,239 @@
+"""Data stage: load documents, split held-out text by a seeded hash, tokenize, pack blocks.
+
+The held-out split is decided per *document* from a hash of (seed, text), so it is
+fixed across runs, independent of file order, and identical documents always land on
+the same side: held-out text never appears in training. Each side is tokenized with
+``datasets.map(batched=True)``, an EOS token appended after every document, and the
+token stream cut into ``seq_len`` blocks (the tail shorter than a block is dropped).
+
+Packed blocks are cached under ``<storage>/cache/data/<key>/`` where the key hashes
+the data fingerprint, the tokenizer, the block length and the split; a second run (or a
+second domain reading the same files) reuses them.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from branchout.orchestrator.spec import DatasetSpec
+from branchout.stages import checkpoint, storage
+
+# Bump when packing changes so old caches are not reused.
+PACKING_VERSION = 1
+
+_EXTENSION_FORMATS = {
+    ".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
+    ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+}
+
+
+class DataError(ValueError):
+    """A dataset cannot be used; the message names the file or dataset."""
+
+
+@dataclass
+class Source:
+    """What ``datasets.load_dataset`` is called with."""
+
+    builder: str  # text | json | parquet | csv | <hub name>
+    files: list[str]  # empty for hub datasets
+    label: str  # how messages name it
+
+    @property
+    def is_hub(self) -> bool:
+        return not self.files
+
+
+def resolve_source(ds: DatasetSpec) -> Source:
+    """Find the files (or hub name) behind a dataset spec.
+
+    Raises:
+        DataError: no such file, an empty directory, or mixed/unknown file types.
+    """
+    path = ds.path
+    if ds.format == "hub":
+        return Source(path, [], path)
+    if any(c in path for c in "*?["):
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+    elif os.path.isdir(path):
+        files = sorted(
+            os.path.join(root, n)
+            for root, _, names in os.walk(path)
+            for n in names
+            if os.path.splitext(n)[1].lower() in _EXTENSION_FORMATS
+        )
+    elif os.path.isfile(path):
+        files = [path]
+    elif ds.format == "auto" and "/" not in path and not os.path.splitext(path)[1]:
+        return Source(path, [], path)  # a bare name: a hub dataset
+    else:
+        raise DataError(f"{path}: no such file or directory")
+    if not files:
+        raise DataError(f"{path}: no data files found (expected .txt, .jsonl, .parquet or .csv)")
+    if ds.format != "auto":
+        return Source(ds.format, files, path)
+    formats = {_EXTENSION_FORMATS.get(os.path.splitext(f)[1].lower()) for f in files}
+    if None in formats:
+        bad = next(f for f in files if os.path.splitext(f)[1].lower() not in _EXTENSION_FORMATS)
+        raise DataError(f"{bad}: unknown file type; set dataset.format (text, json, parquet, csv)")
+    if len(formats) > 1:
+        raise DataError(f"{path}: mixes file types {sorted(formats)}; use one type per dataset")
+    return Source(formats.pop(), files, path)
+
+
+def load_documents(ds: DatasetSpec):
+    """The dataset as a ``datasets.Dataset`` with a single ``text`` column.
+
+    Raises:
+        DataError: unreadable files, or the text column is missing.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    src = resolve_source(ds)
+    kwargs = {}
+    if src.builder == "text":
+        kwargs["sample_by"] = "paragraph"  # a blank line ends a document in plain text
+    try:
+        if src.is_hub:
+            d = datasets.load_dataset(src.builder, split=ds.split, revision=ds.revision)
+        else:
+            d = datasets.load_dataset(src.builder, data_files=src.files, split="train", **kwargs)
+    except Exception as e:  # datasets raises a zoo of types for unreadable input
+        raise DataError(f"{src.label}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if ds.text_column not in d.column_names:
+        raise DataError(
+            f"{src.label}: no column {ds.text_column!r} (columns: {', '.join(d.column_names)}); "
+            "set dataset.text_column"
+        )
+    d = d.select_columns([ds.text_column])
+    if ds.text_column != "text":
+        d = d.rename_column(ds.text_column, "text")
+    return d
+
+
+def fingerprint(ds: DatasetSpec) -> str:
+    """Identity of the data: file paths, sizes and content hashes; hub name and revision."""
+    src = resolve_source(ds)
+    h = hashlib.sha256(json.dumps([src.builder, ds.text_column, ds.split, ds.revision]).encode())
+    for f in src.files:
+        h.update(os.path.abspath(f).encode())
+        h.update(str(os.path.getsize(f)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def is_heldout(text: str, seed: int, fraction: float) -> bool:
+    digest = hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+@dataclass
+class PackedInfo:
+    """Where packed blocks are and how many; returned by ``prepare`` to the driver."""
+
+    uri: str
+    seq_len: int
+    dtype: str
+    train_blocks: int
+    heldout_blocks: int
+    train_docs: int
+    heldout_docs: int
+    cached: bool = False
+
+    @property
+    def heldout_tokens(self) -> int:
+        return self.heldout_blocks * self.seq_len
+
+
+def cache_key(fp: str, tok_hash: str, seq_len: int, fraction: float, seed: int) -> str:
+    payload = json.dumps([PACKING_VERSION, fp, tok_hash, seq_len, fraction, seed])
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def prepare(ds: DatasetSpec, tokenizer_dir: str, tok_hash: str, seq_len: int,
+            heldout_fraction: float, split_seed: int, cache_root: str) -> PackedInfo:
+    """Tokenize and pack one dataset (or reuse the cache) and return where it is.
+
+    Raises:
+        DataError: the data yields no training block or no held-out block.
+    """
+    key = cache_key(fingerprint(ds), tok_hash, seq_len, heldout_fraction, split_seed)
+    uri = storage.join(cache_root, key)
+    if checkpoint.is_published(uri):
+        try:
+            meta = json.loads(storage.read_text(storage.join(uri, "meta.json")))
+            return PackedInfo(**meta, uri=uri, cached=True)
+        except (OSError, TypeError, json.JSONDecodeError):
+            pass  # an unreadable cache entry is rebuilt below
+    from branchout.stages.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    docs = load_documents(ds)
+    label = ds.path
+    with tempfile.TemporaryDirectory(prefix="branchout-pack-") as tmp:
+        flags = docs.map(
+            lambda b: {"heldout": [is_heldout(t or "", split_seed, heldout_fraction) for t in b["text"]]},
+            batched=True, keep_in_memory=True,
+        )
+        dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max else np.uint32
+        counts = {}
+        for side, want in (("train", False), ("heldout", True)):
+            part = flags.filter(lambda b, want=want: [h == want for h in b["heldout"]], batched=True, keep_in_memory=True)
+            ids = part.map(
+                lambda b: {"ids": [x + [tok.eos_token_id] for x in tok(b["text"], add_special_tokens=False)["input_ids"]]},
+                batched=True, remove_columns=part.column_names, keep_in_memory=True,
+            )
+            blocks = _pack(ids, seq_len, dtype, os.path.join(tmp, f"{side}.bin"))
+            counts[side] = (blocks, len(part))
+        if counts["train"][0] == 0:
+            raise DataError(f"{label}: too little text for one {seq_len}-token training block")
+        if counts["heldout"][0] == 0:
+            raise DataError(
+                f"{label}: held-out split ({heldout_fraction:.0%} of {len(docs)} documents) is shorter "
+                f"than one {seq_len}-token block; add data or raise evaluate.heldout_fraction"
+            )
+        info = PackedInfo(uri=uri, seq_len=seq_len, dtype=np.dtype(dtype).name,
+                          train_blocks=counts["train"][0], heldout_blocks=counts["heldout"][0],
+                          train_docs=counts["train"][1], heldout_docs=counts["heldout"][1])
+        meta = {k: v for k, v in asdict(info).items() if k not in ("uri", "cached")}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        checkpoint.publish_dir(tmp, uri)
+    return info
+
+
+def _pack(ids_dataset, seq_len: int, dtype, out_path: str) -> int:
+    """Stream token lists into ``seq_len`` blocks on disk; returns the block count."""
+    carry = np.empty(0, dtype=np.int64)
+    blocks = 0
+    with open(out_path, "wb") as out:
+        for batch in ids_dataset.iter(batch_size=1000):
+            flat = [t for doc in batch["ids"] for t in doc]
+            carry = np.concatenate([carry, np.asarray(flat, dtype=np.int64)])
+            full = len(carry) // seq_len
+            if full:
+                out.write(carry[: full * seq_len].astype(dtype).tobytes())
+                carry = carry[full * seq_len:]
+                blocks += full
+    return blocks
+
+
+def open_blocks(info_uri: str, side: str, local_dir: str | None = None) -> np.ndarray:
+    """Memory-map one side (``train`` or ``heldout``) as a ``[blocks, seq_len]`` array."""
+    path = checkpoint.fetch_verified(info_uri, local_dir)
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    n = meta[f"{side}_blocks"]
+    return np.memmap(os.path.join(path, f"{side}.bin"), dtype=meta["dtype"], mode="r",
+                     shape=(n, meta["seq_len"]))

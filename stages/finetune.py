@@ -1,0 +1,80 @@
+"""A single-worker fine-tune (or from-scratch baseline) as one Ray task.
+
+Fan-out jobs are small and many, so they skip Ray Train and DeepSpeed start-up: one
+process, the plain torch engine, checkpoints published under the job's directory with a
+manifest. A retried job resumes from its newest checkpoint that verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+
+from branchout.stages.job import TrainJob
+
+
+def run_single_worker(job: TrainJob) -> dict:
+    """Train ``job`` to completion and export it; returns a result dict for the driver."""
+    import torch
+
+    from branchout.stages import storage
+    from branchout.stages.checkpoint import CorruptCheckpointError, fetch_verified, publish_dir
+    from branchout.stages.data import open_blocks
+    from branchout.stages.engine import TorchEngine
+    from branchout.stages.loop import rng_state, run_steps, set_rng_state
+    from branchout.stages.metrics import MetricsLogger
+    from branchout.stages.model import export_model, prepare_model
+    from branchout.stages.tokenizer import load_tokenizer
+
+    started = time.time()
+    t = job.spec()
+    torch.set_num_threads(max(1, int(t.resources_per_worker.cpu)))
+    device = "cuda" if t.resources_per_worker.uses_gpu and torch.cuda.is_available() else "cpu"
+    logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps)
+    logger.state("running", started=started)
+
+    tokenizer = load_tokenizer(fetch_verified(job.tokenizer_uri))
+    model = prepare_model(job, tokenizer)
+    engine = TorchEngine(model, t, job.steps, device=device)
+
+    start_step = 0
+    for name in reversed(_checkpoint_names(job)):
+        try:
+            client_state = engine.load(fetch_verified(storage.join(job.checkpoints_uri, name)))
+        except CorruptCheckpointError:
+            continue  # fall back to the previous checkpoint
+        start_step = int(client_state["step"])
+        set_rng_state(client_state.get("rng"))
+        break
+
+    blocks = open_blocks(job.data_uri, "train")
+
+    def save_checkpoint(step: int, loss: float) -> None:
+        if step == job.steps:
+            return  # the exported model is the final state; no need to resume past it
+        with tempfile.TemporaryDirectory(prefix="branchout-ckpt-") as path:
+            engine.save(path, {"step": step, "rng": rng_state()})
+            publish_dir(path, storage.join(job.checkpoints_uri, f"step_{step:08d}"))
+        for old in _checkpoint_names(job)[: -t.keep_checkpoints]:
+            storage.remove_dir(storage.join(job.checkpoints_uri, old))
+
+    result = run_steps(engine, blocks, t, job.steps, start_step, 0, 1, logger, save_checkpoint)
+    export_model(engine.model, tokenizer, job.model_uri, extra={"job": job.name, "steps": job.steps})
+    for old in _checkpoint_names(job):
+        storage.remove_dir(storage.join(job.checkpoints_uri, old))
+    ended = time.time()
+    out = {**asdict(result), "started": started, "ended": ended, "model_uri": job.model_uri,
+           "pid": os.getpid()}
+    storage.write_text(storage.join(job.out_uri, "result.json"), json.dumps(out))
+    logger.state("succeeded", ended=ended)
+    logger.close()
+    return out
+
+
+def _checkpoint_names(job: TrainJob) -> list[str]:
+    from branchout.stages import storage
+
+    return [n for n in storage.listdir(job.checkpoints_uri) if n.startswith("step_")]

@@ -1,0 +1,83 @@
+"""The training loop every job runs: read blocks, step, log, checkpoint.
+
+It knows nothing about Ray, DeepSpeed or peft: the engine takes optimizer steps and the
+caller's ``save_checkpoint`` decides where a checkpoint goes (a Ray Train report, or a
+published directory for fan-out jobs). The data position is the step number (see
+``stages.batches``), so a job resumed from step ``s`` reads what it would have read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from branchout.orchestrator.spec import TrainingSpec
+from branchout.stages.batches import BlockOrder, step_micro_batches
+from branchout.stages.engine import Engine
+from branchout.stages.metrics import MetricsLogger
+
+
+@dataclass
+class LoopResult:
+    first_step: int  # the step this attempt started from (> 0 when resumed)
+    steps: int
+    final_loss: float
+    tokens_per_s: float
+    seconds: float
+
+
+def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: int,
+              start_step: int, rank: int, world: int, logger: MetricsLogger | None,
+              save_checkpoint: Callable[[int, float], None]) -> LoopResult:
+    """Train from ``start_step`` to ``total_steps``; checkpoint every ``t.checkpoint_every``."""
+    import torch
+
+    order = BlockOrder(len(blocks), t.seed)
+    seq_len = blocks.shape[1]
+    tokens_per_step = t.global_batch_size * seq_len
+    started = window_start = time.perf_counter()
+    window_steps = 0
+    loss = float("nan")
+    for step in range(start_step, total_steps):
+        micro = [torch.from_numpy(blocks[np.sort(idx)].astype(np.int64))
+                 for idx in step_micro_batches(order, step, t.global_batch_size,
+                                               t.micro_batch_size, rank, world)]
+        loss = engine.train_step(micro)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower the learning rate")
+        window_steps += 1
+        done = step + 1
+        if logger is not None and (done % t.log_every == 0 or done == total_steps or done == start_step + 1):
+            elapsed = time.perf_counter() - window_start
+            logger.log(done, loss=loss, lr=engine.lr(),
+                       tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9))
+            window_start, window_steps = time.perf_counter(), 0
+        if done % t.checkpoint_every == 0 or done == total_steps:
+            save_checkpoint(done, loss)
+    seconds = time.perf_counter() - started
+    trained = total_steps - start_step
+    return LoopResult(first_step=start_step, steps=total_steps, final_loss=loss,
+                      tokens_per_s=trained * tokens_per_step / max(seconds, 1e-9), seconds=seconds)
+
+
+def rng_state() -> dict:
+    import random
+
+    import torch
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict | None) -> None:
+    import random
+
+    import torch
+
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])

@@ -1,0 +1,67 @@
+"""One way for every stage to report: a JSONL file, TensorBoard events, live progress.
+
+Only rank 0 of a job logs. The JSONL file (``logs/<job>.metrics.jsonl``) is what the
+report's loss curves are drawn from; TensorBoard events go to ``logs/tensorboard/<job>``.
+For remote storage both are written locally and uploaded when the logger closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+from branchout.orchestrator.progress import connect_hub
+from branchout.stages import storage
+
+
+class MetricsLogger:
+    def __init__(self, job: str, logs_uri: str, hub: str | None, total_steps: int):
+        self.job = job
+        self.slug = job.replace("/", "-")
+        self.total_steps = total_steps
+        self.logs_uri = logs_uri
+        self._local = storage.local_path(logs_uri) if storage.is_local(logs_uri) else tempfile.mkdtemp()
+        os.makedirs(self._local, exist_ok=True)
+        self._jsonl = open(os.path.join(self._local, f"{self.slug}.metrics.jsonl"), "a")
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(self._local, "tensorboard", self.slug))
+        except ImportError:  # tensorboard is a dependency; a broken install still trains
+            self._tb = None
+        self._hub = connect_hub(hub)
+
+    def state(self, state: str, **fields: Any) -> None:
+        """Tell the driver the job's state (``running``, ``succeeded``, ...)."""
+        self._push({"state": state, **fields})
+
+    def log(self, step: int, **metrics: float) -> None:
+        record = {"step": step, "time": time.time(), **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(f"{self.job}/{key}", value, step)
+        self._push({"step": step, "total_steps": self.total_steps, **metrics})
+
+    def _push(self, fields: dict[str, Any]) -> None:
+        if self._hub is not None:
+            self._hub.update.remote(self.job, fields)  # fire and forget
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if not storage.is_local(self.logs_uri):
+            storage.upload_dir(self._local, self.logs_uri)
+
+
+def read_metrics(logs_uri: str, job: str) -> list[dict[str, Any]]:
+    uri = storage.join(logs_uri, f"{job.replace('/', '-')}.metrics.jsonl")
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]

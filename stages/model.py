@@ -1,0 +1,153 @@
+"""Build a transformers causal LM from its config class: no hub download, ever.
+
+The model's vocabulary and special-token ids come from the tokenizer, so the spec's
+``model.config`` may not set them. Counting parameters uses the meta device, which
+costs no memory, so the plan can show model size before any worker starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Set by the tokenizer; a spec that sets them would silently disagree with it.
+TOKENIZER_OWNED_KEYS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+class ModelConfigError(ValueError):
+    """The model section names an unknown type or unknown config fields."""
+
+
+def causal_lm_types() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def build_config(model_type: str, overrides: dict[str, Any], vocab_size: int,
+                 special_ids: dict[str, int] | None = None):
+    """Return a ``PretrainedConfig`` for ``model_type`` with ``overrides`` applied.
+
+    Raises:
+        ModelConfigError: unknown type, not a causal LM, or an override the config
+            class does not define (transformers would accept and ignore it).
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise ModelConfigError(f"unknown model type {model_type!r}")
+    if model_type not in causal_lm_types():
+        raise ModelConfigError(f"model type {model_type!r} has no causal-LM head in transformers")
+    config_cls = CONFIG_MAPPING[model_type]
+    known = set(config_cls().to_dict()) | set(getattr(config_cls, "attribute_map", {}))
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        raise ModelConfigError(f"{config_cls.__name__} has no field(s): {', '.join(unknown)}")
+    owned = sorted(k for k in overrides if k in TOKENIZER_OWNED_KEYS)
+    if owned:
+        raise ModelConfigError(f"{', '.join(owned)} come(s) from the tokenizer; remove from model.config")
+    return AutoConfig.for_model(model_type, **overrides, vocab_size=vocab_size, **(special_ids or {}))
+
+
+def max_positions(config) -> int | None:
+    """Longest sequence the model's position scheme allows, when it declares one."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def build_model(config, seed: int | None = None):
+    """A freshly initialised causal LM (fp32). Seeded so workers agree on init."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def meta_model(config):
+    """The model on the meta device: shapes and module names, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(total, non-embedding) parameters; embeddings are excluded from FLOPs counts."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = 0
+    emb = model.get_input_embeddings()
+    if emb is not None:
+        embedding += emb.weight.numel()
+    pos = getattr(getattr(model, "transformer", None), "wpe", None)
+    if pos is not None:
+        embedding += pos.weight.numel()
+    return total, total - embedding
+
+
+def default_lora_targets(model_type: str) -> list[str] | None:
+    """peft's per-architecture default target modules, if it knows the type."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as M
+
+    targets = M.get(model_type)
+    return list(targets) if targets else None
+
+
+def missing_lora_targets(model, targets: list[str]) -> list[str]:
+    """Targets that match no module name (peft matches by name suffix)."""
+    names = [name for name, _ in model.named_modules()]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def prepare_model(job, tokenizer):
+    """The model a job trains: fresh (pretrain, scratch), the parent (full), or parent + LoRA.
+
+    ``job`` is a ``stages.job.TrainJob``. Fine-tunes load the parent in fp32: the
+    optimizer's master weights must be full precision whatever the parent was saved in.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from branchout.stages.checkpoint import fetch_verified
+    from branchout.stages.tokenizer import special_token_ids
+
+    seed = job.training.get("seed", 0)
+    if job.kind in ("pretrain", "scratch"):
+        config = build_config(job.model_type, job.model_overrides, len(tokenizer), special_token_ids(tokenizer))
+        return build_model(config, seed=seed)
+    base_dir = fetch_verified(job.base_model_uri)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if job.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = job.lora or {}
+        torch.manual_seed(seed)
+        model = get_peft_model(model, LoraConfig(
+            r=lora.get("rank", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
+            target_modules=lora.get("target_modules") or default_lora_targets(job.model_type),
+            task_type="CAUSAL_LM"))
+    return model
+
+
+def export_model(model, tokenizer, model_uri: str, state_dict: dict | None = None,
+                 extra: dict | None = None) -> None:
+    """Write an HF directory (or a PEFT adapter directory) with the tokenizer, and publish it.
+
+    ``state_dict`` carries full weights gathered from DeepSpeed (ZeRO-3 shards would
+    otherwise be saved empty); it is loaded into ``model`` before saving.
+    """
+    import tempfile
+
+    from branchout.stages.checkpoint import publish_dir
+
+    if state_dict is not None:
+        model.load_state_dict(state_dict, strict=True)
+    with tempfile.TemporaryDirectory(prefix="branchout-export-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        publish_dir(tmp, model_uri, extra=extra)

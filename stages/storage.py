@@ -1,0 +1,117 @@
+"""Run storage addressed by URI: a local directory or any pyarrow filesystem (s3://, gs://).
+
+Workers compute into a local scratch directory and then ``upload_dir`` the result;
+readers ``download_dir`` (a no-op for local storage, which is read in place). Keeping
+every storage access behind these few functions is what lets the same pipeline file run
+embedded on a laptop and on a multi-node cluster with object storage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts if p]])
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path within it."""
+    if is_local(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
+    return pafs.FileSystem.from_uri(uri)
+
+
+def exists(uri: str) -> bool:
+    if is_local(uri):
+        return os.path.exists(local_path(uri))
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    if is_local(uri):
+        return Path(local_path(uri)).read_bytes()
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes, durable: bool = True) -> None:
+    """Write a whole file; locally via a temp file + rename so readers never see half of it."""
+    if is_local(uri):
+        path = local_path(uri)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    fs, path = filesystem(uri)
+    with fs.open_output_stream(path) as f:  # object stores publish a whole object at once
+        f.write(data)
+
+
+def write_text(uri: str, text: str, durable: bool = True) -> None:
+    write_bytes(uri, text.encode("utf-8"), durable)
+
+
+def listdir(uri: str) -> list[str]:
+    """Names directly under ``uri``; empty when it does not exist."""
+    if is_local(uri):
+        path = local_path(uri)
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    fs, path = filesystem(uri)
+    selector = pafs.FileSelector(path, allow_not_found=True, recursive=False)
+    return sorted(info.base_name for info in fs.get_file_info(selector))
+
+
+def remove_dir(uri: str) -> None:
+    if is_local(uri):
+        shutil.rmtree(local_path(uri), ignore_errors=True)
+        return
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local directory tree to ``uri`` (created if needed)."""
+    if is_local(uri):
+        dst = local_path(uri)
+        if os.path.abspath(dst) != os.path.abspath(local_dir):
+            shutil.copytree(local_dir, dst, dirs_exist_ok=True)
+        return
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_dir(uri: str, local_dir: str | None = None) -> str:
+    """A local directory holding ``uri``'s files: the directory itself when local."""
+    if is_local(uri):
+        return local_path(uri)
+    fs, path = filesystem(uri)
+    local_dir = local_dir or tempfile.mkdtemp(prefix="branchout-")
+    pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local_dir
