@@ -35,6 +35,9 @@ def connect(cluster: ClusterSpec) -> Iterator[ClusterInfo]:
     """Start or join Ray for the duration of the block; shuts down only what it started."""
     import ray
 
+    # Ray warns on the driver whenever a task raises an exception type it cannot
+    # subclass; the error itself is recorded, so the warning is noise for users.
+    logging.getLogger("ray.exceptions").setLevel(logging.ERROR)
     started_here = False
     if not ray.is_initialized():
         address = cluster.address or os.environ.get("RAY_ADDRESS")

@@ -16,8 +16,9 @@ from rich.console import Console
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Pre-train once with DeepSpeed on Ray, fine-tune per domain, evaluate.")
-console = Console()
-err = Console(stderr=True)
+# Off a terminal (CI, job logs) rich would wrap at 80 columns; log lines read better long.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1

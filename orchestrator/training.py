@@ -57,6 +57,9 @@ def root_cause(error: BaseException) -> str:
         if nxt is None or nxt is seen:
             break
         seen = nxt
-    text = str(seen).strip().splitlines()
-    last = next((line for line in reversed(text) if line.strip()), type(seen).__name__)
-    return f"{type(seen).__name__}: {last.strip()}" if type(seen).__name__ not in last else last.strip()
+    # Collapse a multi-line message (pydantic, Ray) into one line a table can show.
+    lines = [ln.strip() for ln in str(seen).splitlines()
+             if ln.strip() and not ln.strip().startswith("For further information")]
+    message = " ".join(lines)[:300] or "(no message)"
+    name = type(seen).__name__
+    return message if message.startswith(name) else f"{name}: {message}"
