@@ -27,7 +27,7 @@ from branchout.orchestrator.fanout import WorkItem, run_jobs, submit_task
 from branchout.orchestrator.plan import Plan, build_plan
 from branchout.orchestrator.progress import hub_name, start_hub
 from branchout.orchestrator.spec import DatasetSpec, PipelineSpec
-from branchout.orchestrator.state import RunRecord, RunState, StageState
+from branchout.orchestrator.state import RunRecord, RunState, StageRecord, StageState
 from branchout.stages import storage
 from branchout.stages.data import PackedInfo
 from branchout.stages.job import TrainJob
@@ -114,7 +114,7 @@ def create_run(spec: PipelineSpec, run_id: str | None = None) -> RunRecord:
             names.append(f"scratch/{d.name}")
     names += [f"evaluate/{d.name}" for d in spec.finetune.domains]
     for name in names:
-        record.stage(name)
+        record.stages[name] = StageRecord(name)
     record.save()
     return record
 

@@ -45,9 +45,13 @@ def submit_task(fn: Callable, args: tuple, resources: dict[str, float], job: str
 def _announce_and_call(fn: Callable, job: str, hub: str | None, *args: Any) -> Any:
     from branchout.orchestrator.progress import connect_hub
 
+    import os
+    import socket
+
     handle = connect_hub(hub)
     if handle is not None:
-        handle.update.remote(job, {"state": "running", "started": time.time()})
+        handle.update.remote(job, {"state": "running", "started": time.time(), "pid": os.getpid(),
+                                   "node": socket.gethostname()})
     return fn(*args)
 
 
@@ -70,7 +74,8 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
         for item in running.values():
             live = snapshot.get(item.name, {})
             if live.get("state") == "running" and record.stage(item.name).state is StageState.QUEUED:
-                record.set_stage(item.name, StageState.RUNNING, when=live.get("started"))
+                record.set_stage(item.name, StageState.RUNNING, when=live.get("started"),
+                                 outputs={k: live[k] for k in ("pid", "node") if k in live})
         for future in done:
             item = running.pop(future)
             rec = record.stage(item.name)

@@ -142,7 +142,8 @@ class RunRecord:
         return rec
 
     def stage(self, name: str) -> StageRecord:
-        return self.stages.setdefault(name, StageRecord(name))
+        """The record of ``name``; a detached PENDING one when the run has no such job."""
+        return self.stages.get(name) or StageRecord(name)
 
     def jobs(self, kind: str) -> dict[str, StageRecord]:
         """Domain jobs of one kind (``finetune``, ``scratch``, ``evaluate``) by domain."""

@@ -13,6 +13,7 @@ rank 0 exports a consolidated HF model directory with the tokenizer.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import asdict
 
@@ -52,7 +53,7 @@ def train_worker(config: dict) -> None:
 
     logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps) if rank == 0 else None
     if logger:
-        logger.state("running", resumed_from=start_step, workers=world)
+        logger.state("running", resumed_from=start_step, workers=world, pid=os.getpid())
     blocks = open_blocks(job.data_uri, "train")
 
     def save_checkpoint(step: int, loss: float) -> None:

@@ -87,12 +87,16 @@ def special_token_ids(tok) -> dict[str, int]:
 
 
 def tokenizer_hash(path: str) -> str:
-    """Content hash of a tokenizer directory's files (names and bytes)."""
+    """Content hash of what decides token ids: ``tokenizer.json`` (vocabulary, merges,
+    special tokens) when present, else every vocabulary file. Loader bookkeeping that
+    ``save_pretrained`` adds to ``tokenizer_config.json`` must not change the identity."""
     h = hashlib.sha256()
-    for f in sorted(Path(path).iterdir()):
-        if f.is_file() and f.name != "MANIFEST.json":
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
+    root = Path(path)
+    files = [root / "tokenizer.json"] if (root / "tokenizer.json").is_file() else sorted(
+        f for f in root.iterdir() if f.is_file() and f.name not in ("MANIFEST.json", "tokenizer_config.json"))
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
     return h.hexdigest()
 
 

@@ -1,0 +1,166 @@
+"""End to end on a real local Ray: tokenizer → DeepSpeed pretrain (2 workers) → fan-out → eval.
+
+Each run is the CLI as a user runs it; the assertions read what it left on disk with
+real transformers / peft loaders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from branchout.orchestrator.state import RunRecord, RunState, StageState
+
+pytestmark = pytest.mark.e2e
+
+
+def only_run_dir(storage: Path, pipeline: str = "tiny") -> Path:
+    runs = sorted((storage / pipeline).iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def finished_run(request, corpus_dir, tmp_path_factory):
+    """One tiny pipeline run per ZeRO stage; ZeRO-3 skips the baselines to save time."""
+    import yaml
+    from conftest import TINY
+
+    tmp = tmp_path_factory.mktemp(f"zero{request.param}")
+    spec = yaml.safe_load(yaml.safe_dump(TINY))
+    spec["storage"] = str(tmp / "runs")
+    spec["pretrain"]["dataset"]["path"] = str(corpus_dir / "general.jsonl")
+    for d in spec["finetune"]["domains"]:
+        d["dataset"]["path"] = str(corpus_dir / d["dataset"]["path"])
+    if request.param == 3:
+        spec["evaluate"]["models"] = ["base", "finetuned"]
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    started = time.time()
+    out = run_cli("run", str(path), "--set", f"pretrain.deepspeed.zero_stage={request.param}")
+    print(f"zero{request.param} pipeline: {time.time() - started:.0f}s")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return request.param, only_run_dir(tmp / "runs"), out
+
+
+def test_run_record_and_cli_output(finished_run):
+    zero, run_dir, out = finished_run
+    record = RunRecord.load(str(run_dir))
+    assert record.state is RunState.SUCCEEDED
+    assert all(s.state is StageState.SUCCEEDED for s in record.stages.values()), record.stages
+    assert "DeepSpeed ZeRO-%d" % zero in out.stdout
+    assert "2 workers × micro-batch 2 × grad-accum 2 × 32 tokens = 256 tokens/step" in out.stdout
+    assert f"report: {run_dir}/report.html" in out.stdout
+    for domain in ("legal", "code", "docs"):
+        assert domain in out.stdout.split("results")[-1]
+
+
+def test_base_model_loads_generates_and_is_not_empty(finished_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run_dir, _ = finished_run
+    model_dir = run_dir / "pretrain" / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    params = dict(model.named_parameters())
+    assert all(p.numel() > 0 for p in params.values())
+    assert all(float(p.detach().abs().sum()) > 0 for p in params.values())  # ZeRO-3 shards gathered, not empty
+    fresh = AutoModelForCausalLM.from_config(model.config)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(params[name], dict(fresh.named_parameters())[name])
+    ids = model.generate(**tok("def ", return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    assert ids.shape[1] > 2
+
+
+def test_finetunes_load(finished_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run_dir, _ = finished_run
+    for domain in ("legal", "code"):  # full fine-tunes
+        path = run_dir / "finetune" / domain / "model"
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        assert model.generate(**tok("The ", return_tensors="pt"), max_new_tokens=4).shape[1] > 1
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "pretrain" / "model")
+    lora = PeftModel.from_pretrained(base, run_dir / "finetune" / "docs" / "model")
+    assert any("lora_A" in n for n, _ in lora.named_parameters())
+    config = json.loads((run_dir / "finetune" / "docs" / "model" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+
+
+def test_fanout_runs_domains_concurrently(finished_run):
+    _, run_dir, _ = finished_run
+    record = RunRecord.load(str(run_dir))
+    spans = [(s.started, s.ended) for name, s in record.stages.items()
+             if name.split("/")[0] in ("finetune", "scratch")]
+    assert len(spans) >= 3
+    most = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+    assert most >= 3, spans
+
+
+def test_metrics_and_report(finished_run):
+    zero, run_dir, _ = finished_run
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    for domain in ("legal", "code", "docs"):
+        row = metrics["domains"][domain]
+        assert isinstance(row["base_ppl"], float) and isinstance(row["finetuned_ppl"], float)
+        assert row["heldout_tokens"] > 0 and row["base_ppl"] > 1
+        if zero == 2:
+            assert isinstance(row["scratch_ppl"], float)
+    report = (run_dir / "report.md").read_text()
+    assert "| legal | full | succeeded |" in report and "| docs | lora | succeeded |" in report
+    html = (run_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2
+    assert (run_dir / "logs" / "pretrain.metrics.jsonl").exists()
+    assert list((run_dir / "logs" / "tensorboard" / "pretrain").glob("events.out.tfevents.*"))
+
+
+def test_one_failing_domain_does_not_stop_the_others(write_pipeline, tmp_path):
+    """SIGKILL one domain's worker mid fine-tune: that domain fails, the others finish."""
+    import yaml
+    from conftest import TINY
+
+    spec = yaml.safe_load(yaml.safe_dump(TINY))
+    spec["evaluate"]["models"] = ["base", "finetuned"]
+    spec["finetune"]["domains"][1]["steps"] = 400  # long enough to be caught running
+    path = write_pipeline(spec)
+    proc = subprocess.Popen(["branchout", "run", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        state_files = list((tmp_path / "runs").glob("tiny/*/state.json"))
+        if not state_files:
+            continue
+        try:
+            record = RunRecord.load(str(state_files[0].parent))
+        except (json.JSONDecodeError, KeyError):
+            continue
+        job = record.stages.get("finetune/code")
+        if job and job.state is StageState.RUNNING and job.outputs.get("pid"):
+            killed = job.outputs["pid"]
+            os.kill(killed, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=300)
+    assert killed, output
+    assert proc.returncode == 1, output
+    record = RunRecord.load(str(only_run_dir(tmp_path / "runs")))
+    assert record.state is RunState.FAILED and "finetune/code" in record.error
+    assert record.stage("finetune/code").state is StageState.FAILED
+    assert "died" in record.stage("finetune/code").error.lower() or "crash" in record.stage("finetune/code").error.lower()
+    for domain in ("legal", "docs"):
+        assert record.stage(f"finetune/{domain}").state is StageState.SUCCEEDED
+        assert record.stage(f"evaluate/{domain}").state is StageState.SUCCEEDED
+    assert record.stage("evaluate/code").state is StageState.SUCCEEDED  # base is still scored
+    metrics = json.loads((Path(record.run_uri) / "eval" / "metrics.json").read_text())
+    assert "finetuned_ppl" not in metrics["domains"]["code"] and "base_ppl" in metrics["domains"]["code"]
+    assert "code" in output and "failed" in output
