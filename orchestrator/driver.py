@@ -197,9 +197,6 @@ def stage_pretrain(ctx: RunContext, tokenizer_uri: str, data: PackedInfo) -> str
 
 def stage_finetune(ctx: RunContext, tokenizer_uri: str, data: dict[str, PackedInfo], base_uri: str) -> None:
     """One fine-tune per domain from the shared base, plus from-scratch baselines, concurrently."""
-    from branchout.orchestrator.training import run_distributed
-    from branchout.stages.finetune import run_single_worker
-
     spec = ctx.spec
     items = []
     kinds = ["finetune"] + (["scratch"] if "scratch" in spec.evaluate.models else [])
@@ -217,16 +214,22 @@ def stage_finetune(ctx: RunContext, tokenizer_uri: str, data: dict[str, PackedIn
                 method=d.method if kind == "finetune" else "full",
                 lora=d.lora.model_dump(), base_model_uri=base_uri if kind == "finetune" else None,
             )
-            if d.num_workers > 1:
-                submit = (lambda job=job: ctx.threads.submit(run_distributed, job))
-            else:
-                submit = (lambda job=job, res=d.resources_per_worker.ray_bundle():
-                          submit_task(run_single_worker, (job,), res, job.name, ctx.hub_name))
+            submit = _submitter(ctx, job, d.num_workers, d.resources_per_worker.ray_bundle())
             items.append(WorkItem(job.name, submit, max_retries=d.max_retries,
                                   on_success=lambda r, job=job: {
                                       "model_uri": job.model_uri, "final_loss": r["final_loss"],
                                       "tokens_per_s": r["tokens_per_s"]}))
     ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
+
+
+def _submitter(ctx: RunContext, job: TrainJob, workers: int, resources: dict[str, float]):
+    """Multi-worker jobs go through Ray Train from a driver thread; single-worker ones are tasks."""
+    from branchout.orchestrator.training import run_distributed
+    from branchout.stages.finetune import run_single_worker
+
+    if workers > 1:
+        return lambda: ctx.threads.submit(run_distributed, job)
+    return lambda: submit_task(run_single_worker, (job,), resources, job.name, ctx.hub_name)
 
 
 def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) -> None:

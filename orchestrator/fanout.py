@@ -43,10 +43,10 @@ def submit_task(fn: Callable, args: tuple, resources: dict[str, float], job: str
 
 
 def _announce_and_call(fn: Callable, job: str, hub: str | None, *args: Any) -> Any:
-    from branchout.orchestrator.progress import connect_hub
-
     import os
     import socket
+
+    from branchout.orchestrator.progress import connect_hub
 
     handle = connect_hub(hub)
     if handle is not None:

@@ -75,6 +75,8 @@ class ModelSpec(StrictModel):
 
 
 class OptimizerSpec(StrictModel):
+    """AdamW; weight decay applies to matrices only (not biases or norm weights)."""
+
     lr: float = Field(3e-4, gt=0, le=10)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -126,7 +128,9 @@ class TrainingSpec(StrictModel):
 
 
 class PretrainSpec(TrainingSpec):
-    dataset: DatasetSpec
+    """The one expensive stage: a model trained from scratch with DeepSpeed on Ray Train."""
+
+    dataset: DatasetSpec = Field(description="The general corpus (also trains the tokenizer).")
     seq_len: int = Field(256, ge=8)
     steps: int | None = Field(None, ge=1, description="Optimizer steps; or give `tokens`.")
     tokens: int | None = Field(None, ge=1, description="Token budget; steps are derived.")
@@ -139,6 +143,8 @@ class PretrainSpec(TrainingSpec):
 
 
 class LoraSpec(StrictModel):
+    """LoRA adapters through peft; only the adapters train, the base stays frozen."""
+
     rank: int = Field(8, ge=1, le=4096)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -160,8 +166,8 @@ class FinetuneOptions(TrainingSpec):
 class DomainSpec(FinetuneOptions):
     """One domain: its name and dataset, plus any FinetuneOptions overriding the defaults."""
 
-    name: str
-    dataset: DatasetSpec
+    name: str = Field(description="Domain name; its outputs go to finetune/<name>/.")
+    dataset: DatasetSpec = Field(description="The domain's text.")
 
     @field_validator("name")
     @classmethod
@@ -170,6 +176,8 @@ class DomainSpec(FinetuneOptions):
 
 
 class FinetuneSpec(StrictModel):
+    """The fan-out: one job per domain, all started from the pretrained base."""
+
     defaults: FinetuneOptions = Field(default_factory=FinetuneOptions)
     domains: list[DomainSpec] = Field(default_factory=list)
     max_concurrent: int | None = Field(
@@ -205,6 +213,8 @@ EvalModel = Literal["base", "finetuned", "scratch"]
 
 
 class EvaluateSpec(StrictModel):
+    """Held-out perplexity per domain; the held-out split also shapes every training set."""
+
     heldout_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of each dataset's documents held out."
     )
@@ -222,6 +232,8 @@ class EvaluateSpec(StrictModel):
 
 
 class ClusterSpec(StrictModel):
+    """Where Ray runs."""
+
     address: str | None = Field(
         None, description="null starts an embedded local Ray; else 'auto' or ray://host:port."
     )
@@ -230,8 +242,10 @@ class ClusterSpec(StrictModel):
 
 
 class PipelineSpec(StrictModel):
-    name: str
-    description: str = ""
+    """One pipeline: tokenizer → pretrain → per-domain fine-tunes → evaluation."""
+
+    name: str = Field(description="Pipeline name; runs go to <storage>/<name>/<run id>/.")
+    description: str = Field("", description="Free text shown in listings.")
     storage: str = Field("./runs", description="Directory or URI under which runs are written.")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)

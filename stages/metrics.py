@@ -25,7 +25,8 @@ class MetricsLogger:
         self.logs_uri = logs_uri
         self._local = storage.local_path(logs_uri) if storage.is_local(logs_uri) else tempfile.mkdtemp()
         os.makedirs(self._local, exist_ok=True)
-        self._jsonl = open(os.path.join(self._local, f"{self.slug}.metrics.jsonl"), "a")
+        # kept open for the job's life; appended so a retried attempt adds to the history
+        self._jsonl = open(os.path.join(self._local, f"{self.slug}.metrics.jsonl"), "a")  # noqa: SIM115
         self._tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import yaml
-from conftest import TINY, run_cli
 
 from branchout.orchestrator.loader import load_spec
 from branchout.orchestrator.preflight import preflight
+
+from conftest import TINY, run_cli
 
 pytestmark = pytest.mark.e2e
 

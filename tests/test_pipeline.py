@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from branchout.orchestrator.state import RunRecord, RunState, StageState
+
+from conftest import run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -29,8 +30,10 @@ def only_run_dir(storage: Path, pipeline: str = "tiny") -> Path:
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def finished_run(request, corpus_dir, tmp_path_factory):
-    """One tiny pipeline run per ZeRO stage; ZeRO-3 skips the baselines to save time."""
+    """One tiny pipeline run per ZeRO stage; the ZeRO-3 run skips the baselines to save time
+    and fine-tunes `code` on two Ray Train workers instead of one task."""
     import yaml
+
     from conftest import TINY
 
     tmp = tmp_path_factory.mktemp(f"zero{request.param}")
@@ -41,6 +44,8 @@ def finished_run(request, corpus_dir, tmp_path_factory):
         d["dataset"]["path"] = str(corpus_dir / d["dataset"]["path"])
     if request.param == 3:
         spec["evaluate"]["models"] = ["base", "finetuned"]
+        # one domain big enough for two DeepSpeed workers: the multi-worker fine-tune path
+        spec["finetune"]["domains"][1].update(num_workers=2, micro_batch_size=2)
     path = tmp / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec))
     started = time.time()
@@ -55,7 +60,7 @@ def test_run_record_and_cli_output(finished_run):
     record = RunRecord.load(str(run_dir))
     assert record.state is RunState.SUCCEEDED
     assert all(s.state is StageState.SUCCEEDED for s in record.stages.values()), record.stages
-    assert "DeepSpeed ZeRO-%d" % zero in out.stdout
+    assert f"DeepSpeed ZeRO-{zero}" in out.stdout
     assert "2 workers × micro-batch 2 × grad-accum 2 × 32 tokens = 256 tokens/step" in out.stdout
     assert f"report: {run_dir}/report.html" in out.stdout
     for domain in ("legal", "code", "docs"):
@@ -127,6 +132,7 @@ def test_metrics_and_report(finished_run):
 def test_one_failing_domain_does_not_stop_the_others(write_pipeline, tmp_path):
     """SIGKILL one domain's worker mid fine-tune: that domain fails, the others finish."""
     import yaml
+
     from conftest import TINY
 
     spec = yaml.safe_load(yaml.safe_dump(TINY))

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY
 
 from branchout.orchestrator.loader import SpecError, load_spec
 from branchout.orchestrator.plan import build_plan
+
+from conftest import REPO, TINY
 
 pytestmark = pytest.mark.unit
 
