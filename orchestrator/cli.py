@@ -1,13 +1,16 @@
 """The ``branchout`` command line.
 
-User mistakes (a bad pipeline file, unreadable data, an unreachable cluster) print one
-line per problem to stderr and exit with code 2, before any worker starts. A run exits
-0 only when every stage and every domain job succeeded.
+User mistakes (a bad pipeline file, unreadable data, an unreachable cluster, an unknown
+run id) print one line per problem to stderr and exit with code 2, before any worker
+starts. A run exits 0 only when every stage and every domain job succeeded.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -17,19 +20,22 @@ from rich.console import Console
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Pre-train once with DeepSpeed on Ray, fine-tune per domain, evaluate.")
 # Off a terminal (CI, job logs) rich would wrap at 80 columns; log lines read better long.
-console = Console(width=None if sys.stdout.isatty() else 140)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 300)
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 PipelineArg = Annotated[Path, typer.Argument(help="The pipeline YAML file.", show_default=False)]
+RunArg = Annotated[str, typer.Argument(help="Run id or a unique prefix of it.", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a field: key.path=value (repeatable).")]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray Jobs API, e.g. http://HEAD:8265 "
+                                                "(default: RAY_API_SERVER_ADDRESS / RAY_ADDRESS).")]
 
 
 def fail(lines: list[str], code: int = EXIT_USAGE) -> None:
     for line in lines:
-        err.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
 
 
@@ -50,6 +56,36 @@ def load_checked(pipeline: Path, overrides: list[str] | None):
     return spec
 
 
+def _source(pipeline: Path, overrides: list[str] | None) -> dict:
+    return {"path": str(pipeline.resolve()), "overrides": list(overrides or [])}
+
+
+def _registry():
+    from branchout.orchestrator.registry import Registry
+
+    return Registry()
+
+
+def _find(run: str):
+    from branchout.orchestrator.registry import RegistryError
+
+    try:
+        return _registry().get_run(run)
+    except RegistryError as e:
+        fail([str(e)])
+
+
+def _user_errors():
+    """Exception types that are the user's to fix: one line, exit 2."""
+    from branchout.cluster.connect import ClusterError
+    from branchout.orchestrator.jobs import JobsError
+    from branchout.orchestrator.loader import SpecError
+    from branchout.orchestrator.operate import OperateError
+    from branchout.stages.storage import StorageError
+
+    return (ClusterError, JobsError, OperateError, StorageError, SpecError)
+
+
 @app.command()
 def validate(pipeline: PipelineArg, set_: SetOpt = None) -> None:
     """Check a pipeline file and its data, and print the plan. Starts no Ray."""
@@ -63,19 +99,185 @@ def validate(pipeline: PipelineArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def run(pipeline: PipelineArg, set_: SetOpt = None) -> None:
-    """Run a pipeline end to end (embedded local Ray unless cluster.address is set)."""
-    from branchout.cluster.connect import ClusterError
+    """Run a pipeline here (embedded local Ray unless cluster.address is set)."""
     from branchout.orchestrator.driver import run_pipeline
     from branchout.orchestrator.state import RunState
 
     spec = load_checked(pipeline, set_)
     try:
-        record = run_pipeline(spec, console)
-    except ClusterError as e:
+        record = run_pipeline(spec, console, source=json.dumps(_source(pipeline, set_)))
+    except _user_errors() as e:
         fail([str(e)])
     raise typer.Exit(0 if record.state is RunState.SUCCEEDED else EXIT_FAILED)
 
 
+@app.command()
+def submit(
+    pipeline: PipelineArg,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the logs until the run ends.")] = False,
+    working_dir: Annotated[str | None, typer.Option(help="Directory to ship with the job (runtime_env).")] = None,
+    pip: Annotated[list[str] | None, typer.Option(help="pip requirement to install for the job (repeatable).")] = None,
+) -> None:
+    """Validate here, then run the pipeline's driver on a Ray cluster as a Ray job."""
+    from branchout.orchestrator.jobs import resolve_address
+    from branchout.orchestrator.operate import submit_pipeline
+
+    spec = load_checked(pipeline, set_)
+    try:
+        address = resolve_address(address, spec.cluster.address)
+        record = submit_pipeline(spec, _source(pipeline, set_), address, _registry(), working_dir, pip)
+    except _user_errors() as e:
+        fail([str(e)])
+    console.print(f"submitted run [bold]{record.run_id}[/] to {address} (Ray job {record.run_id})")
+    console.print(f"  follow:  branchout logs {record.run_id} --follow")
+    console.print(f"  status:  branchout status {record.run_id}")
+    console.print(f"  outputs: {record.run_uri}")
+    if wait:
+        from branchout.orchestrator.operate import refresh
+
+        logs(record.run_id, follow=True)
+        view = refresh(_registry(), _find(record.run_id))
+        console.print(f"run {record.run_id}: {view.row.state}")
+        raise typer.Exit(0 if view.row.state == "succeeded" else EXIT_FAILED)
+
+
+@app.command()
+def status(run: Annotated[str | None, typer.Argument(help="Run id or prefix; omit for active runs.")] = None) -> None:
+    """A run's stages and domain jobs: state, attempts, progress, times, models."""
+    from branchout.orchestrator.display import print_run_list, print_status
+    from branchout.orchestrator.operate import refresh
+
+    try:
+        if run is None:
+            registry = _registry()
+            rows = registry.list_runs(states=["pending", "running"])
+            print_run_list(console, [refresh(registry, r).row for r in rows], title="active runs")
+            return
+        row = _find(run)
+        view = refresh(_registry(), row)
+    except _user_errors() as e:
+        fail([str(e)])
+    print_status(console, view)
+
+
+@app.command(name="list")
+def list_(
+    pipeline: Annotated[str | None, typer.Option(help="Only runs of this pipeline.")] = None,
+    state: Annotated[list[str] | None, typer.Option(help="Only runs in this state (repeatable).")] = None,
+    limit: int = 50,
+) -> None:
+    """Every run: state, timing, domains done, where its models are."""
+    from branchout.orchestrator.display import print_run_list
+    from branchout.orchestrator.state import RunState
+
+    bad = [s for s in state or [] if s not in {x.value for x in RunState}]
+    if bad:
+        fail([f"--state {bad[0]!r}: expected one of {', '.join(x.value for x in RunState)}"])
+    registry = _registry()
+    rows = registry.list_runs(pipeline=pipeline, states=state, limit=limit)
+    print_run_list(console, rows, registry=registry)
+
+
+@app.command()
+def logs(run: RunArg, follow: Annotated[bool, typer.Option("--follow", "-f")] = False) -> None:
+    """The driver's log: Ray's job log for submitted runs, logs/driver.log for local ones."""
+    from branchout.orchestrator.jobs import JobsClient
+    from branchout.orchestrator.state import RunRecord
+    from branchout.stages import storage
+
+    row = _find(run)
+    try:
+        if row.submitted:
+            client = JobsClient(row.address)
+            if follow:
+                for chunk in client.follow(row.submissions[-1]):
+                    sys.stdout.write(chunk)
+                    sys.stdout.flush()
+            else:
+                sys.stdout.write(client.logs(row.submissions[-1]))
+            return
+        uri = storage.join(row.run_uri, "logs", "driver.log")
+        offset = 0
+        while True:
+            text = storage.read_text(uri) if storage.exists(uri) else ""
+            sys.stdout.write(text[offset:])
+            sys.stdout.flush()
+            offset = len(text)
+            if not follow or RunRecord.load(row.run_uri).state.is_terminal():
+                return
+            time.sleep(1)
+    except _user_errors() as e:
+        fail([str(e)])
+
+
+@app.command()
+def stop(run: RunArg) -> None:
+    """Stop a running run (its driver records `stopped`); resume it later."""
+    from branchout.orchestrator.operate import stop_run
+
+    row = _find(run)
+    try:
+        view = stop_run(_registry(), row)
+    except _user_errors() as e:
+        fail([str(e)])
+    console.print(f"run {row.run_id}: {view.row.state}")
+
+
+@app.command()
+def resume(run: RunArg, force: Annotated[bool, typer.Option(help="Resume even though the pipeline file changed.")] = False) -> None:
+    """Continue a failed or stopped run: finished jobs are kept, the rest resume from checkpoints."""
+    from branchout.orchestrator.driver import run_pipeline
+    from branchout.orchestrator.operate import check_resumable, resume_submitted
+    from branchout.orchestrator.state import RunState
+
+    registry = _registry()
+    row = _find(run)
+    try:
+        spec, record = check_resumable(registry, row, force)
+        if row.submitted:
+            sid = resume_submitted(registry, row, spec, changed=force)
+            console.print(f"resuming run {row.run_id} on {row.address} (Ray job {sid}); "
+                          f"follow: branchout logs {row.run_id} --follow")
+            return
+        record = run_pipeline(spec, console, record=record, source=row.source)
+    except _user_errors() as e:
+        fail([str(e)])
+    raise typer.Exit(0 if record.state is RunState.SUCCEEDED else EXIT_FAILED)
+
+
+@app.command(hidden=True)
+def driver(
+    run_id: Annotated[str | None, typer.Option(help="Start this new run (spec in BRANCHOUT_SPEC).")] = None,
+    resume_uri: Annotated[str | None, typer.Option("--resume", help="Continue the run stored here.")] = None,
+) -> None:
+    """The pipeline driver of a submitted Ray job (what `branchout submit` runs on the cluster)."""
+    import yaml
+
+    from branchout.orchestrator.driver import run_pipeline
+    from branchout.orchestrator.loader import validate_spec
+    from branchout.orchestrator.spec import PipelineSpec
+    from branchout.orchestrator.state import RunRecord, RunState
+    from branchout.stages import storage
+
+    source = os.environ.get("BRANCHOUT_SOURCE")
+    raw_spec = os.environ.get("BRANCHOUT_SPEC")
+    try:
+        if resume_uri:
+            record = RunRecord.load(resume_uri)
+            spec = (PipelineSpec.model_validate_json(raw_spec) if raw_spec else validate_spec(
+                yaml.safe_load(storage.read_text(storage.join(resume_uri, "spec.yaml"))), resume_uri))
+            result = run_pipeline(spec, console, record=record, source=source)
+        else:
+            if not (run_id and raw_spec):
+                fail(["driver: needs --run-id and BRANCHOUT_SPEC, or --resume RUN_URI"])
+            spec = PipelineSpec.model_validate_json(raw_spec)
+            result = run_pipeline(spec, console, source=source, run_id=run_id)
+    except _user_errors() as e:
+        fail([str(e)])
+    raise typer.Exit(0 if result.state is RunState.SUCCEEDED else EXIT_FAILED)
+
+
 def main() -> None:
-    # `--set` is a Python keyword-ish name; typer maps the option to `set_`.
-    sys.exit(app())
+    app()

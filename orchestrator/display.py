@@ -55,8 +55,9 @@ def _fmt(v: Any, spec: str) -> str:
 class ProgressView:
     """Draws the run record plus the hub's live numbers; call ``update`` often."""
 
-    def __init__(self, console: Console, quiet_interval: float = 30.0):
+    def __init__(self, console: Console, quiet_interval: float = 30.0, log: Console | None = None):
         self.console = console
+        self.log = log  # the run's driver.log: always plain lines, whatever the terminal
         self.live = Live(console=console, refresh_per_second=4, transient=False) if console.is_terminal else None
         self.quiet_interval = quiet_interval
         self._last_quiet = 0.0
@@ -72,21 +73,24 @@ class ProgressView:
             self.live.__exit__(*exc)
 
     def update(self, record: RunRecord, snapshot: dict[str, dict[str, Any]]) -> None:
+        plain = [c for c in (None if self.live else self.console, self.log) if c is not None]
         if self.live:
             self.live.update(self._render(record, snapshot))
-            return
         now = time.time()
         for name, rec in record.stages.items():
             if self._seen.get(name) is not rec.state:
                 self._seen[name] = rec.state
                 extra = f": {rec.error}" if rec.error and rec.state is StageState.FAILED else ""
-                self.console.print(f"{time.strftime('%H:%M:%S')} {name}: {rec.state.value}{extra}")
+                for c in plain:
+                    c.print(f"{time.strftime('%H:%M:%S')} {name}: {rec.state.value}{extra}", highlight=False)
         if now - self._last_quiet >= self.quiet_interval:
             self._last_quiet = now
             for name, live in snapshot.items():
                 rec = record.stages.get(name)
                 if rec and rec.state is StageState.RUNNING and "step" in live:
-                    self.console.print(f"{time.strftime('%H:%M:%S')} {name}: {self._progress_text(rec, live)}")
+                    for c in plain:
+                        c.print(f"{time.strftime('%H:%M:%S')} {name}: {self._progress_text(rec, live)}",
+                                highlight=False)
 
     @staticmethod
     def _progress_text(rec, live: dict[str, Any]) -> str:
@@ -136,3 +140,75 @@ def print_results(console: Console, record: RunRecord, metrics: dict[str, Any] |
     console.print(f"run directory: {record.run_uri}")
     if report_path:
         console.print(f"report: {report_path}")
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _duration(start: float | None, end: float | None) -> str:
+    if not start:
+        return "-"
+    seconds = (end or time.time()) - start
+    return f"{seconds / 3600:.1f}h" if seconds >= 3600 else f"{seconds:.0f}s"
+
+
+def print_run_list(console: Console, rows, title: str = "runs", registry=None) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in ("run", "pipeline", "state", "user", "started", "took", "domains", "where", "run directory"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        domains = "-"
+        if registry is not None:
+            fts = [j for j in registry.jobs_of(row.run_id) if j["name"].startswith("finetune/")]
+            if fts:
+                domains = f"{sum(j['state'] == 'succeeded' for j in fts)}/{len(fts)}"
+        state = StageState(row.state) if row.state in StageState._value2member_map_ else None
+        style = _STYLE.get(state, "")
+        where = row.address if row.submitted else (row.driver_host or "local")
+        table.add_row(row.run_id, row.pipeline, f"[{style}]{row.state}[/]" if style else row.state,
+                      row.user or "-", _when(row.started or row.created), _duration(row.started, row.ended),
+                      domains, where, row.run_uri)
+    console.print(table if rows else f"no {title}")
+
+
+def print_status(console: Console, view) -> None:
+    """``branchout status RUN``: the run, then one row per job with attempts and outputs."""
+    from branchout.stages.metrics import read_metrics
+    from branchout.stages.storage import join
+
+    row, record = view.row, view.record
+    console.print(f"[bold]run {row.run_id}[/]  pipeline {row.pipeline}  state [bold]{row.state}[/]  "
+                  f"user {row.user or '-'}")
+    console.print(f"  started {_when(row.started)}  ended {_when(row.ended)}  took {_duration(row.started, row.ended)}")
+    console.print(f"  run directory {row.run_uri}")
+    if row.submitted:
+        console.print(f"  submitted to {row.address} as Ray job {row.submissions[-1]}"
+                      + (f" ({view.job_status})" if view.job_status else ""))
+    if row.error:
+        console.print(f"  [red]error: {row.error}[/]")
+    if view.note:
+        console.print(f"  note: {view.note}")
+    if record is None:
+        return
+    table = Table(show_edge=False)
+    for col in ("job", "state", "attempts", "progress", "started", "took", "output / error"):
+        table.add_column(col, overflow="fold")
+    logs = join(record.run_uri, "logs")
+    for name, rec in record.stages.items():
+        progress = ""
+        if rec.state is StageState.RUNNING:
+            points = read_metrics(logs, name)
+            if points:
+                last = points[-1]
+                progress = f"step {last['step']}/{rec.metrics.get('total_steps') or '?'} loss {last.get('loss', 0):.3f}"
+        elif rec.state is StageState.SUCCEEDED and "final_loss" in rec.outputs:
+            progress = f"loss {rec.outputs['final_loss']:.3f}"
+        detail = rec.error if rec.state is StageState.FAILED else rec.outputs.get("model_uri", "")
+        table.add_row(name, f"[{_STYLE[rec.state]}]{rec.state.value}[/]", str(rec.attempts), progress,
+                      _when(rec.started), _duration(rec.started, rec.ended) if rec.started else "-", detail or "")
+        for attempt in rec.history[:-1] if len(rec.history) > 1 else []:
+            table.add_row("", f"[dim]attempt {attempt['attempt']}[/]", "", "", _when(attempt["started"]),
+                          _duration(attempt["started"], attempt["ended"]),
+                          f"[dim]{attempt['state']}: {attempt.get('error') or ''}[/]")
+    console.print(table)

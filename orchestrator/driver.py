@@ -13,9 +13,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import json
-import secrets
-import time
-from dataclasses import dataclass, field
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import yaml
@@ -27,7 +30,7 @@ from branchout.orchestrator.fanout import WorkItem, run_jobs, submit_task
 from branchout.orchestrator.plan import Plan, build_plan
 from branchout.orchestrator.progress import hub_name, start_hub
 from branchout.orchestrator.spec import DatasetSpec, PipelineSpec
-from branchout.orchestrator.state import RunRecord, RunState, StageRecord, StageState
+from branchout.orchestrator.state import RunRecord, RunState, StageRecord, StageState, new_run_id
 from branchout.stages import storage
 from branchout.stages.data import PackedInfo
 from branchout.stages.job import TrainJob
@@ -63,38 +66,111 @@ class RunContext:
                         lambda snap: self.view.update(self.record, snap), max_in_flight)
 
 
-def run_pipeline(spec: PipelineSpec, console: Console, run_id: str | None = None) -> RunRecord:
-    """Run every stage of ``spec``; returns the final run record (never raises for job failures)."""
+def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None = None,
+                 source: str | None = None, run_id: str | None = None) -> RunRecord:
+    """Run every stage of ``spec``; returns the final run record (never raises for job failures).
+
+    With ``record`` (``branchout resume``) the run continues: jobs it shows as succeeded are
+    not run again, and unfinished ones resume from their newest checkpoint.
+    """
+    from branchout.orchestrator.registry import Registry, driver_identity
+
     plan = build_plan(spec)
     print_plan(console, plan)
-    record = create_run(spec, run_id)
-    console.print(f"run [bold]{record.run_id}[/] → {record.run_uri}")
-    with connect(spec.cluster) as cluster, ProgressView(console) as view:
-        ctx = RunContext(spec, plan, record, cluster, view, hub=start_hub(record.run_id))
-        record.set_run_state(RunState.RUNNING)
-        try:
-            tokenizer_uri, tokenizer_hash = stage_tokenizer(ctx)
-            data = stage_data(ctx, tokenizer_uri, tokenizer_hash)
-            base_uri = stage_pretrain(ctx, tokenizer_uri, data["pretrain"])
-            stage_finetune(ctx, tokenizer_uri, data, base_uri)
-            stage_evaluate(ctx, data, base_uri)
-            failed = [n for n, r in record.stages.items() if r.state is StageState.FAILED]
-            if failed:
-                record.set_run_state(RunState.FAILED, error=f"failed: {', '.join(failed)}")
-            else:
-                record.set_run_state(RunState.SUCCEEDED)
-        except StageFailedError as e:
-            skip_pending(record)
-            record.set_run_state(RunState.FAILED, error=str(e))
-        except KeyboardInterrupt:
-            skip_pending(record)
-            record.set_run_state(RunState.STOPPED, error="interrupted")
-        finally:
-            view.update(record, {})
-            ctx.threads.shutdown(wait=False, cancel_futures=True)
-    report_path = write_report(record)
-    print_results(console, record, _read_metrics(record), report_path)
+    storage.check_reachable(spec.storage)
+    with connect(spec.cluster) as cluster, stop_on_sigterm():
+        check_shared_storage(spec, cluster)
+        resuming = record is not None
+        record = record or create_run(spec, run_id)
+        record.attach(Registry(), source=source, **driver_identity())
+        if resuming:
+            record.interrupted("interrupted: its driver stopped before it finished")
+        console.print(f"{'resuming' if resuming else 'run'} [bold]{record.run_id}[/] → {record.run_uri}")
+        with driver_log(record) as log, ProgressView(console, log=log) as view:
+            print_plan(log, plan)
+            log.print(f"{'resuming' if resuming else 'run'} {record.run_id} → {record.run_uri}")
+            _run_stages(spec, plan, record, cluster, view)
+            report_path = write_report(record)
+            for out in (console, log):
+                print_results(out, record, _read_metrics(record), report_path)
     return record
+
+
+@contextmanager
+def driver_log(record: RunRecord) -> Iterator[Console]:
+    """``logs/driver.log`` of the run: the plan, every state change, the results.
+
+    Written in place on local storage (so ``branchout logs --follow`` can tail it), and
+    uploaded when the driver ends for object storage.
+    """
+    import tempfile
+
+    uri = storage.join(record.run_uri, "logs", "driver.log")
+    local = storage.local_path(uri) if storage.is_local(uri) else os.path.join(tempfile.mkdtemp(), "driver.log")
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with open(local, "a", buffering=1) as f:
+        yield Console(file=f, width=200, no_color=True, force_terminal=False, soft_wrap=True)
+    if not storage.is_local(uri):
+        with open(local, "rb") as f:
+            storage.write_bytes(uri, f.read())
+
+
+def _run_stages(spec: PipelineSpec, plan: Plan, record: RunRecord, cluster: ClusterInfo,
+                view: ProgressView) -> None:
+    ctx = RunContext(spec, plan, record, cluster, view, hub=start_hub(record.run_id))
+    record.set_run_state(RunState.RUNNING)
+    try:
+        tokenizer = stage_tokenizer(ctx)
+        data = stage_data(ctx, tokenizer)
+        base_uri = stage_pretrain(ctx, tokenizer, data["pretrain"])
+        stage_finetune(ctx, tokenizer, data, base_uri)
+        stage_evaluate(ctx, data, base_uri)
+        failed = [n for n, r in record.stages.items() if r.state is StageState.FAILED]
+        if failed:
+            record.set_run_state(RunState.FAILED, error=f"failed: {', '.join(failed)}")
+        else:
+            record.set_run_state(RunState.SUCCEEDED)
+    except StageFailedError as e:
+        skip_pending(record)
+        record.set_run_state(RunState.FAILED, error=str(e))
+    except (KeyboardInterrupt, StopRequestedError) as e:
+        record.interrupted("stopped before it finished", RunState.STOPPED, str(e) or "interrupted")
+    finally:
+        view.update(record, {})
+        ctx.threads.shutdown(wait=False, cancel_futures=True)
+
+
+class StopRequestedError(Exception):
+    """SIGTERM: ``branchout stop`` or Ray's job stop asked this driver to end."""
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into an exception in the main thread, so the run is recorded as stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise StopRequestedError("stopped by request (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_shared_storage(spec: PipelineSpec, cluster: ClusterInfo) -> None:
+    """Refuse storage the cluster's nodes cannot all reach, before any job starts.
+
+    Raises:
+        StorageError: a plain local path on a multi-node cluster.
+    """
+    if cluster.nodes > 1 and storage.is_local(spec.storage) and not spec.storage.startswith("file://"):
+        raise storage.StorageError(
+            f"storage: {spec.storage} is a local directory but the cluster has {cluster.nodes} nodes; "
+            "use storage every node shares (s3://…, gs://…), or write a shared mount as file:///path")
 
 
 # ---- run creation ------------------------------------------------------------------
@@ -102,7 +178,7 @@ def run_pipeline(spec: PipelineSpec, console: Console, run_id: str | None = None
 
 def create_run(spec: PipelineSpec, run_id: str | None = None) -> RunRecord:
     """Make the run directory with the resolved spec, and a record listing every job."""
-    run_id = run_id or time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    run_id = run_id or new_run_id()
     run_uri = storage.join(spec.storage, spec.name, run_id)
     resolved = spec.model_dump(mode="json")
     storage.write_text(storage.join(run_uri, "spec.yaml"), yaml.safe_dump(resolved, sort_keys=False))
@@ -130,17 +206,18 @@ def skip_pending(record: RunRecord) -> None:
             record.set_stage(name, StageState.SKIPPED)
 
 
-def _require(results: dict[str, Any], record: RunRecord, names: list[str]) -> None:
+def _require(results: dict[str, dict[str, Any]], record: RunRecord, names: list[str]) -> dict[str, dict[str, Any]]:
     failed = [n for n in names if n not in results]
     if failed:
         errors = "; ".join(f"{n}: {record.stage(n).error}" for n in failed)
         raise StageFailedError(errors)
+    return results
 
 
 # ---- stages --------------------------------------------------------------------------
 
 
-def stage_tokenizer(ctx: RunContext) -> tuple[str, str]:
+def stage_tokenizer(ctx: RunContext) -> dict[str, str]:
     """Train (or copy in) the tokenizer; returns its URI in the run and its content hash."""
     from branchout.stages.tokenizer import tokenizer_job
 
@@ -148,13 +225,12 @@ def stage_tokenizer(ctx: RunContext) -> tuple[str, str]:
     uri = ctx.uri("tokenizer")
     args = (spec.tokenizer.model_dump(), spec.pretrain.dataset.model_dump(),
             spec.evaluate.heldout_fraction, spec.evaluate.split_seed, uri)
-    item = WorkItem("tokenizer", lambda: submit_task(tokenizer_job, args, {"CPU": 1}, "tokenizer", ctx.hub_name))
-    results = ctx.run([item])
-    _require(results, ctx.record, ["tokenizer"])
-    return uri, results["tokenizer"]
+    item = WorkItem("tokenizer", lambda: submit_task(tokenizer_job, args, {"CPU": 1}, "tokenizer", ctx.hub_name),
+                    on_success=lambda h: {"uri": uri, "hash": h})
+    return _require(ctx.run([item]), ctx.record, ["tokenizer"])["tokenizer"]
 
 
-def stage_data(ctx: RunContext, tokenizer_uri: str, tokenizer_hash: str) -> dict[str, PackedInfo]:
+def stage_data(ctx: RunContext, tokenizer: dict[str, str]) -> dict[str, PackedInfo]:
     """Tokenize and pack every dataset (once per distinct dataset and block length)."""
     from branchout.stages.data import prepare
 
@@ -166,18 +242,16 @@ def stage_data(ctx: RunContext, tokenizer_uri: str, tokenizer_hash: str) -> dict
     ev = spec.evaluate
     items = [
         WorkItem(f"data/{name}", lambda ds=ds, n=seq: submit_task(
-            prepare, (ds, tokenizer_uri, tokenizer_hash, n, ev.heldout_fraction, ev.split_seed, cache_root),
+            prepare, (ds, tokenizer["uri"], tokenizer["hash"], n, ev.heldout_fraction, ev.split_seed, cache_root),
             {"CPU": 1}, "data", ctx.hub_name),
-            on_success=lambda info: {"uri": info.uri, "train_blocks": info.train_blocks,
-                                     "heldout_blocks": info.heldout_blocks, "cached": info.cached})
+            on_success=asdict)
         for name, (ds, seq) in wanted.items()
     ]
-    results = ctx.run(items)
-    _require(results, ctx.record, [i.name for i in items])
-    return {name: results[f"data/{name}"] for name in wanted}
+    results = _require(ctx.run(items), ctx.record, [i.name for i in items])
+    return {name: PackedInfo.from_dict(results[f"data/{name}"]) for name in wanted}
 
 
-def stage_pretrain(ctx: RunContext, tokenizer_uri: str, data: PackedInfo) -> str:
+def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo) -> str:
     """DeepSpeed pretrain on Ray Train; returns the URI of the exported base model."""
     from branchout.orchestrator.training import run_distributed
 
@@ -185,17 +259,17 @@ def stage_pretrain(ctx: RunContext, tokenizer_uri: str, data: PackedInfo) -> str
     job = TrainJob(
         name="pretrain", kind="pretrain", training=spec.pretrain.model_dump(mode="json"),
         steps=ctx.plan.pretrain.steps, model_type=spec.model.type, model_overrides=spec.model.config,
-        tokenizer_uri=tokenizer_uri, data_uri=data.uri, out_uri=ctx.uri("pretrain"),
+        tokenizer_uri=tokenizer["uri"], data_uri=data.uri, out_uri=ctx.uri("pretrain"),
         logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id, hub_name=ctx.hub_name,
     )
-    item = WorkItem("pretrain", lambda: ctx.threads.submit(run_distributed, job),
+    item = WorkItem("pretrain", lambda: ctx.threads.submit(run_distributed, job, spec.pretrain.max_failures),
                     on_success=lambda r: {"model_uri": job.model_uri, "final_loss": r["final_loss"],
-                                          "tokens_per_s": r["tokens_per_s"]})
-    _require(ctx.run([item]), ctx.record, ["pretrain"])
-    return job.model_uri
+                                          "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"]})
+    return _require(ctx.run([item]), ctx.record, ["pretrain"])["pretrain"]["model_uri"]
 
 
-def stage_finetune(ctx: RunContext, tokenizer_uri: str, data: dict[str, PackedInfo], base_uri: str) -> None:
+def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, PackedInfo],
+                   base_uri: str) -> None:
     """One fine-tune per domain from the shared base, plus from-scratch baselines, concurrently."""
     spec = ctx.spec
     items = []
@@ -207,28 +281,30 @@ def stage_finetune(ctx: RunContext, tokenizer_uri: str, data: dict[str, PackedIn
             job = TrainJob(
                 name=f"{kind}/{d.name}", kind=kind, training=training, steps=d.steps,
                 model_type=spec.model.type, model_overrides=spec.model.config,
-                tokenizer_uri=tokenizer_uri, data_uri=data[d.name].uri,
+                tokenizer_uri=tokenizer["uri"], data_uri=data[d.name].uri,
                 out_uri=ctx.uri(kind, d.name), logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id,
                 hub_name=ctx.hub_name,
                 # the baseline trains every weight from scratch whatever the domain's method
                 method=d.method if kind == "finetune" else "full",
                 lora=d.lora.model_dump(), base_model_uri=base_uri if kind == "finetune" else None,
             )
-            submit = _submitter(ctx, job, d.num_workers, d.resources_per_worker.ray_bundle())
+            submit = _submitter(ctx, job, d.num_workers, d.resources_per_worker.ray_bundle(), d.max_failures)
             items.append(WorkItem(job.name, submit, max_retries=d.max_retries,
                                   on_success=lambda r, job=job: {
                                       "model_uri": job.model_uri, "final_loss": r["final_loss"],
-                                      "tokens_per_s": r["tokens_per_s"]}))
+                                      "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"],
+                                      "parent": job.base_model_uri}))
     ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
 
 
-def _submitter(ctx: RunContext, job: TrainJob, workers: int, resources: dict[str, float]):
+def _submitter(ctx: RunContext, job: TrainJob, workers: int, resources: dict[str, float],
+               max_failures: int):
     """Multi-worker jobs go through Ray Train from a driver thread; single-worker ones are tasks."""
     from branchout.orchestrator.training import run_distributed
     from branchout.stages.finetune import run_single_worker
 
     if workers > 1:
-        return lambda: ctx.threads.submit(run_distributed, job)
+        return lambda: ctx.threads.submit(run_distributed, job, max_failures)
     return lambda: submit_task(run_single_worker, (job,), resources, job.name, ctx.hub_name)
 
 
@@ -250,10 +326,13 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) 
         if "scratch" in ev.models and sc.state is StageState.SUCCEEDED:
             candidates["scratch"] = (sc.outputs["model_uri"], None)
         args = (d.name, data[d.name].uri, candidates, ev.batch_size, ev.max_blocks, 1)
+        previous = ctx.record.stage(f"evaluate/{d.name}").outputs.get("scored")
         items.append(WorkItem(f"evaluate/{d.name}",
                               lambda args=args: submit_task(evaluate_domain, args, {"CPU": 1},
                                                             f"evaluate/{args[0]}", ctx.hub_name),
-                              on_success=lambda r: {"metrics": r}))
+                              on_success=lambda r, c=candidates: {**r, "scored": c},
+                              # a resume that redid a fine-tune must score it again
+                              rerun=previous is not None and _as_lists(previous) != _as_lists(candidates)))
     results = ctx.run(items)
     domains = {}
     for d in spec.finetune.domains:
@@ -270,6 +349,10 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) 
     metrics = {"run_id": ctx.record.run_id, "pipeline": spec.name, "domains": domains,
                "pretrain": ctx.record.stage("pretrain").outputs}
     storage.write_text(ctx.uri("eval", "metrics.json"), json.dumps(metrics, indent=1))
+
+
+def _as_lists(candidates: dict) -> dict:
+    return {k: list(v) for k, v in candidates.items()}
 
 
 def _read_metrics(record: RunRecord) -> dict | None:

@@ -27,7 +27,8 @@ class WorkItem:
     name: str  # the record key, e.g. "finetune/legal"
     submit: Callable[[], cf.Future]
     max_retries: int = 0
-    on_success: Callable[[Any], dict[str, Any]] | None = None  # result → record outputs
+    on_success: Callable[[Any], dict[str, Any]] = dict  # result → outputs kept in the record
+    rerun: bool = False  # run even if the record says it already succeeded
 
 
 def submit_task(fn: Callable, args: tuple, resources: dict[str, float], job: str,
@@ -56,18 +57,28 @@ def _announce_and_call(fn: Callable, job: str, hub: str | None, *args: Any) -> A
 
 
 def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[dict], None],
-             max_in_flight: int | None = None) -> dict[str, Any]:
-    """Run ``items`` to completion; returns results of those that succeeded, by name."""
-    pending = deque(items)
-    running: dict[cf.Future, WorkItem] = {}
-    results: dict[str, Any] = {}
-    limit = max_in_flight or len(items) or 1
+             max_in_flight: int | None = None) -> dict[str, dict[str, Any]]:
+    """Run ``items`` to completion; returns the recorded outputs of every succeeded item.
+
+    Items the record already shows as succeeded (a resumed run) are not run again unless
+    ``rerun`` is set; their recorded outputs are returned as they are.
+    """
+    outputs: dict[str, dict[str, Any]] = {}
+    pending: deque[WorkItem] = deque()
     for item in items:
-        record.set_stage(item.name, StageState.PENDING)
+        rec = record.stage(item.name)
+        if rec.state is StageState.SUCCEEDED and not item.rerun:
+            outputs[item.name] = rec.outputs
+        else:
+            pending.append(item)
+    running: dict[cf.Future, WorkItem] = {}
+    tries: dict[str, int] = {}  # attempts in this driver; a resumed job gets its retries afresh
+    limit = max_in_flight or len(pending) or 1
     while pending or running:
         while pending and len(running) < limit:
             item = pending.popleft()
             record.set_stage(item.name, StageState.QUEUED)
+            tries[item.name] = tries.get(item.name, 0) + 1
             running[item.submit()] = item
         done, _ = cf.wait(list(running), timeout=0.5, return_when=cf.FIRST_COMPLETED)
         snapshot = _snapshot(hub)
@@ -78,23 +89,22 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
                                  outputs={k: live[k] for k in ("pid", "node") if k in live})
         for future in done:
             item = running.pop(future)
-            rec = record.stage(item.name)
             try:
                 result = future.result()
             except Exception as e:  # any job error is recorded, never propagated
-                if rec.state is StageState.QUEUED:
+                if record.stage(item.name).state is StageState.QUEUED:
                     record.set_stage(item.name, StageState.RUNNING)
                 record.set_stage(item.name, StageState.FAILED, error=describe_error(e))
-                if rec.attempts <= item.max_retries:
+                if tries[item.name] <= item.max_retries:
                     pending.append(item)
                 continue
-            if rec.state is StageState.QUEUED:
+            if record.stage(item.name).state is StageState.QUEUED:
                 record.set_stage(item.name, StageState.RUNNING, when=_started(result))
-            outputs = item.on_success(result) if item.on_success else {}
-            record.set_stage(item.name, StageState.SUCCEEDED, when=_ended(result), outputs=outputs)
-            results[item.name] = result
+            rec = record.set_stage(item.name, StageState.SUCCEEDED, when=_ended(result),
+                                   outputs=item.on_success(result))
+            outputs[item.name] = rec.outputs
         on_tick(snapshot)
-    return results
+    return outputs
 
 
 def _snapshot(hub) -> dict[str, dict[str, Any]]:

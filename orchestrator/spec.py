@@ -123,6 +123,9 @@ class TrainingSpec(StrictModel):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     checkpoint_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    max_failures: int = Field(
+        2, ge=0, description="Ray Train restarts of the worker group after a worker dies (multi-worker only)."
+    )
     log_every: int = Field(10, ge=1)
     seed: int = 0
 

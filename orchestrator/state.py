@@ -14,9 +14,12 @@ Run states::
 Stage and job states (a *stage* is tokenizer/data/pretrain/finetune/evaluate; a *job*
 is one domain's fine-tune, baseline or evaluation, keyed ``<kind>/<domain>``)::
 
-    PENDING ──► QUEUED ──► RUNNING ──► SUCCEEDED
-       │          │          └───────► FAILED ──► QUEUED (retry)
-       └──────────┴──────────────────► SKIPPED (an upstream stage failed)
+    PENDING ──► QUEUED ──► RUNNING ──► SUCCEEDED ─► QUEUED (its inputs were redone)
+       │          │          └───────► FAILED ──► QUEUED (retry, resume)
+       └──────────┴──────────────────► SKIPPED ─► QUEUED (resume)
+
+Every attempt (each entry into RUNNING) is kept in ``StageRecord.history`` with how it
+ended, so ``status`` can show why a job needed a retry.
 """
 
 from __future__ import annotations
@@ -66,9 +69,17 @@ STAGE_TRANSITIONS: dict[StageState, set[StageState]] = {
     StageState.QUEUED: {StageState.RUNNING, StageState.FAILED, StageState.SKIPPED},
     StageState.RUNNING: {StageState.SUCCEEDED, StageState.FAILED},
     StageState.FAILED: {StageState.QUEUED, StageState.RUNNING},
-    StageState.SUCCEEDED: set(),
-    StageState.SKIPPED: set(),
+    # A succeeded evaluation is redone when a resume recomputed what it scored.
+    StageState.SUCCEEDED: {StageState.QUEUED},
+    StageState.SKIPPED: {StageState.QUEUED},  # a resumed run picks skipped jobs up again
 }
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique across concurrent submitters: ``20261125-031500-a1b2c3``."""
+    import secrets
+
+    return time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
 class IllegalTransitionError(RuntimeError):
@@ -85,6 +96,7 @@ class StageRecord:
     error: str | None = None
     outputs: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per attempt
 
     @property
     def seconds(self) -> float | None:
@@ -130,6 +142,10 @@ class RunRecord:
             if new is StageState.RUNNING:
                 rec.attempts += 1
                 rec.started = rec.started or now
+                rec.history.append({"attempt": rec.attempts, "state": new.value, "started": now,
+                                    "ended": None, "error": None})
+            elif rec.history and rec.history[-1]["ended"] is None and new is not StageState.QUEUED:
+                rec.history[-1].update(state=new.value, ended=now, error=error)
             if new.is_terminal():
                 rec.ended = now
             if new is StageState.QUEUED:
@@ -159,8 +175,25 @@ class RunRecord:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, default=lambda v: v.value if isinstance(v, Enum) else str(v))
 
+    def attach(self, registry, **extra: Any) -> None:
+        """Also write every change to ``registry`` (with ``extra`` run columns)."""
+        self._registry = registry
+        self._registry_extra = extra
+
     def save(self) -> None:
         storage.write_text(self.state_uri, self.to_json(), durable=False)
+        registry = getattr(self, "_registry", None)
+        if registry is not None:
+            registry.sync(self, **self._registry_extra)
+
+    def interrupted(self, reason: str, run_state: RunState = RunState.FAILED,
+                    run_error: str | None = None) -> None:
+        """A driver ended (or died) mid-run: what it left RUNNING or QUEUED did not finish."""
+        for name, rec in self.stages.items():
+            if rec.state in (StageState.QUEUED, StageState.RUNNING):
+                self.set_stage(name, StageState.FAILED, error=reason)
+        if self.state is RunState.RUNNING:
+            self.set_run_state(run_state, error=run_error or reason)
 
     @classmethod
     def from_json(cls, text: str) -> RunRecord:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -155,13 +155,19 @@ class PackedInfo:
     def heldout_tokens(self) -> int:
         return self.heldout_blocks * self.seq_len
 
+    @classmethod
+    def from_dict(cls, values: dict) -> PackedInfo:
+        """From a record's outputs, which also hold keys of other kinds (pid, node)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
 
 def cache_key(fp: str, tok_hash: str, seq_len: int, fraction: float, seed: int) -> str:
     payload = json.dumps([PACKING_VERSION, fp, tok_hash, seq_len, fraction, seed])
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def prepare(ds: DatasetSpec, tokenizer_dir: str, tok_hash: str, seq_len: int,
+def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int,
             heldout_fraction: float, split_seed: int, cache_root: str) -> PackedInfo:
     """Tokenize and pack one dataset (or reuse the cache) and return where it is.
 
@@ -178,7 +184,7 @@ def prepare(ds: DatasetSpec, tokenizer_dir: str, tok_hash: str, seq_len: int,
             pass  # an unreadable cache entry is rebuilt below
     from branchout.stages.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(checkpoint.fetch_verified(tokenizer_uri))
     docs = load_documents(ds)
     label = ds.path
     with tempfile.TemporaryDirectory(prefix="branchout-pack-") as tmp:

@@ -113,5 +113,36 @@ def download_dir(uri: str, local_dir: str | None = None) -> str:
         return local_path(uri)
     fs, path = filesystem(uri)
     local_dir = local_dir or tempfile.mkdtemp(prefix="branchout-")
+    os.makedirs(local_dir, exist_ok=True)
     pafs.copy_files(path, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local_dir
+
+
+class StorageError(RuntimeError):
+    """Run storage cannot be used (missing bucket, unwritable directory, shared-ness)."""
+
+
+def check_reachable(uri: str) -> None:
+    """Fail early, with one line, when ``uri`` cannot hold runs.
+
+    Raises:
+        StorageError: the directory cannot be created, or the bucket does not exist or
+            refuses access.
+    """
+    if is_local(uri):
+        path = local_path(uri)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"storage: cannot create {path}: {e.strerror}") from None
+        if not os.access(path, os.W_OK):
+            raise StorageError(f"storage: {path} is not writable")
+        return
+    try:
+        fs, path = filesystem(uri)
+        bucket = path.split("/", 1)[0]
+        info = fs.get_file_info(bucket)
+    except OSError as e:
+        raise StorageError(f"storage: cannot reach {uri}: {str(e).splitlines()[0]}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"storage: bucket {bucket!r} does not exist ({uri})")
