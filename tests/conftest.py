@@ -41,6 +41,19 @@ TINY = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_registry(tmp_path_factory):
+    """Tests (and the CLI processes they start) never touch the user's ~/.branchout registry."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'registry.db'}"
+    old = os.environ.get("BRANCHOUT_REGISTRY")
+    os.environ["BRANCHOUT_REGISTRY"] = url
+    yield url
+    if old is None:
+        os.environ.pop("BRANCHOUT_REGISTRY", None)
+    else:
+        os.environ["BRANCHOUT_REGISTRY"] = old
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """Small real corpora (general/legal/code/docs JSONL) built by the quickstart's builder."""
