@@ -9,6 +9,7 @@ import pytest
 
 from branchout.orchestrator.spec import DatasetSpec
 from branchout.stages import data
+from branchout.stages.checkpoint import publish_dir
 from branchout.stages.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer
 
 pytestmark = pytest.mark.unit
@@ -17,8 +18,9 @@ pytestmark = pytest.mark.unit
 @pytest.fixture(scope="module")
 def tokenizer_dir(corpus_dir, tmp_path_factory):
     texts = [json.loads(line)["text"] for line in (corpus_dir / "general.jsonl").read_text().splitlines()]
-    out = tmp_path_factory.mktemp("tok")
-    train_tokenizer(texts, vocab_size=400, min_frequency=2, out_dir=str(out))
+    work, out = tmp_path_factory.mktemp("tok-work"), tmp_path_factory.mktemp("tok") / "published"
+    train_tokenizer(texts, vocab_size=400, min_frequency=2, out_dir=str(work))
+    publish_dir(str(work), str(out))  # what the tokenizer stage does: readers verify the manifest
     return str(out)
 
 

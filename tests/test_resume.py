@@ -10,10 +10,11 @@ import time
 
 import pytest
 import yaml
-from conftest import TINY, run_cli
 
 from branchout.orchestrator.registry import Registry
 from branchout.orchestrator.state import RunRecord, RunState, StageState
+
+from conftest import TINY, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -8,8 +8,9 @@ import sys
 import time
 
 import pytest
-from conftest import run_cli
 from raycluster import free_port
+
+from conftest import run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
