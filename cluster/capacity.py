@@ -34,3 +34,15 @@ def unsatisfiable(bundle: dict[str, float], count: int, nodes: list[dict[str, fl
         return None
     shown = ", ".join(f"{k}={v:g}" for k, v in bundle.items())
     return f"needs {count} × {{{shown}}} but the cluster holds {have} at most"
+
+
+def impossible_requests(requests: list[tuple[str, dict[str, float], int]],
+                        nodes: list[dict[str, float]] | None = None) -> list[str]:
+    """One line per (name, bundle, count) the connected cluster can never run at once."""
+    nodes = node_resources() if nodes is None else nodes
+    problems = []
+    for name, bundle, count in requests:
+        why = unsatisfiable(bundle, count, nodes)
+        if why:
+            problems.append(f"{name}: {why}")
+    return problems

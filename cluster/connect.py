@@ -60,4 +60,15 @@ def connect(cluster: ClusterSpec) -> Iterator[ClusterInfo]:
                           nodes=len([n for n in ray.nodes() if n.get("Alive")]))
     finally:
         if started_here:
-            ray.shutdown()
+            _shutdown(timeout=15)
+
+
+def _shutdown(timeout: float) -> None:
+    """``ray.shutdown()``, but never hang the driver's exit on a cluster that is already gone."""
+    import threading
+
+    import ray
+
+    done = threading.Thread(target=ray.shutdown, daemon=True)
+    done.start()
+    done.join(timeout)

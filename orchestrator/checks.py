@@ -51,12 +51,14 @@ def _check_training(where: str, t: TrainingSpec, steps: int | None) -> list[str]
 
 def _check_model(spec: PipelineSpec) -> list[str]:
     from branchout.stages.model import (
+        MAX_META_LAYERS,
         ModelConfigError,
         build_config,
         default_lora_targets,
         max_positions,
         meta_model,
         missing_lora_targets,
+        parameter_counts,
     )
 
     vocab = tokenizer_vocab_size(spec)
@@ -66,8 +68,8 @@ def _check_model(spec: PipelineSpec) -> list[str]:
         config = build_config(spec.model.type, spec.model.config, vocab)
     except ModelConfigError as e:
         return [f"model: {e}"]
-    except (TypeError, ValueError) as e:  # the config class rejected a value
-        return [f"model.config: {e}"]
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:  # the config class rejected a value
+        return [f"model.config: {_one_line(e)}"]
     problems = []
     limit = max_positions(config)
     if limit is not None:
@@ -78,12 +80,14 @@ def _check_model(spec: PipelineSpec) -> list[str]:
                 problems.append(
                     f"finetune.domains.{i}.seq_len: {spec.domain_seq_len(d)} exceeds the model's {limit} positions"
                 )
+    try:
+        layers = getattr(config, "num_hidden_layers", None)
+        model = meta_model(config, min(layers, MAX_META_LAYERS) if isinstance(layers, int) and layers > 0 else None)
+        parameter_counts(config)
+    except Exception as e:  # transformers raises many types for inconsistent configs
+        return problems + [f"model.config: cannot build {spec.model.type}: {_one_line(e)}"]
     lora_domains = [(i, d) for i, d in enumerate(spec.finetune.domains) if d.method == "lora"]
     if lora_domains:
-        try:
-            model = meta_model(config)
-        except Exception as e:  # transformers raises many types for inconsistent configs
-            return problems + [f"model.config: cannot build {spec.model.type}: {e}"]
         for i, d in lora_domains:
             targets = d.lora.target_modules or default_lora_targets(spec.model.type)
             if not targets:
@@ -99,6 +103,10 @@ def _check_model(spec: PipelineSpec) -> list[str]:
                     f"{spec.model.type} (e.g. {_example_linear_names(model)})"
                 )
     return problems
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def tokenizer_vocab_size(spec: PipelineSpec) -> int | str:

@@ -80,6 +80,7 @@ def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None 
     storage.check_reachable(spec.storage)
     with connect(spec.cluster) as cluster, stop_on_sigterm():
         check_shared_storage(spec, cluster)
+        check_capacity(spec, cluster)
         resuming = record is not None
         record = record or create_run(spec, run_id)
         record.attach(Registry(), source=source, **driver_identity())
@@ -152,6 +153,8 @@ def stop_on_sigterm() -> Iterator[None]:
         return
 
     def handler(signum, frame):
+        # a second SIGTERM (e.g. while the driver records the stop) kills as usual
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise StopRequestedError("stopped by request (SIGTERM)")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -171,6 +174,26 @@ def check_shared_storage(spec: PipelineSpec, cluster: ClusterInfo) -> None:
         raise storage.StorageError(
             f"storage: {spec.storage} is a local directory but the cluster has {cluster.nodes} nodes; "
             "use storage every node shares (s3://…, gs://…), or write a shared mount as file:///path")
+
+
+def check_capacity(spec: PipelineSpec, cluster: ClusterInfo) -> None:
+    """Refuse, before any job, work this cluster can never hold (unless it autoscales).
+
+    Raises:
+        ClusterError: naming each request and what the cluster holds.
+    """
+    from branchout.cluster.capacity import impossible_requests
+    from branchout.cluster.connect import ClusterError
+
+    if spec.cluster.autoscaling:
+        return
+    p = spec.pretrain
+    requests = [("pretrain", p.resources_per_worker.ray_bundle(), p.num_workers)]
+    requests += [(f"finetune.domains.{d.name}", d.resources_per_worker.ray_bundle(), d.num_workers)
+                 for d in spec.finetune.domains]
+    problems = impossible_requests(requests)
+    if problems:
+        raise ClusterError("; ".join(problems) + " (set cluster.autoscaling: true if nodes are added on demand)")
 
 
 # ---- run creation ------------------------------------------------------------------

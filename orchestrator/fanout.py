@@ -73,18 +73,22 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
             pending.append(item)
     running: dict[cf.Future, WorkItem] = {}
     tries: dict[str, int] = {}  # attempts in this driver; a resumed job gets its retries afresh
+    submitted: dict[str, float] = {}
     limit = max_in_flight or len(pending) or 1
     while pending or running:
         while pending and len(running) < limit:
             item = pending.popleft()
             record.set_stage(item.name, StageState.QUEUED)
             tries[item.name] = tries.get(item.name, 0) + 1
+            submitted[item.name] = time.time()
             running[item.submit()] = item
         done, _ = cf.wait(list(running), timeout=0.5, return_when=cf.FIRST_COMPLETED)
         snapshot = _snapshot(hub)
         for item in running.values():
             live = snapshot.get(item.name, {})
-            if live.get("state") == "running" and record.stage(item.name).state is StageState.QUEUED:
+            # the hub still holds a failed attempt's "running"; only a newer start counts
+            fresh = live.get("started", 0) >= submitted[item.name] - 1
+            if live.get("state") == "running" and fresh and record.stage(item.name).state is StageState.QUEUED:
                 record.set_stage(item.name, StageState.RUNNING, when=live.get("started"),
                                  outputs={k: live[k] for k in ("pid", "node") if k in live})
         for future in done:

@@ -61,6 +61,8 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise SpecError(source, [f"{where}invalid YAML: {problem}"]) from None
+    if raw is None:
+        raise SpecError(source, ["file is empty"])
     if not isinstance(raw, dict):
         raise SpecError(source, ["top level must be a mapping of sections (name, pretrain, ...)"])
     return raw
@@ -189,8 +191,11 @@ def format_validation_errors(error: ValidationError, raw: dict[str, Any]) -> lis
 def _echo_of_default(loc: list[str], raw: dict[str, Any]) -> bool:
     if len(loc) < 4 or loc[:2] != ["finetune", "domains"] or not loc[2].isdigit():
         return False
-    domains = (raw.get("finetune") or {}).get("domains") or []
-    index = int(loc[2])
-    if index >= len(domains) or not isinstance(domains[index], dict):
+    finetune = raw.get("finetune")
+    if not isinstance(finetune, dict):
         return False
-    return loc[3] not in domains[index] and loc[3] in ((raw.get("finetune") or {}).get("defaults") or {})
+    domains, defaults = finetune.get("domains"), finetune.get("defaults")
+    index = int(loc[2])
+    if not isinstance(domains, list) or not isinstance(defaults, dict) or index >= len(domains):
+        return False
+    return isinstance(domains[index], dict) and loc[3] not in domains[index] and loc[3] in defaults

@@ -76,12 +76,12 @@ class Plan:
 def build_plan(spec: PipelineSpec) -> Plan:
     """Compute the plan of a validated spec (no Ray, no data access)."""
     from branchout.orchestrator.checks import tokenizer_vocab_size
-    from branchout.stages.model import build_config, count_parameters, meta_model
+    from branchout.stages.model import build_config, parameter_counts
 
     vocab = tokenizer_vocab_size(spec)
     assert isinstance(vocab, int), "build_plan needs a cross-checked spec"
     config = build_config(spec.model.type, spec.model.config, vocab)
-    params, non_emb = count_parameters(meta_model(config))
+    params, non_emb = parameter_counts(config)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     p = spec.pretrain

@@ -163,7 +163,7 @@ class FinetuneOptions(TrainingSpec):
     steps: int = Field(100, ge=1)
     global_batch_size: int = Field(8, ge=1)
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    max_retries: int = Field(0, ge=0, description="Retries of a failed domain job.")
+    max_retries: int = Field(2, ge=0, description="Retries of a failed domain job (each resumes from its newest good checkpoint).")
 
 
 class DomainSpec(FinetuneOptions):
@@ -242,6 +242,9 @@ class ClusterSpec(StrictModel):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray only.")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of the embedded Ray only.")
+    autoscaling: bool = Field(
+        False, description="The cluster adds nodes on demand: requests beyond today's nodes wait instead of failing."
+    )
 
 
 class PipelineSpec(StrictModel):

@@ -36,7 +36,9 @@ def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
         run_config=RunConfig(
             name="train", storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            # retention is branchout's (stages/pretrain.py): Ray cannot tell a damaged
+            # checkpoint from a good one and could delete the last good one
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
     )
     try:

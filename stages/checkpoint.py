@@ -83,8 +83,8 @@ def _publish_local(src: str, dst: str, manifest: str) -> None:
     _fsync_path(parent)
 
 
-def read_manifest(uri: str) -> dict | None:
-    manifest_uri = storage.join(uri, MANIFEST)
+def read_manifest(uri: str, name: str = MANIFEST) -> dict | None:
+    manifest_uri = storage.join(uri, name)
     if not storage.exists(manifest_uri):
         return None
     try:
@@ -93,38 +93,123 @@ def read_manifest(uri: str) -> dict | None:
         return {"files": None}
 
 
-def verify_local(local_dir: str, manifest: dict | None) -> list[str]:
-    """Problems of ``local_dir`` against its manifest; empty when it verifies."""
-    if manifest is None:
-        return [f"{MANIFEST} missing (never finished publishing)"]
-    if not isinstance(manifest.get("files"), dict):
-        return [f"{MANIFEST} unreadable"]
+def rank_manifest_name(rank: int) -> str:
+    return f"MANIFEST.rank{rank}.json"
+
+
+def write_rank_manifest(local_dir: str, rank: int, world: int, extra: dict | None = None) -> None:
+    """Each rank of a sharded checkpoint lists its own files; the set is complete when all
+    ``world`` rank manifests are present (each written after that rank's shards)."""
+    manifest = build_manifest(local_dir)
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("MANIFEST")}
+    manifest["extra"] = {**(extra or {}), "rank": rank, "world": world}
+    path = os.path.join(local_dir, rank_manifest_name(rank))
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _manifests(uri: str, world: int | None) -> tuple[list[dict], list[str]]:
+    """The manifests of a published directory (one, or one per rank) and what is missing."""
+    if world is None:
+        manifest = read_manifest(uri)
+        return ([manifest] if manifest else []), ([] if manifest else [f"{MANIFEST} missing (never finished publishing)"])
+    found, problems = [], []
+    for rank in range(world):
+        manifest = read_manifest(uri, rank_manifest_name(rank))
+        if manifest is None:
+            problems.append(f"{rank_manifest_name(rank)} missing (rank {rank} never finished writing)")
+        elif (manifest.get("extra") or {}).get("world", world) != world:
+            problems.append(f"written by {manifest['extra']['world']} workers, this job has {world}")
+        else:
+            found.append(manifest)
+    return found, problems
+
+
+def verify_local(local_dir: str, manifests: list[dict], full: bool = True) -> list[str]:
+    """Problems of ``local_dir`` against its manifests; empty when it verifies.
+
+    ``full=False`` checks presence and sizes only (cheap; used to pick what to keep);
+    loaders always check SHA-256 too.
+    """
     problems = []
-    for rel, meta in manifest["files"].items():
-        full = os.path.join(local_dir, rel)
-        if not os.path.isfile(full):
-            problems.append(f"{rel}: missing")
-        elif os.path.getsize(full) != meta["size"]:
-            problems.append(f"{rel}: size {os.path.getsize(full)} != {meta['size']} (truncated?)")
-        elif _sha256_file(full) != meta["sha256"]:
-            problems.append(f"{rel}: SHA-256 mismatch (corrupted)")
+    for manifest in manifests:
+        if not isinstance(manifest.get("files"), dict):
+            problems.append("manifest unreadable")
+            continue
+        for rel, meta in manifest["files"].items():
+            path = os.path.join(local_dir, rel)
+            if not os.path.isfile(path):
+                problems.append(f"{rel}: missing")
+            elif os.path.getsize(path) != meta["size"]:
+                problems.append(f"{rel}: size {os.path.getsize(path)} != {meta['size']} (truncated?)")
+            elif full and _sha256_file(path) != meta["sha256"]:
+                problems.append(f"{rel}: SHA-256 mismatch (corrupted)")
     return problems
 
 
-def fetch_verified(uri: str, local_dir: str | None = None) -> str:
+def fetch_verified(uri: str, local_dir: str | None = None, world: int | None = None) -> str:
     """A local, verified copy of the published directory at ``uri``.
+
+    ``world`` is set for sharded checkpoints written by that many ranks.
 
     Raises:
         CorruptCheckpointError: naming the directory and every bad file.
     """
     if not storage.exists(uri):
         raise CorruptCheckpointError(uri, ["does not exist"])
-    manifest = read_manifest(uri)
+    manifests, problems = _manifests(uri, world)
+    if problems:
+        raise CorruptCheckpointError(uri, problems)
     path = storage.download_dir(uri, local_dir)
-    problems = verify_local(path, manifest)
+    problems = verify_local(path, manifests)
     if problems:
         raise CorruptCheckpointError(uri, problems)
     return path
+
+
+def quick_problems(uri: str, world: int | None = None) -> list[str]:
+    """Presence and sizes only, without downloading or hashing: for retention decisions."""
+    manifests, problems = _manifests(uri, world)
+    if problems or not storage.is_local(uri):
+        return problems
+    return verify_local(storage.local_path(uri), manifests, full=False)
+
+
+def newest_good(parent_uri: str, names: list[str], world: int | None = None,
+                local_dir: str | None = None) -> tuple[str | None, str | None, list[str]]:
+    """Walk ``names`` (oldest first) from the newest back to the first that verifies.
+
+    Returns:
+        (name, local path, one line per checkpoint skipped and why).
+    """
+    skipped = []
+    for name in reversed(names):
+        try:
+            path = fetch_verified(storage.join(parent_uri, name), local_dir, world)
+        except CorruptCheckpointError as e:
+            skipped.append(str(e))
+            continue
+        return name, path, skipped
+    return None, None, skipped
+
+
+def retain(parent_uri: str, names: list[str], keep: int, world: int | None = None) -> list[str]:
+    """Delete all but the newest ``keep`` good checkpoints; returns what was deleted.
+
+    Never deletes the newest good checkpoint, nor anything newer than it (a checkpoint
+    still being written by another rank looks incomplete, not bad).
+    """
+    good = [n for n in names if not quick_problems(storage.join(parent_uri, n), world)]
+    if not good:
+        return []
+    keep_from = names.index(good[-1])
+    kept_good = set(good[-keep:])
+    doomed = [n for n in names[:keep_from] if n not in kept_good]
+    for name in doomed:
+        storage.remove_dir(storage.join(parent_uri, name))
+    return doomed
 
 
 def is_published(uri: str) -> bool:

@@ -97,7 +97,8 @@ def load_documents(ds: DatasetSpec):
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # datasets logs its own version of a load failure; ours (below) names file and line
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     src = resolve_source(ds)
     kwargs = {}
     if src.builder == "text":
@@ -108,7 +109,8 @@ def load_documents(ds: DatasetSpec):
         else:
             d = datasets.load_dataset(src.builder, data_files=src.files, split="train", **kwargs)
     except Exception as e:  # datasets raises a zoo of types for unreadable input
-        raise DataError(f"{src.label}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise DataError(diagnose(src) or f"{src.label}: cannot load ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if ds.text_column not in d.column_names:
         raise DataError(
             f"{src.label}: no column {ds.text_column!r} (columns: {', '.join(d.column_names)}); "
@@ -118,6 +120,39 @@ def load_documents(ds: DatasetSpec):
     if ds.text_column != "text":
         d = d.rename_column(ds.text_column, "text")
     return d
+
+
+def diagnose(src: Source) -> str | None:
+    """Name the file, line or byte that made ``datasets`` fail, which its own errors do not."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    for path in src.files:
+        if os.path.getsize(path) == 0:
+            return f"{path}: file is empty"
+        try:
+            if src.builder == "parquet":
+                if pq.read_metadata(path).num_rows == 0:
+                    return f"{path}: file is empty (0 rows)"
+            elif src.builder == "csv":
+                pcsv.read_csv(path)
+            else:
+                with open(path, "rb") as f:
+                    text = f.read().decode("utf-8")  # the exact offset of a bad byte, if any
+                for number, line in enumerate(text.splitlines(), 1):
+                    if src.builder == "json" and line.strip():
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            return f"{path}: line {number}, column {e.colno}: not valid JSON ({e.msg})"
+                        if not isinstance(row, dict):
+                            return f"{path}: line {number} is a JSON {type(row).__name__}, expected an object"
+        except UnicodeDecodeError as e:
+            return f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        except Exception as e:  # pyarrow's parse errors are the message we want
+            kind = {"parquet": "a Parquet file", "csv": "valid CSV"}.get(src.builder, "readable")
+            return f"{path}: not {kind} ({' '.join(str(e).split())[:160]})"
+    return None
 
 
 def fingerprint(ds: DatasetSpec) -> str:

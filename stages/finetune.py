@@ -21,7 +21,13 @@ def run_single_worker(job: TrainJob) -> dict:
     import torch
 
     from branchout.stages import storage
-    from branchout.stages.checkpoint import CorruptCheckpointError, fetch_verified, publish_dir
+    from branchout.stages.checkpoint import (
+        CorruptCheckpointError,
+        fetch_verified,
+        newest_good,
+        publish_dir,
+        retain,
+    )
     from branchout.stages.data import open_blocks
     from branchout.stages.engine import TorchEngine
     from branchout.stages.loop import rng_state, run_steps, set_rng_state
@@ -41,14 +47,18 @@ def run_single_worker(job: TrainJob) -> dict:
     engine = TorchEngine(model, t, job.steps, device=device)
 
     start_step = 0
-    for name in reversed(_checkpoint_names(job)):
-        try:
-            client_state = engine.load(fetch_verified(storage.join(job.checkpoints_uri, name)))
-        except CorruptCheckpointError:
-            continue  # fall back to the previous checkpoint
+    names = _checkpoint_names(job)
+    name, path, skipped = newest_good(job.checkpoints_uri, names)
+    if skipped:
+        logger.state("running", checkpoint_warnings=skipped)
+    for line in skipped:
+        print(f"[branchout] skipping damaged checkpoint: {line}", flush=True)
+    if names and name is None:
+        raise CorruptCheckpointError(job.checkpoints_uri, ["no checkpoint verifies: " + " | ".join(skipped)])
+    if path is not None:
+        client_state = engine.load(path)
         start_step = int(client_state["step"])
         set_rng_state(client_state.get("rng"))
-        break
 
     blocks = open_blocks(job.data_uri, "train")
 
@@ -58,8 +68,7 @@ def run_single_worker(job: TrainJob) -> dict:
         with tempfile.TemporaryDirectory(prefix="branchout-ckpt-") as path:
             engine.save(path, {"step": step, "rng": rng_state()})
             publish_dir(path, storage.join(job.checkpoints_uri, f"step_{step:08d}"))
-        for old in _checkpoint_names(job)[: -t.keep_checkpoints]:
-            storage.remove_dir(storage.join(job.checkpoints_uri, old))
+        retain(job.checkpoints_uri, _checkpoint_names(job), t.keep_checkpoints)
 
     result = run_steps(engine, blocks, t, job.steps, start_step, 0, 1, logger, save_checkpoint)
     export_model(engine.model, tokenizer, job.model_uri, extra={"job": job.name, "steps": job.steps})

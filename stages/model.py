@@ -46,7 +46,10 @@ def build_config(model_type: str, overrides: dict[str, Any], vocab_size: int,
     owned = sorted(k for k in overrides if k in TOKENIZER_OWNED_KEYS)
     if owned:
         raise ModelConfigError(f"{', '.join(owned)} come(s) from the tokenizer; remove from model.config")
-    return AutoConfig.for_model(model_type, **overrides, vocab_size=vocab_size, **(special_ids or {}))
+    try:
+        return AutoConfig.for_model(model_type, **overrides, vocab_size=vocab_size, **(special_ids or {}))
+    except Exception as e:  # config classes validate with many exception types; all mean "bad value"
+        raise ModelConfigError(f"{config_cls.__name__} rejected the values: {' '.join(str(e).split())[:300]}") from None
 
 
 def max_positions(config) -> int | None:
@@ -68,13 +71,39 @@ def build_model(config, seed: int | None = None):
     return AutoModelForCausalLM.from_config(config)
 
 
-def meta_model(config):
+# Deeper models are built with fewer layers for counting and module names: every layer
+# has the same names and size, and building 10^6 layers, even on the meta device, hangs.
+MAX_META_LAYERS = 8
+
+
+def meta_model(config, layers: int | None = None):
     """The model on the meta device: shapes and module names, no memory."""
+    import copy
+
     import torch
     from transformers import AutoModelForCausalLM
 
+    if layers is not None:
+        config = copy.deepcopy(config)
+        config.num_hidden_layers = layers
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:layers]
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+def parameter_counts(config) -> tuple[int, int]:
+    """(total, non-embedding) parameters of ``config``'s model, without building it whole.
+
+    Deep configs are counted from 1- and 2-layer builds: per-layer size × layers plus the
+    rest, which is exact for the uniform decoder stacks of causal LMs.
+    """
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers <= MAX_META_LAYERS:
+        return count_parameters(meta_model(config))
+    one = count_parameters(meta_model(config, 1))
+    two = count_parameters(meta_model(config, 2))
+    return tuple(a + (b - a) * (layers - 1) for a, b in zip(one, two, strict=True))
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -2,9 +2,14 @@
 
 ``train_worker`` is Ray Train's ``train_loop_per_worker``. Ray Train has already set up
 the process group (gloo on CPU, NCCL on GPU); DeepSpeed joins it. Checkpoints go
-through ``ray.train.report`` so Ray Train owns retention and restart: after a worker
-dies, every worker restarts and resumes from ``ray.train.get_checkpoint()`` with model,
-optimizer, scheduler, RNG and data position (= step) restored.
+through ``ray.train.report`` and Ray Train restarts the worker group after a worker dies
+(``max_failures``). Every rank writes a manifest of its own shards after writing them;
+a checkpoint is good when all ranks' manifests are there and every file verifies.
+
+On (re)start, rank 0 picks the newest *good* checkpoint in the job's Ray Train storage,
+falling back past damaged ones and saying why, and every rank loads it: model,
+optimizer, scheduler, RNG and data position (= step). Rank 0 also applies retention:
+the newest ``keep_checkpoints`` good checkpoints stay, the newest good one always.
 
 At the end every rank takes part in gathering the full weights (ZeRO-3 shards them) and
 rank 0 exports a consolidated HF model directory with the tokenizer.
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import time
 from dataclasses import asdict
 
 from branchout.stages.job import TrainJob
@@ -25,7 +32,7 @@ def train_worker(config: dict) -> None:
     import torch
 
     from branchout.stages import storage
-    from branchout.stages.checkpoint import fetch_verified
+    from branchout.stages.checkpoint import fetch_verified, retain, write_rank_manifest
     from branchout.stages.data import open_blocks
     from branchout.stages.engine import DeepSpeedEngine
     from branchout.stages.loop import rng_state, run_steps, set_rng_state
@@ -43,24 +50,30 @@ def train_worker(config: dict) -> None:
     model = prepare_model(job, tokenizer)
     engine = DeepSpeedEngine(model, t, job.steps, world, t.resources_per_worker.uses_gpu)
 
+    logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps) if rank == 0 else None
     start_step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
+    chosen = _choose_checkpoint(job, rank, world, logger)
+    if chosen is not None:
+        uri = storage.join(ray_checkpoints_uri(job), chosen)
+        with tempfile.TemporaryDirectory(prefix="branchout-load-") as tmp:
+            # Rank 0 has verified it. On shared disk every rank reads it in place; from an
+            # object store each rank downloads it, verifying what it downloaded.
+            path = storage.local_path(uri) if storage.is_local(uri) else fetch_verified(uri, tmp, world=world)
             client_state = engine.load(path)
         start_step = int(client_state.get("step", 0))
         set_rng_state(client_state.get("rng"))
-
-    logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps) if rank == 0 else None
     if logger:
-        logger.state("running", resumed_from=start_step, workers=world, pid=os.getpid())
+        logger.state("running", resumed_from=start_step, workers=world, pid=os.getpid(), started=time.time())
     blocks = open_blocks(job.data_uri, "train")
 
     def save_checkpoint(step: int, loss: float) -> None:
         with tempfile.TemporaryDirectory(prefix="branchout-ckpt-") as path:
             engine.save(path, {"step": step, "rng": rng_state()})
+            write_rank_manifest(path, rank, world, {"step": step, "job": job.name})
             ray.train.report({"step": step, "loss": loss},
                              checkpoint=ray.train.Checkpoint.from_directory(path))
+        if rank == 0:
+            retain(ray_checkpoints_uri(job), _checkpoint_dirs(job), t.keep_checkpoints, world)
 
     result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger, save_checkpoint)
 
@@ -70,6 +83,56 @@ def train_worker(config: dict) -> None:
                      extra={"job": job.name, "steps": job.steps})
         storage.write_text(storage.join(job.out_uri, "result.json"), json.dumps(asdict(result)))
         logger.close()
+
+
+_RAY_CHECKPOINT = re.compile(r"^checkpoint_\d{4}-\d{2}-\d{2}_")
+
+
+def ray_checkpoints_uri(job: TrainJob) -> str:
+    """Where Ray Train puts this job's checkpoints (RunConfig storage_path / name)."""
+    from branchout.stages import storage
+
+    return storage.join(job.out_uri, "ray", "train")
+
+
+def _checkpoint_dirs(job: TrainJob) -> list[str]:
+    from branchout.stages import storage
+
+    # Ray names them checkpoint_<timestamp> (name order is age order); its own bookkeeping
+    # (checkpoint_manager_snapshot.json) shares the prefix
+    return [n for n in storage.listdir(ray_checkpoints_uri(job)) if _RAY_CHECKPOINT.match(n)]
+
+
+def _choose_checkpoint(job: TrainJob, rank: int, world: int, logger) -> str | None:
+    """Rank 0 verifies and chooses; every rank gets the same answer (a broadcast).
+
+    Raises:
+        CorruptCheckpointError: checkpoints exist but none verifies (never silently restart
+            a long pretrain from step 0).
+    """
+    import torch.distributed as dist
+
+    from branchout.stages.checkpoint import CorruptCheckpointError, newest_good
+
+    choice: list = [None, []]
+    if rank == 0:
+        names = _checkpoint_dirs(job)
+        if names:
+            with tempfile.TemporaryDirectory(prefix="branchout-verify-") as tmp:
+                name, _, skipped = newest_good(ray_checkpoints_uri(job), names, world, local_dir=tmp)
+            choice = [name, skipped]
+            if name is None:
+                choice = ["", skipped]
+    if dist.is_initialized() and world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    name, skipped = choice
+    if logger and skipped:
+        logger.state("running", checkpoint_warnings=skipped)
+    for line in skipped:
+        print(f"[branchout] skipping damaged checkpoint: {line}", flush=True)
+    if name == "":
+        raise CorruptCheckpointError(ray_checkpoints_uri(job), ["no checkpoint verifies: " + " | ".join(skipped)])
+    return name
 
 
 def read_result(job: TrainJob) -> dict | None:

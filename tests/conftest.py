@@ -72,13 +72,14 @@ def write_pipeline(corpus_dir, tmp_path):
         data = copy.deepcopy(spec or TINY)
         data.update(top)
         data.setdefault("storage", str(tmp_path / "runs"))
-        for section in ("pretrain",):
-            ds = data.get(section, {}).get("dataset")
-            if isinstance(ds, dict) and not os.path.isabs(ds["path"]):
+        # point relative dataset paths at the corpora (tolerating specs a test has mangled)
+        datasets = [(data.get("pretrain") or {}).get("dataset") if isinstance(data.get("pretrain"), dict) else None]
+        finetune = data.get("finetune")
+        if isinstance(finetune, dict) and isinstance(finetune.get("domains"), list):
+            datasets += [d.get("dataset") for d in finetune["domains"] if isinstance(d, dict)]
+        for ds in datasets:
+            if isinstance(ds, dict) and isinstance(ds.get("path"), str) and not os.path.isabs(ds["path"]):
                 ds["path"] = str(corpus_dir / ds["path"])
-        for d in data.get("finetune", {}).get("domains", []):
-            if isinstance(d.get("dataset"), dict) and not os.path.isabs(d["dataset"]["path"]):
-                d["dataset"]["path"] = str(corpus_dir / d["dataset"]["path"])
         path = tmp_path / name
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path

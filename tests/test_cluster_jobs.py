@@ -153,8 +153,8 @@ def test_stop_then_resume_continues_from_checkpoints(cluster, corpus_dir, tmp_pa
     resumed_from = record.stage("pretrain").outputs["resumed_from"]
     assert resumed_from >= 20 and resumed_from % 20 == 0  # from a reported checkpoint, not step 0
     assert record.stage("tokenizer").attempts == 1  # finished jobs are never redone
-    status = cli(cluster, "status", run_id)
-    assert f"Ray job {run_id}-r1 (SUCCEEDED)" in status.stdout
+    # the driver records the end of the run a moment before its Ray job exits
+    wait_for(lambda: f"Ray job {run_id}-r1 (SUCCEEDED)" in cli(cluster, "status", run_id).stdout, timeout=60)
 
 
 def test_local_storage_refused_on_a_multi_node_cluster(cluster, corpus_dir, tmp_path):
