@@ -31,15 +31,26 @@ class CorruptCheckpointError(RuntimeError):
 
 
 def build_manifest(local_dir: str) -> dict:
-    files = {}
+    paths = {}
     for root, _, names in os.walk(local_dir):
         for name in sorted(names):
             full = os.path.join(root, name)
             rel = os.path.relpath(full, local_dir)
-            if rel == MANIFEST or name.startswith(".tmp-"):
-                continue
-            files[rel] = {"size": os.path.getsize(full), "sha256": _sha256_file(full)}
+            if rel != MANIFEST and not name.startswith(".tmp-"):
+                paths[rel] = full
+    digests = _hash_all(list(paths.values()))
+    files = {rel: {"size": os.path.getsize(full), "sha256": digests[full]} for rel, full in sorted(paths.items())}
     return {"version": 1, "created": time.time(), "files": files}
+
+
+def _hash_all(paths: list[str]) -> dict[str, str]:
+    """SHA-256 of many files at once: hashlib releases the GIL, so shards hash in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(paths) <= 1:
+        return {p: _sha256_file(p) for p in paths}
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1, len(paths))) as pool:
+        return dict(zip(paths, pool.map(_sha256_file, paths), strict=True))
 
 
 def publish_dir(local_dir: str, uri: str, extra: dict | None = None) -> dict:
@@ -133,7 +144,7 @@ def verify_local(local_dir: str, manifests: list[dict], full: bool = True) -> li
     ``full=False`` checks presence and sizes only (cheap; used to pick what to keep);
     loaders always check SHA-256 too.
     """
-    problems = []
+    problems, to_hash = [], {}
     for manifest in manifests:
         if not isinstance(manifest.get("files"), dict):
             problems.append("manifest unreadable")
@@ -144,8 +155,11 @@ def verify_local(local_dir: str, manifests: list[dict], full: bool = True) -> li
                 problems.append(f"{rel}: missing")
             elif os.path.getsize(path) != meta["size"]:
                 problems.append(f"{rel}: size {os.path.getsize(path)} != {meta['size']} (truncated?)")
-            elif full and _sha256_file(path) != meta["sha256"]:
-                problems.append(f"{rel}: SHA-256 mismatch (corrupted)")
+            elif full:
+                to_hash[path] = (rel, meta["sha256"])
+    digests = _hash_all(list(to_hash))
+    problems += [f"{rel}: SHA-256 mismatch (corrupted)" for path, (rel, want) in to_hash.items()
+                 if digests[path] != want]
     return problems
 
 
