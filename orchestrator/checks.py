@@ -33,10 +33,19 @@ def _check_training(where: str, t: TrainingSpec, steps: int | None) -> list[str]
             f"num_workers × micro_batch_size = {t.num_workers} × {t.micro_batch_size} = {per_step}"
         )
     ds = t.deepspeed
-    if ds.offload_params and ds.zero_stage != 3:
+    if ds.zero_stage == "auto":
+        pass  # the planner picks stage and offload (orchestrator.plan.resolve_auto_zero)
+    elif ds.offload_params and ds.zero_stage != 3:
         problems.append(f"{where}.deepspeed.offload_params: needs zero_stage 3 (got {ds.zero_stage})")
-    if ds.offload_optimizer and ds.zero_stage == 0:
+    elif ds.offload_optimizer and ds.zero_stage == 0:
         problems.append(f"{where}.deepspeed.offload_optimizer: needs zero_stage 1, 2 or 3 (got 0)")
+    r = t.resources_per_worker
+    if r.accelerator and r.gpu_memory_gb is None:
+        from branchout.cluster.memory import GPUS
+
+        if r.accelerator not in GPUS:
+            problems.append(f"{where}.resources_per_worker.accelerator: unknown GPU {r.accelerator!r}; "
+                            f"known: {', '.join(GPUS)} (or set gpu_memory_gb)")
     if ds.precision == "fp16" and not t.resources_per_worker.uses_gpu:
         problems.append(
             f"{where}.deepspeed.precision: fp16 needs a GPU (resources_per_worker.gpu > 0); "

@@ -93,8 +93,31 @@ def validate(pipeline: PipelineArg, set_: SetOpt = None) -> None:
     from branchout.orchestrator.plan import build_plan
 
     spec = load_checked(pipeline, set_)
-    print_plan(console, build_plan(spec))
+    print_plan(console, build_plan(spec), spec.notes)
     console.print(f"[green]{pipeline} is valid[/]")
+
+
+@app.command()
+def plan(
+    pipeline: PipelineArg,
+    set_: SetOpt = None,
+    gpu: Annotated[str | None, typer.Option(help="GPU type, e.g. H100-80GB, A100-40GB, L4-24GB.")] = None,
+    gpu_mem: Annotated[float | None, typer.Option(help="Memory of one GPU in GiB (instead of --gpu).")] = None,
+) -> None:
+    """Per-GPU memory under ZeRO 0-3 with and without offload, and the cheapest setting that fits."""
+    from branchout.cluster.memory import GiB, gpu_memory_gb
+    from branchout.orchestrator.display import print_memory_plan
+    from branchout.orchestrator.loader import SpecError, load_spec
+    from branchout.orchestrator.plan import model_shape
+
+    try:
+        spec = load_spec(pipeline, set_)
+        memory = gpu_mem * GiB / 1e9 if gpu_mem else (gpu_memory_gb(gpu) if gpu else None)
+    except SpecError as e:
+        fail([f"{e.source}: {p}" for p in e.problems])
+    except ValueError as e:
+        fail([str(e)])
+    print_memory_plan(console, spec, model_shape(spec), memory, gpu or (f"{gpu_mem:g} GiB" if gpu_mem else None))
 
 
 @app.command()

@@ -23,8 +23,10 @@ _STYLE = {
 }
 
 
-def print_plan(console: Console, plan: Plan) -> None:
+def print_plan(console: Console, plan: Plan, notes: list[str] | None = None) -> None:
     console.print(f"[bold]Plan for {plan.pipeline}[/]  ({plan.cluster})")
+    for note in notes or []:
+        console.print(f"  note: {note}", highlight=False)
     console.print(f"  model: {plan.model_type}, {plan.params / 1e6:.2f}M parameters "
                   f"({plan.non_embedding_params / 1e6:.2f}M non-embedding), vocab {plan.vocab_size:,}")
     p = plan.pretrain
@@ -212,3 +214,38 @@ def print_status(console: Console, view) -> None:
                           _duration(attempt["started"], attempt["ended"]),
                           f"[dim]{attempt['state']}: {attempt.get('error') or ''}[/]")
     console.print(table)
+
+
+def print_memory_plan(console: Console, spec, shape, gpu_memory_gb: float | None, gpu_label: str | None) -> None:
+    """``branchout plan``: one table per distributed job, the cheapest fitting option marked."""
+    from branchout.cluster.memory import GB, pick
+    from branchout.orchestrator.plan import _gpu_memory, memory_options
+
+    console.print(f"[bold]{spec.name}[/]: {spec.model.type}, {shape.params / 1e9:.2f}B parameters "
+                  f"(largest layer {shape.largest_layer / 1e6:.1f}M), {shape.layers} layers, hidden {shape.hidden}")
+    jobs = [("pretrain", spec.pretrain, spec.pretrain.seq_len)]
+    jobs += [(f"finetune/{d.name}", d, spec.domain_seq_len(d)) for d in spec.finetune.domains if d.num_workers > 1]
+    for name, t, seq_len in jobs:
+        memory = gpu_memory_gb or _gpu_memory(t)
+        label = gpu_label or t.resources_per_worker.accelerator or (f"{memory:g} GB" if memory else None)
+        if memory is None:
+            console.print(f"{name}: no GPU type: pass --gpu or --gpu-mem, or set resources_per_worker.accelerator")
+            continue
+        options = memory_options(shape, t, seq_len, memory)
+        best = pick(options)
+        table = Table(title=f"{name}: {t.num_workers} × {label}, micro-batch {t.micro_batch_size} × {seq_len} "
+                      f"tokens, {t.deepspeed.precision}", title_justify="left")
+        for col in ("setting", "model states", "activations", "total / GPU", "usable / GPU", "host / node", "fits"):
+            table.add_column(col, justify="left" if col in ("setting", "fits") else "right")
+        for e in options:
+            mark = "[bold green]← pick[/]" if e is best else ("yes" if e.fits else "[red]no[/]")
+            table.add_row(e.option.label, f"{e.model_states / GB:.1f} GB", f"{e.activations / GB:.1f} GB",
+                          f"{e.total / GB:.1f} GB", f"{e.budget / GB:.1f} GB",
+                          f"{e.cpu_per_node / GB:.0f} GB" if e.cpu_per_node else "-", mark)
+        console.print(table)
+        console.print(f"{name} pick: {best.option.label}" if best else
+                      f"{name} pick: none fits; lower micro_batch_size or seq_len, or use bigger GPUs")
+    for d in spec.finetune.domains:
+        if d.num_workers == 1:
+            console.print(f"finetune/{d.name}: 1 worker, plain torch ({d.method}); "
+                          f"{d.resources_per_worker.gpu:g} GPU each")

@@ -76,7 +76,7 @@ def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None 
     from branchout.orchestrator.registry import Registry, driver_identity
 
     plan = build_plan(spec)
-    print_plan(console, plan)
+    print_plan(console, plan, spec.notes)
     storage.check_reachable(spec.storage)
     with connect(spec.cluster) as cluster, stop_on_sigterm():
         check_shared_storage(spec, cluster)
@@ -88,7 +88,7 @@ def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None 
             record.interrupted("interrupted: its driver stopped before it finished")
         console.print(f"{'resuming' if resuming else 'run'} [bold]{record.run_id}[/] → {record.run_uri}")
         with driver_log(record) as log, ProgressView(console, log=log) as view:
-            print_plan(log, plan)
+            print_plan(log, plan, spec.notes)
             log.print(f"{'resuming' if resuming else 'run'} {record.run_id} → {record.run_uri}")
             _run_stages(spec, plan, record, cluster, view)
             report_path = write_report(record)

@@ -71,6 +71,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 def validate_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
     """Validate an already-read mapping; see ``load_spec``."""
     from branchout.orchestrator.checks import cross_check
+    from branchout.orchestrator.plan import resolve_auto_zero
 
     try:
         spec = PipelineSpec.model_validate(raw)
@@ -79,6 +80,10 @@ def validate_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
     problems = cross_check(spec)
     if problems:
         raise SpecError(source, problems)
+    problems, notes = resolve_auto_zero(spec)
+    if problems:
+        raise SpecError(source, problems)
+    spec.notes.extend(notes)
     return spec
 
 

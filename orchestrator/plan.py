@@ -73,62 +73,130 @@ class Plan:
         return 6 * self.non_embedding_params + 12 * self.layers * self.hidden * seq_len
 
 
-def build_plan(spec: PipelineSpec) -> Plan:
-    """Compute the plan of a validated spec (no Ray, no data access)."""
+@dataclass
+class ModelShape:
+    """What the arithmetic needs to know about the model."""
+
+    params: int
+    non_embedding: int
+    largest_layer: int  # parameters of the biggest single module (ZeRO-3 gathers one at a time)
+    layers: int
+    hidden: int
+    vocab: int
+
+
+def model_shape(spec: PipelineSpec) -> ModelShape:
     from branchout.orchestrator.checks import tokenizer_vocab_size
-    from branchout.stages.model import build_config, parameter_counts
+    from branchout.stages.model import MAX_META_LAYERS, build_config, meta_model, parameter_counts
 
     vocab = tokenizer_vocab_size(spec)
-    assert isinstance(vocab, int), "build_plan needs a cross-checked spec"
+    assert isinstance(vocab, int), "the plan needs a cross-checked spec"
     config = build_config(spec.model.type, spec.model.config, vocab)
     params, non_emb = parameter_counts(config)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
-    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    shallow = meta_model(config, min(layers, MAX_META_LAYERS) if layers > 0 else None)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in shallow.modules())
+    return ModelShape(params, non_emb, largest, layers, int(getattr(config, "hidden_size", 0) or 0), vocab)
+
+
+def _gpu_memory(t: TrainingSpec, override_gb: float | None = None) -> float | None:
+    from branchout.cluster.memory import GPUS
+
+    r = t.resources_per_worker
+    return override_gb or r.gpu_memory_gb or GPUS.get(r.accelerator or "")
+
+
+def memory_options(shape: ModelShape, t: TrainingSpec, seq_len: int, gpu_memory_gb: float,
+                   trainable: int | None = None):
+    """Every ZeRO option for this job on GPUs of ``gpu_memory_gb``, cheapest first."""
+    from branchout.cluster.memory import plan_memory
+
+    return plan_memory(trainable or shape.params, shape.largest_layer, t.num_workers,
+                       _gpus_per_node(t), seq_len, t.micro_batch_size, shape.hidden, shape.layers,
+                       shape.vocab, gpu_memory_gb, t.deepspeed.precision != "fp32")
+
+
+def _gpus_per_node(t: TrainingSpec) -> int:
+    return 8 if t.resources_per_worker.uses_gpu else t.num_workers
+
+
+def resolve_auto_zero(spec: PipelineSpec) -> tuple[list[str], list[str]]:
+    """Replace ``deepspeed.zero_stage: auto`` by the planner's pick, in place.
+
+    Returns:
+        (problems, notes): a problem when the GPU is unknown or nothing fits; a note per pick.
+    """
+    from branchout.cluster.memory import GB, pick
+
+    jobs = [("pretrain", spec.pretrain, spec.pretrain.seq_len)]
+    jobs += [(f"finetune.domains.{i}", d, spec.domain_seq_len(d)) for i, d in enumerate(spec.finetune.domains)]
+    pending = [(w, t, s) for w, t, s in jobs if t.deepspeed.zero_stage == "auto"]
+    if not pending:
+        return [], []
+    shape = model_shape(spec)
+    problems, notes = [], []
+    for where, t, seq_len in pending:
+        ds = t.deepspeed
+        if ds.offload_optimizer or ds.offload_params:
+            problems.append(f"{where}.deepspeed: zero_stage 'auto' chooses offload itself; remove offload_*")
+            continue
+        if t.num_workers == 1 and where != "pretrain":
+            ds.zero_stage = 0  # a single-worker fine-tune runs without DeepSpeed
+            continue
+        memory = _gpu_memory(t)
+        if memory is None:
+            problems.append(f"{where}.deepspeed.zero_stage: 'auto' needs resources_per_worker.accelerator "
+                            "(e.g. H100-80GB) or resources_per_worker.gpu_memory_gb")
+            continue
+        options = memory_options(shape, t, seq_len, memory)
+        best = pick(options)
+        if best is None:
+            last = options[-1]
+            problems.append(f"{where}.deepspeed.zero_stage: nothing fits {memory:g} GB GPUs; even "
+                            f"{last.option.label} needs {last.total / GB:.1f} of {last.budget / GB:.1f} GB "
+                            "(lower micro_batch_size or seq_len, or use bigger GPUs)")
+            continue
+        ds.zero_stage = best.option.stage
+        ds.offload_optimizer, ds.offload_params = best.option.offload_optimizer, best.option.offload_params
+        notes.append(f"{where}.deepspeed.zero_stage: auto → {best.option.label} "
+                     f"({best.total / GB:.1f} of {best.budget / GB:.1f} GB usable per GPU)")
+    return problems, notes
+
+
+def build_plan(spec: PipelineSpec) -> Plan:
+    """Compute the plan of a validated spec (no Ray, no data access)."""
+    shape = model_shape(spec)
     p = spec.pretrain
     pre_steps = p.steps or math.ceil(p.tokens / (p.global_batch_size * p.seq_len))
     plan = Plan(
-        pipeline=spec.name, model_type=spec.model.type, params=params,
-        non_embedding_params=non_emb, vocab_size=vocab, layers=layers, hidden=hidden,
-        pretrain=_training_plan("pretrain", p, p.seq_len, pre_steps, params, layers, hidden, False),
-        eval_models=list(spec.evaluate.models),
-        cluster=spec.cluster.address or "embedded local Ray",
+        pipeline=spec.name, model_type=spec.model.type, params=shape.params,
+        non_embedding_params=shape.non_embedding, vocab_size=shape.vocab, layers=shape.layers,
+        hidden=shape.hidden, pretrain=_training_plan("pretrain", p, p.seq_len, pre_steps, shape, False),
+        eval_models=list(spec.evaluate.models), cluster=spec.cluster.address or "embedded local Ray",
     )
     for d in spec.finetune.domains:
-        trainable = params if d.method == "full" else max(1, params // 100)
-        plan.domains[d.name] = _training_plan(d.name, d, spec.domain_seq_len(d), d.steps, params,
-                                              layers, hidden, d.num_workers == 1, trainable)
+        trainable = shape.params if d.method == "full" else max(1, shape.params // 100)
+        plan.domains[d.name] = _training_plan(d.name, d, spec.domain_seq_len(d), d.steps, shape,
+                                              d.num_workers == 1, trainable)
         plan.domain_methods[d.name] = d.method
     return plan
 
 
-def _training_plan(name: str, t: TrainingSpec, seq_len: int, steps: int, params: int, layers: int,
-                   hidden: int, single: bool, trainable: int | None = None) -> TrainingPlan:
+def _training_plan(name: str, t: TrainingSpec, seq_len: int, steps: int, shape: ModelShape,
+                   single: bool, trainable: int | None = None) -> TrainingPlan:
+    from branchout.cluster.memory import ZeroOption, activation_bytes, model_states
+
     accum = t.global_batch_size // (t.num_workers * t.micro_batch_size)
-    zero = None if single else t.deepspeed.zero_stage
+    zero = None if single else int(t.deepspeed.zero_stage)
+    option = ZeroOption(zero or 0, t.deepspeed.offload_optimizer, t.deepspeed.offload_params)
+    mixed = t.deepspeed.precision != "fp32"
+    states = model_states(option, trainable or shape.params, shape.largest_layer, t.num_workers, mixed)
+    if trainable and trainable < shape.params:  # LoRA: the frozen base still occupies memory
+        states += (2 if mixed else 4) * shape.params
+    acts = activation_bytes(seq_len, t.micro_batch_size, shape.hidden, shape.layers, shape.vocab, mixed)
     return TrainingPlan(
         name=name, workers=t.num_workers, micro_batch=t.micro_batch_size, grad_accum=accum,
         seq_len=seq_len, steps=steps, checkpoint_every=t.checkpoint_every, zero_stage=zero,
         precision=t.deepspeed.precision, resources=t.resources_per_worker.ray_bundle(),
-        memory_gib=estimate_memory(params, trainable or params, t.num_workers, zero or 0,
-                                   t.deepspeed.precision, layers, hidden, seq_len,
-                                   t.micro_batch_size) / GiB,
+        memory_gib=(states + acts) / GiB,
     )
-
-
-def estimate_memory(params: int, trainable: int, workers: int, zero_stage: int, precision: str,
-                    layers: int, hidden: int, seq_len: int, micro_batch: int) -> float:
-    """Rough bytes per worker: model states (ZeRO paper, §3) plus activations.
-
-    Mixed precision keeps 2-byte weights and grads and 12 bytes of fp32 optimizer state
-    (master weights, Adam m and v) per parameter; fp32 keeps 4 + 4 + 8. ZeRO-1 shards
-    the optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the weights.
-    Activations use ~34·s·b·h bytes per layer (Korthikanti et al., no recomputation).
-    """
-    half = precision in ("bf16", "fp16")
-    w, g, o = (2, 2, 12) if half else (4, 4, 8)
-    shard = max(1, workers)
-    weights = params * w / (shard if zero_stage >= 3 else 1)
-    grads = trainable * g / (shard if zero_stage >= 2 else 1)
-    optim = trainable * o / (shard if zero_stage >= 1 else 1)
-    activations = 34 * seq_len * micro_batch * hidden * layers * (1 if half else 2)
-    return weights + grads + optim + activations

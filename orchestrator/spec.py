@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
 class StrictModel(BaseModel):
@@ -32,6 +32,12 @@ class Resources(StrictModel):
     cpu: float = Field(1.0, ge=0, description="CPUs per worker; fractions pack jobs.")
     gpu: float = Field(0.0, ge=0, description="GPUs per worker; 0 trains on the CPU.")
     custom: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources.")
+    accelerator: str | None = Field(
+        None, description="GPU type for the memory planner, e.g. H100-80GB (see `branchout plan`)."
+    )
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of one GPU in GB, for GPU types the planner does not know."
+    )
 
     @property
     def uses_gpu(self) -> bool:
@@ -101,7 +107,16 @@ class ScheduleSpec(StrictModel):
 class DeepSpeedSpec(StrictModel):
     """DeepSpeed settings for multi-worker training; ``config`` passes any other key through."""
 
-    zero_stage: int = Field(2, ge=0, le=3)
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _stage(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 3):
+            return v
+        raise ValueError("must be 0, 1, 2, 3 or 'auto'")
+
+    zero_stage: int | Literal["auto"] = Field(
+        2, description="0-3, or 'auto': the cheapest stage/offload that fits the GPU (memory planner)."
+    )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload optimizer states to CPU.")
     offload_params: bool = Field(False, description="Offload parameters to CPU (ZeRO-3 only).")
     precision: Literal["bf16", "fp32", "fp16"] = "bf16"
@@ -264,6 +279,14 @@ class PipelineSpec(StrictModel):
     @classmethod
     def _slug(cls, v: str) -> str:
         return _check_slug(v)
+
+    # What the loader decided for the user (e.g. the ZeRO stage picked for 'auto'); shown
+    # with the plan, never read from or written to the file.
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
 
     def domain_seq_len(self, domain: DomainSpec) -> int:
         """Fine-tunes use the pretrain block length unless a domain sets its own."""

@@ -60,7 +60,9 @@ def resolve_source(ds: DatasetSpec) -> Source:
     path = ds.path
     if ds.format == "hub":
         return Source(path, [], path)
-    if any(c in path for c in "*?["):
+    if not storage.is_local(path):
+        files = _remote_files(path)
+    elif any(c in path for c in "*?["):
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
     elif os.path.isdir(path):
         files = sorted(
@@ -88,6 +90,43 @@ def resolve_source(ds: DatasetSpec) -> Source:
     return Source(formats.pop(), files, path)
 
 
+def _remote_files(uri: str) -> list[str]:
+    """The data files at an object-store URI: the object itself, or those under a prefix."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = storage.filesystem(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return [uri]
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"{uri}: no such object or prefix")
+        scheme = uri.split("://", 1)[0]
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except OSError as e:
+        raise DataError(f"{uri}: cannot list ({' '.join(str(e).split())[:160]})") from None
+    return sorted(f"{scheme}://{i.path}" for i in found if i.type == pafs.FileType.File
+                  and os.path.splitext(i.path)[1].lower() in _EXTENSION_FORMATS)
+
+
+def _local_copies(files: list[str]) -> list[str]:
+    """Object-store files copied to a local cache (keyed by URI, size and mtime) for ``datasets``."""
+    out = []
+    for uri in files:
+        if storage.is_local(uri):
+            out.append(storage.local_path(uri))
+            continue
+        fs, path = storage.filesystem(uri)
+        info = fs.get_file_info(path)
+        key = hashlib.sha256(f"{uri}\0{info.size}\0{info.mtime_ns}".encode()).hexdigest()[:20]
+        local = os.path.join(os.path.expanduser("~/.cache/branchout/data"), key, os.path.basename(path))
+        if not os.path.exists(local):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            storage.write_bytes(local, storage.read_bytes(uri))
+        out.append(local)
+    return out
+
+
 def load_documents(ds: DatasetSpec):
     """The dataset as a ``datasets.Dataset`` with a single ``text`` column.
 
@@ -107,7 +146,7 @@ def load_documents(ds: DatasetSpec):
         if src.is_hub:
             d = datasets.load_dataset(src.builder, split=ds.split, revision=ds.revision)
         else:
-            d = datasets.load_dataset(src.builder, data_files=src.files, split="train", **kwargs)
+            d = datasets.load_dataset(src.builder, data_files=_local_copies(src.files), split="train", **kwargs)
     except Exception as e:  # datasets raises a zoo of types for unreadable input
         raise DataError(diagnose(src) or f"{src.label}: cannot load ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -127,7 +166,7 @@ def diagnose(src: Source) -> str | None:
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    for path in src.files:
+    for path in _local_copies(src.files):
         if os.path.getsize(path) == 0:
             return f"{path}: file is empty"
         try:
@@ -160,6 +199,11 @@ def fingerprint(ds: DatasetSpec) -> str:
     src = resolve_source(ds)
     h = hashlib.sha256(json.dumps([src.builder, ds.text_column, ds.split, ds.revision]).encode())
     for f in src.files:
+        if not storage.is_local(f):  # object stores: URI, size and modification time
+            fs, path = storage.filesystem(f)
+            info = fs.get_file_info(path)
+            h.update(f"{f}\0{info.size}\0{info.mtime_ns}".encode())
+            continue
         h.update(os.path.abspath(f).encode())
         h.update(str(os.path.getsize(f)).encode())
         with open(f, "rb") as fh:

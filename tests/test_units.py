@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 
-from branchout.orchestrator.plan import estimate_memory
 from branchout.orchestrator.spec import ScheduleSpec
 from branchout.orchestrator.state import (
     IllegalTransitionError,
@@ -113,15 +112,6 @@ def test_checkpoint_damage_is_detected(tmp_path, damage, expect):
     with pytest.raises(checkpoint.CorruptCheckpointError) as info:
         checkpoint.fetch_verified(dst)
     assert expect in str(info.value) and dst in str(info.value)
-
-
-def test_zero_memory_matches_the_zero_paper():
-    # ZeRO paper, Figure 1: 7.5B parameters, 64 GPUs, mixed precision Adam (K = 12).
-    gb = lambda stage: estimate_memory(int(7.5e9), int(7.5e9), 64, stage, "bf16", 0, 0, 0, 0) / 1e9  # noqa: E731
-    assert gb(0) == pytest.approx(120, rel=0.01)
-    assert gb(1) == pytest.approx(31.4, rel=0.01)
-    assert gb(2) == pytest.approx(16.6, rel=0.01)
-    assert gb(3) == pytest.approx(1.9, rel=0.02)
 
 
 def test_corpus_builder_chunks_dedupes_and_keeps_corpora_disjoint(tmp_path):
