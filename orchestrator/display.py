@@ -74,6 +74,13 @@ class ProgressView:
         if self.live:
             self.live.__exit__(*exc)
 
+    def note(self, text: str) -> None:
+        """A one-off line (capacity hints, waiting for resources) on screen and in driver.log."""
+        line = f"{time.strftime('%H:%M:%S')} {text}"
+        for c in (self.console, self.log):
+            if c is not None:
+                c.print(line, highlight=False, markup=False)
+
     def update(self, record: RunRecord, snapshot: dict[str, dict[str, Any]]) -> None:
         plain = [c for c in (None if self.live else self.console, self.log) if c is not None]
         if self.live:

@@ -16,7 +16,7 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from branchout.cluster.autoscale import CapacityHints, stage_bundles, waiting_message
 from branchout.cluster.connect import ClusterInfo, connect
 from branchout.orchestrator.display import ProgressView, print_plan, print_results
 from branchout.orchestrator.fanout import WorkItem, run_jobs, submit_task
@@ -47,6 +48,7 @@ class RunContext:
     record: RunRecord
     cluster: ClusterInfo
     view: ProgressView
+    hints: CapacityHints
     hub: Any = None
     threads: cf.ThreadPoolExecutor = field(default_factory=lambda: cf.ThreadPoolExecutor(8))
 
@@ -61,9 +63,19 @@ class RunContext:
     def uri(self, *parts: str) -> str:
         return storage.join(self.run_uri, *parts)
 
-    def run(self, items: list[WorkItem], max_in_flight: int | None = None) -> dict[str, Any]:
-        return run_jobs(self.record, items, self.hub,
-                        lambda snap: self.view.update(self.record, snap), max_in_flight)
+    def run(self, items: list[WorkItem], max_in_flight: int | None = None,
+            on_tick: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        def tick(snapshot: dict) -> None:
+            if on_tick:
+                on_tick(snapshot)
+            self.view.update(self.record, snapshot)
+
+        def waiting(item: WorkItem, waited: float) -> None:
+            if item.resources:
+                self.view.note(waiting_message(item.name, item.resources, waited))
+
+        return run_jobs(self.record, items, self.hub, tick, max_in_flight, waiting,
+                        self.spec.cluster.capacity_timeout_s)
 
 
 def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None = None,
@@ -118,7 +130,12 @@ def driver_log(record: RunRecord) -> Iterator[Console]:
 
 def _run_stages(spec: PipelineSpec, plan: Plan, record: RunRecord, cluster: ClusterInfo,
                 view: ProgressView) -> None:
-    ctx = RunContext(spec, plan, record, cluster, view, hub=start_hub(record.run_id))
+    registry = getattr(record, "_registry", None)
+    hints = CapacityHints(
+        enabled=spec.cluster.autoscaling and not cluster.embedded, log=view.note,
+        on_request=(lambda reason, bundles: registry.log_event("capacity", record.run_id, reason, bundles=bundles))
+        if registry else None)
+    ctx = RunContext(spec, plan, record, cluster, view, hints, hub=start_hub(record.run_id))
     record.set_run_state(RunState.RUNNING)
     try:
         tokenizer = stage_tokenizer(ctx)
@@ -137,6 +154,7 @@ def _run_stages(spec: PipelineSpec, plan: Plan, record: RunRecord, cluster: Clus
     except (KeyboardInterrupt, StopRequestedError) as e:
         record.interrupted("stopped before it finished", RunState.STOPPED, str(e) or "interrupted")
     finally:
+        hints.clear()  # let idle nodes go, whatever happened
         view.update(record, {})
         ctx.threads.shutdown(wait=False, cancel_futures=True)
 
@@ -287,8 +305,22 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo)
     )
     item = WorkItem("pretrain", lambda: ctx.threads.submit(run_distributed, job, spec.pretrain.max_failures),
                     on_success=lambda r: {"model_uri": job.model_uri, "final_loss": r["final_loss"],
-                                          "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"]})
-    return _require(ctx.run([item]), ctx.record, ["pretrain"])["pretrain"]["model_uri"]
+                                          "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"]},
+                    resources=spec.pretrain.resources_per_worker.ray_bundle())
+    bundles = stage_bundles(spec)
+    ctx.hints.request(bundles["pretrain"], "pretrain")
+    last_interval = max(0, job.steps - spec.pretrain.checkpoint_every)
+    ahead: list[bool] = []
+
+    def fanout_ahead(snapshot: dict) -> None:
+        # the fan-out's nodes boot while the last checkpoint interval trains
+        if snapshot.get("pretrain", {}).get("step", 0) >= last_interval and not ahead:
+            ahead.append(True)
+            ctx.hints.request(bundles["pretrain"] + bundles["fanout"], "pretrain in its last interval; fan-out ahead")
+
+    outputs = _require(ctx.run([item], on_tick=fanout_ahead), ctx.record, ["pretrain"])["pretrain"]
+    ctx.hints.request(bundles["fanout"], "fan-out")
+    return outputs["model_uri"]
 
 
 def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, PackedInfo],
@@ -313,6 +345,7 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
             )
             submit = _submitter(ctx, job, d.num_workers, d.resources_per_worker.ray_bundle(), d.max_failures)
             items.append(WorkItem(job.name, submit, max_retries=d.max_retries,
+                                  resources=d.resources_per_worker.ray_bundle(),
                                   on_success=lambda r, job=job: {
                                       "model_uri": job.model_uri, "final_loss": r["final_loss"],
                                       "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"],
@@ -356,6 +389,7 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) 
                               on_success=lambda r, c=candidates: {**r, "scored": c},
                               # a resume that redid a fine-tune must score it again
                               rerun=previous is not None and _as_lists(previous) != _as_lists(candidates)))
+    ctx.hints.request(stage_bundles(spec)["evaluate"], "evaluate")
     results = ctx.run(items)
     domains = {}
     for d in spec.finetune.domains:

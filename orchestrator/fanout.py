@@ -29,6 +29,7 @@ class WorkItem:
     max_retries: int = 0
     on_success: Callable[[Any], dict[str, Any]] = dict  # result → outputs kept in the record
     rerun: bool = False  # run even if the record says it already succeeded
+    resources: dict[str, float] | None = None  # one worker's bundle, for "waiting for capacity"
 
 
 def submit_task(fn: Callable, args: tuple, resources: dict[str, float], job: str,
@@ -57,11 +58,14 @@ def _announce_and_call(fn: Callable, job: str, hub: str | None, *args: Any) -> A
 
 
 def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[dict], None],
-             max_in_flight: int | None = None) -> dict[str, dict[str, Any]]:
+             max_in_flight: int | None = None, on_wait: Callable[[WorkItem, float], None] | None = None,
+             patience_s: float = 300.0) -> dict[str, dict[str, Any]]:
     """Run ``items`` to completion; returns the recorded outputs of every succeeded item.
 
     Items the record already shows as succeeded (a resumed run) are not run again unless
-    ``rerun`` is set; their recorded outputs are returned as they are.
+    ``rerun`` is set; their recorded outputs are returned as they are. An item queued for
+    longer than ``patience_s`` is reported through ``on_wait`` (and again every
+    ``patience_s``), so a run waiting for capacity says what it waits for.
     """
     outputs: dict[str, dict[str, Any]] = {}
     pending: deque[WorkItem] = deque()
@@ -74,6 +78,7 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
     running: dict[cf.Future, WorkItem] = {}
     tries: dict[str, int] = {}  # attempts in this driver; a resumed job gets its retries afresh
     submitted: dict[str, float] = {}
+    warned: dict[str, int] = {}
     limit = max_in_flight or len(pending) or 1
     while pending or running:
         while pending and len(running) < limit:
@@ -84,7 +89,13 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
             running[item.submit()] = item
         done, _ = cf.wait(list(running), timeout=0.5, return_when=cf.FIRST_COMPLETED)
         snapshot = _snapshot(hub)
+        now = time.time()
         for item in running.values():
+            waited = now - submitted[item.name]
+            if (on_wait and record.stage(item.name).state is StageState.QUEUED
+                    and waited >= patience_s * (1 + warned.get(item.name, 0))):
+                warned[item.name] = warned.get(item.name, 0) + 1
+                on_wait(item, waited)
             live = snapshot.get(item.name, {})
             # the hub still holds a failed attempt's "running"; only a newer start counts
             fresh = live.get("started", 0) >= submitted[item.name] - 1

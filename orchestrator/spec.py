@@ -258,7 +258,11 @@ class ClusterSpec(StrictModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray only.")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of the embedded Ray only.")
     autoscaling: bool = Field(
-        False, description="The cluster adds nodes on demand: requests beyond today's nodes wait instead of failing."
+        False, description="The cluster adds nodes on demand: requests beyond today's nodes wait instead "
+        "of failing, and each stage's capacity is requested ahead (ray.autoscaler.sdk.request_resources)."
+    )
+    capacity_timeout_s: float = Field(
+        300, gt=0, description="After this long queued, a job says what it is waiting for (and again every period)."
     )
 
 

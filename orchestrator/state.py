@@ -91,6 +91,7 @@ class StageRecord:
     name: str
     state: StageState = StageState.PENDING
     attempts: int = 0
+    queued: float | None = None  # when it was last submitted
     started: float | None = None
     ended: float | None = None
     error: str | None = None
@@ -150,6 +151,7 @@ class RunRecord:
                 rec.ended = now
             if new is StageState.QUEUED:
                 rec.ended = None
+                rec.queued = now
         if error is not None:
             rec.error = error
         rec.outputs.update(outputs or {})

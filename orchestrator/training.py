@@ -21,7 +21,7 @@ class TrainingFailedError(RuntimeError):
 def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
     """Run ``job`` on ``num_workers`` Ray Train workers; returns its result dict."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from branchout.stages.pretrain import read_result, train_worker
 
@@ -31,6 +31,9 @@ def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": asdict(job)},
+        # BRANCHOUT_SIMULATE_GPUS: GPU resources are scheduling tokens of a fake cluster
+        # (Ray's fake multi-node autoscaler); train on the CPU with gloo.
+        torch_config=TorchConfig(backend="gloo") if simulate_gpus() else None,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=r.uses_gpu,
                                      resources_per_worker=r.ray_bundle()),
         run_config=RunConfig(
@@ -49,6 +52,12 @@ def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
     if result is None:
         raise TrainingFailedError(f"{job.name}: finished without writing its result")
     return result
+
+
+def simulate_gpus() -> bool:
+    import os
+
+    return os.environ.get("BRANCHOUT_SIMULATE_GPUS", "") not in ("", "0")
 
 
 def root_cause(error: BaseException) -> str:

@@ -1,0 +1,92 @@
+"""Capacity hints: tell Ray's autoscaler what the next stage needs before it asks.
+
+Ray's autoscaler reacts to *pending* tasks, one scheduling round at a time; a fan-out of
+32 GPU jobs submitted after pretraining would grow the cluster in steps, minutes late.
+``ray.autoscaler.sdk.request_resources(bundles=...)`` is a standing hint the autoscaler
+satisfies at once (it replaces the previous hint; an empty list clears it). The driver
+uses it at three moments:
+
+1. before the pretrain: the pretrain's workers;
+2. when the pretrain enters its last checkpoint interval: pretrain *and* fan-out bundles,
+   so fan-out nodes boot while the last steps run;
+3. when the pretrain is done: only the fan-out bundles (pretrain nodes may idle out).
+
+Every hint is cleared when the run ends, fails or is stopped. Without an autoscaler
+(``cluster.autoscaling: false``, the embedded Ray) the hints are a logged no-op.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CapacityHints:
+    enabled: bool
+    log: Callable[[str], None] = print
+    on_request: Callable[[str, list[dict[str, float]]], None] | None = None  # e.g. the registry's event log
+    history: list[tuple[float, str, list[dict[str, float]]]] = field(default_factory=list)
+    _said_noop: bool = False
+
+    def request(self, bundles: list[dict[str, float]], reason: str) -> None:
+        """Replace the standing hint with ``bundles`` (what the cluster should be able to hold)."""
+        self.history.append((time.time(), reason, bundles))
+        if self.on_request:
+            self.on_request(reason if self.enabled else f"{reason} (not sent: no autoscaler)", bundles)
+        if not self.enabled:
+            if not self._said_noop:
+                self.log("capacity hints: off (cluster.autoscaling is false); nodes are not requested ahead")
+                self._said_noop = True
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+        self.log(f"capacity hint: {reason}: {describe(bundles)}")
+
+    def clear(self, reason: str = "run ended") -> None:
+        if self.history and self.history[-1][2] == []:
+            return
+        self.request([], reason)
+
+
+def describe(bundles: list[dict[str, float]]) -> str:
+    """``3 × {CPU: 1, GPU: 1} + 2 × {CPU: 1}``"""
+    if not bundles:
+        return "nothing (cleared)"
+    counts: dict[tuple, int] = {}
+    for b in bundles:
+        key = tuple(sorted(b.items()))
+        counts[key] = counts.get(key, 0) + 1
+    return " + ".join(f"{n} × {{{', '.join(f'{k}: {v:g}' for k, v in key)}}}" for key, n in counts.items())
+
+
+def waiting_message(name: str, bundle: dict[str, float], waited_s: float) -> str:
+    """Why a queued job has not started: its bundle against every node's free resources."""
+    import ray
+
+    free = ray.available_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits_somewhere = any(all(n["Resources"].get(k, 0) >= v for k, v in bundle.items()) for n in nodes)
+    where = ("busy: nodes that could hold it are in use" if fits_somewhere
+             else "no current node can hold it; waiting for the autoscaler to add one")
+    short = {k: round(free.get(k, 0.0), 2) for k in bundle}
+    return (f"{name}: waiting {waited_s:.0f}s for {{{', '.join(f'{k}: {v:g}' for k, v in bundle.items())}}} "
+            f"(free now: {short}); {where}")
+
+
+def stage_bundles(spec) -> dict[str, list[dict[str, float]]]:
+    """The bundles each stage of ``spec`` holds at its widest: pretrain, fan-out, evaluate."""
+    p = spec.pretrain
+    fanout: list[dict[str, float]] = []
+    kinds = 1 + ("scratch" in spec.evaluate.models)
+    jobs = [d for _ in range(kinds) for d in spec.finetune.domains]
+    width = min(spec.finetune.max_concurrent or len(jobs), len(jobs))
+    for d in jobs[:width]:
+        fanout += [d.resources_per_worker.ray_bundle()] * d.num_workers
+    return {
+        "pretrain": [p.resources_per_worker.ray_bundle()] * p.num_workers,
+        "fanout": fanout,
+        "evaluate": [{"CPU": 1.0}] * len(spec.finetune.domains),
+    }
