@@ -13,6 +13,13 @@ uses it at three moments:
 
 Every hint is cleared when the run ends, fails or is stopped. Without an autoscaler
 (``cluster.autoscaling: false``, the embedded Ray) the hints are a logged no-op.
+
+Ray 2.60 runs a cluster-wide ``AutoscalingCoordinator`` actor that merges the requests of
+Ray Train and Ray Data and re-sends the union every 20 s, overwriting (or clearing) any
+request made with ``request_resources`` directly. So hints are registered with that
+coordinator as one more requester (``branchout-<run id>``), merged with Ray Train's own
+requests, expiring on their own if this driver dies. Its client lives in a private Ray
+module; when it is missing, hints fall back to ``request_resources``.
 """
 
 from __future__ import annotations
@@ -21,14 +28,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+EXPIRE_S = 1800.0  # a dead driver's hint lapses by itself; live ones are refreshed
+
 
 @dataclass
 class CapacityHints:
     enabled: bool
     log: Callable[[str], None] = print
+    requester: str = "branchout"
     on_request: Callable[[str, list[dict[str, float]]], None] | None = None  # e.g. the registry's event log
     history: list[tuple[float, str, list[dict[str, float]]]] = field(default_factory=list)
     _said_noop: bool = False
+    _sent: float = 0.0
+    _client: object = None  # DefaultAutoscalingCoordinator, False when unavailable
 
     def request(self, bundles: list[dict[str, float]], reason: str) -> None:
         """Replace the standing hint with ``bundles`` (what the cluster should be able to hold)."""
@@ -37,13 +49,41 @@ class CapacityHints:
             self.on_request(reason if self.enabled else f"{reason} (not sent: no autoscaler)", bundles)
         if not self.enabled:
             if not self._said_noop:
-                self.log("capacity hints: off (cluster.autoscaling is false); nodes are not requested ahead")
+                self.log("capacity hints: off (no autoscaler, or cluster.request_ahead is false); "
+                         "nodes are not requested ahead")
                 self._said_noop = True
             return
-        from ray.autoscaler.sdk import request_resources
-
-        request_resources(bundles=bundles)
+        self._send(bundles)
         self.log(f"capacity hint: {reason}: {describe(bundles)}")
+
+    def refresh(self) -> None:
+        """Re-send the standing hint before it expires (call it from the driver's loop)."""
+        if self.enabled and self.history and self.history[-1][2] and time.time() - self._sent > EXPIRE_S / 2:
+            self._send(self.history[-1][2])
+
+    def _send(self, bundles: list[dict[str, float]]) -> None:
+        self._sent = time.time()
+        coordinator = self._coordinator()
+        if coordinator is None:
+            from ray.autoscaler.sdk import request_resources
+
+            request_resources(bundles=bundles)
+        elif bundles:
+            coordinator.request_resources(bundles, expire_after_s=EXPIRE_S)
+        else:
+            coordinator.cancel_request()
+
+    def _coordinator(self):
+        if self._client is None:
+            try:
+                from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+                    DefaultAutoscalingCoordinator,
+                )
+            except ImportError:
+                self._client = False
+            else:
+                self._client = DefaultAutoscalingCoordinator(self.requester)
+        return self._client or None
 
     def clear(self, reason: str = "run ended") -> None:
         if self.history and self.history[-1][2] == []:

@@ -68,6 +68,7 @@ class RunContext:
         def tick(snapshot: dict) -> None:
             if on_tick:
                 on_tick(snapshot)
+            self.hints.refresh()
             self.view.update(self.record, snapshot)
 
         def waiting(item: WorkItem, waited: float) -> None:
@@ -132,7 +133,8 @@ def _run_stages(spec: PipelineSpec, plan: Plan, record: RunRecord, cluster: Clus
                 view: ProgressView) -> None:
     registry = getattr(record, "_registry", None)
     hints = CapacityHints(
-        enabled=spec.cluster.autoscaling and not cluster.embedded, log=view.note,
+        enabled=spec.cluster.autoscaling and spec.cluster.request_ahead and not cluster.embedded, log=view.note,
+        requester=f"branchout-{record.run_id}",
         on_request=(lambda reason, bundles: registry.log_event("capacity", record.run_id, reason, bundles=bundles))
         if registry else None)
     ctx = RunContext(spec, plan, record, cluster, view, hints, hub=start_hub(record.run_id))

@@ -261,6 +261,9 @@ class ClusterSpec(StrictModel):
         False, description="The cluster adds nodes on demand: requests beyond today's nodes wait instead "
         "of failing, and each stage's capacity is requested ahead (ray.autoscaler.sdk.request_resources)."
     )
+    request_ahead: bool = Field(
+        True, description="With autoscaling: request each stage's nodes before it needs them."
+    )
     capacity_timeout_s: float = Field(
         300, gt=0, description="After this long queued, a job says what it is waiting for (and again every period)."
     )

@@ -1,13 +1,16 @@
 """Launch a distributed ``TrainJob`` as a Ray Train ``TorchTrainer`` and wait for it.
 
-Ray Train owns the worker group, the process group, restarts and checkpoint retention;
-its run directory is ``<job dir>/ray`` in run storage, so re-creating the trainer with
-the same name continues from the newest reported checkpoint (this is how a resumed
-pipeline continues a pretrain).
+Ray Train owns the worker group, the process group and restarts after a worker dies.
+Each launch is a new Ray Train run, ``<job dir>/ray/train-<time>``: branchout, not Ray's
+run snapshot, decides which checkpoint to continue from (the newest that verifies, across
+every earlier run of the job; see ``stages.pretrain``). Re-using one run name would make
+Ray restore its own bookkeeping, which lists checkpoints branchout's retention removed.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import asdict
 
 from branchout.stages import storage
@@ -37,7 +40,7 @@ def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=r.uses_gpu,
                                      resources_per_worker=r.ray_bundle()),
         run_config=RunConfig(
-            name="train", storage_path=path, storage_filesystem=fs,
+            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=max_failures),
             # retention is branchout's (stages/pretrain.py): Ray cannot tell a damaged
             # checkpoint from a good one and could delete the last good one

@@ -8,7 +8,8 @@ a checkpoint is good when all ranks' manifests are there and every file verifies
 
 On (re)start, rank 0 picks the newest *good* checkpoint in the job's Ray Train storage,
 falling back past damaged ones and saying why, and every rank loads it: model,
-optimizer, scheduler, RNG and data position (= step). Rank 0 also applies retention:
+optimizer, scheduler, RNG and data position (= step). This covers both a restart inside
+one Ray Train run and a new run of the same job (``branchout resume``). Rank 0 also applies retention:
 the newest ``keep_checkpoints`` good checkpoints stay, the newest good one always.
 
 At the end every rank takes part in gathering the full weights (ZeRO-3 shards them) and
@@ -89,18 +90,26 @@ _RAY_CHECKPOINT = re.compile(r"^checkpoint_\d{4}-\d{2}-\d{2}_")
 
 
 def ray_checkpoints_uri(job: TrainJob) -> str:
-    """Where Ray Train puts this job's checkpoints (RunConfig storage_path / name)."""
+    """Where this job's Ray Train runs keep their checkpoints: ``<job>/ray/<run name>/``."""
     from branchout.stages import storage
 
-    return storage.join(job.out_uri, "ray", "train")
+    return storage.join(job.out_uri, "ray")
 
 
 def _checkpoint_dirs(job: TrainJob) -> list[str]:
+    """Every checkpoint of every Ray Train run of this job, oldest first, as ``run/checkpoint_…``.
+
+    Each launch is a new Ray Train run (see ``orchestrator.training``), so a resumed job
+    finds its checkpoints under earlier runs' names. Ray names them checkpoint_<timestamp>
+    (name order is age order); its own bookkeeping (checkpoint_manager_snapshot.json)
+    shares the prefix and is skipped.
+    """
     from branchout.stages import storage
 
-    # Ray names them checkpoint_<timestamp> (name order is age order); its own bookkeeping
-    # (checkpoint_manager_snapshot.json) shares the prefix
-    return [n for n in storage.listdir(ray_checkpoints_uri(job)) if _RAY_CHECKPOINT.match(n)]
+    root = ray_checkpoints_uri(job)
+    found = [(ckpt, f"{run}/{ckpt}") for run in storage.listdir(root) if run.startswith("train")
+             for ckpt in storage.listdir(storage.join(root, run)) if _RAY_CHECKPOINT.match(ckpt)]
+    return [path for _, path in sorted(found)]
 
 
 def _choose_checkpoint(job: TrainJob, rank: int, world: int, logger) -> str | None:

@@ -98,8 +98,9 @@ def test_worker_killed_mid_pretrain(write_pipeline, tmp_path):
     assert all(abs(a[s] - b[s]) / a[s] < 0.01 for s in range(resumed_at + 1, 41))
 
     # every Ray Train checkpoint carries both ranks' manifests and verifies
-    ray_dir = run_dir / "pretrain" / "ray" / "train"
-    names = sorted(n for n in os.listdir(ray_dir) if n.startswith("checkpoint_2"))
+    ray_dir = run_dir / "pretrain" / "ray"
+    names = sorted((p.relative_to(ray_dir).as_posix() for p in ray_dir.glob("train-*/checkpoint_2*")),
+                   key=lambda n: n.split("/")[-1])
     assert len(names) == 2  # keep_checkpoints
     assert newest_good(str(ray_dir), names, world=2)[0] == names[-1]
     newest = ray_dir / names[-1]

@@ -1,7 +1,11 @@
-"""Ray's fake multi-node autoscaler on one machine: `fake_multinode` nodes are real raylets
-that the autoscaler starts and stops, declaring whatever resources (fake GPUs) we list.
+"""A fake autoscaling GPU cluster on one machine, for dry runs, tests and benchmarks.
 
-`ray start --head` runs `ray stop --force` first, so no other Ray may run at the same time.
+Ray's ``fake_multinode`` provider starts and stops real raylets on this machine that
+declare whatever resources their node type lists (here: 1 "GPU" each). With
+``BRANCHOUT_SIMULATE_GPUS=1`` (set in ``env()``) branchout treats GPUs as scheduling
+tokens and trains on the CPU, so a whole pipeline, autoscaling included, runs on a laptop.
+
+``ray start --head`` runs ``ray stop --force`` first: no other Ray may run at the same time.
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ import time
 from pathlib import Path
 
 import yaml
-from raycluster import free_port
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def autoscaling_config(gpu_nodes: int, idle_timeout_minutes: float) -> dict:
