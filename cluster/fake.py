@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -28,11 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def autoscaling_config(gpu_nodes: int, idle_timeout_minutes: float) -> dict:
+def autoscaling_config(gpu_nodes: int, idle_timeout_minutes: float, gcs_address: str) -> dict:
     return {
         "cluster_name": "branchout-fake",
         "max_workers": gpu_nodes,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+        # gcs_address: without it fake nodes join <this host's IP>:6379, not our head
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "gcs_address": gcs_address,
                      "disable_node_updaters": True, "disable_launch_config_check": True},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 2}, "node_config": {}, "max_workers": 0},
@@ -56,21 +56,21 @@ class FakeAutoscalingCluster:
         self.workdir = workdir
         self.port = free_port()
         self.config = workdir / "autoscaler.yaml"
-        self.config.write_text(yaml.safe_dump(autoscaling_config(gpu_nodes, idle_timeout_minutes)))
-        self.samples: list[tuple[float, int]] = []  # (time, alive GPU nodes)
-        self._stop = threading.Event()
+        self.config.write_text(yaml.safe_dump(autoscaling_config(gpu_nodes, idle_timeout_minutes, self.address)))
+        self.token = uuid.uuid4().hex
+        self.samples_file = workdir / "gpu_nodes.tsv"  # "time<TAB>alive GPU nodes" every 0.5 s
+        self._watcher: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-               "RAY_ADDRESS": self.address, "BRANCHOUT_SIMULATE_GPUS": "1",
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-            env.pop(key, None)
-        return env
+        """For processes that use the cluster: its address, its token, fake GPUs."""
+        return {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                "RAY_ADDRESS": self.address, "BRANCHOUT_SIMULATE_GPUS": "1",
+                "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,  # token auth stays on
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def start(self) -> FakeAutoscalingCluster:
         env = self.env()
@@ -79,23 +79,36 @@ class FakeAutoscalingCluster:
                         f"--autoscaling-config={self.config}", "--num-cpus=2", "--num-gpus=0",
                         "--include-dashboard=false", "--disable-usage-stats"],
                        check=True, env=env, capture_output=True, timeout=180)
-        threading.Thread(target=self._watch, daemon=True).start()
+        self._watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, self.address, str(self.samples_file)],
+                                         env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return self
 
-    def _watch(self) -> None:
-        import ray
-
-        ray.init(address=self.address, logging_level="ERROR", log_to_driver=False, namespace="watcher")
-        while not self._stop.is_set():
-            gpu_nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0)
-            self.samples.append((time.time(), gpu_nodes))
-            time.sleep(0.5)
-        ray.shutdown()
+    @property
+    def samples(self) -> list[tuple[float, int]]:
+        """(time, alive GPU nodes) as sampled so far."""
+        if not self.samples_file.exists():
+            return []
+        rows = [line.split("\t") for line in self.samples_file.read_text().splitlines() if line.count("\t") == 1]
+        return [(float(t), int(n)) for t, n in rows]
 
     def gpu_nodes(self) -> int:
-        return self.samples[-1][1] if self.samples else 0
+        samples = self.samples
+        return samples[-1][1] if samples else 0
 
     def stop(self) -> None:
-        self._stop.set()
-        time.sleep(1)
+        if self._watcher is not None:
+            self._watcher.terminate()
+            self._watcher.wait(30)
         subprocess.run(["ray", "stop", "--force"], env=self.env(), capture_output=True, timeout=180)
+
+
+# Samples the cluster from its own process (a Ray client needs the cluster's token).
+_WATCHER = r"""
+import sys, time, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False, namespace="watcher")
+with open(sys.argv[2], "a", buffering=1) as out:
+    while True:
+        gpus = sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) > 0)
+        out.write(f"{time.time()}\t{gpus}\n")
+        time.sleep(0.5)
+"""

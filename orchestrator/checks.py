@@ -139,8 +139,8 @@ def _example_linear_names(model) -> str:
 
 def _check_embedded_capacity(spec: PipelineSpec) -> list[str]:
     """An embedded Ray holds only this machine; a request beyond it would wait forever."""
-    if spec.cluster.address is not None:
-        return []  # a remote cluster's capacity is checked once connected
+    if spec.cluster.address is not None or spec.cluster.autoscaling or os.environ.get("RAY_ADDRESS"):
+        return []  # a cluster's capacity is checked once connected (orchestrator.driver)
     cpus = spec.cluster.num_cpus or os.cpu_count() or 1
     gpus = spec.cluster.num_gpus if spec.cluster.num_gpus is not None else _local_gpus()
     problems = []
