@@ -29,6 +29,8 @@ EXIT_FAILED = 1
 PipelineArg = Annotated[Path, typer.Argument(help="The pipeline YAML file.", show_default=False)]
 RunArg = Annotated[str, typer.Argument(help="Run id or a unique prefix of it.", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a field: key.path=value (repeatable).")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Compute every job, reusing nothing from earlier runs.")]
+RerunOpt = Annotated[list[str] | None, typer.Option("--rerun", help="Recompute this job, stage or domain and what depends on it (repeatable).")]
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray Jobs API, e.g. http://HEAD:8265 "
                                                 "(default: RAY_API_SERVER_ADDRESS / RAY_ADDRESS).")]
 
@@ -81,9 +83,10 @@ def _user_errors():
     from branchout.orchestrator.jobs import JobsError
     from branchout.orchestrator.loader import SpecError
     from branchout.orchestrator.operate import OperateError
+    from branchout.stages.data import DataError
     from branchout.stages.storage import StorageError
 
-    return (ClusterError, JobsError, OperateError, StorageError, SpecError)
+    return (ClusterError, JobsError, OperateError, StorageError, SpecError, DataError)
 
 
 @app.command()
@@ -120,15 +123,27 @@ def plan(
     print_memory_plan(console, spec, model_shape(spec), memory, gpu or (f"{gpu_mem:g} GiB" if gpu_mem else None))
 
 
+def _check_rerun(spec, rerun: list[str] | None) -> None:
+    from branchout.orchestrator.cache import expand_rerun
+
+    try:
+        expand_rerun(spec, rerun or [])
+    except ValueError as e:
+        fail([str(e)])
+
+
 @app.command()
-def run(pipeline: PipelineArg, set_: SetOpt = None) -> None:
+def run(pipeline: PipelineArg, set_: SetOpt = None, no_cache: NoCacheOpt = False, rerun: RerunOpt = None,
+        run_id: Annotated[str | None, typer.Option(hidden=True, help="Use this run id (the scheduler's).")] = None) -> None:
     """Run a pipeline here (embedded local Ray unless cluster.address is set)."""
     from branchout.orchestrator.driver import run_pipeline
     from branchout.orchestrator.state import RunState
 
     spec = load_checked(pipeline, set_)
+    _check_rerun(spec, rerun)
     try:
-        record = run_pipeline(spec, console, source=json.dumps(_source(pipeline, set_)))
+        record = run_pipeline(spec, console, source=json.dumps(_source(pipeline, set_)),
+                              use_cache=not no_cache, rerun=rerun, run_id=run_id)
     except _user_errors() as e:
         fail([str(e)])
     raise typer.Exit(0 if record.state is RunState.SUCCEEDED else EXIT_FAILED)
@@ -142,15 +157,19 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="Follow the logs until the run ends.")] = False,
     working_dir: Annotated[str | None, typer.Option(help="Directory to ship with the job (runtime_env).")] = None,
     pip: Annotated[list[str] | None, typer.Option(help="pip requirement to install for the job (repeatable).")] = None,
+    no_cache: NoCacheOpt = False,
+    rerun: RerunOpt = None,
 ) -> None:
     """Validate here, then run the pipeline's driver on a Ray cluster as a Ray job."""
     from branchout.orchestrator.jobs import resolve_address
     from branchout.orchestrator.operate import submit_pipeline
 
     spec = load_checked(pipeline, set_)
+    _check_rerun(spec, rerun)
     try:
         address = resolve_address(address, spec.cluster.address)
-        record = submit_pipeline(spec, _source(pipeline, set_), address, _registry(), working_dir, pip)
+        record = submit_pipeline(spec, _source(pipeline, set_), address, _registry(), working_dir, pip,
+                                 {"use_cache": not no_cache, "rerun": rerun or []})
     except _user_errors() as e:
         fail([str(e)])
     console.print(f"submitted run [bold]{record.run_id}[/] to {address} (Ray job {record.run_id})")
@@ -270,6 +289,32 @@ def resume(run: RunArg, force: Annotated[bool, typer.Option(help="Resume even th
     raise typer.Exit(0 if record.state is RunState.SUCCEEDED else EXIT_FAILED)
 
 
+@app.command()
+def lineage(what: Annotated[str, typer.Argument(help="A run id (or prefix), or a model directory/URI.")]) -> None:
+    """Data fingerprints → tokenizer → pretrain → fine-tunes → evaluation, computed or cached."""
+    from branchout.orchestrator.lineage import find_job, lineage_tree
+    from branchout.orchestrator.registry import RegistryError
+    from branchout.orchestrator.state import RunRecord
+
+    registry = _registry()
+    focus = None
+    try:
+        row = registry.get_run(what)
+    except RegistryError:
+        path = os.path.abspath(what) if "://" not in what else what
+        rows = [r for r in registry.list_runs(limit=100000)
+                if path.startswith(r.run_uri.removeprefix("file://").rstrip("/") + "/")]
+        if not rows:
+            fail([f"{what}: neither a run id nor a model directory of a known run (see `branchout list`)"])
+        row = rows[0]
+        focus = find_job(RunRecord.load(row.run_uri), path)
+    try:
+        record = RunRecord.load(row.run_uri)
+    except (OSError, ValueError) as e:
+        fail([f"run {row.run_id}: cannot read {row.run_uri}/state.json ({e})"])
+    console.print(lineage_tree(record, focus))
+
+
 @app.command(hidden=True)
 def driver(
     run_id: Annotated[str | None, typer.Option(help="Start this new run (spec in BRANCHOUT_SPEC).")] = None,
@@ -286,6 +331,7 @@ def driver(
 
     source = os.environ.get("BRANCHOUT_SOURCE")
     raw_spec = os.environ.get("BRANCHOUT_SPEC")
+    options = json.loads(os.environ.get("BRANCHOUT_RUN_OPTIONS") or "{}")
     try:
         if resume_uri:
             record = RunRecord.load(resume_uri)
@@ -296,10 +342,14 @@ def driver(
             if not (run_id and raw_spec):
                 fail(["driver: needs --run-id and BRANCHOUT_SPEC, or --resume RUN_URI"])
             spec = PipelineSpec.model_validate_json(raw_spec)
-            result = run_pipeline(spec, console, source=source, run_id=run_id)
+            result = run_pipeline(spec, console, source=source, run_id=run_id, **options)
     except _user_errors() as e:
         fail([str(e)])
     raise typer.Exit(0 if result.state is RunState.SUCCEEDED else EXIT_FAILED)
+
+
+# The schedule commands live in their own module; importing it registers them on `app`.
+from branchout.orchestrator import cli_schedule  # noqa: E402, F401
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from branchout.orchestrator.state import RunRecord, StageState
 _STYLE = {
     StageState.PENDING: "dim", StageState.QUEUED: "yellow", StageState.RUNNING: "cyan",
     StageState.SUCCEEDED: "green", StageState.FAILED: "bold red", StageState.SKIPPED: "dim",
+    StageState.CACHED: "blue",
 }
 
 
@@ -211,7 +212,7 @@ def print_status(console: Console, view) -> None:
             if points:
                 last = points[-1]
                 progress = f"step {last['step']}/{rec.metrics.get('total_steps') or '?'} loss {last.get('loss', 0):.3f}"
-        elif rec.state is StageState.SUCCEEDED and "final_loss" in rec.outputs:
+        elif rec.state.done and "final_loss" in rec.outputs:
             progress = f"loss {rec.outputs['final_loss']:.3f}"
         detail = rec.error if rec.state is StageState.FAILED else rec.outputs.get("model_uri", "")
         table.add_row(name, f"[{_STYLE[rec.state]}]{rec.state.value}[/]", str(rec.attempts), progress,

@@ -26,6 +26,7 @@ from rich.console import Console
 
 from branchout.cluster.autoscale import CapacityHints, stage_bundles, waiting_message
 from branchout.cluster.connect import ClusterInfo, connect
+from branchout.orchestrator.cache import StageCache, expand_rerun, job_keys
 from branchout.orchestrator.display import ProgressView, print_plan, print_results
 from branchout.orchestrator.fanout import WorkItem, run_jobs, submit_task
 from branchout.orchestrator.plan import Plan, build_plan
@@ -49,6 +50,9 @@ class RunContext:
     cluster: ClusterInfo
     view: ProgressView
     hints: CapacityHints
+    cache: StageCache
+    keys: dict[str, str]
+    fingerprints: dict[str, str]
     hub: Any = None
     threads: cf.ThreadPoolExecutor = field(default_factory=lambda: cf.ThreadPoolExecutor(8))
 
@@ -75,12 +79,15 @@ class RunContext:
             if item.resources:
                 self.view.note(waiting_message(item.name, item.resources, waited))
 
+        for item in items:
+            item.key = item.key or self.keys.get(item.name)
         return run_jobs(self.record, items, self.hub, tick, max_in_flight, waiting,
-                        self.spec.cluster.capacity_timeout_s)
+                        self.spec.cluster.capacity_timeout_s, self.cache)
 
 
 def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None = None,
-                 source: str | None = None, run_id: str | None = None) -> RunRecord:
+                 source: str | None = None, run_id: str | None = None, use_cache: bool = True,
+                 rerun: list[str] | None = None) -> RunRecord:
     """Run every stage of ``spec``; returns the final run record (never raises for job failures).
 
     With ``record`` (``branchout resume``) the run continues: jobs it shows as succeeded are
@@ -100,10 +107,13 @@ def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None 
         if resuming:
             record.interrupted("interrupted: its driver stopped before it finished")
         console.print(f"{'resuming' if resuming else 'run'} [bold]{record.run_id}[/] → {record.run_uri}")
+        cache = StageCache(spec.storage, enabled=use_cache, skip=expand_rerun(spec, rerun or []))
+        fingerprints = data_fingerprints(spec)
+        keys = job_keys(spec, fingerprints)
         with driver_log(record) as log, ProgressView(console, log=log) as view:
             print_plan(log, plan, spec.notes)
             log.print(f"{'resuming' if resuming else 'run'} {record.run_id} → {record.run_uri}")
-            _run_stages(spec, plan, record, cluster, view)
+            _run_stages(spec, plan, record, cluster, view, cache, keys, fingerprints)
             report_path = write_report(record)
             for out in (console, log):
                 print_results(out, record, _read_metrics(record), report_path)
@@ -130,14 +140,16 @@ def driver_log(record: RunRecord) -> Iterator[Console]:
 
 
 def _run_stages(spec: PipelineSpec, plan: Plan, record: RunRecord, cluster: ClusterInfo,
-                view: ProgressView) -> None:
+                view: ProgressView, cache: StageCache, keys: dict[str, str],
+                fingerprints: dict[str, str]) -> None:
     registry = getattr(record, "_registry", None)
     hints = CapacityHints(
         enabled=spec.cluster.autoscaling and spec.cluster.request_ahead and not cluster.embedded, log=view.note,
         requester=f"branchout-{record.run_id}",
         on_request=(lambda reason, bundles: registry.log_event("capacity", record.run_id, reason, bundles=bundles))
         if registry else None)
-    ctx = RunContext(spec, plan, record, cluster, view, hints, hub=start_hub(record.run_id))
+    ctx = RunContext(spec, plan, record, cluster, view, hints, cache, keys, fingerprints,
+                     hub=start_hub(record.run_id))
     record.set_run_state(RunState.RUNNING)
     try:
         tokenizer = stage_tokenizer(ctx)
@@ -182,6 +194,15 @@ def stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def data_fingerprints(spec: PipelineSpec) -> dict[str, str]:
+    """Fingerprint of every dataset, by the name the stage cache uses (pretrain, domains)."""
+    from branchout.stages.data import fingerprint
+
+    fps = {"pretrain": fingerprint(spec.pretrain.dataset)}
+    fps.update({d.name: fingerprint(d.dataset) for d in spec.finetune.domains})
+    return fps
 
 
 def check_shared_storage(spec: PipelineSpec, cluster: ClusterInfo) -> None:
@@ -287,7 +308,7 @@ def stage_data(ctx: RunContext, tokenizer: dict[str, str]) -> dict[str, PackedIn
         WorkItem(f"data/{name}", lambda ds=ds, n=seq: submit_task(
             prepare, (ds, tokenizer["uri"], tokenizer["hash"], n, ev.heldout_fraction, ev.split_seed, cache_root),
             {"CPU": 1}, "data", ctx.hub_name),
-            on_success=asdict)
+            on_success=lambda info, name=name: {**asdict(info), "fingerprint": ctx.fingerprints[name]})
         for name, (ds, seq) in wanted.items()
     ]
     results = _require(ctx.run(items), ctx.record, [i.name for i in items])
@@ -378,10 +399,10 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) 
         if "base" in ev.models:
             candidates["base"] = (base_uri, None)
         ft = ctx.record.stage(f"finetune/{d.name}")
-        if "finetuned" in ev.models and ft.state is StageState.SUCCEEDED:
+        if "finetuned" in ev.models and ft.state.done:
             candidates["finetuned"] = (ft.outputs["model_uri"], base_uri if d.method == "lora" else None)
         sc = ctx.record.stage(f"scratch/{d.name}")
-        if "scratch" in ev.models and sc.state is StageState.SUCCEEDED:
+        if "scratch" in ev.models and sc.state.done:
             candidates["scratch"] = (sc.outputs["model_uri"], None)
         args = (d.name, data[d.name].uri, candidates, ev.batch_size, ev.max_blocks, 1)
         previous = ctx.record.stage(f"evaluate/{d.name}").outputs.get("scored")
@@ -389,6 +410,8 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) 
                               lambda args=args: submit_task(evaluate_domain, args, {"CPU": 1},
                                                             f"evaluate/{args[0]}", ctx.hub_name),
                               on_success=lambda r, c=candidates: {**r, "scored": c},
+                              # a cached score stands only if it scored the same models
+                              accept=lambda hit, c=candidates: _as_lists(hit.get("scored", {})) == _as_lists(c),
                               # a resume that redid a fine-tune must score it again
                               rerun=previous is not None and _as_lists(previous) != _as_lists(candidates)))
     ctx.hints.request(stage_bundles(spec)["evaluate"], "evaluate")

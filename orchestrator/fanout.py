@@ -30,6 +30,8 @@ class WorkItem:
     on_success: Callable[[Any], dict[str, Any]] = dict  # result → outputs kept in the record
     rerun: bool = False  # run even if the record says it already succeeded
     resources: dict[str, float] | None = None  # one worker's bundle, for "waiting for capacity"
+    key: str | None = None  # stage-cache key (orchestrator.cache)
+    accept: Callable[[dict[str, Any]], bool] | None = None  # may these cached outputs stand in?
 
 
 def submit_task(fn: Callable, args: tuple, resources: dict[str, float], job: str,
@@ -59,22 +61,28 @@ def _announce_and_call(fn: Callable, job: str, hub: str | None, *args: Any) -> A
 
 def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[dict], None],
              max_in_flight: int | None = None, on_wait: Callable[[WorkItem, float], None] | None = None,
-             patience_s: float = 300.0) -> dict[str, dict[str, Any]]:
+             patience_s: float = 300.0, cache=None) -> dict[str, dict[str, Any]]:
     """Run ``items`` to completion; returns the recorded outputs of every succeeded item.
 
     Items the record already shows as succeeded (a resumed run) are not run again unless
     ``rerun`` is set; their recorded outputs are returned as they are. An item queued for
     longer than ``patience_s`` is reported through ``on_wait`` (and again every
-    ``patience_s``), so a run waiting for capacity says what it waits for.
+    ``patience_s``), so a run waiting for capacity says what it waits for. With a ``cache``
+    (``orchestrator.cache.StageCache``) an item whose key has verified outputs is marked
+    ``cached`` instead of run, and every item that succeeds is recorded there.
     """
     outputs: dict[str, dict[str, Any]] = {}
     pending: deque[WorkItem] = deque()
     for item in items:
         rec = record.stage(item.name)
-        if rec.state is StageState.SUCCEEDED and not item.rerun:
+        if rec.state.done and not item.rerun:
             outputs[item.name] = rec.outputs
-        else:
-            pending.append(item)
+            continue
+        hit = cache.lookup(item.name, item.key) if cache is not None and item.key else None
+        if hit is not None and (item.accept is None or item.accept(hit)):
+            outputs[item.name] = record.set_stage(item.name, StageState.CACHED, outputs=hit).outputs
+            continue
+        pending.append(item)
     running: dict[cf.Future, WorkItem] = {}
     tries: dict[str, int] = {}  # attempts in this driver; a resumed job gets its retries afresh
     submitted: dict[str, float] = {}
@@ -115,9 +123,13 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
                 continue
             if record.stage(item.name).state is StageState.QUEUED:
                 record.set_stage(item.name, StageState.RUNNING, when=_started(result))
-            rec = record.set_stage(item.name, StageState.SUCCEEDED, when=_ended(result),
-                                   outputs=item.on_success(result))
+            produced = item.on_success(result)
+            if item.key:
+                produced["key"] = item.key
+            rec = record.set_stage(item.name, StageState.SUCCEEDED, when=_ended(result), outputs=produced)
             outputs[item.name] = rec.outputs
+            if cache is not None and item.key:
+                cache.store(item.name, item.key, record.run_id, produced)
         on_tick(snapshot)
     return outputs
 

@@ -45,7 +45,7 @@ def source_of(row: RunRow) -> dict:
 
 
 def submit_pipeline(spec, source: dict, address: str, registry: Registry, working_dir: str | None = None,
-                    pip: list[str] | None = None) -> RunRecord:
+                    pip: list[str] | None = None, options: dict | None = None) -> RunRecord:
     """Submit the driver of a new run as a Ray job; returns the (pending) run record."""
     from branchout.orchestrator.driver import spec_hash
     from branchout.orchestrator.jobs import driver_entrypoint, forwarded_env, job_metadata
@@ -54,7 +54,8 @@ def submit_pipeline(spec, source: dict, address: str, registry: Registry, workin
     record = RunRecord(run_id=run_id, pipeline=spec.name, spec_hash=spec_hash(spec),
                        run_uri=storage.join(spec.storage, spec.name, run_id))
     client = JobsClient(address)
-    env = {"BRANCHOUT_SPEC": spec.model_dump_json(), "BRANCHOUT_SOURCE": json.dumps(source), **forwarded_env()}
+    env = {"BRANCHOUT_SPEC": spec.model_dump_json(), "BRANCHOUT_SOURCE": json.dumps(source),
+           "BRANCHOUT_RUN_OPTIONS": json.dumps(options or {}), **forwarded_env()}
     client.submit(run_id, driver_entrypoint("--run-id", run_id), env, job_metadata(spec.name, run_id),
                   working_dir=working_dir, pip=pip)
     registry.register_submission(record, address, run_id, json.dumps(source))

@@ -13,6 +13,7 @@ import html
 import io
 from typing import Any
 
+from branchout.orchestrator.lineage import lineage_text
 from branchout.orchestrator.state import RunRecord
 from branchout.stages import storage
 from branchout.stages.metrics import read_metrics
@@ -69,6 +70,7 @@ def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes])
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append("")
     lines += [f"![{name}](eval/{name})" for name in plots]
+    lines += ["", "## Lineage", "", "```", lineage_text(record).rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -84,7 +86,8 @@ def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes]) -> 
             "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}"
             "td:first-child,th:first-child{text-align:left}</style></head><body>"
             f"<h1>branchout report: {esc(record.pipeline)}</h1>{summary}"
-            f"<table><tr>{head}</tr>{body}</table>{imgs}</body></html>")
+            f"<table><tr>{head}</tr>{body}</table>{imgs}"
+            f"<h2>Lineage</h2><pre>{esc(lineage_text(record))}</pre></body></html>")
 
 
 def _figure_png(fig) -> bytes:
@@ -102,10 +105,9 @@ def _loss_plot(record: RunRecord) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    logs = storage.join(record.run_uri, "logs")
     series = {}
     for name in ["pretrain", *[n for n in record.stages if n.split("/")[0] in ("finetune", "scratch")]]:
-        points = {r["step"]: r["loss"] for r in read_metrics(logs, name) if "loss" in r}
+        points = {r["step"]: r["loss"] for r in read_metrics(_logs_of(record, name), name) if "loss" in r}
         if points:  # a resumed job logs some steps twice; the later value wins
             series[name] = sorted(points.items())
     if not series:
@@ -123,6 +125,13 @@ def _loss_plot(record: RunRecord) -> bytes | None:
         if ax.lines:
             ax.legend(fontsize=7)
     return _figure_png(fig)
+
+
+def _logs_of(record: RunRecord, job: str) -> str:
+    """A cached job's curves are in the logs of the run that computed it."""
+    origin = record.stage(job).outputs.get("cached_from")
+    run_uri = record.run_uri if not origin else storage.join(record.run_uri.rsplit("/", 1)[0], origin)
+    return storage.join(run_uri, "logs")
 
 
 def _ppl_plot(metrics: dict[str, Any]) -> bytes | None:

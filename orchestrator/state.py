@@ -15,6 +15,7 @@ Stage and job states (a *stage* is tokenizer/data/pretrain/finetune/evaluate; a 
 is one domain's fine-tune, baseline or evaluation, keyed ``<kind>/<domain>``)::
 
     PENDING ──► QUEUED ──► RUNNING ──► SUCCEEDED ─► QUEUED (its inputs were redone)
+       ├─────────────────────────────► CACHED (same inputs already computed and verified)
        │          │          └───────► FAILED ──► QUEUED (retry, resume)
        └──────────┴──────────────────► SKIPPED ─► QUEUED (resume)
 
@@ -51,9 +52,15 @@ class StageState(str, Enum):
     SUCCEEDED = "succeeded"  # outputs published and verified
     FAILED = "failed"  # gave up after its retries; `error` holds the cause
     SKIPPED = "skipped"  # not run because something it needs failed
+    CACHED = "cached"  # not run: a verified output for the same inputs exists (orchestrator.cache)
 
     def is_terminal(self) -> bool:
-        return self in (StageState.SUCCEEDED, StageState.FAILED, StageState.SKIPPED)
+        return self in (StageState.SUCCEEDED, StageState.FAILED, StageState.SKIPPED, StageState.CACHED)
+
+    @property
+    def done(self) -> bool:
+        """Its outputs exist: computed in this run or reused from the cache."""
+        return self in (StageState.SUCCEEDED, StageState.CACHED)
 
 
 RUN_TRANSITIONS: dict[RunState, set[RunState]] = {
@@ -65,13 +72,15 @@ RUN_TRANSITIONS: dict[RunState, set[RunState]] = {
 }
 
 STAGE_TRANSITIONS: dict[StageState, set[StageState]] = {
-    StageState.PENDING: {StageState.QUEUED, StageState.RUNNING, StageState.SKIPPED, StageState.FAILED},
+    StageState.PENDING: {StageState.QUEUED, StageState.RUNNING, StageState.SKIPPED, StageState.FAILED,
+                         StageState.CACHED},
     StageState.QUEUED: {StageState.RUNNING, StageState.FAILED, StageState.SKIPPED},
     StageState.RUNNING: {StageState.SUCCEEDED, StageState.FAILED},
-    StageState.FAILED: {StageState.QUEUED, StageState.RUNNING},
+    StageState.FAILED: {StageState.QUEUED, StageState.RUNNING, StageState.CACHED},
+    StageState.CACHED: {StageState.QUEUED},  # like SUCCEEDED: redone only when what it scored changed
     # A succeeded evaluation is redone when a resume recomputed what it scored.
     StageState.SUCCEEDED: {StageState.QUEUED},
-    StageState.SKIPPED: {StageState.QUEUED},  # a resumed run picks skipped jobs up again
+    StageState.SKIPPED: {StageState.QUEUED, StageState.CACHED},  # a resumed run picks skipped jobs up again
 }
 
 

@@ -13,6 +13,7 @@ second domain reading the same files) reuses them.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -195,20 +196,55 @@ def diagnose(src: Source) -> str | None:
 
 
 def fingerprint(ds: DatasetSpec) -> str:
-    """Identity of the data: file paths, sizes and content hashes; hub name and revision."""
+    """Identity of the data: file paths, sizes and content hashes; hub name and revision.
+
+    Content hashes are remembered per (path, size, modification time) in
+    ``~/.cache/branchout/fingerprints.json``, so only files that changed are read again.
+    Object-store files count by URI, size and modification time.
+    """
     src = resolve_source(ds)
     h = hashlib.sha256(json.dumps([src.builder, ds.text_column, ds.split, ds.revision]).encode())
+    known = _load_fingerprint_cache()
+    changed = False
     for f in src.files:
-        if not storage.is_local(f):  # object stores: URI, size and modification time
+        if not storage.is_local(f):
             fs, path = storage.filesystem(f)
             info = fs.get_file_info(path)
             h.update(f"{f}\0{info.size}\0{info.mtime_ns}".encode())
             continue
+        stat = os.stat(f)
+        ident = f"{os.path.abspath(f)}\0{stat.st_size}\0{stat.st_mtime_ns}"
+        if ident not in known:
+            known[ident] = _sha256_of(f)
+            changed = True
         h.update(os.path.abspath(f).encode())
-        h.update(str(os.path.getsize(f)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(chunk)
+        h.update(known[ident].encode())
+    if changed:
+        _save_fingerprint_cache(known)
+    return h.hexdigest()
+
+
+_FINGERPRINTS = os.path.join(os.path.expanduser("~"), ".cache", "branchout", "fingerprints.json")
+
+
+def _load_fingerprint_cache() -> dict[str, str]:
+    try:
+        with open(_FINGERPRINTS) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_fingerprint_cache(known: dict[str, str]) -> None:
+    with contextlib.suppress(OSError):  # a read-only home only costs re-hashing next time
+        storage.write_text(_FINGERPRINTS, json.dumps(known), durable=False)
+
+
+def _sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()
 
 

@@ -1,0 +1,129 @@
+"""The stage cache: keys change exactly when inputs do; a second run computes nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pytest
+
+from branchout.orchestrator.cache import expand_rerun, job_keys
+from branchout.orchestrator.loader import load_spec
+from branchout.orchestrator.state import RunRecord, RunState, StageState
+
+from conftest import TINY, run_cli
+
+FPS = {"pretrain": "p0", "legal": "l0", "code": "c0", "docs": "d0"}
+
+
+def _keys(write_pipeline, mutate=None, fps=None):
+    spec = copy.deepcopy(TINY)
+    if mutate:
+        mutate(spec)
+    return job_keys(load_spec(write_pipeline(spec)), fps or FPS)
+
+
+def _changed(a: dict, b: dict) -> set[str]:
+    return {k for k in a if a[k] != b[k]}
+
+
+@pytest.mark.unit
+def test_keys_follow_inputs(write_pipeline):
+    base = _keys(write_pipeline)
+    assert base == _keys(write_pipeline)  # deterministic
+    # one domain's data changed: only that domain's jobs
+    assert _changed(base, _keys(write_pipeline, fps={**FPS, "legal": "l1"})) == {
+        "data/legal", "finetune/legal", "scratch/legal", "evaluate/legal"}
+    # the pretrain section changed: the pretrain and everything started from it
+    changed = _changed(base, _keys(write_pipeline, lambda s: s["pretrain"]["optimizer"].update(lr=1e-3)))
+    assert changed == {"pretrain", "finetune/legal", "finetune/code", "finetune/docs",
+                       "evaluate/legal", "evaluate/code", "evaluate/docs"}  # baselines do not use it
+    # the pretraining data changed: the tokenizer, hence every block of every dataset
+    assert _changed(base, _keys(write_pipeline, fps={**FPS, "pretrain": "p1"})) == set(base)
+    # settings that cannot change an output change no key
+    assert not _changed(base, _keys(write_pipeline, lambda s: s["pretrain"].update(log_every=1, checkpoint_every=3)))
+    # one domain's options changed
+    assert _changed(base, _keys(write_pipeline, lambda s: s["finetune"]["domains"][1].update(steps=9))) == {
+        "finetune/code", "scratch/code", "evaluate/code"}
+
+
+@pytest.mark.unit
+def test_rerun_names(write_pipeline):
+    spec = load_spec(write_pipeline())
+    assert expand_rerun(spec, ["legal"]) == {"finetune/legal", "scratch/legal", "evaluate/legal"}
+    assert expand_rerun(spec, ["pretrain"]) == {"pretrain", "finetune/legal", "finetune/code", "finetune/docs",
+                                               "evaluate/legal", "evaluate/code", "evaluate/docs"}
+    assert "data/code" in expand_rerun(spec, ["tokenizer"])
+    with pytest.raises(ValueError, match="--rerun 'legl': not a job, stage or domain of tiny"):
+        expand_rerun(spec, ["legl"])
+
+
+def _states(run_dir) -> dict[str, str]:
+    return {k: v.state.value for k, v in RunRecord.load(str(run_dir)).stages.items()}
+
+
+def _newest_run(tmp_path):
+    return max((tmp_path / "runs" / "tiny").iterdir(), key=lambda p: p.name)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_second_run_is_all_cached_then_only_changes_rerun(write_pipeline, corpus_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"  # a private copy: this test edits a domain's file
+    shutil.copytree(corpus_dir, data)
+    spec = copy.deepcopy(TINY)
+    spec["pretrain"]["dataset"]["path"] = str(data / "general.jsonl")
+    for d in spec["finetune"]["domains"]:
+        d["dataset"]["path"] = str(data / d["dataset"]["path"])
+    path = write_pipeline(spec)
+
+    started = time.time()
+    first = run_cli("run", str(path))
+    first_s = time.time() - started
+    assert first.returncode == 0, first.stdout[-3000:]
+    run1 = _newest_run(tmp_path)
+
+    started = time.time()
+    second = run_cli("run", str(path))
+    second_s = time.time() - started
+    assert second.returncode == 0, second.stdout[-3000:]
+    run2 = _newest_run(tmp_path)
+    assert set(_states(run2).values()) == {"cached"}, _states(run2)
+    print(f"second run, nothing changed: {second_s:.1f}s vs {first_s:.1f}s ({second_s / first_s:.2f}×)")
+    assert second_s < 0.6 * first_s
+    metrics1 = json.loads((run1 / "eval" / "metrics.json").read_text())
+    metrics2 = json.loads((run2 / "eval" / "metrics.json").read_text())
+    assert metrics1["domains"] == metrics2["domains"]
+    assert "cached" in (run2 / "report.md").read_text()
+
+    with open(data / "legal.jsonl", "a") as f:  # new legal data arrives
+        f.write(json.dumps({"text": "This licence is granted for the new contract. " * 40}) + "\n")
+    third = run_cli("run", str(path))
+    assert third.returncode == 0, third.stdout[-3000:]
+    states = _states(_newest_run(tmp_path))
+    computed = {k for k, v in states.items() if v == "succeeded"}
+    assert computed == {"data/legal", "finetune/legal", "scratch/legal", "evaluate/legal"}, states
+    assert {v for k, v in states.items() if k not in computed} == {"cached"}
+
+    # a damaged cached output is not reused: that job is computed again
+    victim = run1 / "finetune" / "code" / "model" / "model.safetensors"
+    with open(victim, "r+b") as f:
+        f.seek(200)
+        f.write(b"\xff\xff\xff\xff")
+    fourth = run_cli("run", str(path))
+    assert fourth.returncode == 0, fourth.stdout[-3000:]
+    states = _states(_newest_run(tmp_path))
+    assert states["finetune/code"] == "succeeded" and states["evaluate/code"] == "succeeded"
+    assert states["finetune/legal"] == "cached" and states["pretrain"] == "cached"
+
+    forced = run_cli("run", str(path), "--rerun", "docs")
+    assert forced.returncode == 0
+    states = _states(_newest_run(tmp_path))
+    assert states["finetune/docs"] == "succeeded" and states["finetune/code"] == "cached"
+    record = RunRecord.load(str(_newest_run(tmp_path)))
+    assert record.state is RunState.SUCCEEDED
+    assert record.stage("pretrain").state is StageState.CACHED
+    assert record.stage("pretrain").outputs["cached_from"] == run1.name
