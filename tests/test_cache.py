@@ -127,3 +127,14 @@ def test_second_run_is_all_cached_then_only_changes_rerun(write_pipeline, corpus
     assert record.state is RunState.SUCCEEDED
     assert record.stage("pretrain").state is StageState.CACHED
     assert record.stage("pretrain").outputs["cached_from"] == run1.name
+
+    # lineage of the last run: computed and cached jobs, and a model's own chain
+    tree = run_cli("lineage", record.run_id)
+    assert tree.returncode == 0, tree.stderr
+    assert f"cached from run {run1.name}" in tree.stdout and "finetune/docs" in tree.stdout
+    assert "data: pretrain fp" in tree.stdout or "pretrain fp" in tree.stdout
+    model = record.stage("finetune/docs").outputs["model_uri"]
+    chain = run_cli("lineage", model)
+    assert chain.returncode == 0, chain.stderr
+    assert "finetune/docs" in chain.stdout and "finetune/legal" not in chain.stdout
+    assert "## Lineage" in (_newest_run(tmp_path) / "report.md").read_text()
