@@ -349,9 +349,13 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo)
 def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, PackedInfo],
                    base_uri: str) -> None:
     """One fine-tune per domain from the shared base, plus from-scratch baselines, concurrently."""
+    from branchout.orchestrator.pool import PoolSet
+
     spec = ctx.spec
     items = []
     kinds = ["finetune"] + (["scratch"] if "scratch" in spec.evaluate.models else [])
+    pools = PoolSet(base_uri, spec.finetune.max_concurrent, fixed_cluster=not spec.cluster.autoscaling)
+    singles: dict[tuple, list[str]] = {}  # bundle → names of its single-worker jobs
     for kind in kinds:
         for d in spec.finetune.domains:
             training = d.model_dump(mode="json", exclude={"name", "dataset"})
@@ -366,25 +370,35 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
                 method=d.method if kind == "finetune" else "full",
                 lora=d.lora.model_dump(), base_model_uri=base_uri if kind == "finetune" else None,
             )
-            submit = _submitter(ctx, job, d.num_workers, d.resources_per_worker.ray_bundle(), d.max_failures)
+            bundle = d.resources_per_worker.ray_bundle()
+            if d.num_workers == 1:
+                singles.setdefault(tuple(sorted(bundle.items())), []).append(job.name)
+            submit = _submitter(ctx, job, d.num_workers, bundle, d.max_failures, pools, singles)
             items.append(WorkItem(job.name, submit, max_retries=d.max_retries,
                                   resources=d.resources_per_worker.ray_bundle(),
                                   on_success=lambda r, job=job: {
                                       "model_uri": job.model_uri, "final_loss": r["final_loss"],
                                       "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"],
                                       "parent": job.base_model_uri}))
-    ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
+    try:
+        ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
+    finally:
+        pools.shutdown()
 
 
 def _submitter(ctx: RunContext, job: TrainJob, workers: int, resources: dict[str, float],
-               max_failures: int):
-    """Multi-worker jobs go through Ray Train from a driver thread; single-worker ones are tasks."""
+               max_failures: int, pools, singles: dict[tuple, list[str]]):
+    """Multi-worker jobs go through Ray Train from a driver thread; single-worker ones go to a
+    warm pool (or, with ``finetune.warm_pool: false``, each to its own Ray task)."""
     from branchout.orchestrator.training import run_distributed
     from branchout.stages.finetune import run_single_worker
 
     if workers > 1:
         return lambda: ctx.threads.submit(run_distributed, job, max_failures)
-    return lambda: submit_task(run_single_worker, (job,), resources, job.name, ctx.hub_name)
+    if not ctx.spec.finetune.warm_pool:
+        return lambda: submit_task(run_single_worker, (job,), resources, job.name, ctx.hub_name)
+    group = singles[tuple(sorted(resources.items()))]
+    return lambda: pools.submit(job, resources, sum(not ctx.record.stage(n).state.done for n in group))
 
 
 def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) -> None:

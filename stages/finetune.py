@@ -16,8 +16,12 @@ from dataclasses import asdict
 from branchout.stages.job import TrainJob
 
 
-def run_single_worker(job: TrainJob) -> dict:
-    """Train ``job`` to completion and export it; returns a result dict for the driver."""
+def run_single_worker(job: TrainJob, shared_base: dict | None = None, tokenizer=None) -> dict:
+    """Train ``job`` to completion and export it; returns a result dict for the driver.
+
+    ``shared_base``: the parent's weights from Ray's object store (warm pool); ``tokenizer``:
+    an already loaded tokenizer. Both only save time; the result is the same without them.
+    """
     import torch
 
     from branchout.stages import storage
@@ -42,8 +46,8 @@ def run_single_worker(job: TrainJob) -> dict:
     logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps)
     logger.state("running", started=started)
 
-    tokenizer = load_tokenizer(fetch_verified(job.tokenizer_uri))
-    model = prepare_model(job, tokenizer)
+    tokenizer = tokenizer or load_tokenizer(fetch_verified(job.tokenizer_uri))
+    model = prepare_model(job, tokenizer, shared_base if job.kind == "finetune" else None)
     engine = TorchEngine(model, t, job.steps, device=device)
 
     start_step = 0

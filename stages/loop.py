@@ -27,6 +27,7 @@ class LoopResult:
     final_loss: float
     tokens_per_s: float
     seconds: float
+    first_step_at: float | None = None  # wall time when the first optimizer step of this attempt ended
 
 
 def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: int,
@@ -41,11 +42,14 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     started = window_start = time.perf_counter()
     window_steps = 0
     loss = float("nan")
+    first_step_at = None
     for step in range(start_step, total_steps):
         micro = [torch.from_numpy(blocks[np.sort(idx)].astype(np.int64))
                  for idx in step_micro_batches(order, step, t.global_batch_size,
                                                t.micro_batch_size, rank, world)]
         loss = engine.train_step(micro)
+        if first_step_at is None:
+            first_step_at = time.time()
         if not np.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower the learning rate")
         window_steps += 1
@@ -60,7 +64,8 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     seconds = time.perf_counter() - started
     trained = total_steps - start_step
     return LoopResult(first_step=start_step, steps=total_steps, final_loss=loss,
-                      tokens_per_s=trained * tokens_per_step / max(seconds, 1e-9), seconds=seconds)
+                      tokens_per_s=trained * tokens_per_step / max(seconds, 1e-9), seconds=seconds,
+                      first_step_at=first_step_at)
 
 
 def rng_state() -> dict:

@@ -133,11 +133,14 @@ def missing_lora_targets(model, targets: list[str]) -> list[str]:
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
-def prepare_model(job, tokenizer):
+def prepare_model(job, tokenizer, shared_base: dict | None = None):
     """The model a job trains: fresh (pretrain, scratch), the parent (full), or parent + LoRA.
 
     ``job`` is a ``stages.job.TrainJob``. Fine-tunes load the parent in fp32: the
     optimizer's master weights must be full precision whatever the parent was saved in.
+    ``shared_base`` holds the parent's weights as read-only numpy arrays from Ray's object
+    store (see ``shared_base_weights``): a LoRA job uses them in place, a full fine-tune
+    takes a private copy, and neither reads the parent from storage.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -149,8 +152,11 @@ def prepare_model(job, tokenizer):
     if job.kind in ("pretrain", "scratch"):
         config = build_config(job.model_type, job.model_overrides, len(tokenizer), special_token_ids(tokenizer))
         return build_model(config, seed=seed)
-    base_dir = fetch_verified(job.base_model_uri)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if shared_base is not None:
+        model = model_on_weights(job, tokenizer, shared_base, copy=job.method != "lora")
+    else:
+        base_dir = fetch_verified(job.base_model_uri)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if job.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -160,6 +166,53 @@ def prepare_model(job, tokenizer):
             r=lora.get("rank", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
             target_modules=lora.get("target_modules") or default_lora_targets(job.model_type),
             task_type="CAUSAL_LM"))
+    return model
+
+
+def shared_base_weights(model_uri: str) -> dict:
+    """The exported model's weights as numpy arrays, for ``ray.put`` (fp32 safetensors)."""
+    import glob
+    import os
+
+    from safetensors.numpy import load_file
+
+    from branchout.stages.checkpoint import fetch_verified
+
+    weights: dict = {}
+    for path in sorted(glob.glob(os.path.join(fetch_verified(model_uri), "*.safetensors"))):
+        weights.update(load_file(path))
+    return weights
+
+
+def model_on_weights(job, tokenizer, weights: dict, copy: bool):
+    """The parent architecture built on ``weights`` without allocating its own.
+
+    ``copy=False`` makes every parameter a view of the given (read-only, object-store
+    backed) arrays, frozen: the memory is shared by every job on the node. ``copy=True``
+    gives a private, trainable copy.
+    """
+    import warnings
+
+    import torch
+    from accelerate import init_empty_weights  # a peft dependency
+    from transformers import AutoModelForCausalLM
+
+    from branchout.stages.tokenizer import special_token_ids
+
+    config = build_config(job.model_type, job.model_overrides, len(tokenizer), special_token_ids(tokenizer))
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary) real
+        model = AutoModelForCausalLM.from_config(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable NumPy array": that is the point
+        tensors = {k: torch.from_numpy(v.copy() if copy else v) for k, v in weights.items()}
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"shared weights lack {missing[:3]}")
+    if not copy:
+        for p in model.parameters():
+            p.requires_grad_(False)
     return model
 
 

@@ -1,0 +1,141 @@
+"""The fast fan-out path is the same training: warm pool vs Ray Train, shared vs private base,
+and a pool that loses a runner replaces it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="test-warm")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def parts(ray_local, corpus_dir, tmp_path_factory):
+    """A published tokenizer, packed legal data and a (randomly initialised) base model."""
+    from branchout.orchestrator.spec import DatasetSpec
+    from branchout.stages.checkpoint import publish_dir
+    from branchout.stages.data import prepare
+    from branchout.stages.model import build_config, build_model, export_model
+    from branchout.stages.tokenizer import (
+        load_tokenizer,
+        special_token_ids,
+        tokenizer_hash,
+        train_tokenizer,
+    )
+
+    root = tmp_path_factory.mktemp("warm")
+    texts = [json.loads(x)["text"] for x in (corpus_dir / "general.jsonl").read_text().splitlines()]
+    train_tokenizer(texts, 512, 2, str(root / "tok-work"))
+    publish_dir(str(root / "tok-work"), str(root / "tokenizer"))
+    tok = load_tokenizer(str(root / "tokenizer"))
+    data = prepare(DatasetSpec(path=str(corpus_dir / "legal.jsonl")), str(root / "tokenizer"),
+                   tokenizer_hash(str(root / "tokenizer")), 32, 0.2, 0, str(root / "cache"))
+    overrides = TINY["model"]["config"]
+    base = build_model(build_config("llama", overrides, len(tok), special_token_ids(tok)), seed=1)
+    export_model(base, tok, str(root / "base"))
+    return root, data.uri, overrides
+
+
+def job_for(parts, name: str, method: str, **training):
+    from branchout.orchestrator.spec import FinetuneOptions
+    from branchout.stages.job import TrainJob
+
+    root, data_uri, overrides = parts
+    values = dict(method=method, steps=6, seq_len=32, global_batch_size=4, micro_batch_size=2,
+                  resources_per_worker={"cpu": 1}, schedule={"warmup_steps": 1}, optimizer={"lr": 3e-3},
+                  deepspeed={"zero_stage": 0, "precision": "fp32"}, lora={"rank": 4, "alpha": 8})
+    options = FinetuneOptions(**{**values, **training})
+    return TrainJob(name=f"finetune/{name}", kind="finetune", training=options.model_dump(mode="json"),
+                    steps=options.steps, model_type="llama", model_overrides=overrides,
+                    tokenizer_uri=str(root / "tokenizer"), data_uri=data_uri, out_uri=str(root / name),
+                    logs_uri=str(root / "logs"), run_id="test", method=method, lora=options.lora.model_dump(),
+                    base_model_uri=str(root / "base"))
+
+
+def weights(path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    out = {}
+    for f in files:
+        out.update(load_file(os.path.join(path, f)))
+    return out
+
+
+def test_warm_pool_and_ray_train_train_the_same_weights(parts):
+    import ray
+
+    from branchout.orchestrator.pool import WarmPool
+    from branchout.orchestrator.training import run_distributed
+    from branchout.stages.model import shared_base_weights
+
+    pool = WarmPool({"CPU": 1.0}, 1, ray.put(shared_base_weights(str(parts[0] / "base"))))
+    warm = job_for(parts, "warm", "full")
+    pool.submit(warm).result(timeout=300)
+    pool.shutdown()
+    trained = job_for(parts, "raytrain", "full")
+    run_distributed(trained)  # one Ray Train worker, DeepSpeed ZeRO-0, fp32
+    a, b = weights(warm.model_uri), weights(trained.model_uri)
+    assert a.keys() == b.keys()
+    base = weights(parts[0] / "base")
+    for name in a:
+        assert np.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+        assert not np.allclose(a[name], base[name]) or name.endswith("norm.weight")  # it did train
+
+
+def test_lora_on_shared_weights_is_read_only_and_identical(parts):
+    import ray
+
+    from branchout.orchestrator.pool import WarmPool
+    from branchout.stages.finetune import run_single_worker
+    from branchout.stages.model import shared_base_weights
+
+    original = shared_base_weights(str(parts[0] / "base"))
+    ref = ray.put(original)
+    pool = WarmPool({"CPU": 1.0}, 1, ref)
+    shared = job_for(parts, "lora-shared", "lora")
+    pool.submit(shared).result(timeout=300)
+    pool.shutdown()
+    private = job_for(parts, "lora-private", "lora")
+    run_single_worker(private)  # loads the base from storage into private memory
+    a, b = weights(shared.model_uri), weights(private.model_uri)
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a)
+    for name in a:
+        assert np.allclose(a[name], b[name], rtol=1e-5, atol=1e-7), name
+    after = ray.get(ref)
+    assert all(not v.flags.writeable for v in after.values())  # Ray maps them read-only
+    assert all(np.array_equal(after[k], original[k]) for k in original)  # and nothing wrote to them
+
+
+def test_a_dead_runner_is_replaced_and_the_job_can_be_retried(parts):
+    import ray
+    from ray.exceptions import RayActorError
+
+    from branchout.orchestrator.pool import WarmPool
+
+    pool = WarmPool({"CPU": 1.0}, 1)
+    runner = pool._idle[0]
+    pid = ray.get(runner.ready.remote())
+    doomed = pool.submit(job_for(parts, "doomed", "full", steps=400))
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(RayActorError):
+        doomed.result(timeout=120)
+    assert pool.replaced == 1
+    retried = pool.submit(job_for(parts, "doomed", "full"))  # what the fan-out's retry does
+    assert retried.result(timeout=300)["pool_pid"] != pid
+    pool.shutdown()
