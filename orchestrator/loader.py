@@ -71,7 +71,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 def validate_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
     """Validate an already-read mapping; see ``load_spec``."""
     from branchout.orchestrator.checks import cross_check
-    from branchout.orchestrator.plan import resolve_auto_zero
+    from branchout.orchestrator.plan import check_packing, resolve_auto_zero
 
     try:
         spec = PipelineSpec.model_validate(raw)
@@ -81,6 +81,7 @@ def validate_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
     if problems:
         raise SpecError(source, problems)
     problems, notes = resolve_auto_zero(spec)
+    problems += check_packing(spec)
     if problems:
         raise SpecError(source, problems)
     spec.notes.extend(notes)

@@ -200,3 +200,38 @@ def _training_plan(name: str, t: TrainingSpec, seq_len: int, steps: int, shape: 
         precision=t.deepspeed.precision, resources=t.resources_per_worker.ray_bundle(),
         memory_gib=(states + acts) / GiB,
     )
+
+
+def check_packing(spec: PipelineSpec) -> list[str]:
+    """Fractional GPUs (``gpu: 0.25``) pack jobs onto one GPU; refuse packings that cannot fit.
+
+    A job's GPU memory: full fine-tune 16 bytes/parameter (fp32 weights, grads, Adam); LoRA
+    the frozen base in the training precision plus the adapters' states; plus activations.
+    Checked only where the GPU type is known (``accelerator`` or ``gpu_memory_gb``).
+    """
+    from branchout.cluster.memory import GB, activation_bytes, usable_bytes
+
+    problems = []
+    shape = None
+    for i, d in enumerate(spec.finetune.domains):
+        r = d.resources_per_worker
+        memory = _gpu_memory(d)
+        if not (0 < r.gpu < 1) or memory is None:
+            continue
+        shape = shape or model_shape(spec)
+        mixed = d.deepspeed.precision != "fp32"
+        if d.method == "lora":
+            adapters = shape.params // 100
+            states = (2 if mixed else 4) * shape.params + 16 * adapters
+        else:
+            states = 16 * shape.params
+        per_job = states + activation_bytes(spec.domain_seq_len(d), d.micro_batch_size, shape.hidden,
+                                            shape.layers, shape.vocab, mixed)
+        per_gpu = int(1 / r.gpu + 1e-9)
+        if per_gpu * per_job > usable_bytes(memory):
+            problems.append(
+                f"finetune.domains.{i}.resources_per_worker.gpu: {r.gpu:g} packs {per_gpu} jobs per GPU, "
+                f"{per_gpu} × {per_job / GB:.1f} GB > {usable_bytes(memory) / GB:.1f} GB usable on "
+                f"{r.accelerator or f'{memory:g} GB GPUs'}; give each job more of a GPU or less memory "
+                "(micro_batch_size, seq_len, method: lora)")
+    return problems

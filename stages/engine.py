@@ -128,6 +128,14 @@ class TorchEngine:
     """A single process: AdamW, warmup-cosine, optional bf16 autocast, gradient accumulation."""
 
     def __init__(self, model, t: TrainingSpec, total_steps: int, device: str = "cpu"):
+        import torch
+
+        if device.startswith("cuda") and t.deepspeed.precision in ("bf16", "fp16"):
+            # a frozen base (LoRA) is only read: keep it in 16 bits on the GPU, adapters in fp32
+            half = torch.bfloat16 if t.deepspeed.precision == "bf16" else torch.float16
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(half)
         self.model = model.to(device)
         self.device = device
         self.optimizer = build_optimizer(model, t.optimizer)

@@ -106,3 +106,19 @@ def test_plan_command_bad_gpu():
     result = CliRunner().invoke(app, ["plan", str(REPO / "examples" / "quickstart.yaml"), "--gpu", "H900"])
     assert result.exit_code == 2
     assert result.stderr.startswith("error: unknown GPU 'H900'; known: T4-16GB")
+
+
+def test_fractional_packing_is_refused_when_it_cannot_fit():
+    from branchout.orchestrator.loader import SpecError
+
+    path = REPO / "examples" / "llama-7b.yaml"
+    spec = load_spec(path)  # two LoRA jobs per H100: 2 × (13.5 GB base + activations) fits
+    assert spec.finetune.domains[0].resources_per_worker.gpu == 0.5
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["finetune.defaults.resources_per_worker.gpu=0.25"])
+    # 4 × (2 bytes × 6.74B base + 16 bytes × 1% adapters + activations of 1 × 1024 tokens)
+    per_job = 2 * LLAMA2_7B + 16 * (LLAMA2_7B // 100) + 34 * 1024 * 4096 * 32 + 6 * 1024 * 32_000
+    assert info.value.problems[0] == (
+        f"finetune.domains.0.resources_per_worker.gpu: 0.25 packs 4 jobs per GPU, 4 × {per_job / GB:.1f} GB > "
+        "70.9 GB usable on H100-80GB; give each job more of a GPU or less memory (micro_batch_size, seq_len, method: lora)")
+    assert len(info.value.problems) == 3  # one line per domain
