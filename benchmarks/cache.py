@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from quickstart import quickstart_command  # noqa: E402
 
 
 def run(work: Path, data: Path) -> tuple[float, dict[str, str]]:
-    sets = [f"storage={work / 'runs'}", f"pretrain.dataset.path={data / 'general.jsonl'}"]
-    sets += [f"finetune.domains.{i}.dataset.path={data / n}.jsonl" for i, n in enumerate(("legal", "code", "docs"))]
     started = time.perf_counter()
-    out = subprocess.run(["branchout", "run", str(REPO / "examples" / "quickstart.yaml"),
-                          *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True)
+    out = subprocess.run(quickstart_command(work / "runs", data), capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if out.returncode != 0:
         raise SystemExit(out.stdout[-3000:] + out.stderr[-2000:])

@@ -19,15 +19,19 @@ REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "benchmarks" / "out"
 
 
+def quickstart_command(storage: Path, data: Path) -> list[str]:
+    """``branchout run`` of the shipped quickstart with its storage and corpora moved."""
+    sets = [f"storage={storage}", f"pretrain.dataset.path={data / 'general.jsonl'}"]
+    sets += [f"finetune.domains.{i}.dataset.path={data / n}.jsonl" for i, n in enumerate(("legal", "code", "docs"))]
+    return ["branchout", "run", str(REPO / "examples" / "quickstart.yaml"), *[a for s in sets for a in ("--set", s)]]
+
+
 def main() -> int:
     data = OUT / "data"
     subprocess.run([sys.executable, str(REPO / "examples" / "corpus.py"), str(data)], check=True,
                    stdout=subprocess.DEVNULL)
-    sets = [f"storage={OUT / 'runs'}", f"pretrain.dataset.path={data / 'general.jsonl'}"]
-    sets += [f"finetune.domains.{i}.dataset.path={data / n}.jsonl" for i, n in enumerate(("legal", "code", "docs"))]
     started = time.time()
-    proc = subprocess.run(["branchout", "run", str(REPO / "examples" / "quickstart.yaml"),
-                           *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True)
+    proc = subprocess.run(quickstart_command(OUT / "runs", data), capture_output=True, text=True)
     wall = time.time() - started
     if proc.returncode != 0:
         print(proc.stdout[-4000:], proc.stderr[-4000:], file=sys.stderr)

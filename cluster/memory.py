@@ -116,9 +116,14 @@ def paper_model_states(params: int, gpus: int, stage: int) -> float:
 
 
 def activation_bytes(seq_len: int, micro_batch: int, hidden: int, layers: int, vocab: int,
-                     mixed_precision: bool = True) -> float:
-    per_layer = 34 * seq_len * micro_batch * hidden * (1 if mixed_precision else 2)
-    return per_layer * layers + 6 * seq_len * micro_batch * vocab
+                     mixed_precision: bool = True, checkpointed: bool = False) -> float:
+    """Activations kept for backward: ~34·s·b·h bytes per layer in 16-bit (Korthikanti et
+    al.), plus the logits. With activation checkpointing only each layer's input (2·s·b·h)
+    is kept and one layer's full set is rebuilt at a time."""
+    scale = 1 if mixed_precision else 2
+    per_layer = 34 * seq_len * micro_batch * hidden * scale
+    kept = (2 * seq_len * micro_batch * hidden * scale * layers + per_layer) if checkpointed else per_layer * layers
+    return kept + 6 * seq_len * micro_batch * vocab
 
 
 def usable_bytes(gpu_memory_gb: float) -> float:

@@ -34,6 +34,9 @@ def schedule_add(
     cron: Annotated[str | None, typer.Option(help='Cron expression, e.g. "0 3 * * 1" (Mondays 03:00).')] = None,
     timezone: Annotated[str, typer.Option(help="Time zone of the cron times, e.g. Europe/Berlin.")] = "UTC",
     on_data_change: Annotated[bool, typer.Option("--on-data-change", help="Also run when a dataset changes.")] = False,
+    watch: Annotated[list[str] | None, typer.Option(
+        help="Only this dataset's changes fire (pretrain or a domain name; repeatable; implies --on-data-change)."
+    )] = None,
     poll: Annotated[float, typer.Option(help="Seconds between data-change checks.")] = 300.0,
     address: AddressOpt = None,
     overlap: Annotated[str, typer.Option(help="skip | queue: a fire while a run is active.")] = "skip",
@@ -43,16 +46,21 @@ def schedule_add(
     """Add a schedule (kept in the registry; `branchout scheduler` fires it)."""
     from branchout.orchestrator.scheduler import ScheduleError
 
-    load_checked(pipeline, set_)
+    spec = load_checked(pipeline, set_)
+    names = ["pretrain", *(d.name for d in spec.finetune.domains)]
+    unknown = [w for w in watch or [] if w not in names]
+    if unknown:
+        fail([f"--watch {', '.join(unknown)}: not a dataset of {pipeline} (pretrain or a domain: {', '.join(names[1:])})"])
     try:
         schedule_id = _store().add(str(pipeline), cron, timezone, on_data_change, poll, address, overlap, missed,
-                                   list(set_ or []))
+                                   list(set_ or []), watch=list(watch or []) or None)
     except ScheduleError as e:
         fail([str(e)])
     s = _store().get(schedule_id)
     nxt = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(s.next_fire)) if s.next_fire else "-"
     console.print(f"schedule {schedule_id}: {pipeline} cron={cron or '-'} ({timezone}) "
-                  f"data-change={'yes' if on_data_change else 'no'}; next cron fire {nxt}")
+                  f"data-change={', '.join(s.watch) if s.watch else 'any dataset' if s.on_data_change else 'no'}; "
+                  f"next cron fire {nxt}")
 
 
 @schedule_app.command("list")
@@ -65,7 +73,8 @@ def schedule_list() -> None:
         table.add_column(col, overflow="fold")
     fmt = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"  # noqa: E731
     for s in _store().all():
-        table.add_row(str(s.id), s.pipeline, s.cron or "-", s.timezone, f"every {s.poll_s:g}s" if s.on_data_change else "-",
+        table.add_row(str(s.id), s.pipeline, s.cron or "-", s.timezone, (f"{', '.join(s.watch) if s.watch else 'any'}, every {s.poll_s:g}s"
+                      if s.on_data_change else "-"),
                       s.overlap + (" (queued)" if s.queued else ""), s.missed, fmt(s.next_fire), fmt(s.last_fire),
                       s.last_run or "-")
     console.print(table)

@@ -31,7 +31,10 @@ def print_plan(console: Console, plan: Plan, notes: list[str] | None = None) -> 
     console.print(f"  model: {plan.model_type}, {plan.params / 1e6:.2f}M parameters "
                   f"({plan.non_embedding_params / 1e6:.2f}M non-embedding), vocab {plan.vocab_size:,}")
     p = plan.pretrain
-    zero = "single process" if p.zero_stage is None else f"DeepSpeed ZeRO-{p.zero_stage}"
+    # One worker without offload or fp16 gives DeepSpeed nothing to do; say so rather than
+    # let a configured zero_stage look as if it applied.
+    zero = ("plain torch (1 worker: ZeRO has nothing to partition)" if p.zero_stage is None
+            else f"DeepSpeed ZeRO-{p.zero_stage}")
     console.print(f"  pretrain: {p.arithmetic()}")
     console.print(f"            {p.steps:,} steps = {p.total_tokens:,} tokens; {p.checkpoints} checkpoint(s); "
                   f"{zero}, {p.precision}; ~{p.memory_gib:.2f} GiB/worker; "
@@ -254,6 +257,6 @@ def print_memory_plan(console: Console, spec, shape, gpu_memory_gb: float | None
         console.print(f"{name} pick: {best.option.label}" if best else
                       f"{name} pick: none fits; lower micro_batch_size or seq_len, or use bigger GPUs")
     for d in spec.finetune.domains:
-        if d.num_workers == 1:
+        if not d.uses_deepspeed():
             console.print(f"finetune/{d.name}: 1 worker, plain torch ({d.method}); "
                           f"{d.resources_per_worker.gpu:g} GPU each")

@@ -371,9 +371,9 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
                 lora=d.lora.model_dump(), base_model_uri=base_uri if kind == "finetune" else None,
             )
             bundle = d.resources_per_worker.ray_bundle()
-            if d.num_workers == 1:
+            if not d.uses_deepspeed():
                 singles.setdefault(tuple(sorted(bundle.items())), []).append(job.name)
-            submit = _submitter(ctx, job, d.num_workers, bundle, d.max_failures, pools, singles)
+            submit = _submitter(ctx, job, d.uses_deepspeed(), bundle, d.max_failures, pools, singles)
             items.append(WorkItem(job.name, submit, max_retries=d.max_retries,
                                   resources=d.resources_per_worker.ray_bundle(),
                                   on_success=lambda r, job=job: {
@@ -386,14 +386,15 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
         pools.shutdown()
 
 
-def _submitter(ctx: RunContext, job: TrainJob, workers: int, resources: dict[str, float],
+def _submitter(ctx: RunContext, job: TrainJob, deepspeed: bool, resources: dict[str, float],
                max_failures: int, pools, singles: dict[tuple, list[str]]):
-    """Multi-worker jobs go through Ray Train from a driver thread; single-worker ones go to a
-    warm pool (or, with ``finetune.warm_pool: false``, each to its own Ray task)."""
+    """DeepSpeed jobs (several workers, offload) go through Ray Train from a driver thread;
+    single-worker ones go to a warm pool (or, with ``finetune.warm_pool: false``, each to
+    its own Ray task)."""
     from branchout.orchestrator.training import run_distributed
     from branchout.stages.finetune import run_single_worker
 
-    if workers > 1:
+    if deepspeed:
         return lambda: ctx.threads.submit(run_distributed, job, max_failures)
     if not ctx.spec.finetune.warm_pool:
         return lambda: submit_task(run_single_worker, (job,), resources, job.name, ctx.hub_name)

@@ -26,7 +26,7 @@ class TrainingPlan:
     seq_len: int
     steps: int
     checkpoint_every: int
-    zero_stage: int | None  # None: single-worker plain torch engine
+    zero_stage: int | None  # None: the plain torch engine (one worker, no offload)
     precision: str
     resources: dict[str, float]
     memory_gib: float
@@ -171,29 +171,29 @@ def build_plan(spec: PipelineSpec) -> Plan:
     plan = Plan(
         pipeline=spec.name, model_type=spec.model.type, params=shape.params,
         non_embedding_params=shape.non_embedding, vocab_size=shape.vocab, layers=shape.layers,
-        hidden=shape.hidden, pretrain=_training_plan("pretrain", p, p.seq_len, pre_steps, shape, False),
+        hidden=shape.hidden, pretrain=_training_plan("pretrain", p, p.seq_len, pre_steps, shape),
         eval_models=list(spec.evaluate.models), cluster=spec.cluster.address or "embedded local Ray",
     )
     for d in spec.finetune.domains:
         trainable = shape.params if d.method == "full" else max(1, shape.params // 100)
-        plan.domains[d.name] = _training_plan(d.name, d, spec.domain_seq_len(d), d.steps, shape,
-                                              d.num_workers == 1, trainable)
+        plan.domains[d.name] = _training_plan(d.name, d, spec.domain_seq_len(d), d.steps, shape, trainable)
         plan.domain_methods[d.name] = d.method
     return plan
 
 
 def _training_plan(name: str, t: TrainingSpec, seq_len: int, steps: int, shape: ModelShape,
-                   single: bool, trainable: int | None = None) -> TrainingPlan:
+                   trainable: int | None = None) -> TrainingPlan:
     from branchout.cluster.memory import ZeroOption, activation_bytes, model_states
 
     accum = t.global_batch_size // (t.num_workers * t.micro_batch_size)
-    zero = None if single else int(t.deepspeed.zero_stage)
+    zero = int(t.deepspeed.zero_stage) if t.uses_deepspeed() else None
     option = ZeroOption(zero or 0, t.deepspeed.offload_optimizer, t.deepspeed.offload_params)
     mixed = t.deepspeed.precision != "fp32"
     states = model_states(option, trainable or shape.params, shape.largest_layer, t.num_workers, mixed)
     if trainable and trainable < shape.params:  # LoRA: the frozen base still occupies memory
         states += (2 if mixed else 4) * shape.params
-    acts = activation_bytes(seq_len, t.micro_batch_size, shape.hidden, shape.layers, shape.vocab, mixed)
+    acts = activation_bytes(seq_len, t.micro_batch_size, shape.hidden, shape.layers, shape.vocab, mixed,
+                            t.activation_checkpointing)
     return TrainingPlan(
         name=name, workers=t.num_workers, micro_batch=t.micro_batch_size, grad_accum=accum,
         seq_len=seq_len, steps=steps, checkpoint_every=t.checkpoint_every, zero_stage=zero,
@@ -226,7 +226,7 @@ def check_packing(spec: PipelineSpec) -> list[str]:
         else:
             states = 16 * shape.params
         per_job = states + activation_bytes(spec.domain_seq_len(d), d.micro_batch_size, shape.hidden,
-                                            shape.layers, shape.vocab, mixed)
+                                            shape.layers, shape.vocab, mixed, d.activation_checkpointing)
         per_gpu = int(1 / r.gpu + 1e-9)
         if per_gpu * per_job > usable_bytes(memory):
             problems.append(

@@ -30,12 +30,16 @@ class WarmPool:
         self.shared_base = shared_base  # an ObjectRef of the parent's weights, or None
         self._lock = threading.Lock()
         self._idle: deque = deque(self._actor_class.remote() for _ in range(max(1, size)))
+        self._all = list(self._idle)
         self._queue: deque[tuple[TrainJob, cf.Future]] = deque()
+        self._closed = False
         self.replaced = 0
 
     def submit(self, job: TrainJob) -> cf.Future:
         outer: cf.Future = cf.Future()
         with self._lock:
+            if self._closed:
+                raise RuntimeError("submit to a warm pool that was shut down")
             self._queue.append((job, outer))
         self._dispatch()
         return outer
@@ -55,11 +59,15 @@ class WarmPool:
         from ray.exceptions import RayActorError
 
         error = inner.exception()
-        if isinstance(error, RayActorError):
-            actor = self._actor_class.remote()  # the process died: a fresh runner takes its place
-            self.replaced += 1
         with self._lock:
-            self._idle.append(actor)
+            if self._closed:
+                actor = None  # killed by shutdown(): nothing to replace or reuse
+            elif isinstance(error, RayActorError):
+                actor = self._actor_class.remote()  # the process died: a fresh runner takes its place
+                self.replaced += 1
+                self._all.append(actor)
+            if actor is not None:
+                self._idle.append(actor)
         if error is None:
             outer.set_result(inner.result())
         else:
@@ -67,12 +75,20 @@ class WarmPool:
         self._dispatch()
 
     def shutdown(self) -> None:
+        """Release every runner (and its resources); jobs still running are killed with it."""
         import ray
 
         with self._lock:
-            for actor in self._idle:
-                ray.kill(actor)
+            self._closed = True
+            actors, self._all = self._all, []
             self._idle.clear()
+            queued, self._queue = list(self._queue), deque()
+        # Outside the lock: a killed runner's future calls back into _finished (on Ray's
+        # thread), and ray.kill may wait for that thread.
+        for actor in actors:
+            ray.kill(actor)
+        for _, outer in queued:
+            outer.set_exception(RuntimeError("the warm pool was shut down before this job started"))
 
 
 class PoolSet:

@@ -42,6 +42,7 @@ schedules = sa.Table(
     sa.Column("cron", sa.String(128)),
     sa.Column("timezone", sa.String(64), nullable=False, default="UTC"),
     sa.Column("on_data_change", sa.Boolean, nullable=False, default=False),
+    sa.Column("watch", sa.Text),  # JSON list of dataset names whose change fires; null = all
     sa.Column("poll_s", sa.Float, nullable=False, default=300.0),
     sa.Column("address", sa.Text),  # submit to this cluster; null = run locally
     sa.Column("overlap", sa.String(16), nullable=False, default="skip"),
@@ -72,6 +73,7 @@ class Schedule:
     cron: str | None
     timezone: str
     on_data_change: bool
+    watch: list[str] | None
     poll_s: float
     address: str | None
     overlap: str
@@ -117,13 +119,17 @@ class ScheduleStore:
 
     def add(self, pipeline: str, cron: str | None, tz: str = "UTC", on_data_change: bool = False,
             poll_s: float = 300.0, address: str | None = None, overlap: str = "skip",
-            missed: str = "run-once", overrides: list[str] | None = None, now: float | None = None) -> int:
+            missed: str = "run-once", overrides: list[str] | None = None, now: float | None = None,
+            watch: list[str] | None = None) -> int:
+        """``watch`` narrows the data-change trigger to these datasets (``pretrain`` or domain
+        names); it implies ``on_data_change``."""
+        on_data_change = on_data_change or bool(watch)
         validate(cron, tz, on_data_change, overlap, missed)
         now = time.time() if now is None else now
         with self.registry.engine.begin() as conn:
             result = conn.execute(schedules.insert().values(
                 pipeline=os.path.abspath(pipeline), overrides=json.dumps(overrides or []), cron=cron,
-                timezone=tz, on_data_change=on_data_change, poll_s=poll_s, address=address, overlap=overlap,
+                timezone=tz, on_data_change=on_data_change, watch=json.dumps(watch) if watch else None, poll_s=poll_s, address=address, overlap=overlap,
                 missed=missed, created=now, next_fire=next_cron_time(cron, tz, now) if cron else None,
                 queued=False))
             return int(result.inserted_primary_key[0])
@@ -132,6 +138,7 @@ class ScheduleStore:
         with self.registry.engine.connect() as conn:
             rows = conn.execute(sa.select(schedules).order_by(schedules.c.id)).mappings().all()
         return [Schedule(**{**r, "overrides": json.loads(r["overrides"] or "[]"),
+                            "watch": json.loads(r["watch"]) if r["watch"] else None,
                             "fingerprints": json.loads(r["fingerprints"]) if r["fingerprints"] else None})
                 for r in rows]
 
@@ -202,6 +209,11 @@ class Scheduler:
             self.store.update(s.id, next_fire=next_cron_time(s.cron, s.timezone, now))
         if s.on_data_change and (s.last_poll is None or now - s.last_poll >= s.poll_s):
             current = self.fingerprints(s)
+            if s.watch:  # only the watched datasets can fire; a vanished name is an error, not silence
+                missing = sorted(set(s.watch) - set(current))
+                if missing:
+                    self.decide(s, "error", f"watched dataset(s) {', '.join(missing)} no longer in the pipeline")
+                current = {k: v for k, v in current.items() if k in s.watch}
             changed = sorted(k for k in current if s.fingerprints is not None and current[k] != s.fingerprints.get(k))
             self.store.update(s.id, last_poll=now, fingerprints=current)
             if s.fingerprints is None:

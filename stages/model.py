@@ -151,12 +151,13 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None):
     seed = job.training.get("seed", 0)
     if job.kind in ("pretrain", "scratch"):
         config = build_config(job.model_type, job.model_overrides, len(tokenizer), special_token_ids(tokenizer))
-        return build_model(config, seed=seed)
+        return _checkpointed(build_model(config, seed=seed), job)
     if shared_base is not None:
         model = model_on_weights(job, tokenizer, shared_base, copy=job.method != "lora")
     else:
         base_dir = fetch_verified(job.base_model_uri)
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = _checkpointed(model, job)
     if job.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -166,6 +167,14 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None):
             r=lora.get("rank", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
             target_modules=lora.get("target_modules") or default_lora_targets(job.model_type),
             task_type="CAUSAL_LM"))
+    return model
+
+
+def _checkpointed(model, job):
+    """Activation checkpointing when the job asks for it. Non-reentrant checkpointing
+    needs no input that requires grad, so it works on a frozen (LoRA) base too."""
+    if job.training.get("activation_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -13,7 +13,9 @@ one Ray Train run and a new run of the same job (``branchout resume``). Rank 0 a
 the newest ``keep_checkpoints`` good checkpoints stay, the newest good one always.
 
 At the end every rank takes part in gathering the full weights (ZeRO-3 shards them) and
-rank 0 exports a consolidated HF model directory with the tokenizer.
+rank 0 exports a consolidated HF model directory with the tokenizer. A single worker
+without offload or fp16 has nothing for DeepSpeed to do and trains with the plain torch
+engine (``TrainingSpec.uses_deepspeed``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def train_worker(config: dict) -> None:
     from branchout.stages import storage
     from branchout.stages.checkpoint import fetch_verified, retain, write_rank_manifest
     from branchout.stages.data import open_blocks
-    from branchout.stages.engine import DeepSpeedEngine
+    from branchout.stages.engine import DeepSpeedEngine, TorchEngine
     from branchout.stages.loop import rng_state, run_steps, set_rng_state
     from branchout.stages.metrics import MetricsLogger
     from branchout.stages.model import export_model, prepare_model
@@ -49,7 +51,11 @@ def train_worker(config: dict) -> None:
 
     tokenizer = load_tokenizer(fetch_verified(job.tokenizer_uri))
     model = prepare_model(job, tokenizer)
-    engine = DeepSpeedEngine(model, t, job.steps, world, t.resources_per_worker.uses_gpu)
+    if t.uses_deepspeed():
+        engine = DeepSpeedEngine(model, t, job.steps, world, t.resources_per_worker.uses_gpu)
+    else:
+        device = "cuda" if t.resources_per_worker.uses_gpu and torch.cuda.is_available() else "cpu"
+        engine = TorchEngine(model, t, job.steps, device=device)
 
     logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps) if rank == 0 else None
     start_step = 0

@@ -62,6 +62,8 @@ def test_picks_match_hand_arithmetic_on_h100():
     p = LLAMA2_7B
     acts = 34 * 4096 * 1 * 4096 * 32 + 6 * 4096 * 1 * 32_000
     assert activation_bytes(4096, 1, 4096, 32, 32_000) == acts
+    # checkpointing keeps each layer's input and one layer's full set: a fraction of the total
+    assert activation_bytes(4096, 1, 4096, 32, 32_000, checkpointed=True) < acts / 4
     zero0 = 20 * p + acts  # 2 + 2 + 16 bytes per parameter, nothing sharded
     zero1 = 4 * p + 16 * p / 8 + acts  # fp32 state sharded over 8 GPUs
     assert zero0 > budget and zero1 < budget

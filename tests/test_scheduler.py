@@ -3,6 +3,7 @@ clock with a recording launcher; and once as the real `branchout scheduler` proc
 
 from __future__ import annotations
 
+import shlex
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ import pytest
 from branchout.orchestrator.registry import Registry
 from branchout.orchestrator.scheduler import ScheduleError, Scheduler, ScheduleStore
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 class Clock:
@@ -100,6 +101,22 @@ def test_data_change_fires_exactly_once(registry, tmp_path):
 
 
 @pytest.mark.unit
+def test_watch_fires_only_for_the_watched_dataset(registry, tmp_path):
+    clock = Clock(utc(2026, 1, 5))
+    data = {"pretrain": "p0", "legal": "l0", "code": "c0"}
+    scheduler, fired = make(registry, clock, fingerprints=lambda s: dict(data))
+    sid = scheduler.store.add(str(tmp_path / "p.yaml"), "0 3 * * 1", watch=["legal"], poll_s=60, now=clock.t)
+    assert scheduler.store.get(sid).on_data_change  # --watch implies it
+    run_until(scheduler, clock, clock.t + 300, step=60)
+    data["code"], data["pretrain"] = "c1", "p1"
+    run_until(scheduler, clock, clock.t + 300, step=60)
+    assert fired == []  # not watched
+    data["legal"] = "l1"
+    run_until(scheduler, clock, clock.t + 300, step=60)
+    assert [r for _, r in fired] == ["data changed: legal"]
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("policy,expected", [("run-once", 1), ("skip", 0)])
 def test_restart_keeps_schedules_and_applies_missed_policy(registry, tmp_path, policy, expected):
     clock = Clock(utc(2026, 1, 5, 0, 30))
@@ -126,6 +143,26 @@ def test_bad_schedules(registry, tmp_path):
         store.add(str(tmp_path / "p.yaml"), "every monday")
     with pytest.raises(ScheduleError, match="unknown time zone"):
         store.add(str(tmp_path / "p.yaml"), "0 3 * * 1", "Mars/Olympus")
+
+
+@pytest.mark.integration
+def test_schedule_add_checks_watched_names(write_pipeline, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from branchout.orchestrator.cli import app
+
+    monkeypatch.setenv("BRANCHOUT_REGISTRY", f"sqlite:///{tmp_path / 'reg.db'}")
+    path = write_pipeline()
+    bad = CliRunner().invoke(app, ["schedule", "add", str(path), "--watch", "legall"])
+    assert bad.exit_code == 2 and "--watch legall: not a dataset of" in bad.output
+    # the README's "every Monday, and whenever legal data changes", flags as printed there
+    readme = (REPO / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("branchout schedule add examples/quickstart.yaml"))
+    args = shlex.split(line.split("#")[0])[4:]  # after "branchout schedule add PIPELINE"
+    good = CliRunner().invoke(app, ["schedule", "add", str(path), *args])
+    assert good.exit_code == 0 and "data-change=legal" in good.output, good.output
+    listed = CliRunner().invoke(app, ["schedule", "list"])
+    assert "0 3 * * 1" in listed.output and "Europe/Berlin" in listed.output and "legal, every 600s" in listed.output
 
 
 @pytest.mark.e2e

@@ -89,7 +89,7 @@ def test_warm_pool_and_ray_train_train_the_same_weights(parts):
     pool.submit(warm).result(timeout=300)
     pool.shutdown()
     trained = job_for(parts, "raytrain", "full")
-    run_distributed(trained)  # one Ray Train worker, DeepSpeed ZeRO-0, fp32
+    run_distributed(trained)  # one Ray Train worker (plain torch engine: one worker, fp32)
     a, b = weights(warm.model_uri), weights(trained.model_uri)
     assert a.keys() == b.keys()
     base = weights(parts[0] / "base")
@@ -122,6 +122,26 @@ def test_lora_on_shared_weights_is_read_only_and_identical(parts):
     assert all(np.array_equal(after[k], original[k]) for k in original)  # and nothing wrote to them
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_activation_checkpointing_trains_the_same_weights(parts, method):
+    from branchout.stages.finetune import run_single_worker
+    from branchout.stages.model import prepare_model
+    from branchout.stages.tokenizer import load_tokenizer
+
+    plain, ckpt = job_for(parts, f"{method}-plain", method), job_for(parts, f"{method}-ckpt", method,
+                                                                      activation_checkpointing=True)
+    tok = load_tokenizer(str(parts[0] / "tokenizer"))
+    on = prepare_model(ckpt, tok)
+    on = on.get_base_model() if method == "lora" else on
+    assert on.is_gradient_checkpointing and not prepare_model(plain, tok).is_gradient_checkpointing
+    run_single_worker(plain)
+    run_single_worker(ckpt)
+    a, b = weights(plain.model_uri), weights(ckpt.model_uri)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+
+
 def test_a_dead_runner_is_replaced_and_the_job_can_be_retried(parts):
     import ray
     from ray.exceptions import RayActorError
@@ -139,3 +159,28 @@ def test_a_dead_runner_is_replaced_and_the_job_can_be_retried(parts):
     retried = pool.submit(job_for(parts, "doomed", "full"))  # what the fan-out's retry does
     assert retried.result(timeout=300)["pool_pid"] != pid
     pool.shutdown()
+
+
+def test_shutdown_with_jobs_running_and_queued_returns_and_fails_them(parts):
+    import time
+
+    import ray
+    from ray.exceptions import RayActorError
+
+    from branchout.orchestrator.pool import WarmPool
+
+    pool = WarmPool({"CPU": 1.0}, 1)
+    ray.get(pool._idle[0].ready.remote())
+    running = pool.submit(job_for(parts, "long", "full", steps=10_000))
+    queued = pool.submit(job_for(parts, "never", "full"))
+    time.sleep(3)
+    started = time.monotonic()
+    pool.shutdown()  # once deadlocked: ray.kill under the lock the killed job's callback needs
+    assert time.monotonic() - started < 30
+    with pytest.raises(RayActorError):
+        running.result(timeout=60)
+    with pytest.raises(RuntimeError, match="shut down before this job started"):
+        queued.result(timeout=5)
+    assert pool.replaced == 0  # a runner killed by shutdown is not replaced
+    with pytest.raises(RuntimeError, match="shut down"):
+        pool.submit(job_for(parts, "late", "full"))
