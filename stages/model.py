@@ -174,7 +174,10 @@ def _checkpointed(model, job):
     """Activation checkpointing when the job asks for it. Non-reentrant checkpointing
     needs no input that requires grad, so it works on a frozen (LoRA) base too."""
     if job.training.get("activation_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
