@@ -371,11 +371,11 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
                 lora=d.lora.model_dump(), base_model_uri=base_uri if kind == "finetune" else None,
             )
             bundle = d.resources_per_worker.ray_bundle()
-            if not d.uses_deepspeed():
-                singles.setdefault(tuple(sorted(bundle.items())), []).append(job.name)
-            submit = _submitter(ctx, job, d.uses_deepspeed(), bundle, d.max_failures, pools, singles)
-            items.append(WorkItem(job.name, submit, max_retries=d.max_retries,
-                                  resources=d.resources_per_worker.ray_bundle(),
+            deepspeed = d.uses_deepspeed()
+            group = [] if deepspeed else singles.setdefault(tuple(sorted(bundle.items())), [])
+            group.append(job.name)
+            submit = _submitter(ctx, job, deepspeed, bundle, d.max_failures, pools, group)
+            items.append(WorkItem(job.name, submit, max_retries=d.max_retries, resources=bundle,
                                   on_success=lambda r, job=job: {
                                       "model_uri": job.model_uri, "final_loss": r["final_loss"],
                                       "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"],
@@ -387,10 +387,10 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
 
 
 def _submitter(ctx: RunContext, job: TrainJob, deepspeed: bool, resources: dict[str, float],
-               max_failures: int, pools, singles: dict[tuple, list[str]]):
+               max_failures: int, pools, group: list[str]):
     """DeepSpeed jobs (several workers, offload) go through Ray Train from a driver thread;
     single-worker ones go to a warm pool (or, with ``finetune.warm_pool: false``, each to
-    its own Ray task)."""
+    its own Ray task). ``group``: the jobs sharing this job's bundle, which size its pool."""
     from branchout.orchestrator.training import run_distributed
     from branchout.stages.finetune import run_single_worker
 
@@ -398,7 +398,6 @@ def _submitter(ctx: RunContext, job: TrainJob, deepspeed: bool, resources: dict[
         return lambda: ctx.threads.submit(run_distributed, job, max_failures)
     if not ctx.spec.finetune.warm_pool:
         return lambda: submit_task(run_single_worker, (job,), resources, job.name, ctx.hub_name)
-    group = singles[tuple(sorted(resources.items()))]
     return lambda: pools.submit(job, resources, sum(not ctx.record.stage(n).state.done for n in group))
 
 

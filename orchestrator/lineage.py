@@ -15,6 +15,7 @@ record (which may itself have been reused from an earlier run).
 
 from __future__ import annotations
 
+import io
 import time
 
 from rich.console import Console
@@ -78,9 +79,9 @@ def lineage_tree(record: RunRecord, focus: str | None = None) -> Tree:
 
 def lineage_text(record: RunRecord) -> str:
     """The tree as plain text (for report.md)."""
-    console = Console(record=True, width=160, file=open("/dev/null", "w"), color_system=None)  # noqa: SIM115
+    console = Console(width=160, file=io.StringIO(), color_system=None)
     console.print(lineage_tree(record))
-    return console.export_text()
+    return console.file.getvalue()
 
 
 def find_job(record: RunRecord, path: str) -> str | None:

@@ -188,4 +188,4 @@ class TorchEngine:
         return state["client_state"]
 
     def state_dict_for_export(self) -> dict | None:
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return None  # the model object itself is exported (save_pretrained handles peft too)

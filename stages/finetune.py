@@ -47,7 +47,7 @@ def run_single_worker(job: TrainJob, shared_base: dict | None = None, tokenizer=
     logger.state("running", started=started)
 
     tokenizer = tokenizer or load_tokenizer(fetch_verified(job.tokenizer_uri))
-    model = prepare_model(job, tokenizer, shared_base if job.kind == "finetune" else None)
+    model = prepare_model(job, tokenizer, shared_base)  # a baseline (scratch) ignores the parent
     engine = TorchEngine(model, t, job.steps, device=device)
 
     start_step = 0

@@ -86,7 +86,10 @@ def train_worker(config: dict) -> None:
 
     weights = engine.state_dict_for_export()  # collective: every rank must call it
     if rank == 0:
-        export_model(prepare_model(job, tokenizer), tokenizer, job.model_uri, state_dict=weights,
+        # DeepSpeed's gathered weights go into a fresh model (ZeRO-3 leaves the engine's
+        # parameters partitioned); the plain torch engine's model is exported as it is.
+        target = engine.model if weights is None else prepare_model(job, tokenizer)
+        export_model(target, tokenizer, job.model_uri, state_dict=weights,
                      extra={"job": job.name, "steps": job.steps})
         storage.write_text(storage.join(job.out_uri, "result.json"), json.dumps(asdict(result)))
         logger.close()
