@@ -172,7 +172,7 @@ def main() -> int:
     general, legal = build_parts(work)
     tok = load_tokenizer(str(work / "tokenizer"))
     export_model(build_model(build_config("llama", MODEL, len(tok)), seed=0), tok, str(work / "base"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="bench")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="bench")
 
     # 1 + 2: orchestration overhead and MFU. This machine's throughput drifts by ±10% over
     # minutes (a shared host), so the two are measured alternately and the ratio taken per

@@ -46,7 +46,10 @@ def connect(cluster: ClusterSpec) -> Iterator[ClusterInfo]:
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+                # "local": always a new instance. With no address Ray would join the
+                # cluster of the last `ray start` on this machine, a different cluster
+                # (other resources, other token) than the user asked for.
+                ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
                          include_dashboard=False, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ClusterError(f"cannot connect to Ray at {address or 'a new local instance'}: "

@@ -326,7 +326,7 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo)
         tokenizer_uri=tokenizer["uri"], data_uri=data.uri, out_uri=ctx.uri("pretrain"),
         logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id, hub_name=ctx.hub_name,
     )
-    item = WorkItem("pretrain", lambda: ctx.threads.submit(run_distributed, job, spec.pretrain.max_failures),
+    item = WorkItem("pretrain", claiming(job, lambda: ctx.threads.submit(run_distributed, job, spec.pretrain.max_failures)),
                     on_success=lambda r: {"model_uri": job.model_uri, "final_loss": r["final_loss"],
                                           "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"]},
                     resources=spec.pretrain.resources_per_worker.ray_bundle())
@@ -374,7 +374,7 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
             deepspeed = d.uses_deepspeed()
             group = [] if deepspeed else singles.setdefault(tuple(sorted(bundle.items())), [])
             group.append(job.name)
-            submit = _submitter(ctx, job, deepspeed, bundle, d.max_failures, pools, group)
+            submit = claiming(job, _submitter(ctx, job, deepspeed, bundle, d.max_failures, pools, group))
             items.append(WorkItem(job.name, submit, max_retries=d.max_retries, resources=bundle,
                                   on_success=lambda r, job=job: {
                                       "model_uri": job.model_uri, "final_loss": r["final_loss"],
@@ -384,6 +384,19 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
         ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
     finally:
         pools.shutdown()
+    for item in items:  # recorded as succeeded: its resume points are no longer needed
+        if ctx.record.stage(item.name).state is StageState.SUCCEEDED:
+            storage.remove_dir(ctx.uri(*item.name.split("/"), "checkpoints"))
+
+
+def claiming(job: TrainJob, submit: Callable[[], cf.Future]) -> Callable[[], cf.Future]:
+    """``submit`` preceded by ``job.claim()``: each attempt owns the job's directory."""
+
+    def claim_and_submit() -> cf.Future:
+        job.claim()
+        return submit()
+
+    return claim_and_submit
 
 
 def _submitter(ctx: RunContext, job: TrainJob, deepspeed: bool, resources: dict[str, float],

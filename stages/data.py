@@ -120,7 +120,7 @@ def _local_copies(files: list[str]) -> list[str]:
         fs, path = storage.filesystem(uri)
         info = fs.get_file_info(path)
         key = hashlib.sha256(f"{uri}\0{info.size}\0{info.mtime_ns}".encode()).hexdigest()[:20]
-        local = os.path.join(os.path.expanduser("~/.cache/branchout/data"), key, os.path.basename(path))
+        local = storage.local_cache_dir("data", key, os.path.basename(path))
         if not os.path.exists(local):
             os.makedirs(os.path.dirname(local), exist_ok=True)
             storage.write_bytes(local, storage.read_bytes(uri))
@@ -199,7 +199,8 @@ def fingerprint(ds: DatasetSpec) -> str:
     """Identity of the data: file paths, sizes and content hashes; hub name and revision.
 
     Content hashes are remembered per (path, size, modification time) in
-    ``~/.cache/branchout/fingerprints.json``, so only files that changed are read again.
+    ``fingerprints.json`` of the local cache (``storage.local_cache_dir``), so only files
+    that changed are read again.
     Object-store files count by URI, size and modification time.
     """
     src = resolve_source(ds)
@@ -224,12 +225,9 @@ def fingerprint(ds: DatasetSpec) -> str:
     return h.hexdigest()
 
 
-_FINGERPRINTS = os.path.join(os.path.expanduser("~"), ".cache", "branchout", "fingerprints.json")
-
-
 def _load_fingerprint_cache() -> dict[str, str]:
     try:
-        with open(_FINGERPRINTS) as f:
+        with open(storage.local_cache_dir("fingerprints.json")) as f:
             return json.load(f)
     except (OSError, ValueError):
         return {}
@@ -237,7 +235,7 @@ def _load_fingerprint_cache() -> dict[str, str]:
 
 def _save_fingerprint_cache(known: dict[str, str]) -> None:
     with contextlib.suppress(OSError):  # a read-only home only costs re-hashing next time
-        storage.write_text(_FINGERPRINTS, json.dumps(known), durable=False)
+        storage.write_text(storage.local_cache_dir("fingerprints.json"), json.dumps(known), durable=False)
 
 
 def _sha256_of(path: str) -> str:

@@ -34,6 +34,7 @@ def run_single_worker(job: TrainJob, shared_base: dict | None = None, tokenizer=
     )
     from branchout.stages.data import open_blocks
     from branchout.stages.engine import TorchEngine
+    from branchout.stages.faults import killer
     from branchout.stages.loop import rng_state, run_steps, set_rng_state
     from branchout.stages.metrics import MetricsLogger
     from branchout.stages.model import export_model, prepare_model
@@ -71,13 +72,17 @@ def run_single_worker(job: TrainJob, shared_base: dict | None = None, tokenizer=
             return  # the exported model is the final state; no need to resume past it
         with tempfile.TemporaryDirectory(prefix="branchout-ckpt-") as path:
             engine.save(path, {"step": step, "rng": rng_state()})
+            job.check_lease()
             publish_dir(path, storage.join(job.checkpoints_uri, f"step_{step:08d}"))
         retain(job.checkpoints_uri, _checkpoint_names(job), t.keep_checkpoints)
 
-    result = run_steps(engine, blocks, t, job.steps, start_step, 0, 1, logger, save_checkpoint)
+    result = run_steps(engine, blocks, t, job.steps, start_step, 0, 1, logger, save_checkpoint,
+                       after_step=killer(job.name, job.out_uri, 0))
+    job.check_lease()
     export_model(engine.model, tokenizer, job.model_uri, extra={"job": job.name, "steps": job.steps})
-    for old in _checkpoint_names(job):
-        storage.remove_dir(storage.join(job.checkpoints_uri, old))
+    # Checkpoints stay until the driver has recorded this job as succeeded (it removes
+    # them then): a worker that outlived its driver must not leave a resumed attempt
+    # nothing to resume from.
     ended = time.time()
     out = {**asdict(result), "started": started, "ended": ended, "model_uri": job.model_uri,
            "pid": os.getpid()}

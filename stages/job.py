@@ -8,10 +8,17 @@ single-worker fan-out path, so both read it the same way.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from branchout.stages import storage
+
+LEASE = "LEASE"
+
+
+class LeaseLostError(RuntimeError):
+    """Another attempt of the same job owns its directory; this worker must not write."""
 
 JobKind = Literal["pretrain", "finetune", "scratch"]
 
@@ -34,6 +41,7 @@ class TrainJob:
     lora: dict[str, Any] | None = None
     base_model_uri: str | None = None  # the parent checkpoint of a fine-tune
     extra: dict[str, Any] = field(default_factory=dict)
+    lease: str | None = None  # this attempt's token; see claim() / check_lease()
 
     @property
     def model_uri(self) -> str:
@@ -54,3 +62,28 @@ class TrainJob:
 
         model = PretrainSpec if self.kind == "pretrain" else FinetuneOptions
         return model.model_validate(self.training)
+
+    def claim(self) -> None:
+        """Driver side, before each attempt is submitted: make this attempt the job's owner.
+
+        Workers outlive a driver that is SIGKILLed (an embedded Ray takes seconds to go
+        down with it) and can keep training; a worker whose lease no longer matches stops
+        before it publishes, prunes or exports anything, so an orphan never overwrites or
+        deletes what the attempt that replaced it reads.
+        """
+        self.lease = f"{self.run_id}:{uuid.uuid4().hex}"
+        storage.write_text(storage.join(self.out_uri, LEASE), self.lease)
+
+    def check_lease(self) -> None:
+        """Worker side, before every write into the job's directory.
+
+        Raises:
+            LeaseLostError: a newer attempt claimed the job.
+        """
+        if self.lease is None:
+            return  # a job run outside a pipeline driver (tests, benchmarks)
+        uri = storage.join(self.out_uri, LEASE)
+        current = storage.read_text(uri).strip() if storage.exists(uri) else None
+        if current != self.lease:
+            raise LeaseLostError(f"{self.name}: a newer attempt owns {self.out_uri}; "
+                                 "this worker stops without writing")

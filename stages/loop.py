@@ -32,8 +32,12 @@ class LoopResult:
 
 def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: int,
               start_step: int, rank: int, world: int, logger: MetricsLogger | None,
-              save_checkpoint: Callable[[int, float], None]) -> LoopResult:
-    """Train from ``start_step`` to ``total_steps``; checkpoint every ``t.checkpoint_every``."""
+              save_checkpoint: Callable[[int, float], None],
+              after_step: Callable[[int], None] | None = None) -> LoopResult:
+    """Train from ``start_step`` to ``total_steps``; checkpoint every ``t.checkpoint_every``.
+
+    ``after_step(step)`` runs once a step is checkpointed (when due) and logged.
+    """
     import torch
 
     order = BlockOrder(len(blocks), t.seed)
@@ -54,13 +58,18 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
             raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower the learning rate")
         window_steps += 1
         done = step + 1
+        # The checkpoint of a step is durable before the step is logged: whoever sees
+        # step s in the log (a user, the driver, a test) knows a restart resumes from s
+        # or later, never from an earlier checkpoint.
+        if done % t.checkpoint_every == 0 or done == total_steps:
+            save_checkpoint(done, loss)
         if logger is not None and (done % t.log_every == 0 or done == total_steps or done == start_step + 1):
             elapsed = time.perf_counter() - window_start
             logger.log(done, loss=loss, lr=engine.lr(),
                        tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9))
             window_start, window_steps = time.perf_counter(), 0
-        if done % t.checkpoint_every == 0 or done == total_steps:
-            save_checkpoint(done, loss)
+        if after_step is not None:
+            after_step(done)
     seconds = time.perf_counter() - started
     trained = total_steps - start_step
     return LoopResult(first_step=start_step, steps=total_steps, final_loss=loss,

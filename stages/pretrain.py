@@ -38,6 +38,7 @@ def train_worker(config: dict) -> None:
     from branchout.stages.checkpoint import fetch_verified, retain, write_rank_manifest
     from branchout.stages.data import open_blocks
     from branchout.stages.engine import DeepSpeedEngine, TorchEngine
+    from branchout.stages.faults import killer
     from branchout.stages.loop import rng_state, run_steps, set_rng_state
     from branchout.stages.metrics import MetricsLogger
     from branchout.stages.model import export_model, prepare_model
@@ -77,15 +78,18 @@ def train_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="branchout-ckpt-") as path:
             engine.save(path, {"step": step, "rng": rng_state()})
             write_rank_manifest(path, rank, world, {"step": step, "job": job.name})
+            job.check_lease()
             ray.train.report({"step": step, "loss": loss},
                              checkpoint=ray.train.Checkpoint.from_directory(path))
         if rank == 0:
             retain(ray_checkpoints_uri(job), _checkpoint_dirs(job), t.keep_checkpoints, world)
 
-    result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger, save_checkpoint)
+    result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger, save_checkpoint,
+                       after_step=killer(job.name, job.out_uri, rank))
 
     weights = engine.state_dict_for_export()  # collective: every rank must call it
     if rank == 0:
+        job.check_lease()
         # DeepSpeed's gathered weights go into a fresh model (ZeRO-3 leaves the engine's
         # parameters partitioned); the plain torch engine's model is exported as it is.
         target = engine.model if weights is None else prepare_model(job, tokenizer)

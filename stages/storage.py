@@ -16,6 +16,13 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 
+def local_cache_dir(*parts: str) -> str:
+    """This machine's cache of derived files (data fingerprints, object-store copies):
+    ``$BRANCHOUT_CACHE_DIR`` or ``~/.cache/branchout``. Only a cache: losing it costs time."""
+    root = os.environ.get("BRANCHOUT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "branchout")
+    return os.path.join(root, *parts)
+
+
 def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -41,17 +42,63 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="session", autouse=True)
-def isolated_registry(tmp_path_factory):
-    """Tests (and the CLI processes they start) never touch the user's ~/.branchout registry."""
-    url = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'registry.db'}"
-    old = os.environ.get("BRANCHOUT_REGISTRY")
-    os.environ["BRANCHOUT_REGISTRY"] = url
-    yield url
-    if old is None:
-        os.environ.pop("BRANCHOUT_REGISTRY", None)
-    else:
-        os.environ["BRANCHOUT_REGISTRY"] = old
+def pytest_configure(config):
+    """Nothing a test run writes lands in the user's ~/.branchout or ~/.cache/branchout, and
+    orphaned processes (the Ray of a SIGKILLed driver) come back to this process to be reaped."""
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="branchout-tests-"))
+    os.environ["BRANCHOUT_REGISTRY"] = f"sqlite:///{home / 'registry.db'}"
+    os.environ["BRANCHOUT_CACHE_DIR"] = str(home / "cache")
+    os.environ.pop("RAY_ADDRESS", None)  # an embedded run must not join someone's cluster
+    _become_subreaper()
+
+
+def _become_subreaper() -> None:
+    """PR_SET_CHILD_SUBREAPER: a process orphaned below pytest is re-parented to pytest
+    (not to init), so ``reap_leftovers`` can find and end it. Linux only; elsewhere a no-op."""
+    import ctypes
+    import sys as _sys
+
+    if _sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+
+
+@pytest.fixture(autouse=True)
+def isolated_state(tmp_path, monkeypatch):
+    """Every test (and every CLI process it starts) has its own registry and local caches."""
+    monkeypatch.setenv("BRANCHOUT_REGISTRY", f"sqlite:///{tmp_path / 'registry.db'}")
+    monkeypatch.setenv("BRANCHOUT_CACHE_DIR", str(tmp_path / "branchout-cache"))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def reap_leftovers():
+    """After each test, end the processes it left behind.
+
+    Processes that existed before the test (servers and clusters of module- or
+    session-scoped fixtures) and their descendants stay; anything else still below pytest
+    (e.g. the raylet of a driver a chaos test SIGKILLed) is killed and reaped, so the
+    next test starts on a quiet machine whatever ran before it.
+    """
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    doomed = []
+    for proc in me.children(recursive=True):
+        try:
+            chain = {a.pid for a in proc.parents()}
+        except psutil.NoSuchProcess:
+            continue
+        if proc.pid not in before and not chain & before:
+            doomed.append(proc)
+    for proc in doomed:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    _, alive = psutil.wait_procs(doomed, timeout=10)
+    assert not alive, f"processes that would not die: {alive}"
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +138,48 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
     """Run the installed ``branchout`` entry point exactly as a user would."""
     return subprocess.run(["branchout", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def job_parts(root: Path, corpus_dir: Path):
+    """What a fan-out job needs, made without Ray: a published tokenizer, packed legal data
+    and a (randomly initialised) base model. Returns ``(root, data uri, model overrides)``."""
+    import json
+
+    from branchout.orchestrator.spec import DatasetSpec
+    from branchout.stages.checkpoint import publish_dir
+    from branchout.stages.data import prepare
+    from branchout.stages.model import build_config, build_model, export_model
+    from branchout.stages.tokenizer import (
+        load_tokenizer,
+        special_token_ids,
+        tokenizer_hash,
+        train_tokenizer,
+    )
+
+    texts = [json.loads(x)["text"] for x in (corpus_dir / "general.jsonl").read_text().splitlines()]
+    train_tokenizer(texts, 512, 2, str(root / "tok-work"))
+    publish_dir(str(root / "tok-work"), str(root / "tokenizer"))
+    tok = load_tokenizer(str(root / "tokenizer"))
+    data = prepare(DatasetSpec(path=str(corpus_dir / "legal.jsonl")), str(root / "tokenizer"),
+                   tokenizer_hash(str(root / "tokenizer")), 32, 0.2, 0, str(root / "cache"))
+    overrides = TINY["model"]["config"]
+    base = build_model(build_config("llama", overrides, len(tok), special_token_ids(tok)), seed=1)
+    export_model(base, tok, str(root / "base"))
+    return root, data.uri, overrides
+
+
+def job_for(parts, name: str, method: str, **training):
+    """A single-worker fine-tune ``TrainJob`` on ``job_parts``' outputs."""
+    from branchout.orchestrator.spec import FinetuneOptions
+    from branchout.stages.job import TrainJob
+
+    root, data_uri, overrides = parts
+    values = dict(method=method, steps=6, seq_len=32, global_batch_size=4, micro_batch_size=2,
+                  resources_per_worker={"cpu": 1}, schedule={"warmup_steps": 1}, optimizer={"lr": 3e-3},
+                  deepspeed={"zero_stage": 0, "precision": "fp32"}, lora={"rank": 4, "alpha": 8})
+    options = FinetuneOptions(**{**values, **training})
+    return TrainJob(name=f"finetune/{name}", kind="finetune", training=options.model_dump(mode="json"),
+                    steps=options.steps, model_type="llama", model_overrides=overrides,
+                    tokenizer_uri=str(root / "tokenizer"), data_uri=data_uri, out_uri=str(root / name),
+                    logs_uri=str(root / "logs"), run_id="test", method=method, lora=options.lora.model_dump(),
+                    base_model_uri=str(root / "base"))

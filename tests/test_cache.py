@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 
 import pytest
 
@@ -63,8 +62,14 @@ def _states(run_dir) -> dict[str, str]:
     return {k: v.state.value for k, v in RunRecord.load(str(run_dir)).stages.items()}
 
 
-def _newest_run(tmp_path):
-    return max((tmp_path / "runs" / "tiny").iterdir(), key=lambda p: p.name)
+def _run(path, tmp_path, *args: str):
+    """``branchout run`` once; returns its output and the run directory it created."""
+    root = tmp_path / "runs" / "tiny"
+    before = set(root.iterdir()) if root.exists() else set()
+    out = run_cli("run", str(path), *args)
+    assert out.returncode == 0, out.stdout[-3000:]
+    (created,) = set(root.iterdir()) - before
+    return out, created
 
 
 @pytest.mark.e2e
@@ -80,20 +85,13 @@ def test_second_run_is_all_cached_then_only_changes_rerun(write_pipeline, corpus
         d["dataset"]["path"] = str(data / d["dataset"]["path"])
     path = write_pipeline(spec)
 
-    started = time.time()
-    first = run_cli("run", str(path))
-    first_s = time.time() - started
-    assert first.returncode == 0, first.stdout[-3000:]
-    run1 = _newest_run(tmp_path)
+    _, run1 = _run(path, tmp_path)
 
-    started = time.time()
-    second = run_cli("run", str(path))
-    second_s = time.time() - started
-    assert second.returncode == 0, second.stdout[-3000:]
-    run2 = _newest_run(tmp_path)
+    # Nothing changed: nothing is computed. (How much time that saves is a benchmark,
+    # benchmarks/cache.py; a wall-clock ratio here failed whenever the machine was busy.)
+    _, run2 = _run(path, tmp_path)
     assert set(_states(run2).values()) == {"cached"}, _states(run2)
-    print(f"second run, nothing changed: {second_s:.1f}s vs {first_s:.1f}s ({second_s / first_s:.2f}×)")
-    assert second_s < 0.6 * first_s
+    assert not (run2 / "pretrain").exists() and not (run2 / "finetune").exists()  # no job wrote anything
     metrics1 = json.loads((run1 / "eval" / "metrics.json").read_text())
     metrics2 = json.loads((run2 / "eval" / "metrics.json").read_text())
     assert metrics1["domains"] == metrics2["domains"]
@@ -101,9 +99,8 @@ def test_second_run_is_all_cached_then_only_changes_rerun(write_pipeline, corpus
 
     with open(data / "legal.jsonl", "a") as f:  # new legal data arrives
         f.write(json.dumps({"text": "This licence is granted for the new contract. " * 40}) + "\n")
-    third = run_cli("run", str(path))
-    assert third.returncode == 0, third.stdout[-3000:]
-    states = _states(_newest_run(tmp_path))
+    _, run3 = _run(path, tmp_path)
+    states = _states(run3)
     computed = {k for k, v in states.items() if v == "succeeded"}
     assert computed == {"data/legal", "finetune/legal", "scratch/legal", "evaluate/legal"}, states
     assert {v for k, v in states.items() if k not in computed} == {"cached"}
@@ -113,17 +110,15 @@ def test_second_run_is_all_cached_then_only_changes_rerun(write_pipeline, corpus
     with open(victim, "r+b") as f:
         f.seek(200)
         f.write(b"\xff\xff\xff\xff")
-    fourth = run_cli("run", str(path))
-    assert fourth.returncode == 0, fourth.stdout[-3000:]
-    states = _states(_newest_run(tmp_path))
+    _, run4 = _run(path, tmp_path)
+    states = _states(run4)
     assert states["finetune/code"] == "succeeded" and states["evaluate/code"] == "succeeded"
     assert states["finetune/legal"] == "cached" and states["pretrain"] == "cached"
 
-    forced = run_cli("run", str(path), "--rerun", "docs")
-    assert forced.returncode == 0
-    states = _states(_newest_run(tmp_path))
+    _, run5 = _run(path, tmp_path, "--rerun", "docs")
+    states = _states(run5)
     assert states["finetune/docs"] == "succeeded" and states["finetune/code"] == "cached"
-    record = RunRecord.load(str(_newest_run(tmp_path)))
+    record = RunRecord.load(str(run5))
     assert record.state is RunState.SUCCEEDED
     assert record.stage("pretrain").state is StageState.CACHED
     assert record.stage("pretrain").outputs["cached_from"] == run1.name
@@ -137,4 +132,4 @@ def test_second_run_is_all_cached_then_only_changes_rerun(write_pipeline, corpus
     chain = run_cli("lineage", model)
     assert chain.returncode == 0, chain.stderr
     assert "finetune/docs" in chain.stdout and "finetune/legal" not in chain.stdout
-    assert "## Lineage" in (_newest_run(tmp_path) / "report.md").read_text()
+    assert "## Lineage" in (run5 / "report.md").read_text()

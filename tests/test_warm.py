@@ -3,14 +3,13 @@ and a pool that loses a runner replaces it."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
 import numpy as np
 import pytest
 
-from conftest import TINY
+from conftest import job_for, job_parts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -19,52 +18,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="test-warm")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="test-warm")
     yield
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def parts(ray_local, corpus_dir, tmp_path_factory):
-    """A published tokenizer, packed legal data and a (randomly initialised) base model."""
-    from branchout.orchestrator.spec import DatasetSpec
-    from branchout.stages.checkpoint import publish_dir
-    from branchout.stages.data import prepare
-    from branchout.stages.model import build_config, build_model, export_model
-    from branchout.stages.tokenizer import (
-        load_tokenizer,
-        special_token_ids,
-        tokenizer_hash,
-        train_tokenizer,
-    )
-
-    root = tmp_path_factory.mktemp("warm")
-    texts = [json.loads(x)["text"] for x in (corpus_dir / "general.jsonl").read_text().splitlines()]
-    train_tokenizer(texts, 512, 2, str(root / "tok-work"))
-    publish_dir(str(root / "tok-work"), str(root / "tokenizer"))
-    tok = load_tokenizer(str(root / "tokenizer"))
-    data = prepare(DatasetSpec(path=str(corpus_dir / "legal.jsonl")), str(root / "tokenizer"),
-                   tokenizer_hash(str(root / "tokenizer")), 32, 0.2, 0, str(root / "cache"))
-    overrides = TINY["model"]["config"]
-    base = build_model(build_config("llama", overrides, len(tok), special_token_ids(tok)), seed=1)
-    export_model(base, tok, str(root / "base"))
-    return root, data.uri, overrides
-
-
-def job_for(parts, name: str, method: str, **training):
-    from branchout.orchestrator.spec import FinetuneOptions
-    from branchout.stages.job import TrainJob
-
-    root, data_uri, overrides = parts
-    values = dict(method=method, steps=6, seq_len=32, global_batch_size=4, micro_batch_size=2,
-                  resources_per_worker={"cpu": 1}, schedule={"warmup_steps": 1}, optimizer={"lr": 3e-3},
-                  deepspeed={"zero_stage": 0, "precision": "fp32"}, lora={"rank": 4, "alpha": 8})
-    options = FinetuneOptions(**{**values, **training})
-    return TrainJob(name=f"finetune/{name}", kind="finetune", training=options.model_dump(mode="json"),
-                    steps=options.steps, model_type="llama", model_overrides=overrides,
-                    tokenizer_uri=str(root / "tokenizer"), data_uri=data_uri, out_uri=str(root / name),
-                    logs_uri=str(root / "logs"), run_id="test", method=method, lora=options.lora.model_dump(),
-                    base_model_uri=str(root / "base"))
+    return job_parts(tmp_path_factory.mktemp("warm"), corpus_dir)
 
 
 def weights(path) -> dict[str, np.ndarray]:
