@@ -9,8 +9,8 @@ Every job gets a key, a hash of exactly what decides its output:
     scratch/<domain>   the domain's options, the model section, tokenizer and data keys
     evaluate/<domain>  the evaluate section and the keys of the models it scores
 
-plus the code version (branchout's version and a hash of ``stages/``, the code that runs
-on workers). Settings that cannot change an output (log and checkpoint intervals,
+plus the code version (``code_version``: branchout's version, a hash of the code that
+shapes outputs, and the versions of the numerical libraries). Settings that cannot change an output (log and checkpoint intervals,
 retention, retries, resources other than the worker count) are left out.
 
 A job that succeeds records ``<storage>/cache/stages/<key>.json`` (the job, the run, its
@@ -36,16 +36,43 @@ from branchout.stages.checkpoint import CorruptCheckpointError, fetch_verified
 OPERATIONAL = {"log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "max_retries"}
 
 
+# What decides an output besides the spec and the data: the code that runs on workers,
+# the orchestrator modules that turn a spec into jobs (defaults, derived steps and batch
+# arithmetic, job options, the evaluation rows), and the libraries doing the numerics.
+OUTPUT_CODE = ("stages", "orchestrator/spec.py", "orchestrator/plan.py", "orchestrator/driver.py",
+               "orchestrator/training.py", "cluster/memory.py")
+OUTPUT_LIBRARIES = ("torch", "transformers", "deepspeed", "peft", "tokenizers", "datasets", "numpy",
+                    "safetensors", "pyarrow")
+
+
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """branchout's version plus a hash of the worker-side code (``stages/``)."""
+    """branchout's version, a hash of ``OUTPUT_CODE`` and the versions of ``OUTPUT_LIBRARIES``:
+    an upgrade of any of them computes every job again instead of reusing old outputs."""
     from branchout import __version__
 
+    root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256(__version__.encode())
-    for path in sorted((Path(__file__).resolve().parent.parent / "stages").glob("*.py")):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
+    for entry in OUTPUT_CODE:
+        files = sorted((root / entry).glob("*.py")) if (root / entry).is_dir() else [root / entry]
+        for path in files:
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(path.read_bytes())
+    for name, version in library_versions().items():
+        h.update(f"{name}=={version}".encode())
     return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in OUTPUT_LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
 
 
 def _h(*parts: Any) -> str:

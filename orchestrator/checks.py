@@ -8,20 +8,63 @@ all so a file is fixed in one pass. Nothing here starts Ray or reads datasets (t
 from __future__ import annotations
 
 import os
+import re
+from typing import Any
 
 from branchout.orchestrator.spec import PipelineSpec, TrainingSpec
 
 
 def cross_check(spec: PipelineSpec) -> list[str]:
     problems: list[str] = []
+    problems += _check_credentials(spec)
     problems += _check_training("pretrain", spec.pretrain, spec.pretrain.steps)
     if not spec.finetune.domains:
         problems.append("finetune.domains: name at least one domain to fine-tune")
     for i, domain in enumerate(spec.finetune.domains):
+        if domain.name in RESERVED_NAMES:
+            problems.append(f"finetune.domains.{i}.name: {domain.name!r} is reserved (it names a stage: "
+                            f"{', '.join(RESERVED_NAMES)}); choose another name")
         problems += _check_training(f"finetune.domains.{i}", domain, domain.steps)
     problems += _check_model(spec)
     problems += _check_embedded_capacity(spec)
     return problems
+
+
+# Job names are "<stage>/<domain>" and data jobs "data/<dataset>", where the pretraining
+# corpus is "data/pretrain"; `--rerun` takes stage and domain names alike.
+RESERVED_NAMES = ("pretrain", "tokenizer", "data", "finetune", "scratch", "evaluate")
+
+_SECRET_QUERY = re.compile(r"(access|secret|session)[_-]?key|token|password|passwd|credential|signature",
+                           re.IGNORECASE)
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "hdfs"}
+
+
+def _check_credentials(spec: PipelineSpec) -> list[str]:
+    """URIs that carry credentials are refused: the spec is written to spec.yaml, state.json,
+    the registry and logs. The message never repeats the URI."""
+    uris = [("storage", spec.storage), ("cluster.address", spec.cluster.address),
+            ("tokenizer.path", spec.tokenizer.path), ("pretrain.dataset.path", spec.pretrain.dataset.path)]
+    uris += [(f"finetune.domains.{i}.dataset.path", d.dataset.path) for i, d in enumerate(spec.finetune.domains)]
+    return [f"{where}: the URI embeds credentials, which would be written into spec.yaml, state.json, "
+            "the registry and logs; give them through the environment (AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or an instance role instead"
+            for where, uri in uris if uri and has_credentials(uri)]
+
+
+def has_credentials(uri: str) -> bool:
+    """A password (or, for object stores, any user) before the host, or a secret in the query."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    if "://" not in uri:
+        return False
+    try:
+        parts = urlsplit(uri)
+        password, user = parts.password, parts.username
+    except ValueError:
+        return True  # unparsable userinfo: treat as secret rather than echo it anywhere
+    if password or (user and parts.scheme.lower() in _OBJECT_STORES):
+        return True
+    return any(_SECRET_QUERY.search(key) for key, _ in parse_qsl(parts.query))
 
 
 def _check_training(where: str, t: TrainingSpec, steps: int | None) -> list[str]:
@@ -51,6 +94,7 @@ def _check_training(where: str, t: TrainingSpec, steps: int | None) -> list[str]
             f"{where}.deepspeed.precision: fp16 needs a GPU (resources_per_worker.gpu > 0); "
             "use bf16 or fp32 on the CPU"
         )
+    problems += _check_passthrough(where, t)
     if steps is not None and t.schedule.warmup_steps >= steps:
         problems.append(
             f"{where}.schedule.warmup_steps: {t.schedule.warmup_steps} must be below steps ({steps})"
@@ -169,3 +213,81 @@ def _local_gpus() -> int:
         return torch.cuda.device_count()
     except Exception:  # a broken CUDA install counts as no GPU here, not as a crash
         return 0
+
+
+# Keys of DeepSpeed's config that branchout derives from its own fields: a passthrough
+# value that disagrees would either be overwritten, fail on the workers, or (ZeRO stage)
+# break the export. Other keys pass through as tuning.
+_DERIVED = {
+    "train_batch_size": "global_batch_size",
+    "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "gradient_accumulation_steps": "global_batch_size",
+    "gradient_clipping": "optimizer.grad_clip",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "bf16.enabled": "deepspeed.precision",
+    "fp16.enabled": "deepspeed.precision",
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": "deepspeed.zero_stage",
+}
+_OFFLOAD = {"zero_optimization.offload_optimizer": "offload_optimizer",
+            "zero_optimization.offload_param": "offload_params"}
+
+
+def _check_passthrough(where: str, t: TrainingSpec) -> list[str]:
+    """``deepspeed.config`` keys that contradict the fields branchout builds the config from."""
+    from branchout.stages.engine import deepspeed_config
+
+    passthrough = t.deepspeed.config
+    if not passthrough:
+        return []
+    ds = f"{where}.deepspeed.config"
+    own = deepspeed_config(t.model_copy(update={"deepspeed": t.deepspeed.model_copy(update={"config": {}})}),
+                           t.num_workers, t.resources_per_worker.uses_gpu)
+    problems = []
+    for key, section in (("optimizer", "optimizer"), ("scheduler", "schedule")):
+        if key in passthrough:
+            what = "optimizer" if key == "optimizer" else "learning-rate schedule"
+            problems.append(f"{ds}.{key}: branchout builds the {what} itself ({where}.{section}); "
+                            f"a DeepSpeed {key} here would be ignored, remove it")
+    for path, value in _leaves(passthrough):
+        if path.split(".")[0] in ("optimizer", "scheduler"):
+            continue
+        offload = next((o for o in _OFFLOAD if path == o or path.startswith(o + ".")), None)
+        if offload:
+            enabled = getattr(t.deepspeed, _OFFLOAD[offload])
+            if path.endswith(".device") and (value != "none") != enabled:
+                problems.append(f"{ds}.{path}: {value!r} contradicts {where}.deepspeed.{_OFFLOAD[offload]} "
+                                f"({str(enabled).lower()}); set it there, not in deepspeed.config")
+            continue
+        field = _DERIVED.get(path)
+        if field is None:
+            continue
+        mine = _lookup(own, path)
+        if mine is not None and value != mine:
+            shown = _field_value(t, field)
+            problems.append(f"{ds}.{path}: {value!r} contradicts {where}.{field} ({shown}); "
+                            "set it there, not in deepspeed.config")
+    return problems
+
+
+def _leaves(d: dict[str, Any], prefix: str = ""):
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, path + ".")
+        else:
+            yield path, value
+
+
+def _lookup(d: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _field_value(t: TrainingSpec, field: str) -> Any:
+    value: Any = t
+    for part in field.split("."):
+        value = getattr(value, part)
+    return value

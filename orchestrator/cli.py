@@ -217,8 +217,14 @@ def list_(
     bad = [s for s in state or [] if s not in {x.value for x in RunState}]
     if bad:
         fail([f"--state {bad[0]!r}: expected one of {', '.join(x.value for x in RunState)}"])
+    from branchout.orchestrator.operate import refresh
+
     registry = _registry()
     rows = registry.list_runs(pipeline=pipeline, states=state, limit=limit)
+    try:  # an active row may be stale (its driver died, or a submitted one never started)
+        rows = [refresh(registry, r).row if not RunState(r.state).is_terminal() else r for r in rows]
+    except _user_errors() as e:
+        fail([str(e)])
     print_run_list(console, rows, registry=registry)
 
 

@@ -111,6 +111,7 @@ def scheduler(interval: Annotated[float, typer.Option(help="Seconds between tick
     import signal
 
     from branchout.orchestrator.scheduler import Scheduler, launch
+    from branchout.orchestrator.secrets import mask
 
     stopping: list[int] = []
 
@@ -122,7 +123,7 @@ def scheduler(interval: Annotated[float, typer.Option(help="Seconds between tick
     service = Scheduler(_registry(), launch, log=lambda m: console.print(f"{time.strftime('%H:%M:%S')} {m}", highlight=False))
     count = len(service.store.all())
     console.print(f"{time.strftime('%H:%M:%S')} scheduler: {count} schedule(s), tick every {interval:g}s, "
-                  f"registry {service.registry.url}", highlight=False)
+                  f"registry {mask(service.registry.url)}", highlight=False)
     service.serve(interval, lambda: bool(stopping))
     console.print(f"{time.strftime('%H:%M:%S')} scheduler stopped ({signal.Signals(stopping[0]).name})", highlight=False)
 

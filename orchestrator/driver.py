@@ -82,7 +82,7 @@ class RunContext:
         for item in items:
             item.key = item.key or self.keys.get(item.name)
         return run_jobs(self.record, items, self.hub, tick, max_in_flight, waiting,
-                        self.spec.cluster.capacity_timeout_s, self.cache)
+                        self.spec.cluster.capacity_timeout_s, self.cache, on_note=self.view.note)
 
 
 def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None = None,

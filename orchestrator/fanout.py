@@ -61,7 +61,8 @@ def _announce_and_call(fn: Callable, job: str, hub: str | None, *args: Any) -> A
 
 def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[dict], None],
              max_in_flight: int | None = None, on_wait: Callable[[WorkItem, float], None] | None = None,
-             patience_s: float = 300.0, cache=None) -> dict[str, dict[str, Any]]:
+             patience_s: float = 300.0, cache=None,
+             on_note: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
     """Run ``items`` to completion; returns the recorded outputs of every succeeded item.
 
     Items the record already shows as succeeded (a resumed run) are not run again unless
@@ -70,6 +71,11 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
     ``patience_s``), so a run waiting for capacity says what it waits for. With a ``cache``
     (``orchestrator.cache.StageCache``) an item whose key has verified outputs is marked
     ``cached`` instead of run, and every item that succeeds is recorded there.
+
+    A Ray Train job whose worker group restarts inside one attempt (a worker died; Ray
+    Train restarted the group from the newest checkpoint) reports a new rank-0 process: the
+    attempt is recorded as failed ("worker died at step ~N; restarted from step S"), a new
+    attempt begins, and ``on_note`` says so on the progress display.
     """
     outputs: dict[str, dict[str, Any]] = {}
     pending: deque[WorkItem] = deque()
@@ -87,6 +93,7 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
     tries: dict[str, int] = {}  # attempts in this driver; a resumed job gets its retries afresh
     submitted: dict[str, float] = {}
     warned: dict[str, int] = {}
+    last_step: dict[str, int] = {}  # the newest step seen per job, for "died at step ~N"
     limit = max_in_flight or len(pending) or 1
     while pending or running:
         while pending and len(running) < limit:
@@ -110,6 +117,16 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
             if live.get("state") == "running" and fresh and record.stage(item.name).state is StageState.QUEUED:
                 record.set_stage(item.name, StageState.RUNNING, when=live.get("started"),
                                  outputs={k: live[k] for k in ("pid", "node") if k in live})
+            elif _restarted(record.stage(item.name), live):
+                note = (f"worker died at step ~{last_step.get(item.name, 0)}; "
+                        f"restarted from step {live.get('resumed_from', 0)}")
+                record.set_stage(item.name, StageState.FAILED, error=note)
+                record.set_stage(item.name, StageState.RUNNING, when=live.get("started"),
+                                 outputs={k: live[k] for k in ("pid", "node") if k in live})
+                if on_note:
+                    on_note(f"{item.name}: {note}")
+            if record.stage(item.name).state is StageState.RUNNING and "step" in live:
+                last_step[item.name] = live["step"]
         for future in done:
             item = running.pop(future)
             try:
@@ -132,6 +149,14 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
                 cache.store(item.name, item.key, record.run_id, produced)
         on_tick(snapshot)
     return outputs
+
+
+def _restarted(rec, live: dict[str, Any]) -> bool:
+    """A new rank-0 process of the same attempt: Ray Train restarted the worker group."""
+    if rec.state is not StageState.RUNNING or not rec.history or "pid" not in live:
+        return False
+    return (live.get("pid") != rec.outputs.get("pid")
+            and live.get("started", 0) > (rec.history[-1]["started"] or 0))
 
 
 def _snapshot(hub) -> dict[str, dict[str, Any]]:

@@ -36,9 +36,15 @@ def resolve_address(flag: str | None, spec_address: str | None = None) -> str:
     Raises:
         JobsError: no address anywhere.
     """
+    from branchout.orchestrator.checks import has_credentials
+
     for candidate in (flag, *(os.environ.get(k) for k in ADDRESS_ENV), spec_address):
         if candidate and candidate != "auto":
-            return candidate if "://" in candidate else f"http://{candidate}"
+            address = candidate if "://" in candidate else f"http://{candidate}"
+            if has_credentials(address):
+                raise JobsError("the cluster address embeds credentials, which would be stored in the "
+                                "registry; authenticate with RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH instead")
+            return address
     raise JobsError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
 
 
@@ -143,9 +149,14 @@ def job_metadata(pipeline: str, run_id: str) -> dict[str, str]:
 
 
 def forwarded_env() -> dict[str, str]:
-    """Settings the driver needs from this client (never credentials or the Ray token)."""
-    keep = ("BRANCHOUT_REGISTRY",)
-    return {k: os.environ[k] for k in keep if k in os.environ}
+    """Settings the driver needs from this client, never credentials or the Ray token: the
+    registry URL goes without its password (see ``orchestrator.secrets``)."""
+    from branchout.orchestrator.secrets import without_password
+
+    env = {}
+    if os.environ.get("BRANCHOUT_REGISTRY"):
+        env["BRANCHOUT_REGISTRY"] = without_password(os.environ["BRANCHOUT_REGISTRY"])
+    return env
 
 
 def _first_line(e: BaseException) -> str:

@@ -44,9 +44,21 @@ def load_spec(path: str | os.PathLike[str], overrides: list[str] | None = None) 
     return validate_spec(raw, source)
 
 
+# A pipeline file is a page of settings. These bounds refuse hostile or broken input (a
+# "billion laughs" of nested aliases, thousands of nested brackets, a data file passed by
+# mistake) in well under a second, before pydantic would walk it for minutes.
+MAX_FILE_BYTES = 1 << 20
+MAX_VALUES = 100_000  # scalars, lists and mappings after aliases are expanded
+MAX_DEPTH = 64
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     source = str(path)
     try:
+        size = os.path.getsize(path)
+        if size > MAX_FILE_BYTES:
+            raise SpecError(source, [f"file is {size / (1 << 20):.1f} MiB; a pipeline file is at most "
+                                     f"{MAX_FILE_BYTES >> 20} MiB (is this a data file?)"])
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(source, ["file not found"]) from None
@@ -55,17 +67,56 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(source, [f"cannot read: {e}"]) from None
     try:
+        _check_depth(text, source)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise SpecError(source, [f"{where}invalid YAML: {problem}"]) from None
+    check_shape(raw, source)
     if raw is None:
         raise SpecError(source, ["file is empty"])
     if not isinstance(raw, dict):
         raise SpecError(source, ["top level must be a mapping of sections (name, pretrain, ...)"])
     return raw
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Nesting depth from the parser's events, before PyYAML's recursive composer sees it."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise SpecError(source, [f"nested deeper than {MAX_DEPTH} levels"])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def check_shape(raw: Any, source: str) -> None:
+    """Refuse documents that are too deep or expand (through aliases) to too many values.
+
+    Aliases share one Python object, so the walk below counts what an expanded copy would
+    hold, and stops at the first bound it crosses instead of walking all of it.
+
+    Raises:
+        SpecError: naming the bound.
+    """
+    seen = 0
+    stack: list[tuple[Any, int]] = [(raw, 1)]
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise SpecError(source, [f"expands to more than {MAX_VALUES:,} values (nested YAML aliases?); "
+                                     "a pipeline file is a page of settings"])
+        if depth > MAX_DEPTH:
+            raise SpecError(source, [f"nested deeper than {MAX_DEPTH} levels"])
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for kv in node.items() for v in kv)
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def validate_spec(raw: dict[str, Any], source: str) -> PipelineSpec:

@@ -81,13 +81,16 @@ def refresh(registry: Registry, row: RunRow) -> RunView:
     record = view.record
     if record is None and driver_gone and not RunState(row.state).is_terminal():
         # the driver ended before it created the run (e.g. refused storage): say why
-        message = _first_line(JobsClient(row.address).info(row.submissions[-1]).message or view.job_status)
+        message = _last_line(JobsClient(row.address).info(row.submissions[-1]).message or view.job_status)
         registry.update_run(row.run_id, state=RunState.FAILED.value, ended=time.time(),
                             error=f"driver ended before the run started: {message}")
         view.row = registry.get_run(row.run_id)
     if record is not None:
         if driver_gone and not record.state.is_terminal():
             how = f"Ray job {view.job_status.lower()}" if view.job_status else "driver process exited"
+            if row.submitted and view.job_status == "FAILED":
+                last = _last_line(JobsClient(row.address).info(row.submissions[-1]).message or "")
+                how += f": {last}" if last else ""
             record.interrupted(f"interrupted: driver lost ({how})")
         registry.sync(record)
         view.row = registry.get_run(row.run_id)
@@ -174,7 +177,7 @@ def resume_submitted(registry: Registry, row: RunRow, spec, changed: bool) -> st
     return submission_id
 
 
-def _first_line(text: str) -> str:
+def _last_line(text: str) -> str:
     lines = [x for x in str(text).strip().splitlines() if x.strip()]
     return lines[-1] if lines else ""
 

@@ -2,8 +2,9 @@
 
 ``submit(job)`` returns a future at once; the job starts on the next idle runner. When a
 runner's process dies mid-job, the job's future fails with Ray's error (the fan-out's
-retry policy then resubmits it) and the runner is replaced by a fresh one, so the pool
-keeps its width. Runners hold their resources (the job's bundle) for the pool's life:
+retry policy then resubmits it) and a new runner starts when a job needs one. A runner
+holds its resources (the job's bundle) only while there is work: idle with nothing queued,
+it gives them back after a short linger, so jobs of other shapes can be placed.
 ``shutdown()`` when the fan-out is over.
 """
 
@@ -18,7 +19,16 @@ from branchout.stages.job import TrainJob
 
 
 class WarmPool:
-    def __init__(self, resources: dict[str, float], size: int, shared_base=None):
+    """Up to ``size`` runners with one resource bundle each, taking queued jobs in turn.
+
+    A runner that finds the queue empty lingers ``linger_s`` (the fan-out submits its next
+    job within that) and then gives its resources back. Holding them for the pool's life
+    deadlocked fan-outs that mix shapes: single-worker jobs done, their runners idle on both
+    CPUs, and a 2-worker fine-tune waiting for those CPUs forever. A later job starts a new
+    runner (cold) when none is idle.
+    """
+
+    def __init__(self, resources: dict[str, float], size: int, shared_base=None, linger_s: float = 2.0):
         import ray
 
         from branchout.stages.warm import JobRunner
@@ -28,12 +38,16 @@ class WarmPool:
         self._actor_class = ray.remote(JobRunner).options(num_cpus=cpus, num_gpus=gpus, resources=bundle or None,
                                                           max_restarts=0)
         self.shared_base = shared_base  # an ObjectRef of the parent's weights, or None
+        self.width = max(1, size)
+        self.linger_s = linger_s
         self._lock = threading.Lock()
-        self._idle: deque = deque(self._actor_class.remote() for _ in range(max(1, size)))
+        # started warm: their imports overlap with the wait for the first jobs
+        self._idle: deque = deque(self._actor_class.remote() for _ in range(self.width))
         self._all = list(self._idle)
         self._queue: deque[tuple[TrainJob, cf.Future]] = deque()
         self._closed = False
-        self.replaced = 0
+        self.replaced = 0  # runners that died mid-job
+        self.retired = 0  # runners that gave their resources back when there was no work
 
     def submit(self, job: TrainJob) -> cf.Future:
         outer: cf.Future = cf.Future()
@@ -47,7 +61,11 @@ class WarmPool:
     def _dispatch(self) -> None:
         with self._lock:
             started = []
-            while self._queue and self._idle:
+            while self._queue and (self._idle or len(self._all) < self.width):
+                if not self._idle:
+                    actor = self._actor_class.remote()
+                    self._all.append(actor)
+                    self._idle.append(actor)
                 job, outer = self._queue.popleft()
                 actor = self._idle.popleft()
                 ref = actor.run.remote(job, self.shared_base, time.time())
@@ -60,19 +78,32 @@ class WarmPool:
 
         error = inner.exception()
         with self._lock:
-            if self._closed:
-                actor = None  # killed by shutdown(): nothing to replace or reuse
-            elif isinstance(error, RayActorError):
-                actor = self._actor_class.remote()  # the process died: a fresh runner takes its place
+            if isinstance(error, RayActorError) and not self._closed:
+                self._all.remove(actor)  # its process died; a new runner starts when a job needs one
                 self.replaced += 1
-                self._all.append(actor)
-            if actor is not None:
+            elif not self._closed:
                 self._idle.append(actor)
+                if not self._queue:
+                    timer = threading.Timer(self.linger_s, self._retire, (actor,))
+                    timer.daemon = True
+                    timer.start()
         if error is None:
             outer.set_result(inner.result())
         else:
             outer.set_exception(error)
         self._dispatch()
+
+    def _retire(self, actor) -> None:
+        """Give an idle runner's resources back, unless it took a job in the meantime."""
+        import ray
+
+        with self._lock:
+            if self._closed or actor not in self._idle or self._queue:
+                return
+            self._idle.remove(actor)
+            self._all.remove(actor)
+            self.retired += 1
+        ray.kill(actor)  # outside the lock: see shutdown()
 
     def shutdown(self) -> None:
         """Release every runner (and its resources); jobs still running are killed with it."""

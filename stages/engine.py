@@ -106,6 +106,9 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(path, tag="state", client_state=client_state)
 
     def load(self, path: str) -> dict[str, Any]:
+        # DeepSpeed's own loader unpickles anything (weights_only=False); checkpoints come
+        # from shared storage, so its files are read through safe_load instead.
+        self.engine.checkpoint_engine.load = safe_load
         _, client_state = self.engine.load_checkpoint(path, tag="state")
         return client_state or {}
 
@@ -179,9 +182,8 @@ class TorchEngine:
                    os.path.join(path, "state.pt"))
 
     def load(self, path: str) -> dict[str, Any]:
-        import torch
 
-        state = torch.load(os.path.join(path, "state.pt"), map_location=self.device, weights_only=False)
+        state = safe_load(os.path.join(path, "state.pt"), map_location=self.device)
         self.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -189,3 +191,27 @@ class TorchEngine:
 
     def state_dict_for_export(self) -> dict | None:
         return None  # the model object itself is exported (save_pretrained handles peft too)
+
+
+def safe_load(path: str, map_location=None):
+    """``torch.load(weights_only=True)``: tensors, numbers, strings and containers only.
+
+    A checkpoint on shared storage is data anyone with write access to the bucket could
+    have replaced; unpickling arbitrary objects from it would run their code. The only
+    classes allowed are the few plain DeepSpeed types its optimizer states hold (found by
+    loading ZeRO 0-3 checkpoints in fp32 and bf16).
+    """
+    import torch
+
+    with torch.serialization.safe_globals(_deepspeed_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _deepspeed_globals() -> list:
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:  # a plain-torch checkpoint needs none of them
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]

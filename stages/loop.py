@@ -78,11 +78,16 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
 
 
 def rng_state() -> dict:
+    """Every RNG a step draws from, as tensors and numbers (``weights_only`` loadable)."""
     import random
 
     import torch
 
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate()}
 
 
 def set_rng_state(state: dict | None) -> None:
@@ -93,5 +98,7 @@ def set_rng_state(state: dict | None) -> None:
     if not state:
         return
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(state["python"])

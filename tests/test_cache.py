@@ -48,6 +48,33 @@ def test_keys_follow_inputs(write_pipeline):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("library", ["torch", "transformers", "deepspeed", "peft", "tokenizers"])
+def test_a_library_upgrade_changes_every_key(write_pipeline, monkeypatch, library):
+    import importlib.metadata
+
+    from branchout.orchestrator import cache
+
+    before = _keys(write_pipeline)
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "999.0" if name == library else real(name))
+    cache.code_version.cache_clear()
+    try:
+        after = _keys(write_pipeline)
+    finally:
+        cache.code_version.cache_clear()
+    assert _changed(before, after) == set(before)
+
+
+@pytest.mark.unit
+def test_orchestrator_code_that_shapes_outputs_is_in_the_key():
+    from branchout.orchestrator.cache import OUTPUT_CODE
+
+    # the modules that turn a spec into jobs: defaults, derived steps, job options, eval rows
+    assert {"stages", "orchestrator/spec.py", "orchestrator/plan.py", "orchestrator/driver.py"} <= set(OUTPUT_CODE)
+
+
+@pytest.mark.unit
 def test_rerun_names(write_pipeline):
     spec = load_spec(write_pipeline())
     assert expand_rerun(spec, ["legal"]) == {"finetune/legal", "scratch/legal", "evaluate/legal"}

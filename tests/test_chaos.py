@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -71,6 +72,11 @@ def test_worker_killed_mid_pretrain(write_pipeline, tmp_path):
     assert steps[-1] == 40
     pretrain = RunRecord.load(str(run_dir)).stage("pretrain")
     assert pretrain.state is StageState.SUCCEEDED
+    # the restart is visible: a second attempt, why the first ended, a line on the display
+    assert pretrain.attempts == 2, pretrain.history
+    died = re.fullmatch(r"worker died at step ~(\d+); restarted from step 20", pretrain.history[0]["error"])
+    assert died and int(died[1]) <= 25, pretrain.history
+    assert "pretrain: worker died at step ~" in out.stdout
 
     final = RunRecord.load(str(run_dir)).stage("pretrain").outputs["final_loss"]
     expected = RunRecord.load(str(_run_dir(tmp_path / "a"))).stage("pretrain").outputs["final_loss"]

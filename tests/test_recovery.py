@@ -93,3 +93,29 @@ def test_an_injected_fault_kills_once_at_its_step(tmp_path, monkeypatch):
     assert again.returncode == 0  # fired once: the restarted attempt runs on
     assert killer("finetune/x", str(tmp_path), rank=1) is None  # rank 0 only
     assert killer("finetune/y", str(tmp_path), rank=0) is None  # jobs not named run untouched
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # runs code when unpickled with weights_only=False
+
+
+@pytest.mark.unit
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    import torch
+
+    from branchout.stages.engine import safe_load
+
+    marker = tmp_path / "code-ran"
+    torch.save({"model": {"w": torch.zeros(2)}, "client_state": {"step": 3, "x": _Payload(str(marker))}},
+               tmp_path / "state.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        safe_load(str(tmp_path / "state.pt"))
+    assert not marker.exists()
+    torch.save({"model": {"w": torch.zeros(2)}, "client_state": {"step": 3}}, tmp_path / "plain.pt")
+    assert safe_load(str(tmp_path / "plain.pt"))["client_state"]["step"] == 3

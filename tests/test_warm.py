@@ -124,6 +124,27 @@ def test_a_dead_runner_is_replaced_and_the_job_can_be_retried(parts):
     pool.shutdown()
 
 
+def test_idle_runners_give_their_resources_back(parts):
+    import ray
+
+    from branchout.orchestrator.pool import WarmPool
+
+    pool = WarmPool({"CPU": 1.0}, 2, linger_s=1.0)
+    for future in [pool.submit(job_for(parts, f"brief{i}", "full", steps=2)) for i in range(2)]:
+        future.result(timeout=300)
+
+    @ray.remote(num_cpus=2)
+    def needs_both_cpus():  # a job of another shape, e.g. a 2-worker fine-tune
+        return "placed"
+
+    # the runners held both CPUs for the pool's life once; this waited forever
+    assert ray.get(needs_both_cpus.remote(), timeout=120) == "placed"
+    assert pool.retired == 2
+    again = pool.submit(job_for(parts, "after-retirement", "full", steps=2))  # a cold runner takes it
+    assert again.result(timeout=300)["steps"] == 2
+    pool.shutdown()
+
+
 def test_shutdown_with_jobs_running_and_queued_returns_and_fails_them(parts):
     import time
 
