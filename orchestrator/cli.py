@@ -83,10 +83,11 @@ def _user_errors():
     from branchout.orchestrator.jobs import JobsError
     from branchout.orchestrator.loader import SpecError
     from branchout.orchestrator.operate import OperateError
+    from branchout.orchestrator.migrations import RegistrySchemaError
     from branchout.stages.data import DataError
     from branchout.stages.storage import StorageError
 
-    return (ClusterError, JobsError, OperateError, StorageError, SpecError, DataError)
+    return (ClusterError, JobsError, OperateError, StorageError, SpecError, DataError, RegistrySchemaError)
 
 
 @app.command()

@@ -14,6 +14,19 @@ cluster (whose driver may write to another registry) refreshes its rows from
 Tables: ``runs`` (one row a run), ``jobs`` (one row a run's job: tokenizer, pretrain,
 finetune/<domain>, ...), ``attempts`` (one row per attempt of a job, with its cause of
 failure), ``events`` (decisions with reasons, e.g. the scheduler's).
+
+Schema: the tables below are what the code reads and writes; ``migrations/`` (alembic)
+is what builds them. Opening a registry brings its schema to the newest revision (a
+registry from before migrations is recognised and stamped, never rebuilt); one already
+there costs two small queries. A change to a table here needs a new revision there.
+
+Privacy: the registry holds pipeline paths, users, hosts and error text, so a SQLite
+registry is its owner's alone: its directory is created 0700, its file 0600 before
+SQLite first opens it (SQLite gives the ``-wal``/``-shm`` files the database file's
+mode). Files of an older, world-readable registry owned by this user are tightened on
+open; so is the default directory ``~/.branchout``, which is branchout's own. A
+directory named in ``BRANCHOUT_REGISTRY`` that already exists is left as it is: it may
+be shared, and it is its owner's to set.
 """
 
 from __future__ import annotations
@@ -22,15 +35,15 @@ import getpass
 import json
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
+from branchout.orchestrator import migrations
 from branchout.orchestrator.state import RunRecord
-
-DEFAULT_URL = "sqlite:///" + os.path.join(os.path.expanduser("~"), ".branchout", "registry.db")
 
 metadata = sa.MetaData()
 
@@ -118,21 +131,22 @@ class RunRow:
 
 
 def registry_url() -> str:
-    return os.environ.get("BRANCHOUT_REGISTRY") or DEFAULT_URL
+    return os.environ.get("BRANCHOUT_REGISTRY") or "sqlite:///" + _default_path()
 
 
 class Registry:
     def __init__(self, url: str | None = None):
+        """Open the registry at ``url`` (default: ``registry_url()``), creating it or
+        upgrading its schema as needed.
+
+        Raises:
+            RegistrySchemaError: (from ``migrations``) the schema is newer than this
+                branchout, or not a registry's.
+            OSError: a SQLite registry's directory or file cannot be created.
+        """
         self.url = url or registry_url()
-        if self.url.startswith("sqlite:///"):
-            path = self.url[len("sqlite:///"):]
-            if path and path != ":memory:":
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.engine = sa.create_engine(self.url, connect_args={"timeout": 30})
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        else:
-            self.engine = sa.create_engine(self.url, pool_pre_ping=True)
-        metadata.create_all(self.engine)
+        self.engine = _engine(self.url)
+        migrations.upgrade(self.engine)
 
     # ---- writes (drivers, submit) -------------------------------------------------
 
@@ -256,6 +270,59 @@ def _run_row(r) -> RunRow:
     values.pop("updated", None)
     values["submissions"] = json.loads(values.get("submissions") or "[]")
     return RunRow(**values)
+
+
+def _default_path() -> str:
+    # read at each call, not at import: HOME may change in between (tests, services)
+    return os.path.join(os.path.expanduser("~"), ".branchout", "registry.db")
+
+
+def _engine(url: str) -> sa.Engine:
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return sa.create_engine(url, pool_pre_ping=True)
+    path = parsed.database
+    if path and path != ":memory:" and "uri" not in parsed.query:
+        _private_sqlite_file(os.path.abspath(path))
+    engine = sa.create_engine(url, connect_args={"timeout": 30})
+    sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _private_sqlite_file(path: str) -> None:
+    """Make ``path`` (a SQLite database) and its directory owner-only before SQLite opens it:
+    create them 0600 and 0700, or tighten this user's existing ones (see the module doc).
+
+    Raises:
+        OSError: the directory or the file cannot be created.
+    """
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, mode=0o700)
+        os.chmod(directory, 0o700)  # the umask may have cleared owner bits of 0o700
+    except FileExistsError:
+        if directory == os.path.dirname(os.path.abspath(_default_path())):
+            _tighten(directory)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        os.fchmod(fd, 0o600)  # as above; an empty file is a valid new SQLite database
+        os.close(fd)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        _tighten(path + suffix)
+
+
+def _tighten(path: str) -> None:
+    """Take group and other permissions off ``path`` if this user owns it (a missing path is
+    fine: SQLite creates its side files later, with the database file's mode)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

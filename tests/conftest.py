@@ -92,13 +92,23 @@ def reap_leftovers():
             chain = {a.pid for a in proc.parents()}
         except psutil.NoSuchProcess:
             continue
-        if proc.pid not in before and not chain & before:
+        if proc.pid not in before and not chain & before and not _is_pytest_helper(proc):
             doomed.append(proc)
     for proc in doomed:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     _, alive = psutil.wait_procs(doomed, timeout=10)
     assert not alive, f"processes that would not die: {alive}"
+
+
+def _is_pytest_helper(proc) -> bool:
+    """multiprocessing's resource tracker serves this pytest process for its whole life."""
+    import psutil
+
+    try:
+        return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
 
 
 @pytest.fixture(scope="session")
