@@ -80,14 +80,16 @@ def _find(run: str):
 def _user_errors():
     """Exception types that are the user's to fix: one line, exit 2."""
     from branchout.cluster.connect import ClusterError
+    from branchout.orchestrator.inputs import ShippingError
     from branchout.orchestrator.jobs import JobsError
     from branchout.orchestrator.loader import SpecError
-    from branchout.orchestrator.operate import OperateError
     from branchout.orchestrator.migrations import RegistrySchemaError
+    from branchout.orchestrator.operate import OperateError
     from branchout.stages.data import DataError
     from branchout.stages.storage import StorageError
 
-    return (ClusterError, JobsError, OperateError, StorageError, SpecError, DataError, RegistrySchemaError)
+    return (ClusterError, JobsError, OperateError, StorageError, SpecError, DataError, RegistrySchemaError,
+            ShippingError)
 
 
 @app.command()
@@ -170,7 +172,8 @@ def submit(
     try:
         address = resolve_address(address, spec.cluster.address)
         record = submit_pipeline(spec, _source(pipeline, set_), address, _registry(), working_dir, pip,
-                                 {"use_cache": not no_cache, "rerun": rerun or []})
+                                 {"use_cache": not no_cache, "rerun": rerun or []},
+                                 say=lambda line: console.print(line, highlight=False))
     except _user_errors() as e:
         fail([str(e)])
     console.print(f"submitted run [bold]{record.run_id}[/] to {address} (Ray job {record.run_id})")
@@ -353,6 +356,23 @@ def driver(
     except _user_errors() as e:
         fail([str(e)])
     raise typer.Exit(0 if result.state is RunState.SUCCEEDED else EXIT_FAILED)
+
+
+@app.command(hidden=True)
+def probe(storage_uri: str, nonce: str) -> None:
+    """Run on the cluster by `branchout submit`: can this node use the storage as the client does?"""
+    from branchout.stages import storage
+
+    try:
+        storage.check_reachable(storage_uri)
+        marker = storage.join(storage_uri, ".probes", nonce)
+        seen = storage.read_text(marker) if storage.exists(marker) else None
+    except (storage.StorageError, OSError) as e:
+        fail([str(e).splitlines()[0]])
+    if seen != nonce:
+        fail([f"this node does not see what the submitting machine wrote to {storage_uri}: the storage is "
+              "not shared with the cluster (use s3://…, gs://…, or a file:/// mount every node has)"])
+    console.print(f"storage {storage_uri}: readable and writable from this node")
 
 
 # The schedule commands live in their own module; importing it registers them on `app`.

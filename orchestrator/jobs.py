@@ -137,6 +137,41 @@ class JobsClient:
         return self._call(self._client.list_jobs)
 
 
+def probe_storage(client: JobsClient, storage_uri: str, timeout_s: float = 180) -> None:
+    """Refuse, before submitting, storage the cluster cannot use as this machine does.
+
+    This machine writes a token under the storage; a short job on the cluster must find
+    it there. A ``file://`` path the nodes do not mount, or a bucket their role cannot
+    read, fails here in seconds instead of inside the run.
+
+    Raises:
+        JobsError: the probe job failed or did not finish; the message is its last line.
+    """
+    import time
+    import uuid
+
+    from branchout.stages import storage
+
+    nonce = uuid.uuid4().hex[:12]
+    marker = storage.join(storage_uri, ".probes", nonce)
+    storage.write_text(marker, nonce)
+    probe_id = f"branchout-probe-{nonce}"
+    try:
+        client._call(client._client.submit_job, submission_id=probe_id, entrypoint_num_cpus=0,
+                     entrypoint=" ".join(["python", "-m", "branchout", "probe", storage_uri, nonce]))
+        deadline = time.time() + timeout_s
+        while (status := client.status(probe_id)) not in TERMINAL_JOB_STATES:
+            if time.time() > deadline:
+                client.stop(probe_id)
+                raise JobsError(f"storage: the cluster did not check {storage_uri} within {timeout_s:.0f} s")
+            time.sleep(0.5)
+        if status != "SUCCEEDED":
+            lines = [x.removeprefix("error: ") for x in client.logs(probe_id).splitlines() if x.strip()]
+            raise JobsError(f"storage: the cluster cannot use {storage_uri}: {lines[-1] if lines else status}")
+    finally:
+        storage.remove_file(marker)
+
+
 def driver_entrypoint(*args: str) -> list[str]:
     """The command Ray's job supervisor runs; the cluster's Python must have branchout."""
     return ["python", "-m", "branchout", "driver", *args]

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from branchout.orchestrator.jobs import TERMINAL_JOB_STATES, JobsClient, JobsError
@@ -45,19 +46,35 @@ def source_of(row: RunRow) -> dict:
 
 
 def submit_pipeline(spec, source: dict, address: str, registry: Registry, working_dir: str | None = None,
-                    pip: list[str] | None = None, options: dict | None = None) -> RunRecord:
-    """Submit the driver of a new run as a Ray job; returns the (pending) run record."""
+                    pip: list[str] | None = None, options: dict | None = None,
+                    say: Callable[[str], None] = print) -> RunRecord:
+    """Submit the driver of a new run as a Ray job; returns the (pending) run record.
+
+    Before anything is submitted the cluster must be able to use the storage
+    (``probe_storage``), and every local input is shipped (``orchestrator.inputs``): the
+    driver reads the rewritten paths, so the client may go away once this returns.
+    """
     from branchout.orchestrator.driver import spec_hash
-    from branchout.orchestrator.jobs import driver_entrypoint, forwarded_env, job_metadata
+    from branchout.orchestrator.inputs import ship_inputs
+    from branchout.orchestrator.jobs import (
+        driver_entrypoint,
+        forwarded_env,
+        job_metadata,
+        probe_storage,
+    )
 
     run_id = new_run_id()
     record = RunRecord(run_id=run_id, pipeline=spec.name, spec_hash=spec_hash(spec),
                        run_uri=storage.join(spec.storage, spec.name, run_id))
     client = JobsClient(address)
-    env = {"BRANCHOUT_SPEC": spec.model_dump_json(), "BRANCHOUT_SOURCE": json.dumps(source),
+    probe_storage(client, spec.storage)
+    shipment = ship_inputs(spec, working_dir)
+    for line in shipment.lines:
+        say(f"input {line}")
+    env = {"BRANCHOUT_SPEC": shipment.spec.model_dump_json(), "BRANCHOUT_SOURCE": json.dumps(source),
            "BRANCHOUT_RUN_OPTIONS": json.dumps(options or {}), **forwarded_env()}
     client.submit(run_id, driver_entrypoint("--run-id", run_id), env, job_metadata(spec.name, run_id),
-                  working_dir=working_dir, pip=pip)
+                  working_dir=shipment.working_dir or working_dir, pip=pip)
     registry.register_submission(record, address, run_id, json.dumps(source))
     return record
 
@@ -164,17 +181,37 @@ def check_resumable(registry: Registry, row: RunRow, force: bool):
 
 def resume_submitted(registry: Registry, row: RunRow, spec, changed: bool) -> str:
     """Submit a driver that continues ``row``'s run on its cluster; returns the submission id."""
+    from branchout.orchestrator.inputs import ship_inputs
     from branchout.orchestrator.jobs import driver_entrypoint, forwarded_env, job_metadata
 
     submission_id = f"{row.run_id}-r{len(row.submissions)}"
     env = {"BRANCHOUT_SOURCE": row.source or "{}", **forwarded_env()}
+    # inputs the first submit uploaded to shared storage are still there; inputs that
+    # travelled in the job's own files must travel again, from the machine that resumes
+    working_dir = None
+    if _reads_job_files(spec):
+        source = source_of(row)
+        if not source.get("path") or not os.path.exists(source["path"]):
+            raise OperateError(f"run {row.run_id} read its inputs from its job's files; resume it where "
+                               f"{source.get('path') or 'its pipeline file'} and its data are, or use shared storage")
+        from branchout.orchestrator.loader import load_spec
+
+        shipment = ship_inputs(load_spec(source["path"], source.get("overrides") or []))
+        spec, working_dir, changed = shipment.spec, shipment.working_dir, True
     if changed:
         env["BRANCHOUT_SPEC"] = spec.model_dump_json()
     client = JobsClient(row.address)
     client.submit(submission_id, driver_entrypoint("--resume", row.run_uri), env,
-                  job_metadata(row.pipeline, row.run_id))
+                  job_metadata(row.pipeline, row.run_id), working_dir=working_dir)
     registry.register_submission(RunRecord.load(row.run_uri), row.address, submission_id, row.source)
     return submission_id
+
+
+def _reads_job_files(spec) -> bool:
+    from branchout.orchestrator.inputs import JOB_FILES
+
+    paths = [spec.pretrain.dataset.path, spec.tokenizer.path or "", *(d.dataset.path for d in spec.finetune.domains)]
+    return any(p.startswith(JOB_FILES + "/") for p in paths)
 
 
 def _last_line(text: str) -> str:

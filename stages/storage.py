@@ -8,6 +8,7 @@ embedded on a laptop and on a multi-node cluster with object storage.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -91,6 +92,17 @@ def listdir(uri: str) -> list[str]:
     fs, path = filesystem(uri)
     selector = pafs.FileSelector(path, allow_not_found=True, recursive=False)
     return sorted(info.base_name for info in fs.get_file_info(selector))
+
+
+def remove_file(uri: str) -> None:
+    """Delete one file; nothing when it is not there."""
+    if is_local(uri):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(local_path(uri))
+        return
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
 
 
 def remove_dir(uri: str) -> None:

@@ -193,3 +193,21 @@ def job_for(parts, name: str, method: str, **training):
                     tokenizer_uri=str(root / "tokenizer"), data_uri=data_uri, out_uri=str(root / name),
                     logs_uri=str(root / "logs"), run_id="test", method=method, lora=options.lora.model_dump(),
                     base_model_uri=str(root / "base"))
+
+
+# The quickstart as a client submits it, minutes shortened: same file, model and data kinds.
+QUICK = ["pretrain.steps=30", "pretrain.checkpoint_every=10", "finetune.defaults.steps=8",
+         "finetune.defaults.checkpoint_every=4", "evaluate.models=[base,finetuned]", "evaluate.max_blocks=16"]
+
+
+def quickstart_client(folder: Path) -> Path:
+    """A laptop's copy of the quickstart: examples/quickstart.yaml beside a small data/ built
+    by the quickstart's own corpus builder. Returns the pipeline file."""
+    import shutil
+
+    import corpus
+
+    folder.mkdir(parents=True)
+    corpus.build(str(folder / "data"), {"general": 200_000, "legal": 80_000, "code": 80_000, "docs": 80_000})
+    shutil.copy(REPO / "examples" / "quickstart.yaml", folder / "quickstart.yaml")
+    return folder / "quickstart.yaml"

@@ -8,6 +8,7 @@ to the head, the worker and the clients through ``RAY_AUTH_TOKEN``, so nothing t
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -23,8 +24,9 @@ def free_port() -> int:
 
 
 class LocalRayCluster:
-    def __init__(self, workdir: Path, head_cpus: int = 2, worker_cpus: int = 1):
+    def __init__(self, workdir: Path, head_cpus: int = 2, worker_cpus: int = 1, extra_env: dict | None = None):
         self.workdir = workdir
+        self.extra_env = extra_env or {}  # e.g. an S3 endpoint and keys the nodes use
         self.token = uuid.uuid4().hex
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
@@ -36,7 +38,7 @@ class LocalRayCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def env(self, with_token: bool = True) -> dict[str, str]:
-        env = {**os.environ, "BRANCHOUT_REGISTRY": self.registry,
+        env = {**os.environ, **self.extra_env, "BRANCHOUT_REGISTRY": self.registry,
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                "RAY_DISABLE_USAGE_STATS": "1"}
         env.pop("RAY_ADDRESS", None)
@@ -73,3 +75,27 @@ class LocalRayCluster:
 
     def stop(self) -> None:
         subprocess.run(["ray", "stop", "--force"], env=self.env(), capture_output=True, timeout=120)
+
+    def job_state(self, submission_id: str) -> str:
+        """What Ray's own CLI (`ray job status`) says of a job: SUCCEEDED, FAILED, STOPPED,
+        RUNNING or PENDING. The referee for what branchout reports."""
+        out = subprocess.run(["ray", "job", "status", submission_id, "--address", self.address],
+                             env=self.env(), capture_output=True, text=True)
+        text = (out.stdout + out.stderr).lower()
+        sid = submission_id.lower()
+        for ending, state in (("succeeded", "SUCCEEDED"), ("failed", "FAILED"), ("was stopped", "STOPPED")):
+            if f"job '{sid}' {ending}" in text:
+                return state
+        match = re.search(rf"status for job '{re.escape(sid)}': (\w+)", text)
+        if match:
+            return match[1].upper()
+        raise AssertionError(f"cannot read `ray job status {submission_id}`: {out.stdout[-500:]}{out.stderr[-500:]}")
+
+    def wait_for_job(self, submission_id: str, timeout: float = 900) -> str:
+        """Poll Ray until the job ends; returns its final state."""
+        deadline = time.time() + timeout
+        while (state := self.job_state(submission_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            if time.time() > deadline:
+                raise AssertionError(f"job {submission_id} still {state} after {timeout:.0f} s")
+            time.sleep(2)
+        return state

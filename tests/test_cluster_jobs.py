@@ -6,6 +6,7 @@ Ray's own CLI (`ray job list`, `ray job logs`) is the referee for what branchout
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from raycluster import LocalRayCluster
 
 from branchout.orchestrator.state import RunRecord, RunState, StageState
 
-from conftest import TINY, run_cli
+from conftest import QUICK, TINY, quickstart_client, run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -78,33 +79,35 @@ def test_unreachable_address(cluster, corpus_dir, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach the Ray Jobs API at http://127.0.0.1:9")
 
 
-def test_submit_wait_then_status_list_logs_agree_with_ray(cluster, corpus_dir, tmp_path):
-    path = pipeline_file(corpus_dir, tmp_path)
-    out = cli(cluster, "submit", path, "--address", cluster.address, "--wait")
+def test_submitted_quickstart_needs_nothing_from_the_client(cluster, tmp_path):
+    pipeline = quickstart_client(tmp_path / "laptop")
+    shared = tmp_path / "shared"  # what every node mounts
+    sets = [a for s in [f"storage=file://{shared}/runs", *QUICK] for a in ("--set", s)]
+    out = cli(cluster, "submit", str(pipeline), "--address", cluster.address, *sets)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    shutil.rmtree(pipeline.parent)  # the laptop's copy is gone the moment submit returns
     run_id = submitted_run_id(out)
-    assert f"run {run_id}: succeeded" in out.stdout  # --wait followed the driver's own output
+    assert "input pretrain.dataset.path:" in out.stdout and "input finetune.domains.2.dataset.path:" in out.stdout
 
+    assert cluster.wait_for_job(run_id) == "SUCCEEDED", cli(cluster, "logs", run_id).stdout[-3000:]
     status = cli(cluster, "status", run_id[:17])
     assert status.returncode == 0, status.stderr
     assert "state succeeded" in status.stdout and f"Ray job {run_id} (SUCCEEDED)" in status.stdout
     for job in ("pretrain", "finetune/legal", "finetune/code", "finetune/docs", "evaluate/docs"):
         assert job in status.stdout
-
-    listed = cli(cluster, "list", "--pipeline", "tiny")
+    listed = cli(cluster, "list", "--pipeline", "quickstart")
     assert run_id in listed.stdout and "succeeded" in listed.stdout and "3/3" in listed.stdout
 
-    ray_list = subprocess.run(["ray", "job", "list", "--address", cluster.address], env=cluster.env(),
-                              capture_output=True, text=True)
-    assert run_id in ray_list.stdout and "SUCCEEDED" in ray_list.stdout
+    run_dir = shared / "runs" / "quickstart" / run_id
+    record = RunRecord.load(str(run_dir))
+    assert record.state is RunState.SUCCEEDED
+    assert all(s.state is StageState.SUCCEEDED for s in record.stages.values())
+    ran = yaml.safe_load((run_dir / "spec.yaml").read_text())  # what the driver read: the shipped copies
+    assert ran["pretrain"]["dataset"]["path"].startswith(f"{shared}/runs/inputs/sha256-")
     ours = cli(cluster, "logs", run_id).stdout
     theirs = subprocess.run(["ray", "job", "logs", run_id, "--address", cluster.address], env=cluster.env(),
                             capture_output=True, text=True).stdout
-    assert f"run {run_id}: succeeded" in ours and ours.strip() in theirs
-
-    record = RunRecord.load(f"{tmp_path}/runs/tiny/{run_id}")
-    assert record.state is RunState.SUCCEEDED
-    assert all(s.state is StageState.SUCCEEDED for s in record.stages.values())
+    assert f"run {run_id} → " in ours and ours.strip() in theirs
 
     again = cli(cluster, "stop", run_id)
     assert again.returncode == 2 and f"run {run_id} already succeeded; nothing to stop" in again.stderr
@@ -132,9 +135,7 @@ def test_stop_then_resume_continues_from_checkpoints(cluster, corpus_dir, tmp_pa
     stopped = cli(cluster, "stop", run_id)
     assert stopped.returncode == 0, stopped.stderr
     assert RunRecord.load(run_dir).state is RunState.STOPPED
-    ray_status = subprocess.run(["ray", "job", "status", run_id, "--address", cluster.address],
-                                env=cluster.env(), capture_output=True, text=True).stdout
-    assert "was stopped" in ray_status
+    assert cluster.job_state(run_id) == "STOPPED"
 
     # an edited pipeline file is refused unless --force
     edited = yaml.safe_load(Path(path).read_text())
@@ -166,5 +167,9 @@ def test_local_storage_refused_on_a_multi_node_cluster(cluster, corpus_dir, tmp_
     out = cli(cluster, "submit", path, "--address", cluster.address, "--wait")
     assert "is a local directory but the cluster has 2 nodes" in out.stdout + out.stderr
     run_id = submitted_run_id(out)
+    # the driver failed before it wrote anything: branchout and Ray agree, and say why
+    assert cluster.job_state(run_id) == "FAILED"
     status = cli(cluster, "status", run_id)
-    assert "state failed" in status.stdout
+    assert "state failed" in status.stdout and "is a local directory but the cluster has 2 nodes" in status.stdout
+    listed = cli(cluster, "list", "--pipeline", "tiny", "--state", "failed")
+    assert run_id in listed.stdout

@@ -25,7 +25,6 @@ def process_group():
     import os
 
     import torch.distributed as dist
-
     from raycluster import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",

@@ -65,7 +65,6 @@ def test_run_record_and_cli_output(finished_run):
 
 
 def test_base_model_loads_generates_and_is_not_empty(finished_run):
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, run_dir, _ = finished_run

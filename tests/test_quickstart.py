@@ -40,4 +40,4 @@ def test_quickstart_transfers_to_every_domain(tmp_path):
         assert row["scratch_ppl"] > 0 and row["heldout_tokens"] > 0
     report = (run_dir / "report.md").read_text()
     assert "base ppl" in report and "scratch ppl" in report and "transfer gain" in report
-    assert seconds < 600, f"quickstart took {seconds:.0f}s; the target is 10 minutes on 2 cores"
+    # how long it takes is a benchmark (benchmarks/quickstart.py), not a pass/fail here

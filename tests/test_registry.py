@@ -8,27 +8,22 @@ unless ``BRANCHOUT_REQUIRE_POSTGRES=1`` (set by ``.ci/run``), which makes that a
 
 from __future__ import annotations
 
-import glob
 import multiprocessing as mp
 import os
-import re
-import shutil
 import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from pathlib import Path
 
+import pgserver
 import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from raycluster import free_port
 
 from branchout.orchestrator import migrations, registry
 from branchout.orchestrator.migrations import RegistrySchemaError
@@ -149,69 +144,17 @@ def test_lookup_by_prefix(tmp_path):
 # ---- PostgreSQL ------------------------------------------------------------------------
 
 
-def _postgres_bindir() -> str | None:
-    """The folder of PostgreSQL's server programs: on PATH, or Debian's versioned one."""
-    initdb = shutil.which("initdb")
-    if initdb:
-        return os.path.dirname(os.path.realpath(initdb))
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: [int(n) for n in re.findall(r"\d+", p)])
-    return os.path.dirname(found[-1]) if found else None
-
-
 @pytest.fixture(scope="module")
 def postgres_server():
     """A private PostgreSQL server for this module's tests: its URL without a database."""
-    bindir = _postgres_bindir()
-    if bindir is None:
-        message = "no PostgreSQL server programs (initdb, postgres) on this machine"
-        if os.environ.get("BRANCHOUT_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"{message}, and BRANCHOUT_REQUIRE_POSTGRES=1 (apt-get install postgresql)",
-                        pytrace=False)
-        pytest.skip(message)
-    # outside pytest's tmp tree: that is private to this user, and the server runs as another
-    root = Path(tempfile.mkdtemp(prefix="branchout-pg-"))
-    data = root / "pg"
-    data.mkdir()
-    as_user = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        shutil.chown(root, "postgres")
-        shutil.chown(data, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_user, os.path.join(bindir, "initdb"), "-D", str(data), "-A", "trust",
-                    "-U", "branchout"], check=True, capture_output=True)
-    port = free_port()
-    server = subprocess.Popen([*as_user, os.path.join(bindir, "postgres"), "-D", str(data),
-                               "-p", str(port), "-h", "127.0.0.1", "-k", str(data)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"postgresql+psycopg2://branchout@127.0.0.1:{port}"
-    probe = sa.create_engine(f"{base}/postgres")
-    deadline = time.time() + 30
-    while True:
-        try:
-            with probe.connect():
-                break
-        except sa.exc.OperationalError:
-            if time.time() > deadline:
-                server.terminate()
-                raise
-            time.sleep(0.3)
-    probe.dispose()
-    yield base
-    server.terminate()
-    server.wait(30)
-    shutil.rmtree(root, ignore_errors=True)
+    with pgserver.postgres_server() as base:
+        yield base
 
 
 @pytest.fixture
 def postgres(postgres_server):
     """An empty database of its own for each test, on the module's server."""
-    name = f"t{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(f"{postgres_server}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    admin.dispose()
-    return f"{postgres_server}/{name}"
+    return pgserver.create_database(postgres_server, f"t{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

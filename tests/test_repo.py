@@ -31,3 +31,29 @@ def test_spec_reference_is_generated_from_the_models():
                          text=True, check=True).stdout
     assert (REPO / "docs" / "spec.md").read_text() == out, \
         "regenerate: python -m branchout.orchestrator.specdoc > docs/spec.md"
+
+
+def _test_names() -> dict[str, set[str]]:
+    """Every test function by the file that defines it (anywhere under tests/)."""
+    import ast
+
+    names: dict[str, set[str]] = {}
+    for path in (REPO / "tests").rglob("test_*.py"):
+        tree = ast.parse(path.read_text())
+        names.setdefault(path.name, set()).update(
+            n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name.startswith("test_"))
+    return names
+
+
+def test_every_test_the_docs_cite_exists():
+    names = _test_names()
+    cited = set()
+    for doc in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+        cited |= {(doc.name, m) for m in re.findall(r"`(?:tests/)?((?:\w+/)*test_\w+\.py(?:::\w+)?)`", doc.read_text())}
+    assert len(cited) >= 10  # docs/failure-model.md alone cites a dozen
+    missing = []
+    for doc, ref in sorted(cited):
+        file, _, test = ref.rpartition("/")[2].partition("::")
+        if file not in names or (test and test not in names[file]):
+            missing.append(f"{doc}: {ref}")
+    assert not missing, "docs cite tests that do not exist: " + ", ".join(missing)
