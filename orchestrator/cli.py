@@ -358,6 +358,53 @@ def driver(
     raise typer.Exit(0 if result.state is RunState.SUCCEEDED else EXIT_FAILED)
 
 
+@app.command()
+def export(
+    run: RunArg,
+    domain: Annotated[str, typer.Option(help="The domain whose fine-tune to export.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="A new directory to write.", show_default=False)],
+    merge: Annotated[bool, typer.Option(help="LoRA: merge the adapter into the base (one standalone model).")] = False,
+    dtype: Annotated[str | None, typer.Option(help="Cast the weights: bf16, fp16 or fp32.")] = None,
+) -> None:
+    """Write a domain's fine-tune as a standalone HF model, or base + adapters for multi-LoRA servers."""
+    from branchout.orchestrator.state import RunRecord
+    from branchout.stages.export import ExportError, export_finetune
+
+    row = _find(run)
+    try:
+        record = RunRecord.load(row.run_uri)
+    except (OSError, ValueError) as e:
+        fail([f"run {row.run_id}: cannot read {row.run_uri}/state.json ({e})"])
+    domains = sorted(record.jobs("finetune"))
+    job = record.jobs("finetune").get(domain)
+    if job is None:
+        fail([f"--domain {domain!r}: run {row.run_id} has no such domain (domains: {', '.join(domains)})"])
+    if not job.state.done:
+        fail([f"--domain {domain}: its fine-tune is {job.state.value}, there is no model to export"])
+    method = "lora" if job.outputs.get("parent") and _is_adapter(job.outputs["model_uri"]) else "full"
+    try:
+        written = export_finetune(job.outputs["model_uri"], job.outputs.get("parent"), method, domain, str(out),
+                                  merge=merge, dtype=dtype)
+    except ExportError as e:
+        fail([str(e)])
+    for path in written:
+        console.print(f"wrote {path}")
+
+
+def _is_adapter(model_uri: str) -> bool:
+    from branchout.stages import storage
+
+    return storage.exists(storage.join(model_uri, "adapter_config.json"))
+
+
+@app.command()
+def schema() -> None:
+    """Print the pipeline file's JSON Schema (for editors: see docs/pipeline.schema.json)."""
+    from branchout.orchestrator.schema import render
+
+    sys.stdout.write(render())
+
+
 @app.command(hidden=True)
 def probe(storage_uri: str, nonce: str) -> None:
     """Run on the cluster by `branchout submit`: can this node use the storage as the client does?"""

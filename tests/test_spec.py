@@ -159,3 +159,37 @@ def test_plan_arithmetic(write_pipeline):
     # 2 workers × micro 2 × accum 2 × 32 tokens = 256 tokens/step; ceil(10000 / 256) = 40 steps
     assert (plan.workers, plan.micro_batch, plan.grad_accum, plan.seq_len) == (2, 2, 2, 32)
     assert plan.tokens_per_step == 256 and plan.steps == 40 and plan.checkpoints == 7
+
+
+def _schema_validator():
+    import json
+
+    import jsonschema
+
+    schema = json.loads((REPO / "docs" / "pipeline.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_published_schema_is_generated_from_the_models():
+    from branchout.orchestrator.schema import render
+
+    assert (REPO / "docs" / "pipeline.schema.json").read_text() == render(), \
+        "regenerate: python -m branchout.orchestrator.schema > docs/pipeline.schema.json"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_names_and_passes_the_schema(path: Path):
+    assert path.read_text().splitlines()[1] == "# yaml-language-server: $schema=../docs/pipeline.schema.json"
+    errors = list(_schema_validator().iter_errors(yaml.safe_load(path.read_text())))
+    assert not errors, [e.message for e in errors]
+
+
+def test_schema_reports_a_wrong_field_as_validate_does(write_pipeline):
+    data = yaml.safe_load(yaml.safe_dump(TINY))
+    data["pretrain"]["stepz"] = 5
+    data["finetune"]["domains"][0]["method"] = "qlora"
+    errors = sorted(_schema_validator().iter_errors(data), key=lambda e: list(e.absolute_path))
+    where = {".".join(map(str, e.absolute_path)) or "(top)": e.message for e in errors}
+    assert "stepz" in where.get("pretrain", "") and "'qlora' is not one of" in where["finetune.domains.0.method"]
+    assert set(problems_of(write_pipeline, lambda d: d.update(data))) >= {
+        "pretrain.stepz: unknown key", "finetune.domains.0.method: Input should be 'full' or 'lora' (got 'qlora')"}
