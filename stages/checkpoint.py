@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 
 from branchout.stages import storage
 
@@ -183,14 +184,6 @@ def fetch_verified(uri: str, local_dir: str | None = None, world: int | None = N
     return path
 
 
-def quick_problems(uri: str, world: int | None = None) -> list[str]:
-    """Presence and sizes only, without downloading or hashing: for retention decisions."""
-    manifests, problems = _manifests(uri, world)
-    if problems or not storage.is_local(uri):
-        return problems
-    return verify_local(storage.local_path(uri), manifests, full=False)
-
-
 def newest_good(parent_uri: str, names: list[str], world: int | None = None,
                 local_dir: str | None = None) -> tuple[str | None, str | None, list[str]]:
     """Walk ``names`` (oldest first) from the newest back to the first that verifies.
@@ -209,21 +202,50 @@ def newest_good(parent_uri: str, names: list[str], world: int | None = None,
     return None, None, skipped
 
 
-def retain(parent_uri: str, names: list[str], keep: int, world: int | None = None) -> list[str]:
+def retain(parent_uri: str, names: list[str], keep: int, world: int | None = None,
+           verify: Callable[[str], bool] | None = None) -> list[str]:
     """Delete all but the newest ``keep`` good checkpoints; returns what was deleted.
 
-    Never deletes the newest good checkpoint, nor anything newer than it (a checkpoint
-    still being written by another rank looks incomplete, not bad).
+    "Good" means verified in full now (every file's SHA-256 against its manifest), not
+    judged by sizes: a bit flip that keeps a file's size would otherwise pass for good and
+    the last good checkpoint be deleted in its favour. Nothing is deleted unless one
+    checkpoint verifies, nor anything newer than the newest good one (another rank may
+    still be writing it). ``verify(uri)`` replaces the check (the distributed training
+    path has every rank verify its own shards).
     """
-    good = [n for n in names if not quick_problems(storage.join(parent_uri, n), world)]
-    if not good:
+    verify = verify or (lambda uri: not full_problems(uri, world))
+    kept: list[str] = []
+    for name in reversed(names):
+        if verify(storage.join(parent_uri, name)):
+            kept.append(name)
+            if len(kept) == keep:
+                break
+    if not kept:
         return []
-    keep_from = names.index(good[-1])
-    kept_good = set(good[-keep:])
-    doomed = [n for n in names[:keep_from] if n not in kept_good]
+    doomed = [n for n in names[: names.index(kept[0])] if n not in kept]
     for name in doomed:
         storage.remove_dir(storage.join(parent_uri, name))
     return doomed
+
+
+def full_problems(uri: str, world: int | None = None) -> list[str]:
+    """Every problem of the published directory at ``uri``, SHA-256 included."""
+    try:
+        fetch_verified_into_tmp(uri, world)
+    except CorruptCheckpointError as e:
+        return e.problems
+    return []
+
+
+def fetch_verified_into_tmp(uri: str, world: int | None = None) -> None:
+    """``fetch_verified`` whose copy (object stores) is discarded: verification only."""
+    import tempfile
+
+    if storage.is_local(uri):
+        fetch_verified(uri, world=world)
+        return
+    with tempfile.TemporaryDirectory(prefix="branchout-verify-") as tmp:
+        fetch_verified(uri, tmp, world)
 
 
 def is_published(uri: str) -> bool:
@@ -231,7 +253,22 @@ def is_published(uri: str) -> bool:
     return storage.exists(storage.join(uri, MANIFEST))
 
 
+# SHA-256 of local files this process already hashed, by (path, size, mtime): retention
+# verifies the kept checkpoints at every save, and an unchanged file need not be read again.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
 def _sha256_file(path: str) -> str:
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        if len(_DIGESTS) > 100_000:
+            _DIGESTS.clear()
+        _DIGESTS[key] = _sha256_uncached(path)
+    return _DIGESTS[key]
+
+
+def _sha256_uncached(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -93,6 +93,20 @@ def test_retention_keeps_the_newest_good(tmp_path):
     assert sorted(os.listdir(parent)) == ["step_2", "step_4", "step_5"]
 
 
+def test_retention_never_trades_a_good_checkpoint_for_a_same_size_bit_flip(tmp_path):
+    parent = tmp_path / "ckpts"
+    for name in ("step_1", "step_2"):
+        _publish(tmp_path, parent, name)
+    with open(parent / "step_2" / "state.pt", "r+b") as f:  # sizes still match the manifest
+        f.seek(10)
+        byte = f.read(1)
+        f.seek(10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert checkpoint.retain(str(parent), ["step_1", "step_2"], keep=1) == []
+    assert sorted(os.listdir(parent)) == ["step_1", "step_2"]
+    assert checkpoint.newest_good(str(parent), ["step_1", "step_2"])[0] == "step_1"  # still there to resume
+
+
 WRITER = """
 import os, sys
 from branchout.stages.checkpoint import publish_dir
