@@ -1,0 +1,111 @@
+"""`fanout.run_jobs`, the retry loop every stage goes through, with fake jobs (no Ray):
+retries, failures that stay local, the in-flight limit, cached and finished items, stopping."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+
+import pytest
+
+from branchout.orchestrator.fanout import WorkItem, run_jobs
+from branchout.orchestrator.state import RunRecord, StageRecord, StageState
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def record(tmp_path):
+    rec = RunRecord(run_id="r", pipeline="p", run_uri=str(tmp_path / "run"), spec_hash="h")
+    rec.save()
+    return rec
+
+
+@pytest.fixture
+def pool():
+    with cf.ThreadPoolExecutor(8) as executor:
+        yield executor
+
+
+class Job:
+    """A fake job: fails its first ``failures`` attempts, records how many ran at once."""
+
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def __init__(self, pool, name: str, failures: int = 0, seconds: float = 0.05):
+        self.pool, self.name, self.failures, self.seconds, self.attempts = pool, name, failures, seconds, 0
+
+    def submit(self) -> cf.Future:
+        self.attempts += 1
+        return self.pool.submit(self._run, self.attempts)
+
+    def _run(self, attempt: int) -> dict:
+        with Job.lock:
+            Job.running += 1
+            Job.most = max(Job.most, Job.running)
+        try:
+            time.sleep(self.seconds)
+            if attempt <= self.failures:
+                raise RuntimeError(f"{self.name} attempt {attempt} broke")
+            return {"started": time.time() - self.seconds, "ended": time.time(), "value": attempt}
+        finally:
+            with Job.lock:
+                Job.running -= 1
+
+
+def _items(jobs, retries=0):
+    return [WorkItem(j.name, j.submit, max_retries=retries, on_success=lambda r: {"value": r["value"]}) for j in jobs]
+
+
+def test_failed_attempts_are_retried_and_recorded(record, pool):
+    flaky, fine = Job(pool, "flaky", failures=2), Job(pool, "fine")
+    out = run_jobs(record, _items([flaky, fine], retries=2), None, lambda s: None)
+    assert out == {"flaky": {"value": 3}, "fine": {"value": 1}}
+    rec = record.stage("flaky")
+    assert rec.state is StageState.SUCCEEDED and rec.attempts == 3
+    assert [h["state"] for h in rec.history] == ["failed", "failed", "succeeded"]
+    assert rec.history[0]["error"] == "RuntimeError: flaky attempt 1 broke"
+
+
+def test_a_job_out_of_retries_fails_alone(record, pool):
+    broken, fine = Job(pool, "broken", failures=5), Job(pool, "fine")
+    out = run_jobs(record, _items([broken, fine], retries=1), None, lambda s: None)
+    assert set(out) == {"fine"}
+    assert record.stage("broken").state is StageState.FAILED and broken.attempts == 2
+    assert record.stage("fine").state is StageState.SUCCEEDED
+
+
+def test_in_flight_limit_holds(record, pool):
+    Job.most = 0
+    jobs = [Job(pool, f"j{i}", seconds=0.2) for i in range(6)]
+    run_jobs(record, _items(jobs), None, lambda s: None, max_in_flight=2)
+    assert Job.most == 2 and all(record.stage(j.name).state is StageState.SUCCEEDED for j in jobs)
+
+
+def test_finished_jobs_are_not_run_again(record, pool):
+    record.stages["done"] = StageRecord("done", state=StageState.SUCCEEDED, outputs={"value": "earlier"})
+    done = Job(pool, "done")
+    out = run_jobs(record, _items([done]), None, lambda s: None)
+    assert out == {"done": {"value": "earlier"}} and done.attempts == 0
+
+
+def test_a_stop_request_leaves_unfinished_jobs_for_the_driver_to_record(record, pool):
+    class Stop(Exception):
+        pass
+
+    ticks = []
+
+    def tick(snapshot):
+        ticks.append(1)
+        if len(ticks) == 2:
+            raise Stop
+
+    slow = Job(pool, "slow", seconds=5)
+    with pytest.raises(Stop):
+        run_jobs(record, _items([slow]), None, tick)
+    assert record.stage("slow").state is StageState.QUEUED  # the driver's interrupted() records the end
+    record.interrupted("stopped before it finished")
+    assert record.stage("slow").state is StageState.FAILED
