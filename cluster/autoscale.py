@@ -117,7 +117,11 @@ def waiting_message(name: str, bundle: dict[str, float], waited_s: float) -> str
 
 
 def stage_bundles(spec) -> dict[str, list[dict[str, float]]]:
-    """The bundles each stage of ``spec`` holds at its widest: pretrain, fan-out, evaluate."""
+    """The bundles each stage of ``spec`` holds at its widest: pretrain, fan-out, evaluate.
+
+    An evaluation runs on one worker of its domain's fine-tune bundle (GPU share and
+    accelerator type included), so its nodes are the fan-out's kind.
+    """
     p = spec.pretrain
     fanout: list[dict[str, float]] = []
     kinds = 1 + ("scratch" in spec.evaluate.models)
@@ -128,5 +132,5 @@ def stage_bundles(spec) -> dict[str, list[dict[str, float]]]:
     return {
         "pretrain": [p.resources_per_worker.ray_bundle()] * p.num_workers,
         "fanout": fanout,
-        "evaluate": [{"CPU": 1.0}] * len(spec.finetune.domains),
+        "evaluate": [d.resources_per_worker.ray_bundle() for d in spec.finetune.domains],
     }

@@ -39,14 +39,17 @@ def print_plan(console: Console, plan: Plan, notes: list[str] | None = None) -> 
     console.print(f"            {p.steps:,} steps = {p.total_tokens:,} tokens; {p.checkpoints} checkpoint(s); "
                   f"{zero}, {p.precision}; ~{p.memory_gib:.2f} GiB/worker; "
                   f"{plan.flops_per_token(p.seq_len) / 1e6:.1f} MFLOP/token")
-    table = Table(title=f"fan-out: {plan.fanout_jobs} jobs ({', '.join(plan.eval_models)} scored)",
-                  title_justify="left", show_edge=False)
-    for col in ("domain", "method", "tokens/step", "steps", "tokens", "engine", "resources", "mem/worker"):
-        table.add_column(col, justify="left" if col in ("domain", "method", "engine", "resources") else "right")
-    for name, d in plan.domains.items():
-        engine = "torch" if d.zero_stage is None else f"ZeRO-{d.zero_stage}×{d.workers}"
-        table.add_row(name, plan.domain_methods[name], f"{d.tokens_per_step:,}", f"{d.steps:,}",
-                      f"{d.total_tokens:,}", engine, _bundle(d.resources), f"{d.memory_gib:.2f} GiB")
+    evaluations = [j for j in plan.jobs if j.kind == "evaluate"]
+    table = Table(title=f"fan-out: {plan.fanout_jobs} jobs, then {len(evaluations)} evaluation(s) "
+                        f"({', '.join(plan.eval_models)} scored)", title_justify="left", show_edge=False)
+    for col in ("job", "tokens/step", "steps", "tokens", "engine", "resources", "mem/worker"):
+        table.add_column(col, justify="left" if col in ("job", "engine", "resources") else "right")
+    for job in plan.jobs:
+        d = plan.domains[job.domain]
+        trains = job.kind != "evaluate"
+        table.add_row(job.name, f"{d.tokens_per_step:,}" if trains else "-", f"{job.steps:,}" if trains else "-",
+                      f"{job.tokens:,}", job.engine,
+                      _bundle(job.resources), f"{job.memory_gib:.2f} GiB")
     console.print(table)
 
 
@@ -256,7 +259,28 @@ def print_memory_plan(console: Console, spec, shape, gpu_memory_gb: float | None
         console.print(table)
         console.print(f"{name} pick: {best.option.label}" if best else
                       f"{name} pick: none fits; lower micro_batch_size or seq_len, or use bigger GPUs")
-    for d in spec.finetune.domains:
-        if not d.uses_deepspeed():
-            console.print(f"finetune/{d.name}: 1 worker, plain torch ({d.method}); "
-                          f"{d.resources_per_worker.gpu:g} GPU each")
+    _print_job_fits(console, spec, gpu_memory_gb, gpu_label)
+
+
+def _print_job_fits(console: Console, spec, gpu_memory_gb: float | None, gpu_label: str | None) -> None:
+    """Every fan-out and evaluation job: its GPU share, how many share a GPU, whether it fits."""
+    from branchout.cluster.memory import GB, usable_bytes
+    from branchout.orchestrator.plan import _gpu_memory, build_plan
+
+    plan = build_plan(spec)
+    domains = {d.name: d for d in spec.finetune.domains}
+    table = Table(title=f"fan-out ({plan.fanout_jobs} jobs at once), then evaluation", title_justify="left")
+    for col in ("job", "engine", "workers × resources", "memory / worker", "jobs / GPU", "budget / job", "fits"):
+        table.add_column(col, justify="left" if col in ("job", "engine", "workers × resources", "fits") else "right")
+    for job in plan.jobs:
+        r = domains[job.domain].resources_per_worker
+        memory = gpu_memory_gb or _gpu_memory(domains[job.domain])
+        per_gpu = (int(1 / r.gpu + 1e-9) if r.gpu < 1 else 1) if r.uses_gpu else None
+        budget = usable_bytes(memory) / per_gpu if per_gpu and memory else None
+        fits = "-" if budget is None else "yes" if job.memory_bytes <= budget else "[red]no[/]"
+        table.add_row(job.name, job.engine, f"{job.workers} × {_bundle(job.resources)}",
+                      f"{job.memory_bytes / GB:.1f} GB", str(per_gpu or "-"),
+                      f"{budget / GB:.1f} GB" if budget else "-", fits)
+    console.print(table)
+    if gpu_label and not any(domains[j.domain].resources_per_worker.uses_gpu for j in plan.jobs):
+        console.print("fan-out and evaluation jobs run on CPUs (resources_per_worker.gpu: 0)")

@@ -3,8 +3,11 @@
     workers × micro-batch × grad-accum × seq-len = tokens per step
 
 plus steps, total tokens, checkpoints, model size and a rough memory estimate per
-worker, for the pretrain and for every domain job. ``branchout validate`` prints it;
-``branchout run`` prints it and then follows it.
+worker, for the pretrain and for every job after it: each domain's fine-tune, its
+from-scratch baseline (when ``evaluate.models`` has ``scratch``) and its evaluation. The
+fan-out and evaluation jobs are listed in ``Plan.jobs`` with the resources they ask Ray
+for; ``check_packing`` refuses GPU packings that cannot hold them. ``branchout validate``
+prints it; ``branchout run`` prints it and then follows it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,25 @@ class TrainingPlan:
 
 
 @dataclass
+class JobPlan:
+    """One job after the pretrain: what it runs on and what it needs there."""
+
+    name: str  # finetune/<domain>, scratch/<domain>, evaluate/<domain>
+    domain: str
+    kind: str  # finetune | scratch | evaluate
+    workers: int
+    resources: dict[str, float]  # one worker's Ray bundle (GPU share, accelerator type, CPUs)
+    engine: str  # how it runs: "torch, LoRA", "ZeRO-2 × 4", "score bf16"
+    memory_bytes: float  # per worker: device memory on a GPU, host memory on the CPU
+    steps: int = 0
+    tokens: int = 0
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory_bytes / GiB
+
+
+@dataclass
 class Plan:
     pipeline: str
     model_type: str
@@ -62,11 +84,22 @@ class Plan:
     domain_methods: dict[str, str] = field(default_factory=dict)
     eval_models: list[str] = field(default_factory=list)
     cluster: str = "embedded local Ray"
+    jobs: list[JobPlan] = field(default_factory=list)  # every fan-out and evaluation job
 
     @property
     def fanout_jobs(self) -> int:
-        per_domain = 1 + ("scratch" in self.eval_models)
-        return per_domain * len(self.domains)
+        return sum(j.kind != "evaluate" for j in self.jobs)
+
+    def job(self, name: str) -> JobPlan:
+        """The planned job called ``name`` (``evaluate/legal``).
+
+        Raises:
+            KeyError: no such job in this plan.
+        """
+        for job in self.jobs:
+            if job.name == name:
+                return job
+        raise KeyError(name)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6·N + 12·L·H·T (PaLM appendix B)."""
@@ -175,23 +208,75 @@ def build_plan(spec: PipelineSpec) -> Plan:
         eval_models=list(spec.evaluate.models), cluster=spec.cluster.address or "embedded local Ray",
     )
     for d in spec.finetune.domains:
+        seq_len = spec.domain_seq_len(d)
         trainable = shape.params if d.method == "full" else max(1, shape.params // 100)
-        plan.domains[d.name] = _training_plan(d.name, d, spec.domain_seq_len(d), d.steps, shape, trainable)
+        plan.domains[d.name] = _training_plan(d.name, d, seq_len, d.steps, shape, trainable)
         plan.domain_methods[d.name] = d.method
+        kinds = [("finetune", d.method)] + ([("scratch", "full")] if "scratch" in spec.evaluate.models else [])
+        for kind, method in kinds:
+            tp = _training_plan(d.name, d, seq_len, d.steps, shape, shape.params if method == "full" else trainable)
+            engine = (f"ZeRO-{tp.zero_stage} × {tp.workers}" if tp.zero_stage is not None else "torch") + \
+                (", LoRA" if method == "lora" else ", from scratch" if kind == "scratch" else ", full")
+            plan.jobs.append(JobPlan(f"{kind}/{d.name}", d.name, kind, d.num_workers, tp.resources, engine,
+                                     tp.memory_gib * GiB, tp.steps, tp.total_tokens))
+    for d in spec.finetune.domains:
+        plan.jobs.append(evaluation_plan(spec, d, shape))
     return plan
+
+
+def evaluation_plan(spec: PipelineSpec, d, shape: ModelShape) -> JobPlan:
+    """The evaluation of domain ``d``: one worker of the domain's fine-tune, its precision.
+
+    The job scores one model at a time, so it needs one model's weights in the scoring
+    dtype (16 bits for bf16; fp16 only on a GPU), plus a batch's inference activations.
+    """
+    from branchout.cluster.memory import inference_bytes
+
+    r = d.resources_per_worker
+    precision = d.deepspeed.precision
+    sixteen = precision == "bf16" or (precision == "fp16" and r.uses_gpu)
+    ev = spec.evaluate
+    memory = inference_bytes(shape.params, spec.domain_seq_len(d), ev.batch_size, shape.hidden, shape.vocab,
+                             2 if sixteen else 4)
+    if d.method == "lora":
+        memory += 4 * max(1, shape.params // 100)  # the adapter, in fp32
+    label = {"bf16": "bf16", "fp16": "fp16" if r.uses_gpu else "fp32"}.get(precision, "fp32")
+    blocks = ev.max_blocks * len(ev.models)
+    return JobPlan(f"evaluate/{d.name}", d.name, "evaluate", 1, r.ray_bundle(),
+                   f"score {', '.join(ev.models)} in {label}", memory, 0, blocks * spec.domain_seq_len(d))
+
+
+def job_state_bytes(option, params: int, trainable: int, largest_layer: int, workers: int, mixed: bool,
+                    deepspeed: bool, on_gpu: bool) -> float:
+    """Weights, gradients and optimizer state of one worker.
+
+    DeepSpeed: its own accounting (``cluster.memory.model_states``) of what trains, plus a
+    LoRA job's frozen base. The plain torch engine keeps fp32 master weights, gradients
+    and Adam moments (16 bytes per trained parameter) and, under autocast, the 16-bit
+    copies of the weights a step casts (2 bytes); a LoRA job's frozen base is stored in
+    16 bits on a GPU (``TorchEngine`` casts it) and used in place, in fp32, on the CPU.
+    """
+    from branchout.cluster.memory import model_states
+
+    frozen = params - trainable if trainable < params else 0
+    base_bytes = 2 if (mixed and (deepspeed or on_gpu)) else 4
+    if deepspeed:
+        return model_states(option, trainable, largest_layer, workers, mixed) + base_bytes * frozen
+    if frozen:
+        return base_bytes * params + 16 * trainable
+    return (18 if mixed else 16) * params
 
 
 def _training_plan(name: str, t: TrainingSpec, seq_len: int, steps: int, shape: ModelShape,
                    trainable: int | None = None) -> TrainingPlan:
-    from branchout.cluster.memory import ZeroOption, activation_bytes, model_states
+    from branchout.cluster.memory import ZeroOption, activation_bytes
 
     accum = t.global_batch_size // (t.num_workers * t.micro_batch_size)
     zero = int(t.deepspeed.zero_stage) if t.uses_deepspeed() else None
     option = ZeroOption(zero or 0, t.deepspeed.offload_optimizer, t.deepspeed.offload_params)
     mixed = t.deepspeed.precision != "fp32"
-    states = model_states(option, trainable or shape.params, shape.largest_layer, t.num_workers, mixed)
-    if trainable and trainable < shape.params:  # LoRA: the frozen base still occupies memory
-        states += (2 if mixed else 4) * shape.params
+    states = job_state_bytes(option, shape.params, trainable or shape.params, shape.largest_layer,
+                             t.num_workers, mixed, zero is not None, t.resources_per_worker.uses_gpu)
     acts = activation_bytes(seq_len, t.micro_batch_size, shape.hidden, shape.layers, shape.vocab, mixed,
                             t.activation_checkpointing)
     return TrainingPlan(
@@ -203,35 +288,57 @@ def _training_plan(name: str, t: TrainingSpec, seq_len: int, steps: int, shape: 
 
 
 def check_packing(spec: PipelineSpec) -> list[str]:
-    """Fractional GPUs (``gpu: 0.25``) pack jobs onto one GPU; refuse packings that cannot fit.
+    """Refuse GPU placements that cannot hold the jobs that will run on them.
 
-    A job's GPU memory: full fine-tune 16 bytes/parameter (fp32 weights, grads, Adam); LoRA
-    the frozen base in the training precision plus the adapters' states; plus activations.
-    Checked only where the GPU type is known (``accelerator`` or ``gpu_memory_gb``).
+    Every fan-out job (fine-tunes and from-scratch baselines run at the same time, on the
+    same bundles) and every evaluation job is checked against its GPU: a fractional share
+    ``gpu: g`` packs ``⌊1/g⌋`` jobs on one GPU, each of which may be the biggest job of that
+    share, so each must fit the usable memory divided by that count; a job with a whole
+    GPU or more must fit one GPU (the single-worker engine uses one device). Checked only
+    where the GPU type is known (``accelerator`` or ``gpu_memory_gb``). Mixing shares that
+    do not divide one GPU evenly (0.4 next to 0.2) is checked per share, not per mix.
+
+    Returns:
+        One line per problem: ``evaluate.models`` when only the from-scratch baselines do
+        not fit (the usual case: a baseline trains every weight of the model), otherwise
+        ``finetune.domains.<i>.resources_per_worker.gpu`` per domain.
     """
-    from branchout.cluster.memory import GB, activation_bytes, usable_bytes
+    from branchout.cluster.memory import GB, usable_bytes
 
-    problems = []
-    shape = None
-    for i, d in enumerate(spec.finetune.domains):
-        r = d.resources_per_worker
-        memory = _gpu_memory(d)
-        if not (0 < r.gpu < 1) or memory is None:
+    gpu_domains = [(i, d) for i, d in enumerate(spec.finetune.domains)
+                   if d.resources_per_worker.uses_gpu and _gpu_memory(d) is not None]
+    if not gpu_domains:
+        return []
+    plan = build_plan(spec)
+    problems, scratch_only = [], []
+    for i, d in gpu_domains:
+        r, memory = d.resources_per_worker, _gpu_memory(d)
+        per_gpu = int(1 / r.gpu + 1e-9) if r.gpu < 1 else 1
+        share = usable_bytes(memory) / per_gpu
+        label = r.accelerator or f"{memory:g} GB GPUs"
+        over = [j for j in plan.jobs if j.domain == d.name and j.memory_bytes > share]
+        if not over:
             continue
-        shape = shape or model_shape(spec)
-        mixed = d.deepspeed.precision != "fp32"
-        if d.method == "lora":
-            adapters = shape.params // 100
-            states = (2 if mixed else 4) * shape.params + 16 * adapters
-        else:
-            states = 16 * shape.params
-        per_job = states + activation_bytes(spec.domain_seq_len(d), d.micro_batch_size, shape.hidden,
-                                            shape.layers, shape.vocab, mixed, d.activation_checkpointing)
-        per_gpu = int(1 / r.gpu + 1e-9)
-        if per_gpu * per_job > usable_bytes(memory):
-            problems.append(
-                f"finetune.domains.{i}.resources_per_worker.gpu: {r.gpu:g} packs {per_gpu} jobs per GPU, "
-                f"{per_gpu} × {per_job / GB:.1f} GB > {usable_bytes(memory) / GB:.1f} GB usable on "
-                f"{r.accelerator or f'{memory:g} GB GPUs'}; give each job more of a GPU or less memory "
-                "(micro_batch_size, seq_len, method: lora)")
+        if [j.kind for j in over] == ["scratch"]:
+            scratch_only.append((d, over[0], per_gpu, share, label))
+            continue
+        worst = max(over, key=lambda j: j.memory_bytes)
+        names = ", ".join(j.name for j in over)
+        advice = ("evaluate.batch_size, or more of a GPU" if [j.kind for j in over] == ["evaluate"] else
+                  "micro_batch_size, seq_len, method: lora")
+        packing = (f"{r.gpu:g} packs {per_gpu} jobs per GPU, {per_gpu} × {worst.memory_bytes / GB:.1f} GB"
+                   if per_gpu > 1 else f"one job per GPU, {worst.memory_bytes / GB:.1f} GB")
+        problems.append(
+            f"finetune.domains.{i}.resources_per_worker.gpu: {packing} > {usable_bytes(memory) / GB:.1f} GB "
+            f"usable on {label} ({names}); give each job more of a GPU or less memory ({advice})")
+    if scratch_only:
+        d, job, per_gpu, share, label = scratch_only[0]
+        domains = ", ".join(s[0].name for s in scratch_only)
+        problems.insert(0, (
+            f"evaluate.models: 'scratch' trains the {plan.params / 1e9:.2f}B-parameter model from scratch for "
+            f"each domain on its fine-tune's resources ({d.num_workers} worker(s) with "
+            f"{d.resources_per_worker.gpu:g} × {label} each; {job.engine}): {job.memory_bytes / GB:.1f} GB "
+            f"per job > {share / GB:.1f} GB it can have "
+            f"({domains}); remove 'scratch' from evaluate.models, or give the domains more GPUs "
+            "(num_workers > 1 trains with DeepSpeed ZeRO)"))
     return problems

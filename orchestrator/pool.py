@@ -125,14 +125,23 @@ class WarmPool:
 class PoolSet:
     """One warm pool per distinct job bundle, created when the first of its jobs is submitted
     (by then the stage cache has said which jobs need no run), sized to the jobs left, what
-    the cluster holds, and ``max_concurrent``."""
+    the cluster holds, and ``max_concurrent``.
+
+    The parent's weights reach the runners through Ray's object store, and the driver
+    never holds them: a loader task on a node where the jobs run reads the published base
+    and returns its arrays. Ray stores a task's (large) return value in the object store of
+    the node that ran it; the driver keeps only the reference, as the object's owner, and
+    passes it to the runners, which map it read-only. The driver may run on a small head
+    node (it does when submitted as a Ray job): a 7B base in fp32 is 27 GB there otherwise.
+    A lost node's copy is rebuilt by Ray re-running the loader (lineage reconstruction).
+    """
 
     def __init__(self, base_uri: str | None, max_concurrent: int | None, fixed_cluster: bool):
         self.base_uri = base_uri
         self.max_concurrent = max_concurrent
         self.fixed_cluster = fixed_cluster
         self.pools: dict[tuple, WarmPool] = {}
-        self._base_ref = None
+        self._bases: dict[str, object] = {}  # dtype → ObjectRef of the weights
         self._lock = threading.Lock()
 
     def submit(self, job: TrainJob, resources: dict[str, float], jobs_left: int) -> cf.Future:
@@ -146,19 +155,41 @@ class PoolSet:
                     from branchout.cluster.capacity import slots
 
                     width = min(width, max(1, slots(resources)))
-                self.pools[key] = WarmPool(resources, width, self._shared_base())
+                self.pools[key] = WarmPool(resources, width, self._shared_base(resources, job))
         return self.pools[key].submit(job)
 
-    def _shared_base(self):
-        """The parent's weights, put in the object store once for every job and node."""
-        if self._base_ref is None and self.base_uri:
+    def _shared_base(self, resources: dict[str, float], job: TrainJob):
+        """The parent's weights in the dtype this pool's jobs read them in, loaded once per dtype."""
+        if not self.base_uri:
+            return None
+        dtype = shared_base_dtype(resources, job.spec().deepspeed.precision)
+        if dtype not in self._bases:
             import ray
 
+            from branchout.cluster.capacity import loader_options
             from branchout.stages.model import shared_base_weights
 
-            self._base_ref = ray.put(shared_base_weights(self.base_uri))
-        return self._base_ref
+            loader = ray.remote(shared_base_weights).options(**loader_options(resources), name="shared-base")
+            self._bases[dtype] = loader.remote(self.base_uri, dtype)  # never ray.get here
+        return self._bases[dtype]
 
     def shutdown(self) -> None:
         for pool in self.pools.values():
             pool.shutdown()
+        self._bases.clear()  # the last references: Ray frees the weights
+
+
+def shared_base_dtype(resources: dict[str, float], precision: str) -> str:
+    """What a pool's jobs need the parent in.
+
+    On a GPU a LoRA job keeps the frozen base in the training precision (it is cast there
+    anyway) and a full fine-tune makes its own fp32 copy from whatever it gets: 16 bits
+    halve the object store and the transfer. On the CPU a LoRA job computes with the
+    shared arrays in place, which must then be fp32.
+    """
+    from branchout.orchestrator.training import simulate_gpus
+
+    # simulated GPUs (a fake cluster's scheduling tokens) train on the CPU
+    if resources.get("GPU", 0) > 0 and precision in ("bf16", "fp16") and not simulate_gpus():
+        return "bfloat16" if precision == "bf16" else "float16"
+    return "float32"

@@ -34,9 +34,7 @@ def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": asdict(job)},
-        # BRANCHOUT_SIMULATE_GPUS: GPU resources are scheduling tokens of a fake cluster
-        # (Ray's fake multi-node autoscaler); train on the CPU with gloo.
-        torch_config=TorchConfig(backend="gloo") if simulate_gpus() else None,
+        torch_config=TorchConfig(backend=process_group_backend(r.uses_gpu)),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=r.uses_gpu,
                                      resources_per_worker=r.ray_bundle()),
         run_config=RunConfig(
@@ -55,6 +53,19 @@ def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
     if result is None:
         raise TrainingFailedError(f"{job.name}: finished without writing its result")
     return result
+
+
+def process_group_backend(uses_gpu: bool) -> str:
+    """The torch.distributed backend of a Ray Train job.
+
+    On GPUs a process group with a backend per device: NCCL for CUDA tensors (gradients,
+    the loss), gloo for anything that is on the host (a checkpoint choice broadcast,
+    DeepSpeed's host-side bookkeeping). An NCCL-only group, Ray's default, fails on the
+    first CPU tensor with "No backend type associated with device type cpu".
+    BRANCHOUT_SIMULATE_GPUS: GPU resources are scheduling tokens of a fake cluster (Ray's
+    fake multi-node autoscaler); train on the CPU with gloo.
+    """
+    return "cpu:gloo,cuda:nccl" if uses_gpu and not simulate_gpus() else "gloo"
 
 
 def simulate_gpus() -> bool:

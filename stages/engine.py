@@ -5,6 +5,12 @@ fine-tune does not need a process group, ZeRO partitioning or DeepSpeed's start-
 it runs a plain torch loop with the same optimizer, schedule, precision and clipping.
 Both expose ``train_step`` / ``lr`` / ``save`` / ``load`` / ``state_dict_for_export``,
 which is all the training loop in ``stages.loop`` uses.
+
+Device rule: everything a step produces stays on the engine's ``device``. ``train_step``
+returns the step's loss as a 0-dim tensor there, without reading it; the loop reads it
+(and averages it over ranks) only on the steps it logs or checkpoints. A collective on a
+CPU tensor fails under NCCL ("No backend type associated with device type cpu"), and a
+``float(loss)`` per micro-batch would stall the GPU on a device→host copy every time.
 """
 
 from __future__ import annotations
@@ -17,22 +23,45 @@ from branchout.stages.optim import build_optimizer, build_scheduler, lr_lambda, 
 
 
 class Engine(Protocol):
-    def train_step(self, micro_batches: list) -> float: ...
+    device: Any  # where the model, the batches and every reduction tensor live
+
+    def train_step(self, micro_batches: list) -> Any:
+        """One optimizer step; returns this rank's mean loss as a 0-dim tensor on ``device``."""
+
     def lr(self) -> float: ...
     def save(self, path: str, client_state: dict[str, Any]) -> None: ...
     def load(self, path: str) -> dict[str, Any]: ...
     def state_dict_for_export(self) -> dict | None: ...
 
 
-def deepspeed_config(t: TrainingSpec, world_size: int, use_gpu: bool) -> dict:
-    """DeepSpeed's JSON config from the spec; ``deepspeed.config`` is merged last."""
+def training_dtype(precision: str):
+    """The dtype a model trained at ``precision`` is exported and scored in."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def deepspeed_config(t: TrainingSpec, world_size: int, use_gpu: bool, hidden_size: int | None = None) -> dict:
+    """DeepSpeed's JSON config from the spec; ``deepspeed.config`` is merged last.
+
+    ``hidden_size`` sizes ZeRO's communication buckets to the model, as transformers'
+    Trainer does for its "auto" values (hidden², with a 16M-element floor here so that
+    small models do not pay a collective per few layers): DeepSpeed's defaults are
+    model-blind, and a reduce bucket of 5e8 elements is 1 GB of 16-bit buffer per rank.
+    """
     from branchout.orchestrator.spec import deep_merge
 
     ds = t.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    bucket = max(hidden_size * hidden_size, 1 << 24) if hidden_size else None
+    if bucket and ds.zero_stage in (2, 3):
+        zero["reduce_bucket_size"] = bucket
     if ds.zero_stage == 3:
         # Without this, save_16bit_model / export would write empty tensors under ZeRO-3.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if bucket:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * bucket)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_params:
@@ -57,47 +86,66 @@ def deepspeed_config(t: TrainingSpec, world_size: int, use_gpu: bool) -> dict:
     return deep_merge(config, ds.config)
 
 
+def model_hidden_size(model_or_config) -> int | None:
+    """The width of a model (or its config), for ``deepspeed_config``'s bucket sizes."""
+    config = getattr(model_or_config, "config", model_or_config)
+    hidden = getattr(config, "hidden_size", None)
+    return hidden if isinstance(hidden, int) else None
+
+
 class DeepSpeedEngine:
-    """ZeRO 0-3 with optional offload, on an already-initialised process group (Ray Train)."""
+    """ZeRO 0-3 with optional offload, on an already-initialised process group (Ray Train).
+
+    Build the model for ZeRO-3 under ``stages.model.zero3_construction`` so that no rank
+    ever holds all of it.
+    """
 
     def __init__(self, model, t: TrainingSpec, total_steps: int, world_size: int, use_gpu: bool):
-        import deepspeed
+        import types
 
-        self.config = deepspeed_config(t, world_size, use_gpu)
+        import deepspeed
+        import torch
+
+        self.config = deepspeed_config(t, world_size, use_gpu, model_hidden_size(model))
+        # DeepSpeed picks its GPU from LOCAL_RANK; Ray Train has already made this worker's
+        # GPU current, and the two differ when a worker has several GPUs or Ray orders them
+        # differently. Name the device Ray gave us.
+        args = (types.SimpleNamespace(device_rank=torch.cuda.current_device())
+                if use_gpu and torch.cuda.is_available() else None)
         factor = lr_lambda(t.schedule, total_steps)
         if "optimizer" in self.config:
-            import torch
 
             def scheduler(opt):
                 return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
             engine, _, _, _ = deepspeed.initialize(
-                model=model, model_parameters=param_groups(model, t.optimizer.weight_decay),
+                args=args, model=model, model_parameters=param_groups(model, t.optimizer.weight_decay),
                 lr_scheduler=scheduler, config=self.config)
         else:
             optimizer = build_optimizer(model, t.optimizer)
             engine, _, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer,
+                args=args, model=model, optimizer=optimizer,
                 lr_scheduler=build_scheduler(optimizer, t.schedule, total_steps), config=self.config)
         self.engine = engine
+        self.device = engine.device
         self.zero_stage = t.deepspeed.zero_stage
 
-    def train_step(self, micro_batches: list) -> float:
-        import torch
-        import torch.distributed as dist
+    @property
+    def module(self):
+        """The trained module (partitioned under ZeRO-3: read its weights through the export)."""
+        return self.engine.module
 
-        total = torch.zeros((), dtype=torch.float32)
+    def train_step(self, micro_batches: list):
+        import torch
+
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in micro_batches:
-            batch = batch.to(self.engine.device)
+            batch = batch.to(self.device, non_blocking=True)
             loss = self.engine(input_ids=batch, labels=batch).loss
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            total += loss.detach().float().cpu()
-        total /= len(micro_batches)
-        if dist.is_initialized():
-            dist.all_reduce(total)
-            total /= dist.get_world_size()
-        return float(total)
+            total += loss.detach().float()
+        return total / len(micro_batches)
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
@@ -112,19 +160,39 @@ class DeepSpeedEngine:
         _, client_state = self.engine.load_checkpoint(path, tag="state")
         return client_state or {}
 
+    def release_optimizer_state(self) -> None:
+        """Drop the Adam moments once training is over and its last checkpoint is durable.
+
+        They are 8 bytes per parameter (sharded under ZeRO), more than the 16-bit weights
+        the export gathers next; nothing reads them again in this process.
+        """
+        import gc
+
+        optimizer = self.engine.optimizer
+        inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO and bf16 wrappers hold the torch one
+        if hasattr(inner, "state"):
+            inner.state.clear()
+        gc.collect()
+
     def state_dict_for_export(self) -> dict | None:
-        """Full weights on rank 0 (None elsewhere); every rank must call it (ZeRO-3 gathers)."""
-        import deepspeed
+        """The 16-bit (training-dtype) weights on rank 0's host, None elsewhere.
+
+        Every rank must call it: under ZeRO-3 DeepSpeed gathers one layer at a time into
+        rank 0's state dict (``_zero3_consolidated_16bit_state_dict``; other ranks drop each
+        layer again), so no rank ever holds the whole model twice. Below ZeRO-3 every rank
+        already holds the 16-bit weights; rank 0 copies them to the host. For a LoRA model
+        only the trainable (adapter) weights are exported.
+        """
         import torch.distributed as dist
 
         module = self.engine.module
-        rank = dist.get_rank() if dist.is_initialized() else 0
+        adapters_only = hasattr(module, "peft_config")
         if self.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
-        else:
-            state = {k: v.detach().cpu() for k, v in module.state_dict().items()} if rank == 0 else None
-        return state
+            return self.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=adapters_only)
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        keep = {n for n, p in module.named_parameters() if p.requires_grad} if adapters_only else None
+        return {k: v.detach().cpu() for k, v in module.state_dict().items() if keep is None or k in keep}
 
 
 class TorchEngine:
@@ -147,18 +215,18 @@ class TorchEngine:
         self.autocast = t.deepspeed.precision in ("bf16", "fp16")
         self.dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(t.deepspeed.precision)
 
-    def train_step(self, micro_batches: list) -> float:
+    def train_step(self, micro_batches: list):
         import torch
 
         self.model.train()
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         for batch in micro_batches:
-            batch = batch.to(self.device)
+            batch = batch.to(self.device, non_blocking=True)
             with torch.autocast(device_type, dtype=getattr(torch, self.dtype or "bfloat16"), enabled=self.autocast):
                 loss = self.model(input_ids=batch, labels=batch).loss
             (loss / len(micro_batches)).backward()
-            total += float(loss.detach())
+            total += loss.detach().float()
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()

@@ -33,7 +33,7 @@ def run_single_worker(job: TrainJob, shared_base: dict | None = None, tokenizer=
         retain,
     )
     from branchout.stages.data import open_blocks
-    from branchout.stages.engine import TorchEngine
+    from branchout.stages.engine import TorchEngine, training_dtype
     from branchout.stages.faults import killer
     from branchout.stages.loop import rng_state, run_steps, set_rng_state
     from branchout.stages.metrics import MetricsLogger
@@ -79,7 +79,8 @@ def run_single_worker(job: TrainJob, shared_base: dict | None = None, tokenizer=
     result = run_steps(engine, blocks, t, job.steps, start_step, 0, 1, logger, save_checkpoint,
                        after_step=killer(job.name, job.out_uri, 0))
     job.check_lease()
-    export_model(engine.model, tokenizer, job.model_uri, extra={"job": job.name, "steps": job.steps})
+    export_model(engine.model, tokenizer, job.model_uri, extra={"job": job.name, "steps": job.steps},
+                 dtype=training_dtype(t.deepspeed.precision))
     # Checkpoints stay until the driver has recorded this job as succeeded (it removes
     # them then): a worker that outlived its driver must not leave a resumed attempt
     # nothing to resume from.

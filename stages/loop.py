@@ -8,6 +8,7 @@ published directory for fan-out jobs). The data position is the step number (see
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,15 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
               after_step: Callable[[int], None] | None = None) -> LoopResult:
     """Train from ``start_step`` to ``total_steps``; checkpoint every ``t.checkpoint_every``.
 
+    The loss stays on the engine's device: each step's loss is added to a window sum there
+    and read (one device→host copy, averaged over ranks) only on *report* steps, the ones
+    that are logged or checkpointed. A non-finite loss anywhere in the window makes the sum
+    non-finite, so it is caught on the next report step, before its checkpoint is written.
+
     ``after_step(step)`` runs once a step is checkpointed (when due) and logged.
+
+    Raises:
+        FloatingPointError: a step's loss was NaN or infinite.
     """
     import torch
 
@@ -44,29 +53,39 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     seq_len = blocks.shape[1]
     tokens_per_step = t.global_batch_size * seq_len
     started = window_start = time.perf_counter()
-    window_steps = 0
+    window_steps = 0  # steps since the last log line (its tokens/s)
+    unread, unread_loss = 0, None  # steps since the last read, and Σ of their losses on the device
     loss = float("nan")
     first_step_at = None
     for step in range(start_step, total_steps):
         micro = [torch.from_numpy(blocks[np.sort(idx)].astype(np.int64))
                  for idx in step_micro_batches(order, step, t.global_batch_size,
                                                t.micro_batch_size, rank, world)]
-        loss = engine.train_step(micro)
-        if first_step_at is None:
-            first_step_at = time.time()
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower the learning rate")
+        step_loss = torch.as_tensor(engine.train_step(micro), dtype=torch.float32)
+        unread, unread_loss = unread + 1, step_loss if unread_loss is None else unread_loss + step_loss
         window_steps += 1
         done = step + 1
+        checkpoint_due = done % t.checkpoint_every == 0 or done == total_steps
+        log_due = done % t.log_every == 0 or done == total_steps or done == start_step + 1
+        if checkpoint_due or log_due:
+            # every rank takes this branch on the same steps: the reduction is a collective
+            loss, total = _read_across_ranks(torch.stack([step_loss, unread_loss]), world)
+            if not math.isfinite(total):
+                raise FloatingPointError(f"loss is {total / unread} in steps {done - unread + 1}-{done}; "
+                                         "lower the learning rate")
+            unread, unread_loss = 0, None
+        if first_step_at is None:  # the first step is always read: its work is done by now
+            first_step_at = time.time()
         # The checkpoint of a step is durable before the step is logged: whoever sees
         # step s in the log (a user, the driver, a test) knows a restart resumes from s
         # or later, never from an earlier checkpoint.
-        if done % t.checkpoint_every == 0 or done == total_steps:
+        if checkpoint_due:
             save_checkpoint(done, loss)
-        if logger is not None and (done % t.log_every == 0 or done == total_steps or done == start_step + 1):
+        if logger is not None and log_due:
             elapsed = time.perf_counter() - window_start
             logger.log(done, loss=loss, lr=engine.lr(),
                        tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9))
+        if log_due:
             window_start, window_steps = time.perf_counter(), 0
         if after_step is not None:
             after_step(done)
@@ -75,6 +94,19 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     return LoopResult(first_step=start_step, steps=total_steps, final_loss=loss,
                       tokens_per_s=trained * tokens_per_step / max(seconds, 1e-9), seconds=seconds,
                       first_step_at=first_step_at)
+
+
+def _read_across_ranks(values, world: int) -> list[float]:
+    """``values`` averaged over the ranks and read to the host: the loop's only sync point.
+
+    The all-reduce runs on the tensor's own device, the engine's (CUDA under NCCL).
+    """
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(values)
+        values = values / world
+    return values.tolist()
 
 
 def rng_state() -> dict:

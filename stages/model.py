@@ -7,6 +7,7 @@ costs no memory, so the plan can show model size before any worker starts.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 # Set by the tokenizer; a spec that sets them would silently disagree with it.
@@ -133,7 +134,7 @@ def missing_lora_targets(model, targets: list[str]) -> list[str]:
     return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
 
 
-def prepare_model(job, tokenizer, shared_base: dict | None = None):
+def prepare_model(job, tokenizer, shared_base: dict | None = None, zero3_config: dict | None = None):
     """The model a job trains: fresh (pretrain, scratch), the parent (full), or parent + LoRA.
 
     ``job`` is a ``stages.job.TrainJob``. Fine-tunes load the parent in fp32: the
@@ -141,6 +142,10 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None):
     ``shared_base`` holds the parent's weights as read-only numpy arrays from Ray's object
     store (see ``shared_base_weights``): a LoRA job uses them in place, a full fine-tune
     takes a private copy, and neither reads the parent from storage.
+
+    ``zero3_config`` (the job's DeepSpeed config, ZeRO-3 only): build under
+    ``deepspeed.zero.Init`` (see ``zero3_construction``), so each rank only ever holds its
+    shard plus the layer being built or loaded. Every rank must call it then.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -149,14 +154,18 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None):
     from branchout.stages.tokenizer import special_token_ids
 
     seed = job.training.get("seed", 0)
+    partitioned = zero3_construction(zero3_config) if zero3_config else contextlib.nullcontext()
     if job.kind in ("pretrain", "scratch"):
         config = build_config(job.model_type, job.model_overrides, len(tokenizer), special_token_ids(tokenizer))
-        return _checkpointed(build_model(config, seed=seed), job)
-    if shared_base is not None:
+        with partitioned:
+            model = build_model(config, seed=seed)
+        return _checkpointed(model, job)
+    if shared_base is not None and zero3_config is None:
         model = model_on_weights(job, tokenizer, shared_base, copy=job.method != "lora")
     else:
         base_dir = fetch_verified(job.base_model_uri)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        with partitioned:  # under ZeRO-3 transformers loads the parent layer by layer into the shards
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = _checkpointed(model, job)
     if job.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -170,6 +179,48 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None):
     return model
 
 
+def zero3_config(job, tokenizer, world_size: int, use_gpu: bool) -> dict | None:
+    """The DeepSpeed config ``prepare_model`` builds a ZeRO-3 job's model under, else None.
+
+    It is the config ``stages.engine.DeepSpeedEngine`` derives from the built model, so
+    the partitioning at construction and the engine's agree.
+    """
+    from branchout.stages.engine import deepspeed_config, model_hidden_size
+    from branchout.stages.tokenizer import special_token_ids
+
+    t = job.spec()
+    if t.deepspeed.zero_stage != 3:
+        return None
+    config = build_config(job.model_type, job.model_overrides, len(tokenizer), special_token_ids(tokenizer))
+    return deepspeed_config(t, world_size, use_gpu, model_hidden_size(config))
+
+
+@contextlib.contextmanager
+def zero3_construction(ds_config: dict):
+    """Models built or loaded inside are ZeRO-3 partitioned as they are constructed.
+
+    transformers' own DeepSpeed integration does the work: with an ``HfDeepSpeedConfig``
+    alive, ``from_config`` / ``from_pretrained`` run under ``deepspeed.zero.Init`` (each
+    module's parameters are sharded as soon as it is built), initialise weights on rank 0
+    one module at a time with the parameters gathered (and broadcast), and load
+    checkpoints layer by layer. A 7B model in fp32 is 27 GB: built whole on every rank of
+    a node, as ZeRO-2 does, that is 8 × 27 GB of host memory before training starts.
+    The config is unset on exit so that later loads in this process (evaluation, export)
+    are ordinary ones.
+    """
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    # zero.Init reads the world size from deepspeed.comm, which wraps the process group
+    # Ray Train made only once asked to; without this it partitions for a world of 1.
+    deepspeed.init_distributed()
+    keep = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+    try:
+        yield keep
+    finally:
+        unset_hf_deepspeed_config()
+
+
 def _checkpointed(model, job):
     """Activation checkpointing when the job asks for it. Non-reentrant checkpointing
     needs no input that requires grad, so it works on a frozen (LoRA) base too."""
@@ -181,19 +232,41 @@ def _checkpointed(model, job):
     return model
 
 
-def shared_base_weights(model_uri: str) -> dict:
-    """The exported model's weights as numpy arrays, for ``ray.put`` (fp32 safetensors)."""
+def shared_base_weights(model_uri: str, dtype: str = "float32") -> dict:
+    """The exported model's weights as numpy arrays in ``dtype``, for the object store.
+
+    numpy has no bfloat16: bf16 weights travel as their raw 16 bits (``uint16``), which
+    ``model_on_weights`` views as bfloat16 again without a copy. Causal LMs hold no
+    integer weights, so the two cannot be confused.
+    """
     import glob
     import os
 
-    from safetensors.numpy import load_file
+    import torch
+    from safetensors.torch import load_file
 
     from branchout.stages.checkpoint import fetch_verified
 
+    target = getattr(torch, dtype)
     weights: dict = {}
     for path in sorted(glob.glob(os.path.join(fetch_verified(model_uri), "*.safetensors"))):
-        weights.update(load_file(path))
+        for name, tensor in load_file(path).items():
+            tensor = tensor.to(target) if tensor.is_floating_point() else tensor
+            weights[name] = (tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
     return weights
+
+
+def _tensor_of(array, copy: bool):
+    """A numpy array of ``shared_base_weights`` as a tensor: a view, or an fp32 private copy."""
+    import numpy as np
+    import torch
+
+    tensor = torch.from_numpy(array)
+    if array.dtype == np.uint16:
+        tensor = tensor.view(torch.bfloat16)
+    if copy:  # the optimizer's master weights are fp32 whatever the parent was stored in
+        tensor = tensor.float() if tensor.dtype != torch.float32 else tensor.clone()
+    return tensor
 
 
 def model_on_weights(job, tokenizer, weights: dict, copy: bool):
@@ -205,7 +278,6 @@ def model_on_weights(job, tokenizer, weights: dict, copy: bool):
     """
     import warnings
 
-    import torch
     from accelerate import init_empty_weights  # a peft dependency
     from transformers import AutoModelForCausalLM
 
@@ -216,7 +288,7 @@ def model_on_weights(job, tokenizer, weights: dict, copy: bool):
         model = AutoModelForCausalLM.from_config(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "non-writable NumPy array": that is the point
-        tensors = {k: torch.from_numpy(v.copy() if copy else v) for k, v in weights.items()}
+        tensors = {k: _tensor_of(v, copy) for k, v in weights.items()}
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -228,20 +300,37 @@ def model_on_weights(job, tokenizer, weights: dict, copy: bool):
     return model
 
 
+# Shards of at most this size: a reader maps one file at a time, and safetensors serialises
+# a shard into one buffer, so the exporting rank needs this much on top of the weights.
+MAX_SHARD_SIZE = "5GB"
+
+
 def export_model(model, tokenizer, model_uri: str, state_dict: dict | None = None,
-                 extra: dict | None = None) -> None:
+                 extra: dict | None = None, dtype=None) -> None:
     """Write an HF directory (or a PEFT adapter directory) with the tokenizer, and publish it.
 
-    ``state_dict`` carries full weights gathered from DeepSpeed (ZeRO-3 shards would
-    otherwise be saved empty); it is loaded into ``model`` before saving.
+    Weights are written as sharded safetensors that ``from_pretrained`` loads, in the
+    dtype they trained in. ``state_dict``: weights gathered from DeepSpeed (16-bit under
+    bf16/fp16), written as they are through ``model``'s ``save_pretrained``; ``model`` then
+    only supplies config, names and tied weights, so a ZeRO-3 module whose own parameters
+    are empty shards is fine. Without it ``model``'s own weights are written, cast to
+    ``dtype`` first (the plain engine keeps fp32 master weights; LoRA adapters stay fp32).
+
+    Raises:
+        ValueError: ``state_dict`` lacks weights the model has.
     """
     import tempfile
 
     from branchout.stages.checkpoint import publish_dir
 
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
+    is_adapter = hasattr(model, "peft_config")
+    if state_dict is not None and not is_adapter:
+        missing = sorted(set(model.state_dict()) - set(state_dict))
+        if missing:
+            raise ValueError(f"gathered weights lack {len(missing)} tensor(s), e.g. {missing[:3]}")
+    elif dtype is not None and not is_adapter:
+        model.to(dtype)  # at the end of a job: in place, halving what it holds
     with tempfile.TemporaryDirectory(prefix="branchout-export-") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
         publish_dir(tmp, model_uri, extra=extra)

@@ -21,13 +21,19 @@ def lr_lambda(schedule: ScheduleSpec, total_steps: int):
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases and norm weights (1-D) are not decayed."""
+    """Decay matrices only: biases and norm weights (1-D) are not decayed.
+
+    A ZeRO-3 shard built under ``zero.Init`` is a 1-D tensor whatever the parameter's
+    shape, so "matrix or not" is read from ``ds_shape`` when there is one. Empty groups are
+    dropped: ZeRO-3 drops them itself, and a scheduler built on the optimizer would then
+    hold one learning rate too many.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model, opt: OptimizerSpec):

@@ -12,8 +12,10 @@ optimizer, scheduler, RNG and data position (= step). This covers both a restart
 one Ray Train run and a new run of the same job (``branchout resume``). Rank 0 also applies retention:
 the newest ``keep_checkpoints`` good checkpoints stay, the newest good one always.
 
-At the end every rank takes part in gathering the full weights (ZeRO-3 shards them) and
-rank 0 exports a consolidated HF model directory with the tokenizer. A single worker
+Under ZeRO-3 the model is built (or the parent loaded) already partitioned, under
+``deepspeed.zero.Init``. At the end every rank takes part in DeepSpeed's layer-by-layer
+16-bit consolidation onto rank 0, which writes it, in the training dtype, as a sharded
+safetensors HF model directory with the tokenizer. A single worker
 without offload or fp16 has nothing for DeepSpeed to do and trains with the plain torch
 engine (``TrainingSpec.uses_deepspeed``).
 """
@@ -37,11 +39,11 @@ def train_worker(config: dict) -> None:
     from branchout.stages import storage
     from branchout.stages.checkpoint import fetch_verified, retain, write_rank_manifest
     from branchout.stages.data import open_blocks
-    from branchout.stages.engine import DeepSpeedEngine, TorchEngine
+    from branchout.stages.engine import DeepSpeedEngine, TorchEngine, training_dtype
     from branchout.stages.faults import killer
     from branchout.stages.loop import rng_state, run_steps, set_rng_state
     from branchout.stages.metrics import MetricsLogger
-    from branchout.stages.model import export_model, prepare_model
+    from branchout.stages.model import export_model, prepare_model, zero3_config
     from branchout.stages.tokenizer import load_tokenizer
 
     job = TrainJob(**config["job"])
@@ -51,12 +53,14 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(t.resources_per_worker.cpu)))
 
     tokenizer = load_tokenizer(fetch_verified(job.tokenizer_uri))
-    model = prepare_model(job, tokenizer)
+    use_gpu = t.resources_per_worker.uses_gpu and torch.cuda.is_available()
     if t.uses_deepspeed():
-        engine = DeepSpeedEngine(model, t, job.steps, world, t.resources_per_worker.uses_gpu)
+        # ZeRO-3: built in shards, never whole on any rank
+        model = prepare_model(job, tokenizer, zero3_config=zero3_config(job, tokenizer, world, use_gpu))
+        engine = DeepSpeedEngine(model, t, job.steps, world, use_gpu)
     else:
-        device = "cuda" if t.resources_per_worker.uses_gpu and torch.cuda.is_available() else "cpu"
-        engine = TorchEngine(model, t, job.steps, device=device)
+        model = prepare_model(job, tokenizer)
+        engine = TorchEngine(model, t, job.steps, device="cuda" if use_gpu else "cpu")
 
     logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps) if rank == 0 else None
     start_step = 0
@@ -87,14 +91,18 @@ def train_worker(config: dict) -> None:
     result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger, save_checkpoint,
                        after_step=killer(job.name, job.out_uri, rank))
 
-    weights = engine.state_dict_for_export()  # collective: every rank must call it
+    if t.uses_deepspeed():
+        engine.release_optimizer_state()  # the last checkpoint holds them; the export needs the room
+    weights = engine.state_dict_for_export()  # collective under ZeRO-3: every rank must call it
     if rank == 0:
         job.check_lease()
-        # DeepSpeed's gathered weights go into a fresh model (ZeRO-3 leaves the engine's
-        # parameters partitioned); the plain torch engine's model is exported as it is.
-        target = engine.model if weights is None else prepare_model(job, tokenizer)
-        export_model(target, tokenizer, job.model_uri, state_dict=weights,
-                     extra={"job": job.name, "steps": job.steps})
+        extra = {"job": job.name, "steps": job.steps}
+        if t.uses_deepspeed():
+            # DeepSpeed's 16-bit weights as they are; the module only lends names and config
+            export_model(engine.module, tokenizer, job.model_uri, state_dict=weights, extra=extra)
+        else:
+            export_model(engine.model, tokenizer, job.model_uri, extra=extra,
+                         dtype=training_dtype(t.deepspeed.precision))
         storage.write_text(storage.join(job.out_uri, "result.json"), json.dumps(asdict(result)))
         logger.close()
 
@@ -146,6 +154,8 @@ def _choose_checkpoint(job: TrainJob, rank: int, world: int, logger) -> str | No
             if name is None:
                 choice = ["", skipped]
     if dist.is_initialized() and world > 1:
+        # pickled into a tensor on the current CUDA device under NCCL (Ray Train made this
+        # worker's GPU current), on the CPU under gloo
         dist.broadcast_object_list(choice, src=0)
     name, skipped = choice
     if logger and skipped:

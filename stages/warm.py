@@ -41,5 +41,24 @@ class JobRunner:
                                          "node": socket.gethostname()})
         if job.tokenizer_uri not in self._tokenizers:
             self._tokenizers[job.tokenizer_uri] = load_tokenizer(fetch_verified(job.tokenizer_uri))
-        result = run_single_worker(job, shared_base, self._tokenizers[job.tokenizer_uri])
+        try:
+            result = run_single_worker(job, shared_base, self._tokenizers[job.tokenizer_uri])
+        finally:
+            _release_device_memory()
         return {**result, "dispatched": dispatched, "pool_pid": os.getpid()}
+
+
+def _release_device_memory() -> None:
+    """Give the GPU memory of a finished job back to the device.
+
+    A runner holds a fraction of a GPU for job after job; PyTorch's caching allocator would
+    otherwise keep the previous job's blocks reserved, and a packed neighbour on the same
+    GPU could run out of memory that nothing uses.
+    """
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -122,5 +122,57 @@ def test_fractional_packing_is_refused_when_it_cannot_fit():
     per_job = 2 * LLAMA2_7B + 16 * (LLAMA2_7B // 100) + 34 * 1024 * 4096 * 32 + 6 * 1024 * 32_000
     assert info.value.problems[0] == (
         f"finetune.domains.0.resources_per_worker.gpu: 0.25 packs 4 jobs per GPU, 4 × {per_job / GB:.1f} GB > "
-        "70.9 GB usable on H100-80GB; give each job more of a GPU or less memory (micro_batch_size, seq_len, method: lora)")
+        "70.9 GB usable on H100-80GB (finetune/legal); give each job more of a GPU or less memory "
+        "(micro_batch_size, seq_len, method: lora)")
     assert len(info.value.problems) == 3  # one line per domain
+
+
+def test_plan_lists_every_job_with_its_resources():
+    from branchout.orchestrator.plan import build_plan
+
+    one = build_plan(load_spec(REPO / "examples" / "llama-1b.yaml"))
+    h100 = {"CPU": 4.0, "GPU": 1.0, "accelerator_type:H100": 0.001}
+    assert [(j.name, j.resources) for j in one.jobs] == [
+        ("finetune/legal", h100), ("scratch/legal", h100), ("finetune/code", h100), ("scratch/code", h100),
+        ("evaluate/legal", h100), ("evaluate/code", h100)]
+    assert one.fanout_jobs == 4
+    # a from-scratch baseline trains every weight: fp32 weights, gradients, Adam (16 B) + bf16 casts (2 B)
+    p1 = one.params
+    acts = 34 * 2048 * 8 * 2048 * 22 + 6 * 2048 * 8 * 32_000
+    assert one.job("scratch/legal").memory_bytes == pytest.approx(18 * p1 + acts)
+    # evaluation holds one model at a time, in bf16, and one batch of inference activations
+    assert one.job("evaluate/legal").memory_bytes == pytest.approx(
+        2 * p1 + 34 * 2048 * 8 * 2048 + 6 * 2048 * 8 * 32_000)
+    seven = build_plan(load_spec(REPO / "examples" / "llama-7b.yaml"))
+    assert [j.name for j in seven.jobs if j.kind == "scratch"] == []  # the example scores base and fine-tune
+
+
+def test_scratch_baselines_that_cannot_fit_are_refused_in_one_line():
+    result = CliRunner().invoke(app, ["validate", str(REPO / "examples" / "llama-7b.yaml"),
+                                      "--set", "evaluate.models=[base,finetuned,scratch]"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    # 18 B/parameter of training state for one worker of a 6.74B model, against half an H100
+    assert lines[0].startswith(f"error: {REPO / 'examples' / 'llama-7b.yaml'}: evaluate.models: 'scratch' trains "
+                               "the 6.74B-parameter model from scratch")
+    assert "126.1 GB per job > 35.5 GB it can have (legal, code, medicine)" in lines[0]
+
+
+def test_plan_command_lists_scratch_and_evaluation_jobs():
+    result = CliRunner().invoke(app, ["plan", str(REPO / "examples" / "llama-1b.yaml"), "--gpu", "H100-80GB"])
+    assert result.exit_code == 0, result.output
+    for job in ("finetune/legal", "scratch/legal", "evaluate/legal", "scratch/code", "evaluate/code"):
+        assert job in result.stdout
+    assert "fan-out (4 jobs at once), then evaluation" in result.stdout
+
+
+def test_every_gpu_job_asks_ray_for_its_accelerator_type():
+    from branchout.cluster.autoscale import stage_bundles
+
+    spec = load_spec(REPO / "examples" / "llama-7b.yaml")
+    bundles = stage_bundles(spec)
+    for stage in ("pretrain", "fanout", "evaluate"):
+        assert bundles[stage] and all(b.get("accelerator_type:H100") == 0.001 for b in bundles[stage]), stage
+    cpu = load_spec(REPO / "examples" / "quickstart.yaml")
+    assert all(set(b) == {"CPU"} for stage in stage_bundles(cpu).values() for b in stage)

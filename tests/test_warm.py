@@ -168,3 +168,36 @@ def test_shutdown_with_jobs_running_and_queued_returns_and_fails_them(parts):
     assert pool.replaced == 0  # a runner killed by shutdown is not replaced
     with pytest.raises(RuntimeError, match="shut down"):
         pool.submit(job_for(parts, "late", "full"))
+
+
+def test_a_16_bit_shared_base_is_used_in_place_or_copied_to_fp32(parts, tmp_path):
+    """GPU pools get the base in the training precision: half the object store and transfer.
+    numpy has no bfloat16, so it travels as raw 16 bits and is viewed back without a copy."""
+    import torch
+
+    from branchout.orchestrator.pool import shared_base_dtype
+    from branchout.stages.model import export_model, model_on_weights, shared_base_weights
+    from branchout.stages.tokenizer import load_tokenizer
+
+    assert shared_base_dtype({"CPU": 2, "GPU": 0.5}, "bf16") == "bfloat16"
+    assert shared_base_dtype({"CPU": 2}, "bf16") == "float32"  # CPU LoRA computes on the arrays in place
+    assert shared_base_dtype({"CPU": 2, "GPU": 1}, "fp32") == "float32"
+    tok = load_tokenizer(str(parts[0] / "tokenizer"))
+    fp32 = shared_base_weights(str(parts[0] / "base"))
+    bf16 = shared_base_weights(str(parts[0] / "base"), "bfloat16")
+    assert all(v.dtype == np.uint16 and v.nbytes * 2 == fp32[k].nbytes for k, v in bf16.items())
+    for v in bf16.values():
+        v.flags.writeable = False  # as Ray maps them
+    lora = model_on_weights(job_for(parts, "bf16-lora", "lora"), tok, bf16, copy=False)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    param = dict(lora.named_parameters())[name]
+    assert param.dtype == torch.bfloat16 and not param.requires_grad
+    assert param.data_ptr() == bf16[name].ctypes.data  # a view of the shared pages, no copy
+    full = model_on_weights(job_for(parts, "bf16-full", "full"), tok, bf16, copy=True)
+    param = dict(full.named_parameters())[name]
+    assert param.dtype == torch.float32 and param.requires_grad
+    assert torch.equal(param.detach(), torch.from_numpy(fp32[name]).bfloat16().float())
+    # a bf16 export round-trips through the same path
+    export_model(full, tok, str(tmp_path / "bf16-base"), dtype=torch.bfloat16)
+    again = shared_base_weights(str(tmp_path / "bf16-base"), "bfloat16")
+    assert all(np.array_equal(again[k], bf16[k]) for k in bf16 if k in again)
