@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from quickstart import quickstart_command  # noqa: E402
+from results import write_section  # noqa: E402
 
 
 def run(work: Path, data: Path) -> tuple[float, dict[str, str]]:
@@ -41,12 +42,15 @@ def main() -> int:
         f.write(json.dumps({"text": "Licence terms added after the first run. " * 60}) + "\n")
     changed, changed_states = run(work, data)
     computed = sorted(k for k, v in changed_states.items() if v == "succeeded")
-    print("stage cache on the quickstart (CLI wall time, Ray start included), 2 CPU cores")
-    print(f"{'run':34s} {'seconds':>8s} {'vs first':>9s}  jobs computed")
-    print(f"{'first (nothing cached)':34s} {first:8.1f} {1:9.2f}  all")
-    print(f"{'second, nothing changed':34s} {same:8.1f} {same / first:9.2f}  "
-          f"{sum(v == 'succeeded' for v in same_states.values())}")
-    print(f"{'third, legal data changed':34s} {changed:8.1f} {changed / first:9.2f}  {', '.join(computed)}")
+    recomputed = sum(v == "succeeded" for v in same_states.values())
+    lines = [f"`python benchmarks/cache.py` on {time.strftime('%Y-%m-%d')}: the quickstart three times, CLI wall "
+             "time with Ray's start included.", "",
+             "| run | seconds | vs first | jobs computed |", "|---|---|---|---|",
+             f"| first (nothing cached) | {first:.1f} | 1.00 | all |",
+             f"| second, nothing changed | {same:.1f} | {same / first:.2f} | {recomputed} |",
+             f"| third, legal data changed | {changed:.1f} | {changed / first:.2f} | {', '.join(computed)} |"]
+    print("\n".join(lines))
+    write_section("Stage cache (benchmarks/cache.py)", lines)
     return 0
 
 

@@ -67,13 +67,21 @@ def main() -> int:
     best = [min(r[i] for r in rows) for i in range(4)]
     cold = all(r[4] for r in rows)
     mb = nbytes / (1 << 20)
-    print(f"checkpoint I/O: {mb:.0f} MiB in {args.files} files, best of {args.repeat}, "
-          f"page cache {'dropped before reads' if cold else 'NOT dropped (no permission): reads are warm'}")
-    print(f"{'operation':28s} {'seconds':>8s} {'MiB/s':>8s} {'ratio':>7s}")
-    print(f"{'cp -r + sync':28s} {best[0]:8.2f} {mb / best[0]:8.0f} {'1.00':>7s}")
-    print(f"{'publish_dir (save)':28s} {best[1]:8.2f} {mb / best[1]:8.0f} {best[0] / best[1]:7.2f}  save/cp throughput")
-    print(f"{'cat > /dev/null':28s} {best[2]:8.2f} {mb / best[2]:8.0f} {'1.00':>7s}")
-    print(f"{'fetch_verified (load)':28s} {best[3]:8.2f} {mb / best[3]:8.0f} {best[2] / best[3]:7.2f}  load/read throughput")
+    lines = [f"`python benchmarks/checkpoint_io.py` on {time.strftime('%Y-%m-%d')}: {mb:.0f} MiB in {args.files} "
+             f"files, best of {args.repeat}; page cache "
+             f"{'dropped before reads' if cold else 'NOT dropped (no permission): reads are warm'}.", "",
+             "| operation | seconds | MiB/s | ratio |", "|---|---|---|---|",
+             f"| cp -r + sync | {best[0]:.2f} | {mb / best[0]:.0f} | 1.00 |",
+             f"| publish_dir (copy + fsync + SHA-256 manifest) | {best[1]:.2f} | {mb / best[1]:.0f} | "
+             f"{best[0] / best[1]:.2f} of cp's throughput |",
+             f"| cat > /dev/null | {best[2]:.2f} | {mb / best[2]:.0f} | 1.00 |",
+             f"| fetch_verified (read + SHA-256) | {best[3]:.2f} | {mb / best[3]:.0f} | "
+             f"{best[2] / best[3]:.2f} of raw read throughput |"]
+    print("\n".join(lines))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from results import write_section
+
+    write_section("Checkpoint I/O (benchmarks/checkpoint_io.py)", lines)
     return 0
 
 

@@ -27,9 +27,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SECTION = "GPU rows (benchmarks/gpu.py)"
 sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from results import write_section  # noqa: E402
 
 FULL = {"model": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 16,
                   "num_key_value_heads": 16, "max_position_embeddings": 1024},
@@ -38,18 +40,6 @@ SMOKE = {"model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_laye
                    "num_key_value_heads": 2, "max_position_embeddings": 128},
          "vocab": 512, "seq": 64, "micro": 2, "steps": 8, "lora_steps": 3, "text": 200_000}
 WARMUP = 0.25  # share of each run's steps left out of its throughput
-
-
-def replace_section(title: str, body: list[str]) -> None:
-    """Put ``## title`` and ``body`` into RESULTS.md, replacing that section if it is there."""
-    lines = RESULTS.read_text().splitlines() if RESULTS.exists() else ["# Benchmark results"]
-    start = next((i for i, ln in enumerate(lines) if ln == f"## {title}"), None)
-    if start is None:
-        lines += ["", f"## {title}", "", *body]
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = [f"## {title}", "", *body, ""]
-    RESULTS.write_text("\n".join(lines).rstrip() + "\n")
 
 
 def train_loop(config: dict) -> None:
@@ -285,7 +275,7 @@ def main() -> int:
     smoke = "--smoke" in sys.argv
     if not torch.cuda.is_available() and not smoke:
         print("no GPU on this machine: the GPU rows were not measured (run this on a GPU machine)")
-        replace_section(SECTION, [f"Not measured: `python benchmarks/gpu.py` last ran on {time.strftime('%Y-%m-%d')} "
+        write_section(SECTION, [f"Not measured: `python benchmarks/gpu.py` last ran on {time.strftime('%Y-%m-%d')} "
                                   "on a machine without a GPU. No GPU row has been measured yet."])
         return 0
     started = time.time()
@@ -300,7 +290,7 @@ def main() -> int:
             f"took {(time.time() - started) / 60:.1f} minutes.", "",
             "| benchmark | ratio | raw numbers | target |", "|---|---|---|---|"]
     body += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    replace_section(SECTION, body)
+    write_section(SECTION, body)
     return 0
 
 

@@ -45,14 +45,22 @@ def main() -> int:
         end = max(j["ended"] for j in jobs)
         tps = [j["outputs"]["tokens_per_s"] for j in jobs if "tokens_per_s" in j["outputs"]]
         rows.append((group, len(jobs), end - start, sum(tps) / len(tps) if tps else None))
-    print(f"{'stage':10s} {'jobs':>4s} {'wall s':>8s} {'tokens/s per job':>17s}")
-    for group, n, secs, tps in rows:
-        print(f"{group:10s} {n:4d} {secs:8.1f} {tps:17,.0f}" if tps else f"{group:10s} {n:4d} {secs:8.1f} {'-':>17s}")
-    print(f"{'total':10s} {'':4s} {wall:8.1f}   (CLI wall time, Ray start included)")
+    lines = [f"`python benchmarks/quickstart.py` on {time.strftime('%Y-%m-%d')}: `branchout run "
+             f"examples/quickstart.yaml` as the README runs it, {wall:.0f} s end to end (CLI wall time, Ray's start "
+             "included).", "",
+             "| domain | method | base ppl | fine-tuned ppl | scratch ppl | transfer gain |", "|---|---|---|---|---|---|"]
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     for name, m in metrics["domains"].items():
-        print(f"{name:8s} base {m['base_ppl']:8.1f}  fine-tuned {m['finetuned_ppl']:8.1f}  "
-              f"scratch {m.get('scratch_ppl', float('nan')):8.1f}  ratio fine-tuned/base {m['finetuned_ppl'] / m['base_ppl']:.3f}")
+        scratch = f"{m['scratch_ppl']:.1f}" if "scratch_ppl" in m else "-"
+        lines.append(f"| {name} | {m['method']} | {m['base_ppl']:.1f} | {m['finetuned_ppl']:.1f} | {scratch} | "
+                     f"{1 - m['finetuned_ppl'] / m['base_ppl']:.1%} |")
+    lines += ["", "| stage | jobs | wall s | tokens/s per job |", "|---|---|---|---|"]
+    lines += [f"| {g} | {n} | {secs:.1f} | {f'{tps:,.0f}' if tps else '-'} |" for g, n, secs, tps in rows]
+    print("\n".join(lines))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from results import write_section
+
+    write_section("Quickstart (benchmarks/quickstart.py)", lines)
     return 0
 
 

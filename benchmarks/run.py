@@ -1,17 +1,21 @@
 """The benchmark suite: every row a ratio measured side by side in this one run.
 
-    python benchmarks/run.py            # ~10 minutes on 2 CPU cores; writes benchmarks/RESULTS.md
+    python benchmarks/run.py            # ~15 minutes on 2 CPU cores; writes its section of RESULTS.md
 
-1. orchestration overhead: tokens/s of a 1-worker branchout pretrain (Ray Train; one worker
-   trains with the plain torch engine, DeepSpeed having nothing to partition)
-   vs a raw single-process torch loop, same model, batch, sequence length, threads (≥ 0.97)
+1. orchestration overhead: tokens/s of a 1-worker branchout pretrain (Ray Train) with the
+   plain torch engine (what one worker uses) and with DeepSpeed (`deepspeed.engine:
+   deepspeed`), each vs a raw single-process torch loop, same model, batch, threads (≥ 0.97)
 2. MFU of that pretrain against this machine's measured fp32 matmul peak
-3. per-job fan-out overhead, dispatch → first optimizer step: warm pool vs one TorchTrainer
-   per domain (≤ 0.5 s, ≥ 20× better)
+3. per-job fan-out overhead, dispatch → first optimizer step: the first wave exactly as a
+   fan-out starts it (a fresh PoolSet: runners start, the base is loaded on a worker) and
+   warm dispatch afterwards, vs one TorchTrainer per job (≤ 0.5 s warm, ≥ 20× better)
 4. makespan of 16 small fine-tunes on 2 warm slots vs ideal = Σ job compute ÷ slots (≤ 1.1×)
-5. memory held by 4 concurrent LoRA jobs vs 1 on a 0.83B base shared through the object store
-   (≤ 1.2×), without and with activation checkpointing
+5. memory of 4 concurrent LoRA jobs vs 1 on a 0.83B base: Σ PSS of every runner process and
+   of the raylet (which holds the object store's shared base), measured (≤ 1.2×), without
+   and with activation checkpointing
 6. 2-worker ZeRO-2 and ZeRO-3 vs 1 worker, same global batch (reported; 2 cores limit it)
+
+GPU rows are benchmarks/gpu.py's section; nothing here pretends to measure a GPU.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))
 
 import corpus  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 # The quickstart's model: a 3.3M-parameter Llama.
 MODEL = {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -63,14 +69,15 @@ def build_parts(work: Path):
 
 
 def pretrain_job(work: Path, data_uri: str, name: str, workers: int, zero: int, steps: int, cpus: float,
-                 global_batch: int = MICRO):
+                 global_batch: int = MICRO, engine: str = "auto"):
     from branchout.orchestrator.spec import PretrainSpec
     from branchout.stages.job import TrainJob
 
     spec = PretrainSpec(dataset={"path": "unused"}, seq_len=SEQ, steps=steps, global_batch_size=global_batch,
                         micro_batch_size=global_batch // workers, num_workers=workers,
                         resources_per_worker={"cpu": cpus}, checkpoint_every=10**6, log_every=10,
-                        schedule={"warmup_steps": 5}, deepspeed={"zero_stage": zero, "precision": "fp32"},
+                        schedule={"warmup_steps": 5},
+                        deepspeed={"zero_stage": zero, "precision": "fp32", "engine": engine},
                         max_failures=0)
     return TrainJob(name=name, kind="pretrain", training=spec.model_dump(mode="json"), steps=steps,
                     model_type="llama", model_overrides=MODEL, tokenizer_uri=str(work / "tokenizer"),
@@ -143,27 +150,35 @@ def finetune_job(work: Path, data_uri: str, name: str, steps: int, method: str =
 
 
 def process_memory(pid: int) -> dict[str, int]:
-    """Private (USS) and shared resident bytes of one process, from smaps_rollup."""
+    """USS (private), PSS (private + a fair share of what is shared) and shared resident
+    bytes of one process, from /proc/<pid>/smaps_rollup."""
     fields = {}
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
         key, value = line.split(":", 1)
         fields[key] = int(value.split()[0]) * 1024
-    return {"private": fields["Private_Clean"] + fields["Private_Dirty"],
+    return {"private": fields["Private_Clean"] + fields["Private_Dirty"], "pss": fields["Pss"],
             "shared": fields["Shared_Clean"] + fields["Shared_Dirty"]}
+
+
+def raylet_pid() -> int:
+    """The local raylet, which holds the object store (shared memory) in its process."""
+    import psutil
+
+    return next(p.pid for p in psutil.process_iter(["name", "cmdline"])
+                if p.info["name"] == "raylet" or "raylet" in " ".join(p.info["cmdline"] or [])[:200].split("/")[-1])
 
 
 def main() -> int:
     import ray
 
     from branchout.orchestrator.plan import ModelShape  # noqa: F401  (the FLOPs formula lives in Plan)
-    from branchout.orchestrator.pool import WarmPool
+    from branchout.orchestrator.pool import PoolSet
     from branchout.orchestrator.training import run_distributed
     from branchout.stages.model import (
         build_config,
         build_model,
         export_model,
         parameter_counts,
-        shared_base_weights,
     )
     from branchout.stages.tokenizer import load_tokenizer
 
@@ -174,27 +189,31 @@ def main() -> int:
     export_model(build_model(build_config("llama", MODEL, len(tok)), seed=0), tok, str(work / "base"))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="bench")
 
-    # 1 + 2: orchestration overhead and MFU. This machine's throughput drifts by ±10% over
-    # minutes (a shared host), so the two are measured alternately and the ratio taken per
-    # round; the raw loop runs in a fresh process, as the Ray worker does.
-    ratios, ours_runs, raw_runs = [], [], []
+    # 1 + 2: orchestration overhead and MFU. This machine's throughput drifts over minutes (a
+    # shared host), so the three are measured alternately and the ratios taken per round;
+    # the raw loop runs in a fresh process, as the Ray worker does.
+    ratios: dict[str, list[float]] = {"plain": [], "deepspeed": []}
+    runs: dict[str, list[float]] = {"plain": [], "deepspeed": [], "raw": []}
     for i in range(3):
-        run_distributed(pretrain_job(work, general, f"pretrain-1w-{i}", 1, 0, 100, 2.0))
-        ours_runs.append(steady_tokens_per_s(work, f"pretrain-1w-{i}"))
-        raw_runs.append(float(subprocess.run([sys.executable, __file__, "--raw", general, "70"], check=True,
-                                             capture_output=True, text=True).stdout.split()[-1]))
-        ratios.append(ours_runs[-1] / raw_runs[-1])
-    ours, raw = statistics.median(ours_runs), statistics.median(raw_runs)
-    row("1. 1-worker pretrain vs raw torch loop (tokens/s)", f"{statistics.median(ratios):.3f}",
-        f"median of 3 alternating rounds ({', '.join(f'{r:.3f}' for r in ratios)}); {ours:,.0f} vs {raw:,.0f} "
-        f"tok/s; fp32, 2 threads, micro-batch {MICRO} × {SEQ}", "≥ 0.97")
+        runs["raw"].append(float(subprocess.run([sys.executable, __file__, "--raw", general, "70"], check=True,
+                                                capture_output=True, text=True).stdout.split()[-1]))
+        for engine, name in (("plain", "auto"), ("deepspeed", "deepspeed")):
+            run_distributed(pretrain_job(work, general, f"pretrain-1w-{engine}-{i}", 1, 0, 100, 2.0, engine=name))
+            runs[engine].append(steady_tokens_per_s(work, f"pretrain-1w-{engine}-{i}"))
+            ratios[engine].append(runs[engine][-1] / runs["raw"][-1])
+    raw = statistics.median(runs["raw"])
+    for engine, label in (("plain", "plain torch engine"), ("deepspeed", "DeepSpeed engine")):
+        ours = statistics.median(runs[engine])
+        row(f"1. 1-worker pretrain, {label}, vs raw torch loop (tokens/s)", f"{statistics.median(ratios[engine]):.3f}",
+            f"median of 3 alternating rounds ({', '.join(f'{r:.3f}' for r in ratios[engine])}); {ours:,.0f} vs "
+            f"{raw:,.0f} tok/s; fp32, 2 threads, micro-batch {MICRO} × {SEQ}", "≥ 0.97")
+    ours = statistics.median(runs["plain"])
     _, non_emb = parameter_counts(build_config("llama", MODEL, 4096))
     flops_per_token = 6 * non_emb + 12 * MODEL["num_hidden_layers"] * MODEL["hidden_size"] * SEQ
     peak = matmul_peak_flops()
     row("2. MFU of the 1-worker pretrain (CPU, fp32)", f"{ours * flops_per_token / peak:.1%}",
         f"{ours * flops_per_token / 1e9:.1f} GFLOP/s of {peak / 1e9:.0f} GFLOP/s measured 2048² matmul peak",
         "report")
-    row("2. MFU on a GPU (bf16, ≥125M model)", "no GPU", "no accelerator was lent to this session", "report")
 
     # 3: per-job fan-out overhead, dispatch → first optimizer step
     trainer = []  # one TorchTrainer per job (before the pool holds the CPUs)
@@ -203,17 +222,24 @@ def main() -> int:
         r = run_distributed(pretrain_job(work, general, f"tt{i}", 1, 0, 2, 1.0))
         trainer.append(r["first_step_at"] - dispatched)
     trainer_s = statistics.median(trainer)
-    pool = WarmPool({"CPU": 1.0}, 2, ray.put(shared_base_weights(str(work / "base"))))
-    warmup = [pool.submit(finetune_job(work, legal, f"warm-{i}", 2)) for i in range(2)]
-    [f.result() for f in warmup]
+    # the first wave exactly as stage_finetune starts it: a fresh PoolSet, jobs submitted at once
+    pools = PoolSet(str(work / "base"), None, fixed_cluster=True)
+    first = []
+    dispatched = time.time()
+    for f in [pools.submit(finetune_job(work, legal, f"cold-{i}", 2), {"CPU": 1.0}, 2) for i in range(2)]:
+        first.append(f.result()["first_step_at"] - dispatched)
     warm = []
     for i in range(6):
         dispatched = time.time()
-        r = pool.submit(finetune_job(work, legal, f"w{i}", 2)).result()
+        r = pools.submit(finetune_job(work, legal, f"w{i}", 2), {"CPU": 1.0}, 1).result()
         warm.append(r["first_step_at"] - dispatched)
-    warm_s = statistics.median(warm)
-    row("3. fan-out overhead: warm pool vs TorchTrainer per job", f"{trainer_s / warm_s:.0f}× better",
-        f"{warm_s:.3f} s vs {trainer_s:.1f} s dispatch → first step (median)", "≤ 0.5 s, ≥ 20×")
+    warm_s, cold_s = statistics.median(warm), statistics.median(first)
+    row("3. fan-out overhead, first wave (cold pool) vs TorchTrainer per job", f"{trainer_s / cold_s:.1f}× better",
+        f"{cold_s:.2f} s vs {trainer_s:.1f} s dispatch → first step (median; runners start, base loaded on a worker)",
+        "report")
+    row("3. fan-out overhead, warm dispatch vs TorchTrainer per job", f"{trainer_s / warm_s:.0f}× better",
+        f"{warm_s:.3f} s vs {trainer_s:.1f} s dispatch → first step (median of 6)", "≤ 0.5 s, ≥ 20×")
+    pool = next(iter(pools.pools.values()))
 
     # 4: makespan of 16 small fine-tunes on 2 slots
     t0 = time.time()
@@ -224,41 +250,39 @@ def main() -> int:
         f"{makespan:.1f} s vs {ideal:.1f} s = Σ job time ÷ 2", "≤ 1.1×")
     pool.shutdown()
 
-    # 5: memory of 4 concurrent LoRA jobs vs 1 on a 0.83B-parameter (3.1 GiB fp32) base, per
-    # process: what each runner holds privately beyond its idle self, plus the base once
-    # (the object store's pages, mapped shared into every runner). What a job holds itself
-    # (activations, allocator slack, adapters) grows with tokens × width × depth and the base
-    # with width² × depth, so the ratio falls as models grow; the raw numbers give both parts.
+    # 5: memory of 4 concurrent LoRA jobs vs 1 on a 0.83B-parameter (3.1 GiB fp32) base:
+    # every byte counted as the kernel does, Σ PSS (private + a fair share of what is
+    # shared) of each runner and of the raylet, whose object store holds the base once.
     big = {"hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 16, "num_attention_heads": 16,
            "num_key_value_heads": 16, "max_position_embeddings": 128}
     export_model(build_model(build_config("llama", big, len(tok)), seed=0), tok, str(work / "bigbase"))
-    base_ref = ray.put(shared_base_weights(str(work / "bigbase")))
-    base_bytes = sum(v.nbytes for v in ray.get(base_ref).values())
-    for label, ckpt in (("", False), (", activation checkpointing", True)):
-        held, per_job, shared = {}, {}, {}
+    raylet = raylet_pid()
+    memory: dict[tuple[bool, int], dict] = {}
+    for ckpt in (False, True):
         for k in (1, 4):
-            pool = WarmPool({"CPU": 0.5}, k, base_ref)
-            pids = [ray.get(a.ready.remote()) for a in list(pool._idle)]
-            time.sleep(2)
-            idle = [process_memory(pid) for pid in pids]
-            futures = [pool.submit(finetune_job(work, legal, f"lora{k}{ckpt}-{i}", 10_000, "lora",
-                                                str(work / "bigbase"), big, activation_checkpointing=ckpt))
-                       for i in range(k)]
-            busy = [process_memory(pid) for pid in pids]
-            for _ in range(20):  # the peak of each runner over ~40 s of training (steps take seconds)
+            pools = PoolSet(str(work / "bigbase"), None, fixed_cluster=False)
+            futures = [pools.submit(finetune_job(work, legal, f"lora{k}{ckpt}-{i}", 10_000, "lora",
+                                                 str(work / "bigbase"), big, activation_checkpointing=ckpt),
+                                    {"CPU": 0.5}, k) for i in range(k)]
+            pids = [ray.get(a.ready.remote()) for a in next(iter(pools.pools.values()))._all]
+            peak = {"total": 0}
+            for _ in range(25):  # the peak over ~50 s of training (steps take seconds)
                 time.sleep(2)
-                busy = [max(b, process_memory(pid), key=lambda m: m["private"]) for b, pid in zip(busy, pids, strict=True)]
+                now = {pid: process_memory(pid) for pid in pids} | {raylet: process_memory(raylet)}
+                total = sum(m["pss"] for m in now.values())
+                if total > peak["total"]:
+                    peak = {"total": total, "runner_uss": statistics.mean(now[p]["private"] for p in pids),
+                            "raylet_pss": now[raylet]["pss"]}
             assert not any(f.done() for f in futures), "a LoRA job ended before its memory was measured"
-            pool.shutdown()  # the jobs' results are not needed, only what they held
-            private = [b["private"] - i["private"] for b, i in zip(busy, idle, strict=True)]
-            shared[k] = min(b["shared"] for b in busy)
-            per_job[k] = statistics.mean(private)
-            held[k] = sum(private) + base_bytes
+            pools.shutdown()  # the jobs' results are not needed, only what they held
+            memory[(ckpt, k)] = peak
             time.sleep(3)
-        row(f"5. memory of 4 concurrent LoRA jobs vs 1 (shared base{label})", f"{held[4] / held[1]:.2f}×",
-            f"{held[4] / 2**30:.2f} GiB vs {held[1] / 2**30:.2f} GiB = base {base_bytes / 2**30:.2f} GiB once "
-            f"(mapped shared in every runner: ≥ {shared[4] / 2**30:.2f} GiB each) + {per_job[4] / 2**20:.0f} MiB "
-            f"private per job; unshared it would be {(4 * (base_bytes + per_job[4])) / held[1]:.1f}×", "≤ 1.2×")
+        one, four = memory[(ckpt, 1)], memory[(ckpt, 4)]
+        row(f"5. memory of 4 concurrent LoRA jobs vs 1 (shared base{', activation checkpointing' if ckpt else ''})",
+            f"{four['total'] / one['total']:.2f}×",
+            f"Σ PSS {four['total'] / 2**30:.2f} GiB vs {one['total'] / 2**30:.2f} GiB (runners + raylet's object "
+            f"store); private per runner {four['runner_uss'] / 2**20:,.0f} MiB with 4 vs {one['runner_uss'] / 2**20:,.0f}"
+            f" MiB alone; raylet {four['raylet_pss'] / 2**30:.2f} GiB", "≤ 1.2×")
 
     # 6: data parallelism on 2 cores
     one = run_distributed(pretrain_job(work, general, "dp-1w", 1, 2, 80, 2.0, global_batch=16))
@@ -268,7 +292,6 @@ def main() -> int:
         tps[f"z{zero}"] = steady_tokens_per_s(work, f"dp-2w-z{zero}")
         row(f"6. 2-worker ZeRO-{zero} vs 1 worker (tokens/s, global batch 16)", f"{tps[f'z{zero}'] / tps['1w']:.2f}",
             f"{tps[f'z{zero}']:,.0f} vs {tps['1w']:,.0f} tok/s", "report")
-    row("6. NCCL 1-GPU DeepSpeed smoke", "no GPU", "no accelerator was lent to this session", "report")
     del one
     ray.shutdown()
     elapsed = time.time() - started
@@ -276,51 +299,48 @@ def main() -> int:
     return 0
 
 
-NOTES = """## What limits each row
+def notes() -> list[str]:
+    """What limits each row: reasoning only; every number stays in the table of this run."""
+    return """### What limits each row
 
 1. The pretrain's own loop is the raw loop plus a few microseconds of bookkeeping per step
-   (`stages/loop.py`), and one worker trains with the plain torch engine (ZeRO has nothing
-   to partition; with DeepSpeed for the one worker an earlier run of this suite gave 0.955).
-   What remains is where Ray Train runs the training function: on a thread of the worker
-   actor, not its main thread. In a plain actor, a training loop on a second thread ran
-   16-25% slower whenever the main thread had run torch first, and at parity when it was
-   the only thread using torch; `GOMP_SPINCOUNT=0` makes the fast case equally slow, which
-   points at libgomp (torch's OpenMP) throttling its spin-wait once OpenMP teams on two
-   threads outnumber the cores, so each parallel region pays a futex wake-up. On this
-   2-core host that appears in some runs and not others (earlier runs of this suite gave
-   1.02 and 1.15), and the host's throughput drifts by ±10% over minutes, hence the
-   alternating rounds. With a GPU the host threads only launch kernels.
-2. fp32 on 2 cores, small matrices (hidden 192): the per-op overhead of eager PyTorch,
-   not the FLOPs, is what is left. A GPU row needs a lent GPU.
-3. A warm runner has torch, transformers, peft and the tokenizer loaded and the parent's
-   weights mapped; a job costs model construction on those weights and its first step.
-   A TorchTrainer pays a placement group, a worker process, imports and the process group.
-4. The pool hands a finished runner its next job at once; what is left is the callback hop.
-5. The base is held once (the object store's pages, mapped read-only and shared into
-   every runner); what each job adds is its activations, adapters, optimizer state and
-   allocator slack, which grow with tokens × width × depth, while the base grows with
-   width² × depth. Activation checkpointing (`activation_checkpointing: true`) cuts the
-   per-job part by ~60% and is what meets the target on this 0.83B base (1.40× without).
+   (`stages/loop.py`). The DeepSpeed engine adds its per-step work (hooks, a fused step over
+   flat buffers) that buys nothing with one worker, which is why one worker uses the plain
+   engine. What remains for both is where Ray Train runs the training function: on a thread
+   of the worker actor, not its main thread; when the main thread has run torch first,
+   libgomp (torch's OpenMP) teams on two threads can outnumber the cores and each parallel
+   region then pays a futex wake-up. On a GPU the host threads only launch kernels.
+2. fp32 on 2 cores, small matrices (hidden 192): the per-op overhead of eager PyTorch, not
+   the FLOPs, is what is left.
+3. A cold first wave pays what a fan-out really pays once: starting each runner process,
+   importing torch/transformers/peft, and loading the parent on a worker into the object
+   store; warm dispatch then costs model construction on the mapped weights and the first
+   step. A TorchTrainer pays a placement group, a worker process, imports and the process
+   group for every job.
+4. Jobs submitted at once; a runner that finishes takes the next queued job at once.
+5. The base is held once, in the object store (counted in the raylet's PSS); every runner
+   maps it read-only, and PSS splits those shared pages among their users instead of
+   counting them once per process. What grows with the number of jobs is each runner's own
+   memory: its interpreter and libraries, activations, adapters, optimizer state and
+   allocator slack. Activation checkpointing shrinks the activations.
 6. Two workers on two cores split the cores: one torch thread each instead of two in one
-   process. For a model this small two single-threaded processes gain about what the
-   OpenMP synchronisation of every op costs one two-threaded process, and gloo's
-   reduce-scatter/all-gather of the gradients takes some of it back: ZeRO-2 ≈ 1. ZeRO-3
-   also all-gathers parameters in every forward and backward, hence lower. More workers
-   only pay off with more cores or devices; on GPUs each worker has its own device.
-"""
+   process. gloo's reduce-scatter/all-gather of the gradients costs some of what that gains;
+   ZeRO-3 also all-gathers parameters in every forward and backward. More workers only pay
+   off with more cores or devices; on GPUs each worker has its own device.
+""".splitlines()
 
 
 def write_results(elapsed: float) -> None:
+    from results import write_section
+
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    lines = ["# Benchmark results", "",
-             f"`python benchmarks/run.py` on {time.strftime('%Y-%m-%d')}: {os.cpu_count()} cores ({cpu}), "
+    lines = [f"`python benchmarks/run.py` on {time.strftime('%Y-%m-%d')}: {os.cpu_count()} cores ({cpu}), "
              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python "
              f"{platform.python_version()}, {torch_version()}; no GPU. Took {elapsed / 60:.1f} minutes.", "",
              "| benchmark | ratio | raw numbers | target |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    lines += ["", NOTES]
-    (REPO / "benchmarks" / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    write_section("Suite: orchestration, fan-out, memory (benchmarks/run.py)", lines + ["", *notes()])
     print("\n".join(lines))
 
 

@@ -186,7 +186,7 @@ def rows(result: dict[int, list[dict]]) -> list[tuple[str, str, str, str]]:
 
 
 def main() -> int:
-    from gpu import replace_section
+    from results import write_section
 
     started = time.time()
     result = measure()
@@ -209,7 +209,7 @@ def main() -> int:
              "at a time into rank 0's 16-bit state dict (the other ranks hold one layer extra at most), after "
              "the Adam moments are dropped; the previous export gathered every parameter on every rank and "
              "then built a second, fp32 model on rank 0."]
-    replace_section(SECTION, body)
+    write_section(SECTION, body)
     return 0
 
 

@@ -75,6 +75,23 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+def model_fingerprint(path: str | None, revision: str | None) -> str | None:
+    """Identity of an existing model's files (``model.path``): each file's name, size and
+    modification time (a local folder or a storage URI), or the hub id and revision."""
+    import os
+
+    if path is None:
+        return None
+    if "://" not in path and not os.path.isdir(path):
+        return f"hub:{path}@{revision or 'main'}"
+    fs, root = storage.filesystem(path)
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    entries = sorted((i.path[len(root):], i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    return _h("model-files", entries)
+
+
 def _h(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -92,7 +109,7 @@ def job_keys(spec: PipelineSpec, fingerprints: dict[str, str]) -> dict[str, str]
 
     ev = spec.evaluate
     split = (ev.heldout_fraction, ev.split_seed)
-    model = spec.model.model_dump(mode="json")
+    model = {**spec.model.model_dump(mode="json"), "content": model_fingerprint(spec.model.path, spec.model.revision)}
     code = code_version()
     keys: dict[str, str] = {}
     keys["tokenizer"] = _h("tokenizer", code, spec.tokenizer.model_dump(mode="json"),

@@ -43,6 +43,7 @@ def _check_credentials(spec: PipelineSpec) -> list[str]:
     """URIs that carry credentials are refused: the spec is written to spec.yaml, state.json,
     the registry and logs. The message never repeats the URI."""
     uris = [("storage", spec.storage), ("cluster.address", spec.cluster.address),
+            ("tracking.mlflow_uri", spec.tracking.mlflow_uri),
             ("tokenizer.path", spec.tokenizer.path), ("pretrain.dataset.path", spec.pretrain.dataset.path)]
     uris += [(f"finetune.domains.{i}.dataset.path", d.dataset.path) for i, d in enumerate(spec.finetune.domains)]
     return [f"{where}: the URI embeds credentials, which would be written into spec.yaml, state.json, "
@@ -95,18 +96,44 @@ def _check_training(where: str, t: TrainingSpec, steps: int | None) -> list[str]
             "use bf16 or fp32 on the CPU"
         )
     problems += _check_passthrough(where, t)
-    if steps is not None and t.schedule.warmup_steps >= steps:
+    if steps and t.schedule.warmup_steps >= steps:  # 0 steps: nothing to warm up
         problems.append(
             f"{where}.schedule.warmup_steps: {t.schedule.warmup_steps} must be below steps ({steps})"
         )
     return problems
 
 
+def spec_config(spec: PipelineSpec):
+    """The model's config (from ``model.path``, or type + overrides sized to the tokenizer),
+    or a problem line."""
+    from branchout.stages.model import ModelConfigError, build_config, source_config
+
+    if spec.model.path is not None:
+        try:
+            config = source_config(spec.model.path, spec.model.revision)
+        except ModelConfigError as e:
+            return f"model.path: {e}"
+        vocab = tokenizer_vocab_size(spec)
+        if isinstance(vocab, str):
+            return vocab
+        if vocab > config.vocab_size:
+            return (f"tokenizer.path: its {vocab:,} tokens exceed the {config.vocab_size:,} embeddings of "
+                    f"model.path; use the model's own tokenizer")
+        return config
+    vocab = tokenizer_vocab_size(spec)
+    if isinstance(vocab, str):
+        return vocab
+    try:
+        return build_config(spec.model.type, spec.model.config, vocab)
+    except ModelConfigError as e:
+        return f"model: {e}"
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:  # the config class rejected a value
+        return f"model.config: {_one_line(e)}"
+
+
 def _check_model(spec: PipelineSpec) -> list[str]:
     from branchout.stages.model import (
         MAX_META_LAYERS,
-        ModelConfigError,
-        build_config,
         default_lora_targets,
         max_positions,
         meta_model,
@@ -114,15 +141,12 @@ def _check_model(spec: PipelineSpec) -> list[str]:
         parameter_counts,
     )
 
-    vocab = tokenizer_vocab_size(spec)
-    if isinstance(vocab, str):
-        return [vocab]
-    try:
-        config = build_config(spec.model.type, spec.model.config, vocab)
-    except ModelConfigError as e:
-        return [f"model: {e}"]
-    except (TypeError, ValueError, AttributeError, OverflowError) as e:  # the config class rejected a value
-        return [f"model.config: {_one_line(e)}"]
+    if spec.pretrain.steps == 0 and spec.model.path is None:
+        return ["pretrain.steps: 0 skips pretraining, which needs an existing model to branch from (model.path)"]
+    config = spec_config(spec)
+    if isinstance(config, str):
+        return [config]
+    model_type = config.model_type
     problems = []
     limit = max_positions(config)
     if limit is not None:
@@ -138,22 +162,22 @@ def _check_model(spec: PipelineSpec) -> list[str]:
         model = meta_model(config, min(layers, MAX_META_LAYERS) if isinstance(layers, int) and layers > 0 else None)
         parameter_counts(config)
     except Exception as e:  # transformers raises many types for inconsistent configs
-        return problems + [f"model.config: cannot build {spec.model.type}: {_one_line(e)}"]
+        return problems + [f"model.config: cannot build {model_type}: {_one_line(e)}"]
     lora_domains = [(i, d) for i, d in enumerate(spec.finetune.domains) if d.method == "lora"]
     if lora_domains:
         for i, d in lora_domains:
-            targets = d.lora.target_modules or default_lora_targets(spec.model.type)
+            targets = d.lora.target_modules or default_lora_targets(model_type)
             if not targets:
                 problems.append(
                     f"finetune.domains.{i}.lora.target_modules: peft has no default for "
-                    f"{spec.model.type!r}; name the modules to adapt"
+                    f"{model_type!r}; name the modules to adapt"
                 )
                 continue
             missing = missing_lora_targets(model, targets)
             if missing:
                 problems.append(
                     f"finetune.domains.{i}.lora.target_modules: {', '.join(missing)} not found in "
-                    f"{spec.model.type} (e.g. {_example_linear_names(model)})"
+                    f"{model_type} (e.g. {_example_linear_names(model)})"
                 )
     return problems
 

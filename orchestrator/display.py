@@ -235,7 +235,7 @@ def print_memory_plan(console: Console, spec, shape, gpu_memory_gb: float | None
     from branchout.cluster.memory import GB, pick
     from branchout.orchestrator.plan import _gpu_memory, memory_options
 
-    console.print(f"[bold]{spec.name}[/]: {spec.model.type}, {shape.params / 1e9:.2f}B parameters "
+    console.print(f"[bold]{spec.name}[/]: {shape.model_type}, {shape.params / 1e9:.2f}B parameters "
                   f"(largest layer {shape.largest_layer / 1e6:.1f}M), {shape.layers} layers, hidden {shape.hidden}")
     jobs = [("pretrain", spec.pretrain, spec.pretrain.seq_len)]
     jobs += [(f"finetune/{d.name}", d, spec.domain_seq_len(d)) for d in spec.finetune.domains if d.num_workers > 1]

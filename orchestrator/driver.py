@@ -33,6 +33,7 @@ from branchout.orchestrator.plan import Plan, build_plan
 from branchout.orchestrator.progress import hub_name, start_hub
 from branchout.orchestrator.spec import DatasetSpec, PipelineSpec
 from branchout.orchestrator.state import RunRecord, RunState, StageRecord, StageState, new_run_id
+from branchout.orchestrator.tracking import Tracker
 from branchout.stages import storage
 from branchout.stages.data import PackedInfo
 from branchout.stages.job import TrainJob
@@ -53,6 +54,7 @@ class RunContext:
     cache: StageCache
     keys: dict[str, str]
     fingerprints: dict[str, str]
+    tracker: Tracker
     hub: Any = None
     threads: cf.ThreadPoolExecutor = field(default_factory=lambda: cf.ThreadPoolExecutor(8))
 
@@ -82,7 +84,19 @@ class RunContext:
         for item in items:
             item.key = item.key or self.keys.get(item.name)
         return run_jobs(self.record, items, self.hub, tick, max_in_flight, waiting,
-                        self.spec.cluster.capacity_timeout_s, self.cache, on_note=self.view.note)
+                        self.spec.cluster.capacity_timeout_s, self.cache, on_note=self.view.note,
+                        on_done=self.tracker.job_ended)
+
+    def claiming(self, job: TrainJob, submit: Callable[[], cf.Future]) -> Callable[[], cf.Future]:
+        """``submit`` preceded by what each attempt needs: ownership of the job's directory
+        (``TrainJob.claim``) and the MLflow child run its worker logs steps to."""
+
+        def claim_and_submit() -> cf.Future:
+            job.claim()
+            job.tracking = self.tracker.child(job.name)
+            return submit()
+
+        return claim_and_submit
 
 
 def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None = None,
@@ -113,8 +127,10 @@ def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None 
         with driver_log(record) as log, ProgressView(console, log=log) as view:
             print_plan(log, plan, spec.notes)
             log.print(f"{'resuming' if resuming else 'run'} {record.run_id} → {record.run_uri}")
-            _run_stages(spec, plan, record, cluster, view, cache, keys, fingerprints)
+            tracker = Tracker(spec, record, view.note)
+            _run_stages(spec, plan, record, cluster, view, cache, keys, fingerprints, tracker)
             report_path = write_report(record)
+            tracker.finish(_read_metrics(record), record.run_uri if report_path else None)
             for out in (console, log):
                 print_results(out, record, _read_metrics(record), report_path)
     return record
@@ -141,14 +157,14 @@ def driver_log(record: RunRecord) -> Iterator[Console]:
 
 def _run_stages(spec: PipelineSpec, plan: Plan, record: RunRecord, cluster: ClusterInfo,
                 view: ProgressView, cache: StageCache, keys: dict[str, str],
-                fingerprints: dict[str, str]) -> None:
+                fingerprints: dict[str, str], tracker: Tracker) -> None:
     registry = getattr(record, "_registry", None)
     hints = CapacityHints(
         enabled=spec.cluster.autoscaling and spec.cluster.request_ahead and not cluster.embedded, log=view.note,
         requester=f"branchout-{record.run_id}",
         on_request=(lambda reason, bundles: registry.log_event("capacity", record.run_id, reason, bundles=bundles))
         if registry else None)
-    ctx = RunContext(spec, plan, record, cluster, view, hints, cache, keys, fingerprints,
+    ctx = RunContext(spec, plan, record, cluster, view, hints, cache, keys, fingerprints, tracker,
                      hub=start_hub(record.run_id))
     record.set_run_state(RunState.RUNNING)
     try:
@@ -295,24 +311,31 @@ def stage_tokenizer(ctx: RunContext) -> dict[str, str]:
 
 
 def stage_data(ctx: RunContext, tokenizer: dict[str, str]) -> dict[str, PackedInfo]:
-    """Tokenize and pack every dataset (once per distinct dataset and block length)."""
+    """Tokenize and pack every dataset (once per distinct dataset and block length): the
+    pretraining corpus first, then every domain at once, each decontaminated against the
+    pretraining corpus's training text (a domain's held-out documents that are mostly that
+    text are not scored)."""
     from branchout.stages.data import prepare
 
     spec = ctx.spec
-    wanted: dict[str, tuple[DatasetSpec, int]] = {"pretrain": (spec.pretrain.dataset, spec.pretrain.seq_len)}
-    for d in spec.finetune.domains:
-        wanted[d.name] = (d.dataset, spec.domain_seq_len(d))
     cache_root = storage.join(spec.storage, "cache", "data")
     ev = spec.evaluate
-    items = [
-        WorkItem(f"data/{name}", lambda ds=ds, n=seq: submit_task(
-            prepare, (ds, tokenizer["uri"], tokenizer["hash"], n, ev.heldout_fraction, ev.split_seed, cache_root),
-            {"CPU": 1}, "data", ctx.hub_name),
-            on_success=lambda info, name=name: {**asdict(info), "fingerprint": ctx.fingerprints[name]})
-        for name, (ds, seq) in wanted.items()
-    ]
+
+    def item(name: str, ds: DatasetSpec, seq_len: int, reference: str | None) -> WorkItem:
+        job = f"data/{name}"
+        args = (ds, tokenizer["uri"], tokenizer["hash"], seq_len, ev.heldout_fraction, ev.split_seed, cache_root,
+                reference, ctx.hub_name, job)
+        # 0 CPUs: prepare only drives a Ray Data pipeline whose tasks take the CPUs; holding
+        # one would starve its own tasks on a small cluster, with several datasets at once.
+        return WorkItem(job, lambda: submit_task(prepare, args, {"CPU": 0}, job, ctx.hub_name),
+                        on_success=lambda info: {**asdict(info), "fingerprint": ctx.fingerprints[name]})
+
+    first = item("pretrain", spec.pretrain.dataset, spec.pretrain.seq_len, None)
+    pretrain = _require(ctx.run([first]), ctx.record, [first.name])[first.name]
+    items = [item(d.name, d.dataset, spec.domain_seq_len(d), pretrain["uri"]) for d in spec.finetune.domains]
     results = _require(ctx.run(items), ctx.record, [i.name for i in items])
-    return {name: PackedInfo.from_dict(results[f"data/{name}"]) for name in wanted}
+    return {"pretrain": PackedInfo.from_dict(pretrain),
+            **{d.name: PackedInfo.from_dict(results[f"data/{d.name}"]) for d in spec.finetune.domains}}
 
 
 def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo) -> str:
@@ -320,13 +343,16 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo)
     from branchout.orchestrator.training import run_distributed
 
     spec = ctx.spec
+    if ctx.plan.pretrain.steps == 0:  # branch straight from the given model
+        return import_base(ctx, tokenizer)
     job = TrainJob(
         name="pretrain", kind="pretrain", training=spec.pretrain.model_dump(mode="json"),
         steps=ctx.plan.pretrain.steps, model_type=spec.model.type, model_overrides=spec.model.config,
         tokenizer_uri=tokenizer["uri"], data_uri=data.uri, out_uri=ctx.uri("pretrain"),
         logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id, hub_name=ctx.hub_name,
+        model_path=spec.model.path, model_revision=spec.model.revision,
     )
-    item = WorkItem("pretrain", claiming(job, lambda: ctx.threads.submit(run_distributed, job, spec.pretrain.max_failures)),
+    item = WorkItem("pretrain", ctx.claiming(job, lambda: ctx.threads.submit(run_distributed, job, spec.pretrain.max_failures)),
                     on_success=lambda r: {"model_uri": job.model_uri, "final_loss": r["final_loss"],
                                           "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"]},
                     resources=spec.pretrain.resources_per_worker.ray_bundle())
@@ -346,6 +372,19 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo)
     return outputs["model_uri"]
 
 
+def import_base(ctx: RunContext, tokenizer: dict[str, str]) -> str:
+    """``pretrain.steps: 0``: publish ``model.path`` as the run's base (a copy, no training)."""
+    from branchout.stages.model import import_model
+
+    spec = ctx.spec
+    uri = ctx.uri("pretrain", "model")
+    args = (spec.model.path, spec.model.revision, tokenizer["uri"], uri)
+    item = WorkItem("pretrain", lambda: submit_task(import_model, args, {"CPU": 1}, "pretrain", ctx.hub_name),
+                    on_success=lambda r: {"model_uri": r["model_uri"], "imported_from": r["imported_from"],
+                                          "resumed_from": 0})
+    return _require(ctx.run([item]), ctx.record, ["pretrain"])["pretrain"]["model_uri"]
+
+
 def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, PackedInfo],
                    base_uri: str) -> None:
     """One fine-tune per domain from the shared base, plus from-scratch baselines, concurrently."""
@@ -363,6 +402,7 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
             job = TrainJob(
                 name=f"{kind}/{d.name}", kind=kind, training=training, steps=d.steps,
                 model_type=spec.model.type, model_overrides=spec.model.config,
+                model_path=spec.model.path, model_revision=spec.model.revision,
                 tokenizer_uri=tokenizer["uri"], data_uri=data[d.name].uri,
                 out_uri=ctx.uri(kind, d.name), logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id,
                 hub_name=ctx.hub_name,
@@ -374,7 +414,7 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
             deepspeed = d.uses_deepspeed()
             group = [] if deepspeed else singles.setdefault(tuple(sorted(bundle.items())), [])
             group.append(job.name)
-            submit = claiming(job, _submitter(ctx, job, deepspeed, bundle, d.max_failures, pools, group))
+            submit = ctx.claiming(job, _submitter(ctx, job, deepspeed, bundle, d.max_failures, pools, group))
             items.append(WorkItem(job.name, submit, max_retries=d.max_retries, resources=bundle,
                                   on_success=lambda r, job=job: {
                                       "model_uri": job.model_uri, "final_loss": r["final_loss"],
@@ -387,16 +427,6 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
     for item in items:  # recorded as succeeded: its resume points are no longer needed
         if ctx.record.stage(item.name).state is StageState.SUCCEEDED:
             storage.remove_dir(ctx.uri(*item.name.split("/"), "checkpoints"))
-
-
-def claiming(job: TrainJob, submit: Callable[[], cf.Future]) -> Callable[[], cf.Future]:
-    """``submit`` preceded by ``job.claim()``: each attempt owns the job's directory."""
-
-    def claim_and_submit() -> cf.Future:
-        job.claim()
-        return submit()
-
-    return claim_and_submit
 
 
 def _submitter(ctx: RunContext, job: TrainJob, deepspeed: bool, resources: dict[str, float],
@@ -415,13 +445,19 @@ def _submitter(ctx: RunContext, job: TrainJob, deepspeed: bool, resources: dict[
 
 
 def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) -> None:
-    """Held-out perplexity per domain of base, fine-tuned and scratch models."""
+    """Held-out perplexity per domain of base, fine-tuned and scratch models.
+
+    One job per domain, placed like the domain's fine-tune (one worker's bundle: its GPU
+    share, accelerator type and CPUs, from the plan) and scoring in its precision; the
+    driver (often on a small head node) loads no model.
+    """
     from branchout.stages.evaluate import evaluate_domain
 
     spec = ctx.spec
     ev = spec.evaluate
     items = []
     for d in spec.finetune.domains:
+        bundle = ctx.plan.job(f"evaluate/{d.name}").resources
         candidates: dict[str, tuple[str, str | None]] = {}
         if "base" in ev.models:
             candidates["base"] = (base_uri, None)
@@ -431,11 +467,13 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) 
         sc = ctx.record.stage(f"scratch/{d.name}")
         if "scratch" in ev.models and sc.state.done:
             candidates["scratch"] = (sc.outputs["model_uri"], None)
-        args = (d.name, data[d.name].uri, candidates, ev.batch_size, ev.max_blocks, 1)
+        args = (d.name, data[d.name].uri, candidates, ev.batch_size, ev.max_blocks,
+                max(1, int(bundle["CPU"])), d.deepspeed.precision, d.resources_per_worker.uses_gpu)
         previous = ctx.record.stage(f"evaluate/{d.name}").outputs.get("scored")
         items.append(WorkItem(f"evaluate/{d.name}",
-                              lambda args=args: submit_task(evaluate_domain, args, {"CPU": 1},
-                                                            f"evaluate/{args[0]}", ctx.hub_name),
+                              lambda args=args, bundle=bundle: submit_task(evaluate_domain, args, bundle,
+                                                                           f"evaluate/{args[0]}", ctx.hub_name),
+                              resources=bundle,
                               on_success=lambda r, c=candidates: {**r, "scored": c},
                               # a cached score stands only if it scored the same models
                               accept=lambda hit, c=candidates: _as_lists(hit.get("scored", {})) == _as_lists(c),

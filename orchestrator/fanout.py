@@ -61,8 +61,8 @@ def _announce_and_call(fn: Callable, job: str, hub: str | None, *args: Any) -> A
 
 def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[dict], None],
              max_in_flight: int | None = None, on_wait: Callable[[WorkItem, float], None] | None = None,
-             patience_s: float = 300.0, cache=None,
-             on_note: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+             patience_s: float = 300.0, cache=None, on_note: Callable[[str], None] | None = None,
+             on_done: Callable[[str, Any], None] | None = None) -> dict[str, dict[str, Any]]:
     """Run ``items`` to completion; returns the recorded outputs of every succeeded item.
 
     Items the record already shows as succeeded (a resumed run) are not run again unless
@@ -75,8 +75,11 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
     A Ray Train job whose worker group restarts inside one attempt (a worker died; Ray
     Train restarted the group from the newest checkpoint) reports a new rank-0 process: the
     attempt is recorded as failed ("worker died at step ~N; restarted from step S"), a new
-    attempt begins, and ``on_note`` says so on the progress display.
+    attempt begins, and ``on_note`` says so on the progress display. ``on_done(name,
+    record)`` hears of every job that ends for good: succeeded, cached, or failed after
+    its last retry.
     """
+    on_done = on_done or (lambda name, rec: None)
     outputs: dict[str, dict[str, Any]] = {}
     pending: deque[WorkItem] = deque()
     for item in items:
@@ -87,6 +90,7 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
         hit = cache.lookup(item.name, item.key) if cache is not None and item.key else None
         if hit is not None and (item.accept is None or item.accept(hit)):
             outputs[item.name] = record.set_stage(item.name, StageState.CACHED, outputs=hit).outputs
+            on_done(item.name, record.stage(item.name))
             continue
         pending.append(item)
     running: dict[cf.Future, WorkItem] = {}
@@ -137,6 +141,8 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
                 record.set_stage(item.name, StageState.FAILED, error=describe_error(e))
                 if tries[item.name] <= item.max_retries:
                     pending.append(item)
+                else:
+                    on_done(item.name, record.stage(item.name))
                 continue
             if record.stage(item.name).state is StageState.QUEUED:
                 record.set_stage(item.name, StageState.RUNNING, when=_started(result))
@@ -147,6 +153,7 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
             outputs[item.name] = rec.outputs
             if cache is not None and item.key:
                 cache.store(item.name, item.key, record.run_id, produced)
+            on_done(item.name, rec)
         on_tick(snapshot)
     return outputs
 

@@ -78,9 +78,11 @@ def _local_inputs(spec: PipelineSpec) -> Iterator[tuple[str, str, object]]:
     yield from dataset("pretrain.dataset.path", spec.pretrain.dataset)
     for i, d in enumerate(spec.finetune.domains):
         yield from dataset(f"finetune.domains.{i}.dataset.path", d.dataset)
-    tok = spec.tokenizer
+    tok, model = spec.tokenizer, spec.model
     if tok.path and storage.is_local(tok.path) and os.path.isdir(tok.path):
         yield "tokenizer.path", tok.path, lambda uri: setattr(tok, "path", uri)
+    if model.path and storage.is_local(model.path) and os.path.isdir(model.path):
+        yield "model.path", model.path, lambda uri: setattr(model, "path", uri)
 
 
 def _exists(path: str) -> bool:

@@ -196,6 +196,11 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> None:
     tok = raw.get("tokenizer")
     if isinstance(tok, dict) and isinstance(tok.get("path"), str):
         tok["path"] = _absolute(tok["path"], base)
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        # "org/name" is a hub id unless such a folder exists here
+        local = _absolute(model["path"], base)
+        model["path"] = local if os.path.exists(local) else model["path"]
     if isinstance(raw.get("storage"), str):
         raw["storage"] = _absolute(raw["storage"], base)
 

@@ -210,7 +210,8 @@ def resume_submitted(registry: Registry, row: RunRow, spec, changed: bool) -> st
 def _reads_job_files(spec) -> bool:
     from branchout.orchestrator.inputs import JOB_FILES
 
-    paths = [spec.pretrain.dataset.path, spec.tokenizer.path or "", *(d.dataset.path for d in spec.finetune.domains)]
+    paths = [spec.pretrain.dataset.path, spec.tokenizer.path or "", spec.model.path or "",
+             *(d.dataset.path for d in spec.finetune.domains)]
     return any(p.startswith(JOB_FILES + "/") for p in paths)
 
 

@@ -116,20 +116,22 @@ class ModelShape:
     layers: int
     hidden: int
     vocab: int
+    model_type: str = ""
 
 
 def model_shape(spec: PipelineSpec) -> ModelShape:
-    from branchout.orchestrator.checks import tokenizer_vocab_size
-    from branchout.stages.model import MAX_META_LAYERS, build_config, meta_model, parameter_counts
+    from branchout.orchestrator.checks import spec_config
+    from branchout.stages.model import MAX_META_LAYERS, meta_model, parameter_counts
 
-    vocab = tokenizer_vocab_size(spec)
-    assert isinstance(vocab, int), "the plan needs a cross-checked spec"
-    config = build_config(spec.model.type, spec.model.config, vocab)
+    config = spec_config(spec)
+    assert not isinstance(config, str), "the plan needs a cross-checked spec"
+    vocab = int(config.vocab_size)
     params, non_emb = parameter_counts(config)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     shallow = meta_model(config, min(layers, MAX_META_LAYERS) if layers > 0 else None)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in shallow.modules())
-    return ModelShape(params, non_emb, largest, layers, int(getattr(config, "hidden_size", 0) or 0), vocab)
+    return ModelShape(params, non_emb, largest, layers, int(getattr(config, "hidden_size", 0) or 0), vocab,
+                      config.model_type)
 
 
 def _gpu_memory(t: TrainingSpec, override_gb: float | None = None) -> float | None:
@@ -200,9 +202,9 @@ def build_plan(spec: PipelineSpec) -> Plan:
     """Compute the plan of a validated spec (no Ray, no data access)."""
     shape = model_shape(spec)
     p = spec.pretrain
-    pre_steps = p.steps or math.ceil(p.tokens / (p.global_batch_size * p.seq_len))
+    pre_steps = p.steps if p.steps is not None else math.ceil(p.tokens / (p.global_batch_size * p.seq_len))
     plan = Plan(
-        pipeline=spec.name, model_type=spec.model.type, params=shape.params,
+        pipeline=spec.name, model_type=shape.model_type, params=shape.params,
         non_embedding_params=shape.non_embedding, vocab_size=shape.vocab, layers=shape.layers,
         hidden=shape.hidden, pretrain=_training_plan("pretrain", p, p.seq_len, pre_steps, shape),
         eval_models=list(spec.evaluate.models), cluster=spec.cluster.address or "embedded local Ray",

@@ -1,10 +1,13 @@
 """Data preflight: read every dataset before any worker starts.
 
-Checks, per dataset: it exists and loads, the text column is there, it holds non-empty
+Checks, per dataset: it exists and reads, the text column is there, it holds non-empty
 strings that are not binary garbage, and both its training and held-out documents hold
 enough text for at least one block. The block check uses a bound that is certain for a
 byte-level BPE (never more tokens than UTF-8 bytes, plus one EOS per document), so it
 never rejects data that would have worked; the data stage repeats it with real tokens.
+
+Reading is streamed (``stages.documents``) and stops as soon as the answer is known, so a
+corpus of many GB costs its first read unit or two, not a pass over all of it.
 """
 
 from __future__ import annotations
@@ -33,46 +36,69 @@ def preflight(spec: PipelineSpec) -> tuple[list[str], list[str]]:
             except DataError as e:
                 seen[key] = str(e)
             if seen[key] == "hub":
-                notes.append(f"{where}: hub dataset {ds.path!r} is checked when the data stage loads it")
+                notes.append(f"{where}: hub dataset {ds.path!r} is checked when the data stage streams it")
         if seen[key] and seen[key] != "hub":
             problems.append(f"{where}: {seen[key]}")
     return problems, notes
 
 
 def check_dataset(ds: DatasetSpec, seq_len: int, fraction: float, seed: int) -> str | None:
-    """A problem line for one dataset, ``"hub"`` for an unchecked hub dataset, or None."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """A problem line for one dataset, ``"hub"`` for an unchecked hub dataset, or None.
 
-    from branchout.stages.data import is_heldout, load_documents, resolve_source
+    Raises:
+        DataError: a file cannot be read (the message names it).
+    """
+    import pyarrow as pa
+
+    from branchout.stages.documents import plan_units, resolve_source, unit_columns
+    from branchout.stages.split import is_heldout
 
     src = resolve_source(ds)
     if src.is_hub:
         return "hub"
-    docs = load_documents(ds)
     label = src.label
-    if len(docs) == 0:
+    sample: list[str] = []
+    rows = 0
+    bounds = {False: 0, True: 0}  # training / held-out token bounds
+    kinds: set[str] = set()
+    for unit in plan_units(ds):
+        for values in unit_columns(unit, ds.text_column):
+            rows += len(values)
+            if pa.types.is_null(values.type):
+                kinds.add("null")
+                continue
+            if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+                return f"{label}: column {ds.text_column!r} holds {values.type} values, not text"
+            for text in values.to_pylist():
+                if len(sample) < SAMPLE_ROWS:
+                    sample.append(text or "")
+                elif min(bounds.values()) >= seq_len:
+                    break
+                if text:
+                    bounds[is_heldout(text, seed, fraction)] += len(text.encode()) + 1
+        if len(sample) >= SAMPLE_ROWS and min(bounds.values()) >= seq_len:
+            break
+    if rows == 0:
         return f"{label}: dataset is empty"
-    column = docs.data.column("text")
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        return f"{label}: column {ds.text_column!r} holds {column.type} values, not text"
-    sample = [t for t in docs.select(range(min(SAMPLE_ROWS, len(docs))))["text"] if t]
+    if not sample:
+        return f"{label}: column {ds.text_column!r} holds {kinds.pop() if kinds else 'no'} values, not text"
+    return _sample_problem(label, ds.text_column, sample) or _bound_problem(label, bounds, seq_len, fraction)
+
+
+def _sample_problem(label: str, column: str, sample: list[str]) -> str | None:
     if not any(t.strip() for t in sample):
-        return f"{label}: column {ds.text_column!r} has no non-empty text in its first {SAMPLE_ROWS} rows"
+        return f"{label}: column {column!r} has no non-empty text in its first {SAMPLE_ROWS} rows"
     joined = "".join(sample)
     bad = sum(1 for c in joined if (ord(c) < 32 and c not in "\n\r\t") or c == "\ufffd")
     if bad / max(1, len(joined)) > MAX_BAD_CHAR_RATIO:
         return f"{label}: looks binary ({bad / len(joined):.0%} control or undecodable characters)"
-    lengths = pc.fill_null(pc.binary_length(column.cast(pa.large_binary())), 0).to_pylist()
-    train_bound = heldout_bound = 0
-    for text, n in zip(docs["text"], lengths, strict=True):
-        if is_heldout(text or "", seed, fraction):
-            heldout_bound += n + 1
-        else:
-            train_bound += n + 1
-    if train_bound < seq_len:
-        return f"{label}: at most {train_bound} training tokens, less than one {seq_len}-token block"
-    if heldout_bound < seq_len:
-        return (f"{label}: held-out documents ({fraction:.0%}) hold at most {heldout_bound} tokens, "
+    return None
+
+
+def _bound_problem(label: str, bounds: dict[bool, int], seq_len: int, fraction: float) -> str | None:
+    if bounds[False] < seq_len:
+        return f"{label}: at most {bounds[False]} training tokens, less than one {seq_len}-token block"
+    if bounds[True] < seq_len:
+        return (f"{label}: held-out documents ({fraction:.0%}) hold at most {bounds[True]} tokens, "
                 f"less than one {seq_len}-token block; add data or raise evaluate.heldout_fraction")
     return None

@@ -33,7 +33,8 @@ class Resources(StrictModel):
     gpu: float = Field(0.0, ge=0, description="GPUs per worker; 0 trains on the CPU.")
     custom: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources.")
     accelerator: str | None = Field(
-        None, description="GPU type for the memory planner, e.g. H100-80GB (see `branchout plan`)."
+        None, description="GPU type, e.g. H100-80GB: the memory planner's budget (see `branchout plan`), "
+        "and where Ray places the job (only on nodes with that `accelerator_type`)."
     )
     gpu_memory_gb: float | None = Field(
         None, gt=0, description="Memory of one GPU in GB, for GPU types the planner does not know."
@@ -44,17 +45,32 @@ class Resources(StrictModel):
         return self.gpu > 0
 
     def ray_bundle(self) -> dict[str, float]:
-        """The resource dict Ray Train / ``.options()`` expects."""
+        """The resource dict Ray Train / ``.options()`` expects.
+
+        A GPU job with an ``accelerator`` asks for Ray's ``accelerator_type:<type>`` resource
+        (what ``accelerator_type=`` on a task adds), which only nodes with that GPU have:
+        without it a job planned for an 80 GB H100 could land on a 24 GB L4 node.
+        """
         bundle = {"CPU": self.cpu, **self.custom}
         if self.gpu:
             bundle["GPU"] = self.gpu
+            if self.accelerator:
+                from branchout.cluster.memory import ray_accelerator_type
+
+                # Ray's own share for an accelerator-type constraint: a node has 1 of it
+                bundle.setdefault(f"accelerator_type:{ray_accelerator_type(self.accelerator)}", 0.001)
         return bundle
 
 
 class DatasetSpec(StrictModel):
-    """Any source ``datasets`` can load: local text/jsonl/parquet/csv files or a hub name."""
+    """Text, JSONL, Parquet or CSV files (local or object-store URIs), or a hub dataset.
 
-    path: str = Field(description="File, directory, glob, or hub dataset name.")
+    Files are read in ranges by the data stage's workers, never whole; a hub dataset is
+    streamed shard by shard, pinned to the commit its revision points at. In plain text a
+    blank line ends a document.
+    """
+
+    path: str = Field(description="File, directory, glob, object-store URI or prefix, or hub dataset name.")
     format: Literal["auto", "text", "json", "parquet", "csv", "hub"] = Field(
         "auto", description="'auto' infers from the file extension; 'hub' loads by name."
     )
@@ -64,20 +80,43 @@ class DatasetSpec(StrictModel):
 
 
 class TokenizerSpec(StrictModel):
-    """Train a byte-level BPE on the pretraining corpus, or load an existing one."""
+    """Train a byte-level BPE on a sample of the pretraining corpus, or load an existing one."""
 
     path: str | None = Field(None, description="Existing tokenizer directory; skips training.")
     vocab_size: int = Field(8192, ge=300, le=1_000_000)
     min_frequency: int = Field(2, ge=1)
+    sample_bytes: int = Field(
+        100_000_000, ge=1_000_000,
+        description="Text the tokenizer trains on at most: a seeded sample of the pretraining "
+                    "corpus's training documents (all of them when the corpus is smaller).",
+    )
 
 
 class ModelSpec(StrictModel):
-    """A transformers causal LM built from its config class; nothing is downloaded."""
+    """The causal LM: a new one built from its config class (``type`` + ``config``), or an
+    existing checkpoint (``path``) whose own config.json decides the architecture."""
 
-    type: str = Field("llama", description="A model type known to transformers.AutoConfig.")
+    type: str | None = Field(None, description="A model type known to transformers.AutoConfig (default llama).")
     config: dict[str, Any] = Field(
         default_factory=dict, description="Overrides of the config class's fields."
     )
+    path: str | None = Field(
+        None, description="An existing HF model directory (or hub id) to start from: the pretrain continues "
+        "it (pretrain.steps: 0 branches the fan-out straight from it); its tokenizer is used unless "
+        "tokenizer.path names another."
+    )
+    revision: str | None = Field(None, description="Hub revision (commit, tag) of `path` to pin.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if self.path is not None and (self.type is not None or self.config):
+            raise ValueError("give either `path` (start from an existing model) or `type`/`config` "
+                             "(build a new one), not both: the model's config.json decides its architecture")
+        if self.revision is not None and self.path is None:
+            raise ValueError("`revision` pins a hub `path`; there is none")
+        if self.path is None and self.type is None:
+            self.type = "llama"
+        return self
 
 
 class OptimizerSpec(StrictModel):
@@ -120,6 +159,10 @@ class DeepSpeedSpec(StrictModel):
     offload_optimizer: bool = Field(False, description="ZeRO-Offload optimizer states to CPU.")
     offload_params: bool = Field(False, description="Offload parameters to CPU (ZeRO-3 only).")
     precision: Literal["bf16", "fp32", "fp16"] = "bf16"
+    engine: Literal["auto", "deepspeed"] = Field(
+        "auto", description="'auto': DeepSpeed where it has work (several workers, offload, fp16), the plain "
+        "torch engine for one worker otherwise; 'deepspeed': always DeepSpeed."
+    )
     config: dict[str, Any] = Field(
         default_factory=dict, description="Raw DeepSpeed config keys, merged last."
     )
@@ -154,7 +197,8 @@ class TrainingSpec(StrictModel):
         fp16 loss scaling. One worker otherwise trains with the plain torch engine, which
         does the same arithmetic without DeepSpeed's per-step overhead."""
         ds = self.deepspeed
-        return self.num_workers > 1 or ds.offload_optimizer or ds.offload_params or ds.precision == "fp16"
+        return (ds.engine == "deepspeed" or self.num_workers > 1 or ds.offload_optimizer or ds.offload_params
+                or ds.precision == "fp16")
 
 
 class PretrainSpec(TrainingSpec):
@@ -162,7 +206,8 @@ class PretrainSpec(TrainingSpec):
 
     dataset: DatasetSpec = Field(description="The general corpus (also trains the tokenizer).")
     seq_len: int = Field(256, ge=8)
-    steps: int | None = Field(None, ge=1, description="Optimizer steps; or give `tokens`.")
+    steps: int | None = Field(None, ge=0, description="Optimizer steps, or give `tokens`; 0 skips pretraining "
+                              "(the fan-out branches straight from model.path).")
     tokens: int | None = Field(None, ge=1, description="Token budget; steps are derived.")
 
     @model_validator(mode="after")
@@ -285,6 +330,16 @@ class ClusterSpec(StrictModel):
     )
 
 
+class TrackingSpec(StrictModel):
+    """Experiment tracking beyond the TensorBoard files every run writes (logs/tensorboard)."""
+
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking server, e.g. http://mlflow:5000: a parent run per pipeline run, "
+        "a child per job with its step metrics, final metrics and the report."
+    )
+    experiment: str | None = Field(None, description="MLflow experiment; default: the pipeline name.")
+
+
 class PipelineSpec(StrictModel):
     """One pipeline: tokenizer → pretrain → per-domain fine-tunes → evaluation."""
 
@@ -297,11 +352,19 @@ class PipelineSpec(StrictModel):
     pretrain: PretrainSpec
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @field_validator("name")
     @classmethod
     def _slug(cls, v: str) -> str:
         return _check_slug(v)
+
+    @model_validator(mode="after")
+    def _tokenizer_of_the_model(self) -> PipelineSpec:
+        # an existing model comes with the tokenizer its embeddings were trained with
+        if self.model.path is not None and self.tokenizer.path is None:
+            self.tokenizer.path = self.model.path
+        return self
 
     # What the loader decided for the user (e.g. the ZeRO stage picked for 'auto'); shown
     # with the plan, never read from or written to the file.

@@ -125,6 +125,7 @@ class RunRecord:
     ended: float | None = None
     error: str | None = None
     stages: dict[str, StageRecord] = field(default_factory=dict)
+    tracking: dict[str, Any] = field(default_factory=dict)  # MLflow run ids (orchestrator.tracking)
 
     # ---- transitions -------------------------------------------------------------
 

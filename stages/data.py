@@ -1,20 +1,24 @@
-"""Data stage: load documents, split held-out text by a seeded hash, tokenize, pack blocks.
+"""Data stage: stream a dataset through tokenization on every node into packed block shards.
 
-The held-out split is decided per *document* from a hash of (seed, text), so it is
-fixed across runs, independent of file order, and identical documents always land on
-the same side: held-out text never appears in training. Each side is tokenized with
-``datasets.map(batched=True)``, an EOS token appended after every document, and the
-token stream cut into ``seq_len`` blocks (the tail shorter than a block is dropped).
+``prepare`` is the stage's one entry point. It cuts the dataset into read units
+(``stages/documents.py``), tokenizes them in parallel (``stages/packing.py``: Ray Data
+across the cluster when Ray is up, this process otherwise; byte-identical output either
+way), packs the training side into ``seq_len`` blocks as they fill, decides the
+decontaminated held-out split once every document was seen (``stages/split.py``), and
+publishes the shards with a manifest (``stages/blocks.py`` reads them back lazily).
+Memory is bounded by the read unit and a few buffers, not by the corpus; the held-out
+side's sampled shingles are the one thing that grows (with ``heldout_fraction``).
 
-Packed blocks are cached under ``<storage>/cache/data/<key>/`` where the key hashes
-the data fingerprint, the tokenizer, the block length and the split; a second run (or a
-second domain reading the same files) reuses them.
+Packed data is cached under ``<storage>/cache/data/<key>/``; the key hashes the data
+fingerprint, the tokenizer, the block length, the split, the pretraining reference a
+domain was decontaminated against and ``PACKING_VERSION``. A second run (or a second
+domain reading the same files) reuses it.
+
+This module also re-exports the public names other modules import from it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import hashlib
 import json
 import os
@@ -25,230 +29,32 @@ import numpy as np
 
 from branchout.orchestrator.spec import DatasetSpec
 from branchout.stages import checkpoint, storage
+from branchout.stages.blocks import (
+    SHARD_BLOCKS,
+    BlockWriter,
+    PackedBlocks,
+    fetch_member,
+    open_blocks,
+)
+from branchout.stages.documents import (
+    UNIT_BYTES,
+    DataError,
+    Source,
+    file_size,
+    iter_documents,
+    load_documents,
+    plan_units,
+    resolve_source,
+)
+from branchout.stages.fingerprints import diagnose, fingerprint
+from branchout.stages.packing import Progress, Staging, encoded_tables, pack_stream
+from branchout.stages.split import Decontaminator, is_heldout
+
+__all__ = ["DataError", "PackedBlocks", "PackedInfo", "Source", "diagnose", "fingerprint", "is_heldout",
+           "iter_documents", "load_documents", "open_blocks", "prepare", "resolve_source"]
 
 # Bump when packing changes so old caches are not reused.
-PACKING_VERSION = 1
-
-_EXTENSION_FORMATS = {
-    ".txt": "text", ".text": "text", ".md": "text", ".rst": "text",
-    ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
-}
-
-
-class DataError(ValueError):
-    """A dataset cannot be used; the message names the file or dataset."""
-
-
-@dataclass
-class Source:
-    """What ``datasets.load_dataset`` is called with."""
-
-    builder: str  # text | json | parquet | csv | <hub name>
-    files: list[str]  # empty for hub datasets
-    label: str  # how messages name it
-
-    @property
-    def is_hub(self) -> bool:
-        return not self.files
-
-
-def resolve_source(ds: DatasetSpec) -> Source:
-    """Find the files (or hub name) behind a dataset spec.
-
-    Raises:
-        DataError: no such file, an empty directory, or mixed/unknown file types.
-    """
-    path = ds.path
-    if ds.format == "hub":
-        return Source(path, [], path)
-    if not storage.is_local(path):
-        files = _remote_files(path)
-    elif any(c in path for c in "*?["):
-        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
-    elif os.path.isdir(path):
-        files = sorted(
-            os.path.join(root, n)
-            for root, _, names in os.walk(path)
-            for n in names
-            if os.path.splitext(n)[1].lower() in _EXTENSION_FORMATS
-        )
-    elif os.path.isfile(path):
-        files = [path]
-    elif ds.format == "auto" and "/" not in path and not os.path.splitext(path)[1]:
-        return Source(path, [], path)  # a bare name: a hub dataset
-    else:
-        raise DataError(f"{path}: no such file or directory")
-    if not files:
-        raise DataError(f"{path}: no data files found (expected .txt, .jsonl, .parquet or .csv)")
-    if ds.format != "auto":
-        return Source(ds.format, files, path)
-    formats = {_EXTENSION_FORMATS.get(os.path.splitext(f)[1].lower()) for f in files}
-    if None in formats:
-        bad = next(f for f in files if os.path.splitext(f)[1].lower() not in _EXTENSION_FORMATS)
-        raise DataError(f"{bad}: unknown file type; set dataset.format (text, json, parquet, csv)")
-    if len(formats) > 1:
-        raise DataError(f"{path}: mixes file types {sorted(formats)}; use one type per dataset")
-    return Source(formats.pop(), files, path)
-
-
-def _remote_files(uri: str) -> list[str]:
-    """The data files at an object-store URI: the object itself, or those under a prefix."""
-    import pyarrow.fs as pafs
-
-    try:
-        fs, path = storage.filesystem(uri)
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            return [uri]
-        if info.type == pafs.FileType.NotFound:
-            raise DataError(f"{uri}: no such object or prefix")
-        scheme = uri.split("://", 1)[0]
-        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    except OSError as e:
-        raise DataError(f"{uri}: cannot list ({' '.join(str(e).split())[:160]})") from None
-    return sorted(f"{scheme}://{i.path}" for i in found if i.type == pafs.FileType.File
-                  and os.path.splitext(i.path)[1].lower() in _EXTENSION_FORMATS)
-
-
-def _local_copies(files: list[str]) -> list[str]:
-    """Object-store files copied to a local cache (keyed by URI, size and mtime) for ``datasets``."""
-    out = []
-    for uri in files:
-        if storage.is_local(uri):
-            out.append(storage.local_path(uri))
-            continue
-        fs, path = storage.filesystem(uri)
-        info = fs.get_file_info(path)
-        key = hashlib.sha256(f"{uri}\0{info.size}\0{info.mtime_ns}".encode()).hexdigest()[:20]
-        local = storage.local_cache_dir("data", key, os.path.basename(path))
-        if not os.path.exists(local):
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            storage.write_bytes(local, storage.read_bytes(uri))
-        out.append(local)
-    return out
-
-
-def load_documents(ds: DatasetSpec):
-    """The dataset as a ``datasets.Dataset`` with a single ``text`` column.
-
-    Raises:
-        DataError: unreadable files, or the text column is missing.
-    """
-    import datasets
-
-    datasets.disable_progress_bars()
-    # datasets logs its own version of a load failure; ours (below) names file and line
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
-    src = resolve_source(ds)
-    kwargs = {}
-    if src.builder == "text":
-        kwargs["sample_by"] = "paragraph"  # a blank line ends a document in plain text
-    try:
-        if src.is_hub:
-            d = datasets.load_dataset(src.builder, split=ds.split, revision=ds.revision)
-        else:
-            d = datasets.load_dataset(src.builder, data_files=_local_copies(src.files), split="train", **kwargs)
-    except Exception as e:  # datasets raises a zoo of types for unreadable input
-        raise DataError(diagnose(src) or f"{src.label}: cannot load ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if ds.text_column not in d.column_names:
-        raise DataError(
-            f"{src.label}: no column {ds.text_column!r} (columns: {', '.join(d.column_names)}); "
-            "set dataset.text_column"
-        )
-    d = d.select_columns([ds.text_column])
-    if ds.text_column != "text":
-        d = d.rename_column(ds.text_column, "text")
-    return d
-
-
-def diagnose(src: Source) -> str | None:
-    """Name the file, line or byte that made ``datasets`` fail, which its own errors do not."""
-    import pyarrow.csv as pcsv
-    import pyarrow.parquet as pq
-
-    for path in _local_copies(src.files):
-        if os.path.getsize(path) == 0:
-            return f"{path}: file is empty"
-        try:
-            if src.builder == "parquet":
-                if pq.read_metadata(path).num_rows == 0:
-                    return f"{path}: file is empty (0 rows)"
-            elif src.builder == "csv":
-                pcsv.read_csv(path)
-            else:
-                with open(path, "rb") as f:
-                    text = f.read().decode("utf-8")  # the exact offset of a bad byte, if any
-                for number, line in enumerate(text.splitlines(), 1):
-                    if src.builder == "json" and line.strip():
-                        try:
-                            row = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            return f"{path}: line {number}, column {e.colno}: not valid JSON ({e.msg})"
-                        if not isinstance(row, dict):
-                            return f"{path}: line {number} is a JSON {type(row).__name__}, expected an object"
-        except UnicodeDecodeError as e:
-            return f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
-        except Exception as e:  # pyarrow's parse errors are the message we want
-            kind = {"parquet": "a Parquet file", "csv": "valid CSV"}.get(src.builder, "readable")
-            return f"{path}: not {kind} ({' '.join(str(e).split())[:160]})"
-    return None
-
-
-def fingerprint(ds: DatasetSpec) -> str:
-    """Identity of the data: file paths, sizes and content hashes; hub name and revision.
-
-    Content hashes are remembered per (path, size, modification time) in
-    ``fingerprints.json`` of the local cache (``storage.local_cache_dir``), so only files
-    that changed are read again.
-    Object-store files count by URI, size and modification time.
-    """
-    src = resolve_source(ds)
-    h = hashlib.sha256(json.dumps([src.builder, ds.text_column, ds.split, ds.revision]).encode())
-    known = _load_fingerprint_cache()
-    changed = False
-    for f in src.files:
-        if not storage.is_local(f):
-            fs, path = storage.filesystem(f)
-            info = fs.get_file_info(path)
-            h.update(f"{f}\0{info.size}\0{info.mtime_ns}".encode())
-            continue
-        stat = os.stat(f)
-        ident = f"{os.path.abspath(f)}\0{stat.st_size}\0{stat.st_mtime_ns}"
-        if ident not in known:
-            known[ident] = _sha256_of(f)
-            changed = True
-        h.update(os.path.abspath(f).encode())
-        h.update(known[ident].encode())
-    if changed:
-        _save_fingerprint_cache(known)
-    return h.hexdigest()
-
-
-def _load_fingerprint_cache() -> dict[str, str]:
-    try:
-        with open(storage.local_cache_dir("fingerprints.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def _save_fingerprint_cache(known: dict[str, str]) -> None:
-    with contextlib.suppress(OSError):  # a read-only home only costs re-hashing next time
-        storage.write_text(storage.local_cache_dir("fingerprints.json"), json.dumps(known), durable=False)
-
-
-def _sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def is_heldout(text: str, seed: int, fraction: float) -> bool:
-    digest = hashlib.blake2b(f"{seed}\0{text}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
+PACKING_VERSION = 2
 
 
 @dataclass
@@ -263,6 +69,10 @@ class PackedInfo:
     train_docs: int
     heldout_docs: int
     cached: bool = False
+    heldout_moved_near_duplicates: int = 0  # held-out → training: mostly training text
+    heldout_dropped_pretraining_overlap: int = 0  # held-out → training: mostly pretraining text
+    tokens: int = 0
+    nodes: int = 0  # Ray nodes that tokenized it (0: reused from the cache)
 
     @property
     def heldout_tokens(self) -> int:
@@ -275,84 +85,111 @@ class PackedInfo:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def cache_key(fp: str, tok_hash: str, seq_len: int, fraction: float, seed: int) -> str:
-    payload = json.dumps([PACKING_VERSION, fp, tok_hash, seq_len, fraction, seed])
+def cache_key(fp: str, tok_hash: str, seq_len: int, fraction: float, seed: int,
+              reference: str | None = None, decontaminate: bool = True,
+              shard_blocks: int = SHARD_BLOCKS) -> str:
+    payload = json.dumps([PACKING_VERSION, fp, tok_hash, seq_len, fraction, seed, reference,
+                          decontaminate, shard_blocks])
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int,
-            heldout_fraction: float, split_seed: int, cache_root: str) -> PackedInfo:
+def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, heldout_fraction: float,
+            split_seed: int, cache_root: str, reference_uri: str | None = None, hub: str | None = None,
+            job: str = "data", *, decontaminate: bool = True, unit_bytes: int | None = None,
+            shard_blocks: int = SHARD_BLOCKS) -> PackedInfo:
     """Tokenize and pack one dataset (or reuse the cache) and return where it is.
 
-    Raises:
-        DataError: the data yields no training block or no held-out block.
-    """
-    key = cache_key(fingerprint(ds), tok_hash, seq_len, heldout_fraction, split_seed)
-    uri = storage.join(cache_root, key)
-    if checkpoint.is_published(uri):
-        try:
-            meta = json.loads(storage.read_text(storage.join(uri, "meta.json")))
-            return PackedInfo(**meta, uri=uri, cached=True)
-        except (OSError, TypeError, json.JSONDecodeError):
-            pass  # an unreadable cache entry is rebuilt below
-    from branchout.stages.tokenizer import load_tokenizer
+    Args:
+        reference_uri: the pretraining corpus's packed data; this dataset's held-out
+            documents that are mostly its training text are not scored.
+        hub: the run's progress hub name; progress is posted under ``job``.
+        decontaminate: off only to measure what decontamination removes.
+        unit_bytes: input bytes per read unit (the output does not depend on it); by
+            default ``unit_size`` of the dataset and the cluster.
+        shard_blocks: blocks per shard file.
 
-    tok = load_tokenizer(checkpoint.fetch_verified(tokenizer_uri))
-    docs = load_documents(ds)
-    label = ds.path
+    Raises:
+        DataError: unreadable data (naming the file), or no training or no held-out block.
+    """
+    from branchout.stages.tokenizer import rust_tokenizer
+
+    ref_key = reference_uri.rstrip("/").rsplit("/", 1)[-1] if reference_uri else None
+    key = cache_key(fingerprint(ds), tok_hash, seq_len, heldout_fraction, split_seed, ref_key,
+                    decontaminate, shard_blocks)
+    uri = storage.join(cache_root, key)
+    cached = _cached(uri)
+    if cached is not None:
+        return cached
+    tokenizer, eos, vocab = rust_tokenizer(checkpoint.fetch_verified(tokenizer_uri))
+    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
+    units = plan_units(ds, unit_bytes or unit_size(resolve_source(ds)))
+    progress = Progress(hub, job, sum(u.size for u in units))
     with tempfile.TemporaryDirectory(prefix="branchout-pack-") as tmp:
-        flags = docs.map(
-            lambda b: {"heldout": [is_heldout(t or "", split_seed, heldout_fraction) for t in b["text"]]},
-            batched=True, keep_in_memory=True,
-        )
-        dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max else np.uint32
-        counts = {}
-        for side, want in (("train", False), ("heldout", True)):
-            part = flags.filter(lambda b, want=want: [h == want for h in b["heldout"]], batched=True, keep_in_memory=True)
-            ids = part.map(
-                lambda b: {"ids": [x + [tok.eos_token_id] for x in tok(b["text"], add_special_tokens=False)["input_ids"]]},
-                batched=True, remove_columns=part.column_names, keep_in_memory=True,
-            )
-            blocks = _pack(ids, seq_len, dtype, os.path.join(tmp, f"{side}.bin"))
-            counts[side] = (blocks, len(part))
-        if counts["train"][0] == 0:
-            raise DataError(f"{label}: too little text for one {seq_len}-token training block")
-        if counts["heldout"][0] == 0:
-            raise DataError(
-                f"{label}: held-out split ({heldout_fraction:.0%} of {len(docs)} documents) is shorter "
-                f"than one {seq_len}-token block; add data or raise evaluate.heldout_fraction"
-            )
-        info = PackedInfo(uri=uri, seq_len=seq_len, dtype=np.dtype(dtype).name,
-                          train_blocks=counts["train"][0], heldout_blocks=counts["heldout"][0],
-                          train_docs=counts["train"][1], heldout_docs=counts["heldout"][1])
-        meta = {k: v for k, v in asdict(info).items() if k not in ("uri", "cached")}
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        checkpoint.publish_dir(tmp, uri)
+        out = os.path.join(tmp, "out")
+        os.makedirs(out)
+        train = BlockWriter(out, "train", seq_len, dtype, shard_blocks)
+        staging = Staging(os.path.join(tmp, "heldout.staged"), dtype)
+        decon = Decontaminator(os.path.join(tmp, "shingles"), enabled=decontaminate)
+        tables = encoded_tables(units, column=ds.text_column, tokenizer=tokenizer, eos=eos,
+                                dtype=np.dtype(dtype).name, seed=split_seed, fraction=heldout_fraction)
+        hashed_train = pack_stream(tables, train.write, staging, decon, progress)
+        progress.push()
+        decisions = decon.finish(os.path.join(out, "train.shingles"), _reference(reference_uri))
+        heldout = BlockWriter(out, "heldout", seq_len, dtype, shard_blocks)
+        staging.route(decisions.fate == 0, heldout.write, train.write)  # moved documents train last
+        shards = {"train": train.close(), "heldout": heldout.close()}
+        kept = int((decisions.fate == 0).sum())
+        _check_sides(ds.path, train.blocks, heldout.blocks, seq_len, heldout_fraction,
+                     hashed_train + len(decisions.fate), len(decisions.fate) - kept)
+        info = PackedInfo(uri=uri, seq_len=seq_len, dtype=np.dtype(dtype).name, train_blocks=train.blocks,
+                          heldout_blocks=heldout.blocks, train_docs=hashed_train + len(decisions.fate) - kept,
+                          heldout_docs=kept, heldout_moved_near_duplicates=decisions.moved,
+                          heldout_dropped_pretraining_overlap=decisions.dropped, tokens=progress.tokens,
+                          nodes=len(progress.nodes))
+        meta = {k: v for k, v in asdict(info).items() if k not in ("uri", "cached", "nodes")}
+        with open(os.path.join(out, "meta.json"), "w") as f:
+            json.dump({**meta, "shard_blocks": shard_blocks, "shards": shards}, f, indent=1)
+        checkpoint.publish_dir(out, uri)
     return info
 
 
-def _pack(ids_dataset, seq_len: int, dtype, out_path: str) -> int:
-    """Stream token lists into ``seq_len`` blocks on disk; returns the block count."""
-    carry = np.empty(0, dtype=np.int64)
-    blocks = 0
-    with open(out_path, "wb") as out:
-        for batch in ids_dataset.iter(batch_size=1000):
-            flat = [t for doc in batch["ids"] for t in doc]
-            carry = np.concatenate([carry, np.asarray(flat, dtype=np.int64)])
-            full = len(carry) // seq_len
-            if full:
-                out.write(carry[: full * seq_len].astype(dtype).tobytes())
-                carry = carry[full * seq_len:]
-                blocks += full
-    return blocks
+def _cached(uri: str) -> PackedInfo | None:
+    if not checkpoint.is_published(uri):
+        return None
+    try:
+        meta = json.loads(storage.read_text(storage.join(uri, "meta.json")))
+        return PackedInfo.from_dict({**meta, "uri": uri, "cached": True})
+    except (OSError, TypeError, json.JSONDecodeError):
+        return None  # an unreadable cache entry is rebuilt
 
 
-def open_blocks(info_uri: str, side: str, local_dir: str | None = None) -> np.ndarray:
-    """Memory-map one side (``train`` or ``heldout``) as a ``[blocks, seq_len]`` array."""
-    path = checkpoint.fetch_verified(info_uri, local_dir)
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    n = meta[f"{side}_blocks"]
-    return np.memmap(os.path.join(path, f"{side}.bin"), dtype=meta["dtype"], mode="r",
-                     shape=(n, meta["seq_len"]))
+def _check_sides(label: str, train_blocks: int, heldout_blocks: int, seq_len: int, fraction: float,
+                 docs: int, removed: int) -> None:
+    """Raises:
+        DataError: no training block, or no held-out block (after decontamination).
+    """
+    if train_blocks == 0:
+        raise DataError(f"{label}: too little text for one {seq_len}-token training block")
+    if heldout_blocks == 0:
+        why = f" after moving {removed} near-duplicates of training text to training" if removed else ""
+        raise DataError(f"{label}: held-out split ({fraction:.0%} of {docs} documents{why}) is shorter than "
+                        f"one {seq_len}-token block; add data or raise evaluate.heldout_fraction")
+
+
+def unit_size(src: Source) -> int:
+    """About 8 read units per CPU of the cluster, so the last wave of tasks is short, but
+    ``UNIT_BYTES`` to 4× that each: tasks cost tens of milliseconds to schedule, and a
+    worker holds one unit's text and tokens."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else os.cpu_count() or 1
+    total = sum(map(file_size, src.files))
+    return int(min(4 * UNIT_BYTES, max(UNIT_BYTES, total / (8 * cpus))))
+
+
+def _reference(uri: str | None) -> np.ndarray | None:
+    """The pretraining corpus's training shingle set, verified, memory-mapped."""
+    if not uri:
+        return None
+    path = fetch_member(uri, "train.shingles")
+    return np.memmap(path, np.uint64, "r") if os.path.getsize(path) else np.empty(0, np.uint64)

@@ -44,7 +44,7 @@ def run_single_worker(job: TrainJob, shared_base: dict | None = None, tokenizer=
     t = job.spec()
     torch.set_num_threads(max(1, int(t.resources_per_worker.cpu)))
     device = "cuda" if t.resources_per_worker.uses_gpu and torch.cuda.is_available() else "cpu"
-    logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps)
+    logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps, job.tracking)
     logger.state("running", started=started)
 
     tokenizer = tokenizer or load_tokenizer(fetch_verified(job.tokenizer_uri))

@@ -29,7 +29,7 @@ class TrainJob:
     kind: JobKind
     training: dict[str, Any]  # a TrainingSpec (PretrainSpec / DomainSpec) as a dict
     steps: int
-    model_type: str
+    model_type: str | None  # None when the model comes from model_path
     model_overrides: dict[str, Any]
     tokenizer_uri: str
     data_uri: str
@@ -42,6 +42,9 @@ class TrainJob:
     base_model_uri: str | None = None  # the parent checkpoint of a fine-tune
     extra: dict[str, Any] = field(default_factory=dict)
     lease: str | None = None  # this attempt's token; see claim() / check_lease()
+    tracking: dict[str, str] | None = None  # MLflow {"uri", "run_id"} this job logs its steps to
+    model_path: str | None = None  # an existing model the pretrain continues (model.path)
+    model_revision: str | None = None
 
     @property
     def model_uri(self) -> str:

@@ -18,7 +18,8 @@ from branchout.stages import storage
 
 
 class MetricsLogger:
-    def __init__(self, job: str, logs_uri: str, hub: str | None, total_steps: int):
+    def __init__(self, job: str, logs_uri: str, hub: str | None, total_steps: int,
+                 tracking: dict[str, str] | None = None):
         self.job = job
         self.slug = job.replace("/", "-")
         self.total_steps = total_steps
@@ -35,6 +36,7 @@ class MetricsLogger:
         except ImportError:  # tensorboard is a dependency; a broken install still trains
             self._tb = None
         self._hub = connect_hub(hub)
+        self._mlflow = _MlflowSink(tracking) if tracking else None
 
     def state(self, state: str, **fields: Any) -> None:
         """Tell the driver the job's state (``running``, ``succeeded``, ...)."""
@@ -48,6 +50,8 @@ class MetricsLogger:
             for key, value in metrics.items():
                 self._tb.add_scalar(f"{self.job}/{key}", value, step)
         self._push({"step": step, "total_steps": self.total_steps, **metrics})
+        if self._mlflow is not None:
+            self._mlflow.log(step, record["time"], metrics)
 
     def _push(self, fields: dict[str, Any]) -> None:
         if self._hub is not None:
@@ -59,6 +63,31 @@ class MetricsLogger:
             self._tb.close()
         if not storage.is_local(self.logs_uri):
             storage.upload_dir(self._local, self.logs_uri)
+
+
+class _MlflowSink:
+    """Step metrics into the job's MLflow child run (``orchestrator.tracking`` made it), live.
+    A server that fails costs its records, never the job: the first failure is printed
+    and the sink goes quiet."""
+
+    def __init__(self, tracking: dict[str, str]):
+        self.run_id = tracking["run_id"]
+        self._client = None
+        self._uri = tracking["uri"]
+
+    def log(self, step: int, when: float, metrics: dict[str, float]) -> None:
+        if self._uri is None:
+            return
+        try:
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            self._client = self._client or MlflowClient(tracking_uri=self._uri)
+            self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), int(when * 1000), step)
+                                                         for k, v in metrics.items()])
+        except Exception as e:  # tracking is a record of the job, never a reason to stop it
+            print(f"[branchout] MLflow tracking at {self._uri} stopped: {type(e).__name__}: {e}", flush=True)
+            self._uri = None
 
 
 def read_metrics(logs_uri: str, job: str) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ costs no memory, so the plan can show model size before any worker starts.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 # Set by the tokenizer; a spec that sets them would silently disagree with it.
@@ -151,14 +152,17 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None, zero3_config:
     from transformers import AutoModelForCausalLM
 
     from branchout.stages.checkpoint import fetch_verified
-    from branchout.stages.tokenizer import special_token_ids
 
     seed = job.training.get("seed", 0)
     partitioned = zero3_construction(zero3_config) if zero3_config else contextlib.nullcontext()
-    if job.kind in ("pretrain", "scratch"):
-        config = build_config(job.model_type, job.model_overrides, len(tokenizer), special_token_ids(tokenizer))
+    if job.kind == "pretrain" and job.model_path:  # continued pretraining of an existing model
         with partitioned:
-            model = build_model(config, seed=seed)
+            model = AutoModelForCausalLM.from_pretrained(source_dir(job.model_path, job.model_revision),
+                                                         revision=job.model_revision, dtype=torch.float32)
+        return _checkpointed(model, job)
+    if job.kind in ("pretrain", "scratch"):
+        with partitioned:
+            model = build_model(job_config(job, tokenizer), seed=seed)
         return _checkpointed(model, job)
     if shared_base is not None and zero3_config is None:
         model = model_on_weights(job, tokenizer, shared_base, copy=job.method != "lora")
@@ -174,9 +178,62 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None, zero3_config:
         torch.manual_seed(seed)
         model = get_peft_model(model, LoraConfig(
             r=lora.get("rank", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
-            target_modules=lora.get("target_modules") or default_lora_targets(job.model_type),
+            target_modules=lora.get("target_modules") or default_lora_targets(model.config.model_type),
             task_type="CAUSAL_LM"))
     return model
+
+
+def job_config(job, tokenizer):
+    """The architecture a job builds: the given model's own config.json (``model.path``), or
+    the spec's type and overrides sized to the tokenizer."""
+    from branchout.stages.tokenizer import special_token_ids
+
+    if job.model_path:
+        return source_config(job.model_path, job.model_revision)
+    return build_config(job.model_type, job.model_overrides, len(tokenizer), special_token_ids(tokenizer))
+
+
+def source_config(path: str, revision: str | None = None):
+    """config.json of an existing model: a local directory, a storage URI, or a hub id.
+
+    Raises:
+        ModelConfigError: one line naming the path and what went wrong.
+    """
+    import json
+
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from branchout.stages import storage
+
+    if "://" in path or os.path.isdir(path):
+        uri = storage.join(path, "config.json")
+        if not storage.exists(uri):
+            raise ModelConfigError(f"{path}: no config.json (not a Hugging Face model directory)")
+        values = json.loads(storage.read_text(uri))
+        kind = values.get("model_type")
+        if kind not in CONFIG_MAPPING or kind not in causal_lm_types():
+            raise ModelConfigError(f"{path}: model_type {kind!r} is not a causal LM transformers knows")
+        return CONFIG_MAPPING[kind].from_dict(values)
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision)
+    except Exception as e:  # offline, unknown repo, gated: all one line for the user
+        first = " ".join(str(e).split())[:160]
+        raise ModelConfigError(f"{path!r} is not a local directory and the Hugging Face hub cannot provide it "
+                               f"({type(e).__name__}: {first}); download it first "
+                               f"(huggingface-cli download {path} --local-dir DIR) and give DIR") from None
+
+
+def source_dir(path: str, revision: str | None = None) -> str:
+    """Where ``from_pretrained`` reads an existing model: a local directory as it is, a
+    published copy (manifest) verified, any other storage URI downloaded, a hub id as is."""
+    from branchout.stages import checkpoint, storage
+
+    if "://" not in path:
+        return path  # a local folder, or a hub id transformers resolves itself
+    if checkpoint.is_published(path):
+        return checkpoint.fetch_verified(path)
+    return storage.download_dir(path)
 
 
 def zero3_config(job, tokenizer, world_size: int, use_gpu: bool) -> dict | None:
@@ -186,12 +243,11 @@ def zero3_config(job, tokenizer, world_size: int, use_gpu: bool) -> dict | None:
     the partitioning at construction and the engine's agree.
     """
     from branchout.stages.engine import deepspeed_config, model_hidden_size
-    from branchout.stages.tokenizer import special_token_ids
 
     t = job.spec()
     if t.deepspeed.zero_stage != 3:
         return None
-    config = build_config(job.model_type, job.model_overrides, len(tokenizer), special_token_ids(tokenizer))
+    config = job_config(job, tokenizer)
     return deepspeed_config(t, world_size, use_gpu, model_hidden_size(config))
 
 
@@ -281,9 +337,7 @@ def model_on_weights(job, tokenizer, weights: dict, copy: bool):
     from accelerate import init_empty_weights  # a peft dependency
     from transformers import AutoModelForCausalLM
 
-    from branchout.stages.tokenizer import special_token_ids
-
-    config = build_config(job.model_type, job.model_overrides, len(tokenizer), special_token_ids(tokenizer))
+    config = source_config(job.base_model_uri)  # the parent's own architecture, whatever built it
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary) real
         model = AutoModelForCausalLM.from_config(config)
     with warnings.catch_warnings():
@@ -334,3 +388,41 @@ def export_model(model, tokenizer, model_uri: str, state_dict: dict | None = Non
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
         publish_dir(tmp, model_uri, extra=extra)
+
+
+def import_model(path: str, revision: str | None, tokenizer_uri: str, out_uri: str) -> dict:
+    """``pretrain.steps: 0``: the given model becomes the run's base as it is.
+
+    Its files are published under ``out_uri`` (with a manifest, like every export), with
+    the run's tokenizer beside them, so the fan-out branches from a verified copy inside
+    the run whatever happens to the original. Nothing is loaded: files are copied.
+    """
+    import tempfile
+    import time
+
+    from branchout.stages.checkpoint import MANIFEST, fetch_verified, publish_dir
+
+    started = time.time()
+    if "://" not in path and not os.path.isdir(path):  # a hub id: its files, pinned by revision
+        from huggingface_hub import snapshot_download
+
+        source = snapshot_download(path, revision=revision)
+    else:
+        source = source_dir(path)
+    tokenizer = fetch_verified(tokenizer_uri)
+    with tempfile.TemporaryDirectory(prefix="branchout-import-") as staging:
+        for root, _, names in os.walk(source):
+            for name in names:
+                rel = os.path.relpath(os.path.join(root, name), source)
+                if name != MANIFEST and not rel.startswith("."):
+                    os.makedirs(os.path.dirname(os.path.join(staging, rel)), exist_ok=True)
+                    os.symlink(os.path.realpath(os.path.join(root, name)), os.path.join(staging, rel))
+        for name in os.listdir(tokenizer):  # the run's tokenizer wins over whatever the folder had
+            if name != MANIFEST:
+                target = os.path.join(staging, name)
+                if os.path.lexists(target):
+                    os.remove(target)
+                os.symlink(os.path.join(tokenizer, name), target)
+        publish_dir(staging, out_uri, extra={"imported_from": path, "revision": revision})
+    return {"model_uri": out_uri, "imported_from": path, "started": started, "ended": time.time(),
+            "first_step": 0}

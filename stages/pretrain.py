@@ -62,7 +62,7 @@ def train_worker(config: dict) -> None:
         model = prepare_model(job, tokenizer)
         engine = TorchEngine(model, t, job.steps, device="cuda" if use_gpu else "cpu")
 
-    logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps) if rank == 0 else None
+    logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps, job.tracking) if rank == 0 else None
     start_step = 0
     chosen = _choose_checkpoint(job, rank, world, logger)
     if chosen is not None:

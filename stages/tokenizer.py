@@ -1,4 +1,4 @@
-"""Tokenizer stage: train a byte-level BPE on the pretraining corpus, or load one.
+"""Tokenizer stage: train a byte-level BPE on a sample of the pretraining corpus, or load one.
 
 Byte-level BPE never produces an unknown token, so any text the fine-tune domains
 bring (code, legal, other scripts) is representable by the tokenizer the base model was
@@ -77,6 +77,36 @@ def load_tokenizer(path: str):
     return tok
 
 
+def rust_tokenizer(path: str) -> tuple[str, int, int]:
+    """(the Rust tokenizer's JSON, EOS id, vocabulary size) of a saved tokenizer directory.
+
+    What the data stage's workers need. Read straight from ``tokenizer.json`` and
+    ``tokenizer_config.json`` when they name an EOS token, which spares the data stage
+    importing transformers (seconds per process); anything else goes through
+    ``load_tokenizer``.
+
+    Raises:
+        TokenizerError: as ``load_tokenizer``, or a tokenizer without a Rust backend.
+    """
+    import json
+
+    config = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(os.path.join(path, "tokenizer.json")) and os.path.isfile(config):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        with open(config) as f:
+            eos = json.load(f).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        eos_id = tok.token_to_id(eos) if isinstance(eos, str) else None
+        if eos_id is not None:
+            return tok.to_str(), eos_id, tok.get_vocab_size(with_added_tokens=True)
+    tok = load_tokenizer(path)
+    if not tok.is_fast:
+        raise TokenizerError(f"{path}: the data stage needs a fast (Rust) tokenizer")
+    return tok.backend_tokenizer.to_str(), tok.eos_token_id, len(tok)
+
+
 def special_token_ids(tok) -> dict[str, int]:
     """Ids the model config must agree with."""
     return {
@@ -106,23 +136,63 @@ def _non_empty(texts: Iterable[str]) -> Iterator[str]:
             yield t
 
 
+def sample_texts(ds, sample_bytes: int, heldout_fraction: float, split_seed: int) -> Iterator[str]:
+    """About ``sample_bytes`` of the corpus's training documents: a seeded sample, read in
+    one pass of bounded memory.
+
+    Large corpora are sampled twice: a seeded choice of read units holding about twice the
+    sample (so it spreads over the corpus, not just its start), then each training document
+    of those units with probability ``sample_bytes / their bytes``, decided by a hash of
+    its text. Hub datasets (size unknown) give their first ``sample_bytes``.
+    """
+    import numpy as np
+
+    from branchout.stages.documents import plan_units, unit_texts
+    from branchout.stages.split import is_heldout
+
+    units = plan_units(ds)
+    total = sum(u.size for u in units)
+    if total > 2 * sample_bytes:
+        order = np.random.default_rng([split_seed, 7]).permutation(len(units))
+        room = np.cumsum([units[i].size for i in order])
+        units = [units[i] for i in sorted(order[: int(np.searchsorted(room, 2 * sample_bytes)) + 1])]
+        total = sum(u.size for u in units)
+    rate = min(1.0, sample_bytes / total) if total else 1.0
+    taken = 0
+    for unit in units:
+        for texts in unit_texts(unit, ds.text_column):
+            for text in texts:
+                if is_heldout(text, split_seed, heldout_fraction) or not _sampled(text, split_seed, rate):
+                    continue
+                yield text
+                taken += len(text.encode())
+                if taken >= sample_bytes:
+                    return
+
+
+def _sampled(text: str, seed: int, rate: float) -> bool:
+    digest = hashlib.blake2b(f"tokenizer-sample\0{seed}\0{text}".encode(), digest_size=8).digest()
+    return rate >= 1.0 or int.from_bytes(digest, "big") / 2**64 < rate
+
+
 def tokenizer_job(tokenizer: dict, dataset: dict, heldout_fraction: float, split_seed: int,
                   out_uri: str) -> str:
-    """The tokenizer stage as one task: train on the pretraining corpus's *training*
-    documents (held-out text must not shape the vocabulary it is scored with), or copy an
-    existing tokenizer in, so the run directory is self-contained. Returns the hash."""
+    """The tokenizer stage as one task: train on a seeded sample (``tokenizer.sample_bytes``)
+    of the pretraining corpus's *training* documents (held-out text must not shape the
+    vocabulary it is scored with), or copy an existing tokenizer in, so the run directory
+    is self-contained. Returns the hash."""
     import tempfile
 
-    from branchout.orchestrator.spec import DatasetSpec
+    from branchout.orchestrator.spec import DatasetSpec, TokenizerSpec
     from branchout.stages.checkpoint import publish_dir
-    from branchout.stages.data import is_heldout, load_documents
 
+    options = TokenizerSpec.model_validate(tokenizer)
     with tempfile.TemporaryDirectory(prefix="branchout-tok-") as tmp:
-        if tokenizer.get("path"):
-            load_tokenizer(tokenizer["path"]).save_pretrained(tmp)
+        if options.path:
+            load_tokenizer(options.path).save_pretrained(tmp)
         else:
-            docs = load_documents(DatasetSpec.model_validate(dataset))
-            texts = (t for t in docs["text"] if t and not is_heldout(t, split_seed, heldout_fraction))
-            train_tokenizer(texts, tokenizer["vocab_size"], tokenizer["min_frequency"], tmp)
+            texts = sample_texts(DatasetSpec.model_validate(dataset), options.sample_bytes,
+                                 heldout_fraction, split_seed)
+            train_tokenizer(texts, options.vocab_size, options.min_frequency, tmp)
         publish_dir(tmp, out_uri)
         return tokenizer_hash(tmp)

@@ -45,13 +45,15 @@ def test_heldout_split_is_fixed_and_disjoint():
     assert held != [d for d in docs if data.is_heldout(d, 1, 0.1)]  # seeded
 
 
-def test_pack_blocks_carry_across_documents_and_drop_the_tail(tmp_path):
-    import datasets
+def test_blocks_carry_across_documents_fill_shards_and_drop_the_tail(tmp_path):
+    from branchout.stages.blocks import BlockWriter
 
-    ids = datasets.Dataset.from_dict({"ids": [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10]]})
-    n = data._pack(ids, 4, np.uint16, str(tmp_path / "b.bin"))
-    blocks = np.fromfile(tmp_path / "b.bin", dtype=np.uint16).reshape(n, 4)
-    assert blocks.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]  # 9, 10 is shorter than a block
+    writer = BlockWriter(str(tmp_path), "train", 4, np.uint16, shard_blocks=1)
+    for doc in ([1, 2, 3], [4, 5, 6, 7, 8], [9, 10]):
+        writer.write(np.array(doc))
+    assert writer.close() == ["00000-train.bin", "00001-train.bin"]  # 9, 10 is shorter than a block
+    rows = [np.fromfile(tmp_path / name, dtype=np.uint16).tolist() for name in writer.shards]
+    assert rows == [[1, 2, 3, 4], [5, 6, 7, 8]]
 
 
 def test_prepare_packs_both_sides_and_reuses_cache(corpus_dir, tokenizer_dir, tmp_path):
@@ -63,7 +65,7 @@ def test_prepare_packs_both_sides_and_reuses_cache(corpus_dir, tokenizer_dir, tm
     held = data.open_blocks(info.uri, "heldout")
     assert train.shape == (info.train_blocks, 32) and held.shape == (info.heldout_blocks, 32)
     eos = load_tokenizer(tokenizer_dir).eos_token_id
-    assert (train == eos).sum() > 0  # documents are separated by EOS
+    assert (np.asarray(train) == eos).sum() > 0  # documents are separated by EOS
     again = data.prepare(ds, tokenizer_dir, h, 32, 0.2, 0, str(tmp_path / "cache"))
     assert again.cached and again.uri == info.uri
     other = data.prepare(ds, tokenizer_dir, h, 16, 0.2, 0, str(tmp_path / "cache"))

@@ -57,3 +57,11 @@ def test_every_test_the_docs_cite_exists():
         if file not in names or (test and test not in names[file]):
             missing.append(f"{doc}: {ref}")
     assert not missing, "docs cite tests that do not exist: " + ", ".join(missing)
+
+
+def test_readme_benchmark_tables_are_generated_from_results():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from results import readme_block, readme_generated_part
+
+    assert readme_generated_part() == readme_block(), "run: python -c 'import results; results.sync_readme()' " \
+                                                      "from benchmarks/ (or rerun a benchmark)"
