@@ -1,6 +1,7 @@
 """How much held-out text the model was trained on, measured on the packed blocks themselves.
 
     python benchmarks/contamination.py                 # quickstart data, split off vs on (~1 min)
+    python benchmarks/contamination.py --data DIR      # the same on corpora already built in DIR
     python benchmarks/contamination.py RUN_DIR         # a finished run's packed data
 
 The measure, per dataset: decode the blocks the pipeline scores (held-out side) and the
@@ -95,17 +96,20 @@ def run_dir_packed(run_dir: str) -> tuple[dict[str, str], str]:
     return packed, storage.join(run_dir, "tokenizer")
 
 
-def quickstart_packs(work: Path) -> tuple[dict[str, dict[str, str]], str, dict]:
-    """Quickstart data packed with the split plain and decontaminated; the tokenizer's path."""
+def quickstart_packs(work: Path, data_dir: Path | None = None) -> tuple[dict[str, dict[str, str]], str, dict]:
+    """Quickstart data (built here unless ``data_dir`` holds it) packed with the split plain
+    and decontaminated; the tokenizer's path."""
     from branchout.orchestrator.spec import DatasetSpec
     from branchout.stages.data import prepare
     from branchout.stages.tokenizer import tokenizer_job
 
     import corpus
 
-    corpus.build(str(work / "data"))
+    if data_dir is None:
+        data_dir = work / "data"
+        corpus.build(str(data_dir))
     tok_uri = str(work / "tokenizer")
-    general = {"path": str(work / "data" / "general.jsonl")}
+    general = {"path": str(data_dir / "general.jsonl")}
     tok_hash = tokenizer_job({"vocab_size": 4096, "min_frequency": 2}, general, FRACTION, SEED, tok_uri)
     packs: dict[str, dict[str, str]] = {}
     infos = {}
@@ -114,7 +118,7 @@ def quickstart_packs(work: Path) -> tuple[dict[str, dict[str, str]], str, dict]:
         packs[mode] = {}
         for name, stem in DATASETS.items():
             ref = None if name == "pretrain" else packs[mode]["pretrain"]
-            info = prepare(DatasetSpec(path=str(work / "data" / f"{stem}.jsonl")), tok_uri, tok_hash, SEQ_LEN,
+            info = prepare(DatasetSpec(path=str(data_dir / f"{stem}.jsonl")), tok_uri, tok_hash, SEQ_LEN,
                            FRACTION, SEED, cache, reference_uri=ref, decontaminate=mode == "on")
             packs[mode][name] = info.uri
             infos[(mode, name)] = info
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", nargs="?")
+    parser.add_argument("--data", type=Path, help="Quickstart corpora already built (general/legal/code/docs.jsonl).")
     args = parser.parse_args(argv)
     if args.run_dir:
         packed, tok_uri = run_dir_packed(args.run_dir)
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="branchout-contamination-") as tmp:
-        packs, tok_uri, infos = quickstart_packs(Path(tmp))
+        packs, tok_uri, infos = quickstart_packs(Path(tmp), args.data)
         tok = load_tokenizer(tok_uri)
         before, after = measure(packs["off"], tok), measure(packs["on"], tok)
     rows = ["| dataset | plain split | decontaminated | held-out docs (plain → decontaminated) "
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from branchout.stages.split import NGRAM, SAMPLE_BITS, THRESHOLD
 
+    if args.data:
+        return 0 if all(after[n][0] <= 0.25 for n in DATASETS) else 1
     write_section("Contamination", [
         f"`python benchmarks/contamination.py` on {time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s: "
         "share of held-out word 8-grams (decoded from the packed held-out blocks) that occur in the "

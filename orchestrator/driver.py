@@ -324,7 +324,7 @@ def stage_data(ctx: RunContext, tokenizer: dict[str, str]) -> dict[str, PackedIn
     def item(name: str, ds: DatasetSpec, seq_len: int, reference: str | None) -> WorkItem:
         job = f"data/{name}"
         args = (ds, tokenizer["uri"], tokenizer["hash"], seq_len, ev.heldout_fraction, ev.split_seed, cache_root,
-                reference, ctx.hub_name, job)
+                reference, ctx.hub_name, job, ctx.fingerprints[name])
         # 0 CPUs: prepare only drives a Ray Data pipeline whose tasks take the CPUs; holding
         # one would starve its own tasks on a small cluster, with several datasets at once.
         return WorkItem(job, lambda: submit_task(prepare, args, {"CPU": 0}, job, ctx.hub_name),

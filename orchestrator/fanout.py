@@ -98,6 +98,9 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
     submitted: dict[str, float] = {}
     warned: dict[str, int] = {}
     last_step: dict[str, int] = {}  # the newest step seen per job, for "died at step ~N"
+    # start times of processes already recorded per job: after a quick failure the hub still
+    # shows the dead attempt's "running" for a moment, and it must not pass for the retry
+    seen_starts: dict[str, set[float]] = {}
     limit = max_in_flight or len(pending) or 1
     while pending or running:
         while pending and len(running) < limit:
@@ -117,11 +120,14 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
                 on_wait(item, waited)
             live = snapshot.get(item.name, {})
             # the hub still holds a failed attempt's "running"; only a newer start counts
-            fresh = live.get("started", 0) >= submitted[item.name] - 1
+            fresh = (live.get("started", 0) >= submitted[item.name] - 1
+                     and live.get("started") not in seen_starts.get(item.name, ()))
             if live.get("state") == "running" and fresh and record.stage(item.name).state is StageState.QUEUED:
+                seen_starts.setdefault(item.name, set()).add(live["started"])
                 record.set_stage(item.name, StageState.RUNNING, when=live.get("started"),
                                  outputs={k: live[k] for k in ("pid", "node") if k in live})
-            elif _restarted(record.stage(item.name), live):
+            elif _restarted(record.stage(item.name), live) and live.get("started") not in seen_starts.get(item.name, ()):
+                seen_starts.setdefault(item.name, set()).add(live["started"])
                 note = (f"worker died at step ~{last_step.get(item.name, 0)}; "
                         f"restarted from step {live.get('resumed_from', 0)}")
                 record.set_stage(item.name, StageState.FAILED, error=note)
@@ -136,6 +142,8 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
             try:
                 result = future.result()
             except Exception as e:  # any job error is recorded, never propagated
+                if "started" in snapshot.get(item.name, {}):
+                    seen_starts.setdefault(item.name, set()).add(snapshot[item.name]["started"])
                 if record.stage(item.name).state is StageState.QUEUED:
                     record.set_stage(item.name, StageState.RUNNING)
                 record.set_stage(item.name, StageState.FAILED, error=describe_error(e))

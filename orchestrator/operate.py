@@ -98,7 +98,7 @@ def refresh(registry: Registry, row: RunRow) -> RunView:
     record = view.record
     if record is None and driver_gone and not RunState(row.state).is_terminal():
         # the driver ended before it created the run (e.g. refused storage): say why
-        message = _last_line(JobsClient(row.address).info(row.submissions[-1]).message or view.job_status)
+        message = _driver_error(JobsClient(row.address), row.submissions[-1]) or view.job_status
         registry.update_run(row.run_id, state=RunState.FAILED.value, ended=time.time(),
                             error=f"driver ended before the run started: {message}")
         view.row = registry.get_run(row.run_id)
@@ -213,6 +213,19 @@ def _reads_job_files(spec) -> bool:
     paths = [spec.pretrain.dataset.path, spec.tokenizer.path or "", spec.model.path or "",
              *(d.dataset.path for d in spec.finetune.domains)]
     return any(p.startswith(JOB_FILES + "/") for p in paths)
+
+
+def _driver_error(client: JobsClient, submission_id: str) -> str:
+    """The driver's own ``error:`` line from its job log (what it printed for the user), else
+    the last line of Ray's message. Ray's message holds only the log's tail, which can end in
+    shutdown noise rather than the reason."""
+    try:
+        errors = [x for x in client.logs(submission_id).splitlines() if x.startswith("error: ")]
+    except JobsError:
+        errors = []
+    if errors:
+        return errors[-1].removeprefix("error: ")
+    return _last_line(client.info(submission_id).message or "")
 
 
 def _last_line(text: str) -> str:

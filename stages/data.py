@@ -95,14 +95,16 @@ def cache_key(fp: str, tok_hash: str, seq_len: int, fraction: float, seed: int,
 
 def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, heldout_fraction: float,
             split_seed: int, cache_root: str, reference_uri: str | None = None, hub: str | None = None,
-            job: str = "data", *, decontaminate: bool = True, unit_bytes: int | None = None,
-            shard_blocks: int = SHARD_BLOCKS) -> PackedInfo:
+            job: str = "data", data_fingerprint: str | None = None, *, decontaminate: bool = True,
+            unit_bytes: int | None = None, shard_blocks: int = SHARD_BLOCKS) -> PackedInfo:
     """Tokenize and pack one dataset (or reuse the cache) and return where it is.
 
     Args:
         reference_uri: the pretraining corpus's packed data; this dataset's held-out
             documents that are mostly its training text are not scored.
         hub: the run's progress hub name; progress is posted under ``job``.
+        data_fingerprint: ``fingerprint(ds)`` when the caller has it (the driver computes
+            every dataset's before the run), so this node does not hash the files again.
         decontaminate: off only to measure what decontamination removes.
         unit_bytes: input bytes per read unit (the output does not depend on it); by
             default ``unit_size`` of the dataset and the cluster.
@@ -114,7 +116,7 @@ def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, he
     from branchout.stages.tokenizer import rust_tokenizer
 
     ref_key = reference_uri.rstrip("/").rsplit("/", 1)[-1] if reference_uri else None
-    key = cache_key(fingerprint(ds), tok_hash, seq_len, heldout_fraction, split_seed, ref_key,
+    key = cache_key(data_fingerprint or fingerprint(ds), tok_hash, seq_len, heldout_fraction, split_seed, ref_key,
                     decontaminate, shard_blocks)
     uri = storage.join(cache_root, key)
     cached = _cached(uri)

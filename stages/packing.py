@@ -213,9 +213,11 @@ class Progress:
     """Documents, tokens, throughput and ETA of one data job, pushed to the run's hub."""
 
     def __init__(self, hub: str | None, job: str, total_bytes: int, every_s: float = 1.0):
+        import ray
+
         from branchout.orchestrator.progress import connect_hub
 
-        self.hub = connect_hub(hub) if hub else None
+        self.hub = connect_hub(hub) if hub and ray.is_initialized() else None
         self.job, self.total, self.every = job, total_bytes, every_s
         self.docs = self.tokens = self.bytes = 0
         self.nodes: set[str] = set()

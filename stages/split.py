@@ -68,15 +68,18 @@ def shingles(tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.nd
     t = tokens.astype(np.uint64) + np.uint64(1)
     starts = len(t) - NGRAM + 1
     h = t[:starts].copy()  # polynomial hash sum(t[j+k] * P**k), modulo 2**64 by wrapping
+    term = np.empty_like(h)
     for k in range(1, NGRAM):
-        h += t[k:k + starts] * np.uint64(pow(_P, k, 1 << 64))
+        np.multiply(t[k:k + starts], np.uint64(pow(_P, k, 1 << 64)), out=term)
+        h += term
     h ^= h >> np.uint64(31)
     h *= _MIX
     h ^= h >> np.uint64(29)
-    doc = np.repeat(np.arange(n_docs), lengths)[:starts]
-    content_end = (np.cumsum(lengths) - 1)[doc]  # the EOS position of each start's document
-    keep = (np.arange(starts) + NGRAM <= content_end) & (h >> np.uint64(64 - SAMPLE_BITS) == 0)
-    return h[keep], np.bincount(doc[keep], minlength=n_docs).astype(np.int64)
+    at = np.flatnonzero(h >> np.uint64(64 - SAMPLE_BITS) == 0)  # sample first: 1/8 left to check
+    eos_at = np.cumsum(lengths) - 1
+    doc = np.searchsorted(eos_at, at)  # the document each sampled n-gram starts in
+    keep = at + NGRAM <= eos_at[doc]  # n-grams that reach into the EOS or the next document are not text
+    return h[at[keep]], np.bincount(doc[keep], minlength=n_docs).astype(np.int64)
 
 
 def _partition(values: np.ndarray) -> np.ndarray:

@@ -109,3 +109,34 @@ def test_a_stop_request_leaves_unfinished_jobs_for_the_driver_to_record(record, 
     assert record.stage("slow").state is StageState.QUEUED  # the driver's interrupted() records the end
     record.interrupted("stopped before it finished")
     assert record.stage("slow").state is StageState.FAILED
+
+
+def test_a_quick_retry_is_not_mistaken_for_a_restart(record, pool, monkeypatch):
+    """After an attempt dies within a second, the hub still shows its "running" entry while
+    the retry is queued: that entry must not be taken for the retry's process, or the
+    retry's own start later reads as a second death ("worker died ... restarted")."""
+    hub: dict[str, dict] = {}
+    monkeypatch.setattr("branchout.orchestrator.fanout._snapshot", lambda h: {k: dict(v) for k, v in hub.items()})
+
+    def run(attempt: int) -> dict:
+        if attempt == 2:
+            time.sleep(0.8)  # the retry's process takes a moment to start and post
+        hub["quick"] = {"state": "running", "pid": 1000 + attempt, "started": time.time()}
+        time.sleep(0.8 if attempt == 2 else 0.6)
+        if attempt == 1:
+            raise RuntimeError("worker process died")
+        return {"started": hub["quick"]["started"], "ended": time.time(), "value": attempt}
+
+    attempts = []
+
+    def submit() -> cf.Future:
+        attempts.append(len(attempts) + 1)
+        return pool.submit(run, attempts[-1])
+
+    notes: list[str] = []
+    item = WorkItem("quick", submit, max_retries=2, on_success=lambda r: {"value": r["value"]})
+    out = run_jobs(record, [item], object(), lambda s: None, on_note=notes.append)
+    rec = record.stage("quick")
+    assert out["quick"]["value"] == 2
+    assert rec.attempts == 2 and [h["state"] for h in rec.history] == ["failed", "succeeded"], rec.history
+    assert rec.outputs["pid"] == 1002 and not notes

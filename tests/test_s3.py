@@ -99,7 +99,6 @@ def test_quickstart_submitted_with_s3_storage_needs_no_client_and_leaks_no_secre
         s3_env, cluster, registry_url, write_pipeline, tmp_path):
     import boto3
     from peft import PeftModel
-    from ray.job_submission import JobSubmissionClient
     from transformers import AutoModelForCausalLM
 
     from branchout.stages.checkpoint import fetch_verified
@@ -152,12 +151,16 @@ def test_quickstart_submitted_with_s3_storage_needs_no_client_and_leaks_no_secre
                 for row in conn.execute(sa.text(f"SELECT * FROM {table}"))]
     engine.dispose()
     assert any(run_id in r for r in rows) and len({r for r in rows if "quickstart" in r or "tiny" in r}) >= 2
-    job = JobSubmissionClient(cluster.address).get_job_info(run_id)
+    # in a child with the cluster's token: this test process has none (nor ~/.ray/auth_token on CI)
+    job_env = subprocess.run(
+        [sys.executable, "-c", "import json, sys; from ray.job_submission import JobSubmissionClient as C; "
+         "print(json.dumps(C(sys.argv[1]).get_job_info(sys.argv[2]).runtime_env))", cluster.address, run_id],
+        env=cluster.env(), capture_output=True, text=True, check=True).stdout
     ray_logs = subprocess.run(["ray", "job", "logs", run_id, "--address", cluster.address], env=cluster.env(),
                               capture_output=True, text=True).stdout
     places = {"run storage": b"\n".join(stored), "local files": _local_bytes(tmp_path),
               "registry rows": "\n".join(rows).encode(), "printed output": "\n".join(printed).encode(),
-              "the job's runtime_env": json.dumps(job.runtime_env).encode(), "the job's log": ray_logs.encode()}
+              "the job's runtime_env": job_env.encode(), "the job's log": ray_logs.encode()}
     assert b"BRANCHOUT_SPEC" in places["the job's runtime_env"]  # we are looking at the real thing
     for name, secret in {**PLANTED, "Ray token": cluster.token}.items():
         for place, haystack in places.items():
