@@ -13,7 +13,6 @@ printed: run storage, logs, registry rows, CLI output, the Ray job's runtime_env
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
