@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from branchout.cluster.fake import FakeAutoscalingCluster
-from branchout.orchestrator.state import RunRecord
+from branchout.orchestrator.run.state import RunRecord
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))
@@ -62,8 +62,8 @@ def run_once(cluster: FakeAutoscalingCluster, work: Path, data: Path, hints: boo
         raise SystemExit(out.stdout[-3000:] + out.stderr[-2000:])
     run_dir = next((work / ("hints" if hints else "plain") / "lead").iterdir())
     record = RunRecord.load(str(run_dir))
-    fanout_running = max(record.stage(f"finetune/{d}").started for d in ("legal", "code", "docs"))
-    return fanout_running - record.stage("pretrain").ended
+    fanout_running = max(record.job(f"finetune/{d}").started for d in ("legal", "code", "docs"))
+    return fanout_running - record.job("pretrain").ended
 
 
 def main() -> int:

@@ -27,7 +27,7 @@ def run(work: Path, data: Path) -> tuple[float, dict[str, str]]:
     if out.returncode != 0:
         raise SystemExit(out.stdout[-3000:] + out.stderr[-2000:])
     newest = max((work / "runs" / "quickstart").iterdir(), key=lambda p: p.name)
-    states = json.loads((newest / "state.json").read_text())["stages"]
+    states = json.loads((newest / "state.json").read_text())["jobs"]
     return seconds, {k: v["state"] for k, v in states.items()}
 
 

@@ -87,11 +87,11 @@ def measure(packed: dict[str, str], tok) -> dict[str, tuple[float, int]]:
 
 
 def run_dir_packed(run_dir: str) -> tuple[dict[str, str], str]:
-    from branchout.orchestrator.state import RunRecord
+    from branchout.orchestrator.run.state import RunRecord
     from branchout.stages import storage
 
     record = RunRecord.load(run_dir)
-    packed = {n.split("/", 1)[1]: r.outputs["uri"] for n, r in record.stages.items()
+    packed = {n.split("/", 1)[1]: r.outputs["uri"] for n, r in record.jobs.items()
               if n.startswith("data/") and r.outputs.get("uri")}
     return packed, storage.join(run_dir, "tokenizer")
 
@@ -99,7 +99,7 @@ def run_dir_packed(run_dir: str) -> tuple[dict[str, str], str]:
 def quickstart_packs(work: Path, data_dir: Path | None = None) -> tuple[dict[str, dict[str, str]], str, dict]:
     """Quickstart data (built here unless ``data_dir`` holds it) packed with the split plain
     and decontaminated; the tokenizer's path."""
-    from branchout.orchestrator.spec import DatasetSpec
+    from branchout.core.spec import DatasetSpec
     from branchout.stages.data import prepare
     from branchout.stages.tokenizer import tokenizer_job
 

@@ -215,14 +215,14 @@ def run_stage(corpus_path: Path, tokenizer: str, tok_hash: str, work: Path, samp
 
     import ray
 
-    from branchout.orchestrator.spec import DatasetSpec
+    from branchout.core.spec import DatasetSpec
     from branchout.stages.data import prepare
 
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     sampler.reset({os.getpid(), *ray_pids})
     start = time.perf_counter()
-    task = ray.remote(prepare).options(num_cpus=0)  # as orchestrator/driver.py submits it
+    task = ray.remote(prepare).options(num_cpus=0)  # as orchestrator/run/driver.py submits it
     info = ray.get(task.remote(DatasetSpec(path=str(corpus_path)), tokenizer, tok_hash, SEQ_LEN, 0.1, 0,
                                str(cache)))
     seconds = time.perf_counter() - start

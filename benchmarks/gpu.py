@@ -90,7 +90,7 @@ def raw_loop(model_cfg: dict, vocab: int, data_uri: str, seq: int, micro: int, s
     import numpy as np
     import torch
 
-    from branchout.orchestrator.spec import OptimizerSpec
+    from branchout.core.spec import OptimizerSpec
     from branchout.stages.data import open_blocks
     from branchout.stages.model import build_config, build_model
     from branchout.stages.optim import build_optimizer
@@ -137,7 +137,7 @@ def matmul_peak() -> float:
 
 def prepare_parts(work: Path, size: dict) -> dict:
     """Tokenizer, packed general and legal text (the product's data stage), as the pipeline makes them."""
-    from branchout.orchestrator.spec import DatasetSpec
+    from branchout.core.spec import DatasetSpec
     from branchout.stages.checkpoint import publish_dir
     from branchout.stages.data import prepare
     from branchout.stages.tokenizer import tokenizer_hash, train_tokenizer
@@ -156,7 +156,7 @@ def prepare_parts(work: Path, size: dict) -> dict:
 
 
 def pretrain_job(work: Path, parts: dict, size: dict, name: str, zero: int):
-    from branchout.orchestrator.spec import PretrainSpec
+    from branchout.core.spec import PretrainSpec
     from branchout.stages.job import TrainJob
 
     gpu = 1 if _has_gpu() else 0
@@ -175,7 +175,7 @@ def run_training(job, engine: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from branchout.orchestrator.training import process_group_backend
+    from branchout.orchestrator.run.training import process_group_backend
 
     gpu = _has_gpu()
     trainer = TorchTrainer(train_loop, train_loop_config={"job": asdict(job), "engine": engine},
@@ -187,7 +187,7 @@ def run_training(job, engine: str) -> dict:
 
 
 def lora_jobs(work: Path, parts: dict, size: dict, base_uri: str, n: int) -> list:
-    from branchout.orchestrator.spec import FinetuneOptions
+    from branchout.core.spec import FinetuneOptions
     from branchout.stages.job import TrainJob
 
     o = FinetuneOptions(method="lora", steps=size["lora_steps"], seq_len=size["seq"], global_batch_size=size["micro"],
@@ -210,8 +210,8 @@ def measure(size: dict) -> list[tuple[str, str, str, str]]:
     import ray
     from transformers import AutoModelForCausalLM
 
-    from branchout.orchestrator.fanout import submit_task
-    from branchout.orchestrator.pool import PoolSet
+    from branchout.orchestrator.run.fanout import submit_task
+    from branchout.orchestrator.run.pool import PoolSet
     from branchout.stages.data import open_blocks
     from branchout.stages.evaluate import evaluate_domain, perplexity
     from branchout.stages.model import build_config, parameter_counts

@@ -40,7 +40,7 @@ def main() -> int:
     state = json.loads((run_dir / "state.json").read_text())
     rows = []
     for group in ("tokenizer", "data", "pretrain", "finetune", "scratch", "evaluate"):
-        jobs = [v for k, v in state["stages"].items() if k.split("/")[0] == group]
+        jobs = [v for k, v in state["jobs"].items() if k.split("/")[0] == group]
         start = min(j["started"] for j in jobs)
         end = max(j["ended"] for j in jobs)
         tps = [j["outputs"]["tokens_per_s"] for j in jobs if "tokens_per_s" in j["outputs"]]

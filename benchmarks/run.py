@@ -51,7 +51,7 @@ def row(name: str, ratio: str, raw: str, target: str) -> None:
 
 def build_parts(work: Path):
     """A published tokenizer and packed data, as the pipeline's first two stages make them."""
-    from branchout.orchestrator.spec import DatasetSpec
+    from branchout.core.spec import DatasetSpec
     from branchout.stages.checkpoint import publish_dir
     from branchout.stages.data import prepare
     from branchout.stages.tokenizer import tokenizer_hash, train_tokenizer
@@ -70,7 +70,7 @@ def build_parts(work: Path):
 
 def pretrain_job(work: Path, data_uri: str, name: str, workers: int, zero: int, steps: int, cpus: float,
                  global_batch: int = MICRO, engine: str = "auto"):
-    from branchout.orchestrator.spec import PretrainSpec
+    from branchout.core.spec import PretrainSpec
     from branchout.stages.job import TrainJob
 
     spec = PretrainSpec(dataset={"path": "unused"}, seq_len=SEQ, steps=steps, global_batch_size=global_batch,
@@ -97,7 +97,7 @@ def raw_torch_tokens_per_s(data_uri: str, steps: int) -> float:
     import numpy as np
     import torch
 
-    from branchout.orchestrator.spec import OptimizerSpec
+    from branchout.core.spec import OptimizerSpec
     from branchout.stages.data import open_blocks
     from branchout.stages.model import build_config, build_model
     from branchout.stages.optim import build_optimizer
@@ -135,7 +135,7 @@ def matmul_peak_flops(threads: int = 2) -> float:
 
 def finetune_job(work: Path, data_uri: str, name: str, steps: int, method: str = "full", base: str | None = None,
                  model: dict | None = None, activation_checkpointing: bool = False):
-    from branchout.orchestrator.spec import FinetuneOptions
+    from branchout.core.spec import FinetuneOptions
     from branchout.stages.job import TrainJob
 
     options = FinetuneOptions(method=method, steps=steps, seq_len=32, global_batch_size=4, micro_batch_size=4,
@@ -171,9 +171,9 @@ def raylet_pid() -> int:
 def main() -> int:
     import ray
 
-    from branchout.orchestrator.plan import ModelShape  # noqa: F401  (the FLOPs formula lives in Plan)
-    from branchout.orchestrator.pool import PoolSet
-    from branchout.orchestrator.training import run_distributed
+    from branchout.orchestrator.config.plan import ModelShape  # noqa: F401  (the FLOPs formula lives in Plan)
+    from branchout.orchestrator.run.pool import PoolSet
+    from branchout.orchestrator.run.training import run_distributed
     from branchout.stages.model import (
         build_config,
         build_model,

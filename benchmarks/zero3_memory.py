@@ -48,7 +48,7 @@ def rank_main(rank: int, port: int, stage: int, work: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from branchout.orchestrator.spec import PretrainSpec
+    from branchout.core.spec import PretrainSpec
     from branchout.stages.engine import DeepSpeedEngine
     from branchout.stages.job import TrainJob
     from branchout.stages.model import export_model, prepare_model, zero3_config

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from branchout.orchestrator.spec import ClusterSpec
+from branchout.core.spec import ClusterSpec
 
 
 class ClusterError(RuntimeError):

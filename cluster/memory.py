@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from branchout.core.accelerators import RAY_ACCELERATOR_TYPES, ray_accelerator_type  # noqa: F401  (re-exported)
+
 GB = 1e9
 GiB = 1 << 30
 
@@ -29,14 +31,6 @@ GPUS: dict[str, float] = {
     "T4-16GB": 16, "V100-16GB": 16, "V100-32GB": 32, "A10G-24GB": 24, "L4-24GB": 24,
     "RTX4090-24GB": 24, "A100-40GB": 40, "L40S-48GB": 48, "A100-80GB": 80, "H100-80GB": 80,
     "H200-141GB": 141, "B200-192GB": 192, "MI300X-192GB": 192,
-}
-# The accelerator type Ray detects on such a node (``accelerator_type:<type>`` resource,
-# from the GPU's name: "NVIDIA H100 80GB HBM3" → "H100"). Ray does not tell the memory
-# variants of one chip apart (A100 40 and 80 GB both report "A100").
-RAY_ACCELERATOR_TYPES: dict[str, str] = {
-    "T4-16GB": "T4", "V100-16GB": "V100", "V100-32GB": "V100", "A10G-24GB": "A10G", "L4-24GB": "L4",
-    "RTX4090-24GB": "GeForce-RTX-4090", "A100-40GB": "A100", "L40S-48GB": "L40S", "A100-80GB": "A100",
-    "H100-80GB": "H100", "H200-141GB": "H200", "B200-192GB": "B200", "MI300X-192GB": "AMD-Instinct-MI300X-OAM",
 }
 USABLE_FRACTION = 0.9  # allocator fragmentation and workspaces
 CONTEXT_BYTES = 1 * GiB  # CUDA context and NCCL buffers
@@ -165,12 +159,6 @@ def gpu_memory_gb(name: str) -> float:
         return GPUS[name]
     except KeyError:
         raise ValueError(f"unknown GPU {name!r}; known: {', '.join(GPUS)} (or give --gpu-mem GiB)") from None
-
-
-def ray_accelerator_type(name: str) -> str:
-    """Ray's accelerator type for a GPU name of ``GPUS`` (``H100-80GB`` → ``H100``); any other
-    name is taken to be Ray's own spelling already."""
-    return RAY_ACCELERATOR_TYPES.get(name, name)
 
 
 def inference_bytes(params: int, seq_len: int, batch: int, hidden: int, vocab: int,

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from branchout.orchestrator.spec import DatasetSpec
+from branchout.core.spec import DatasetSpec
 from branchout.stages import checkpoint, storage
 from branchout.stages.blocks import (
     SHARD_BLOCKS,

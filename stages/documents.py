@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from branchout.orchestrator.spec import DatasetSpec
+from branchout.core.spec import DatasetSpec
 from branchout.stages import storage
+from branchout.stages.units import DataError, ReadUnit  # noqa: F401  (re-exported: the data stage's errors)
 
 UNIT_BYTES = 4 << 20  # the smallest read unit: ~2 s of tokenization on one core
 _EXTENSION_FORMATS = {
@@ -38,10 +39,6 @@ _SEPARATOR = {"json": b"\n", "text": b"\n\n"}
 _BLANK_LINES = re.compile(r"\n\s*\n")
 _LEADING_BLANK = re.compile(r"^(?:[^\S\n]*\n)+")
 _TRAILING_BLANK = re.compile(r"(?:\n[^\S\n]*)+$")
-
-
-class DataError(ValueError):
-    """A dataset cannot be used; the message names the file (and line) or dataset."""
 
 
 @dataclass
@@ -55,23 +52,6 @@ class Source:
     @property
     def is_hub(self) -> bool:
         return not self.files
-
-
-@dataclass(frozen=True)
-class ReadUnit:
-    """One task's share of a dataset.
-
-    ``start``/``stop`` are byte offsets (text, json), row groups (parquet), unused (csv),
-    or shard index / shard count (hub). ``size`` is the bytes it covers, for ETAs.
-    """
-
-    kind: str
-    path: str
-    start: int = 0
-    stop: int = 0
-    size: int = 0
-    split: str = "train"
-    revision: str | None = None
 
 
 def resolve_source(ds: DatasetSpec) -> Source:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol
 
-from branchout.orchestrator.spec import TrainingSpec
+from branchout.core.spec import TrainingSpec
 from branchout.stages.optim import build_optimizer, build_scheduler, lr_lambda, param_groups
 
 
@@ -49,7 +49,7 @@ def deepspeed_config(t: TrainingSpec, world_size: int, use_gpu: bool, hidden_siz
     small models do not pay a collective per few layers): DeepSpeed's defaults are
     model-blind, and a reduce bucket of 5e8 elements is 1 GB of 16-bit buffer per rank.
     """
-    from branchout.orchestrator.spec import deep_merge
+    from branchout.core.spec import deep_merge
 
     ds = t.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 
-from branchout.orchestrator.spec import DatasetSpec
+from branchout.core.spec import DatasetSpec
 from branchout.stages import storage
 from branchout.stages.documents import (
     DataError,

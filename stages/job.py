@@ -61,7 +61,7 @@ class TrainJob:
 
     def spec(self):
         """The training section, validated back into its pydantic model."""
-        from branchout.orchestrator.spec import FinetuneOptions, PretrainSpec
+        from branchout.core.spec import FinetuneOptions, PretrainSpec
 
         model = PretrainSpec if self.kind == "pretrain" else FinetuneOptions
         return model.model_validate(self.training)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from branchout.orchestrator.spec import TrainingSpec
+from branchout.core.spec import TrainingSpec
 from branchout.stages.batches import BlockOrder, step_micro_batches
 from branchout.stages.engine import Engine
 from branchout.stages.metrics import MetricsLogger

@@ -13,7 +13,7 @@ import tempfile
 import time
 from typing import Any
 
-from branchout.orchestrator.progress import connect_hub
+from branchout.core.progress import connect_hub
 from branchout.stages import storage
 
 

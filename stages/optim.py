@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from branchout.orchestrator.spec import OptimizerSpec, ScheduleSpec
+from branchout.core.spec import OptimizerSpec, ScheduleSpec
 
 
 def lr_lambda(schedule: ScheduleSpec, total_steps: int):

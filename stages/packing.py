@@ -215,7 +215,7 @@ class Progress:
     def __init__(self, hub: str | None, job: str, total_bytes: int, every_s: float = 1.0):
         import ray
 
-        from branchout.orchestrator.progress import connect_hub
+        from branchout.core.progress import connect_hub
 
         self.hub = connect_hub(hub) if hub and ray.is_initialized() else None
         self.job, self.total, self.every = job, total_bytes, every_s

@@ -183,7 +183,7 @@ def tokenizer_job(tokenizer: dict, dataset: dict, heldout_fraction: float, split
     is self-contained. Returns the hash."""
     import tempfile
 
-    from branchout.orchestrator.spec import DatasetSpec, TokenizerSpec
+    from branchout.core.spec import DatasetSpec, TokenizerSpec
     from branchout.stages.checkpoint import publish_dir
 
     options = TokenizerSpec.model_validate(tokenizer)

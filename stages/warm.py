@@ -29,9 +29,9 @@ class JobRunner:
         return os.getpid()
 
     def run(self, job: TrainJob, shared_base: dict | None, dispatched: float) -> dict:
-        from branchout.orchestrator.progress import connect_hub
+        from branchout.core.progress import connect_hub
         from branchout.stages.checkpoint import fetch_verified
-        from branchout.stages.finetune import run_single_worker
+        from branchout.stages.single_worker import run_single_worker
         from branchout.stages.tokenizer import load_tokenizer
 
         started = time.time()

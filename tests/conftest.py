@@ -1,4 +1,9 @@
-"""Shared fixtures: real text corpora (built from this machine's files) and tiny pipelines."""
+"""Shared fixtures: real text corpora (built from this machine's files) and tiny pipelines.
+
+Tests live by tier in ``unit/`` (no Ray, no training), ``integration/`` (a local Ray,
+tiny models trained) and ``e2e/`` (the ``branchout`` CLI as a user runs it); the folder
+gives each test its tier marker, so ``pytest -m unit`` or ``pytest tests/unit`` pick alike.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +45,17 @@ TINY = {
         ]},
     "evaluate": {"heldout_fraction": 0.2, "max_blocks": 16, "batch_size": 8},
 }
+
+
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = item.path.parent.name
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.path}: tests live in tests/unit, tests/integration or tests/e2e")
+        item.add_marker(tier)
 
 
 def pytest_configure(config):
@@ -155,7 +171,7 @@ def job_parts(root: Path, corpus_dir: Path):
     and a (randomly initialised) base model. Returns ``(root, data uri, model overrides)``."""
     import json
 
-    from branchout.orchestrator.spec import DatasetSpec
+    from branchout.core.spec import DatasetSpec
     from branchout.stages.checkpoint import publish_dir
     from branchout.stages.data import prepare
     from branchout.stages.model import build_config, build_model, export_model
@@ -180,7 +196,7 @@ def job_parts(root: Path, corpus_dir: Path):
 
 def job_for(parts, name: str, method: str, **training):
     """A single-worker fine-tune ``TrainJob`` on ``job_parts``' outputs."""
-    from branchout.orchestrator.spec import FinetuneOptions
+    from branchout.core.spec import FinetuneOptions
     from branchout.stages.job import TrainJob
 
     root, data_uri, overrides = parts

@@ -1,0 +1,401 @@
+"""The pipeline spec: one set of pydantic models, loaded from one YAML file.
+
+Every model forbids unknown keys, so a typo is an error rather than a setting that is
+silently ignored. Field-level checks live on the fields; checks that span sections
+(batch arithmetic, positions vs. sequence length, LoRA targets vs. model type) live in
+``orchestrator.checks`` so that the loader can report every problem of a file at once.
+
+Glossary:
+    block         ``seq_len`` consecutive token ids; the unit the data is packed into.
+    micro-batch   blocks one worker feeds through forward/backward at once.
+    global batch  blocks per optimizer step, summed over workers and accumulation.
+    domain        one fine-tune target (legal, code, ...), with its own dataset.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base for every spec section: unknown keys are errors, values are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, validate_default=True)
+
+
+class Resources(StrictModel):
+    """Ray resources one worker (or one single-worker job) reserves."""
+
+    cpu: float = Field(1.0, ge=0, description="CPUs per worker; fractions pack jobs.")
+    gpu: float = Field(0.0, ge=0, description="GPUs per worker; 0 trains on the CPU.")
+    custom: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources.")
+    accelerator: str | None = Field(
+        None, description="GPU type, e.g. H100-80GB: the memory planner's budget (see `branchout plan`), "
+        "and where Ray places the job (only on nodes with that `accelerator_type`)."
+    )
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Memory of one GPU in GB, for GPU types the planner does not know."
+    )
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.gpu > 0
+
+    def ray_bundle(self) -> dict[str, float]:
+        """The resource dict Ray Train / ``.options()`` expects.
+
+        A GPU job with an ``accelerator`` asks for Ray's ``accelerator_type:<type>`` resource
+        (what ``accelerator_type=`` on a task adds), which only nodes with that GPU have:
+        without it a job planned for an 80 GB H100 could land on a 24 GB L4 node.
+        """
+        bundle = {"CPU": self.cpu, **self.custom}
+        if self.gpu:
+            bundle["GPU"] = self.gpu
+            if self.accelerator:
+                from branchout.core.accelerators import ray_accelerator_type
+
+                # Ray's own share for an accelerator-type constraint: a node has 1 of it
+                bundle.setdefault(f"accelerator_type:{ray_accelerator_type(self.accelerator)}", 0.001)
+        return bundle
+
+
+class DatasetSpec(StrictModel):
+    """Text, JSONL, Parquet or CSV files (local or object-store URIs), or a hub dataset.
+
+    Files are read in ranges by the data stage's workers, never whole; a hub dataset is
+    streamed shard by shard, pinned to the commit its revision points at. In plain text a
+    blank line ends a document.
+    """
+
+    path: str = Field(description="File, directory, glob, object-store URI or prefix, or hub dataset name.")
+    format: Literal["auto", "text", "json", "parquet", "csv", "hub"] = Field(
+        "auto", description="'auto' infers from the file extension; 'hub' loads by name."
+    )
+    text_column: str = Field("text", min_length=1)
+    split: str = Field("train", description="Split to read (hub datasets).")
+    revision: str | None = Field(None, description="Hub revision to pin (hub datasets).")
+
+
+class TokenizerSpec(StrictModel):
+    """Train a byte-level BPE on a sample of the pretraining corpus, or load an existing one."""
+
+    path: str | None = Field(None, description="Existing tokenizer directory; skips training.")
+    vocab_size: int = Field(8192, ge=300, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+    sample_bytes: int = Field(
+        100_000_000, ge=1_000_000,
+        description="Text the tokenizer trains on at most: a seeded sample of the pretraining "
+                    "corpus's training documents (all of them when the corpus is smaller).",
+    )
+
+
+class ModelSpec(StrictModel):
+    """The causal LM: a new one built from its config class (``type`` + ``config``), or an
+    existing checkpoint (``path``) whose own config.json decides the architecture."""
+
+    type: str | None = Field(None, description="A model type known to transformers.AutoConfig (default llama).")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the config class's fields."
+    )
+    path: str | None = Field(
+        None, description="An existing HF model directory (or hub id) to start from: the pretrain continues "
+        "it (pretrain.steps: 0 branches the fan-out straight from it); its tokenizer is used unless "
+        "tokenizer.path names another."
+    )
+    revision: str | None = Field(None, description="Hub revision (commit, tag) of `path` to pin.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if self.path is not None and (self.type is not None or self.config):
+            raise ValueError("give either `path` (start from an existing model) or `type`/`config` "
+                             "(build a new one), not both: the model's config.json decides its architecture")
+        if self.revision is not None and self.path is None:
+            raise ValueError("`revision` pins a hub `path`; there is none")
+        if self.path is None and self.type is None:
+            self.type = "llama"
+        return self
+
+
+class OptimizerSpec(StrictModel):
+    """AdamW; weight decay applies to matrices only (not biases or norm weights)."""
+
+    lr: float = Field(3e-4, gt=0, le=10)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="Max grad norm; 0 disables clipping.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class ScheduleSpec(StrictModel):
+    """Linear warmup then cosine decay to ``min_lr_ratio`` × lr."""
+
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class DeepSpeedSpec(StrictModel):
+    """DeepSpeed settings for multi-worker training; ``config`` passes any other key through."""
+
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _stage(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 3):
+            return v
+        raise ValueError("must be 0, 1, 2, 3 or 'auto'")
+
+    zero_stage: int | Literal["auto"] = Field(
+        2, description="0-3, or 'auto': the cheapest stage/offload that fits the GPU (memory planner)."
+    )
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload optimizer states to CPU.")
+    offload_params: bool = Field(False, description="Offload parameters to CPU (ZeRO-3 only).")
+    precision: Literal["bf16", "fp32", "fp16"] = "bf16"
+    engine: Literal["auto", "deepspeed"] = Field(
+        "auto", description="'auto': DeepSpeed where it has work (several workers, offload, fp16), the plain "
+        "torch engine for one worker otherwise; 'deepspeed': always DeepSpeed."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Raw DeepSpeed config keys, merged last."
+    )
+
+
+class TrainingSpec(StrictModel):
+    """What pretrain and fine-tune share: batch arithmetic, workers, optimizer, schedule."""
+
+    seq_len: int | None = Field(None, ge=8, description="Tokens per block.")
+    global_batch_size: int = Field(32, ge=1, description="Blocks per optimizer step.")
+    micro_batch_size: int = Field(4, ge=1, description="Blocks per worker per forward.")
+    num_workers: int = Field(1, ge=1, le=4096)
+    resources_per_worker: Resources = Field(default_factory=Resources)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    checkpoint_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept.")
+    max_failures: int = Field(
+        2, ge=0, description="Ray Train restarts of the worker group after a worker dies (multi-worker only)."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in backward instead of keeping them: "
+        "~1/3 more compute for a fraction of the activation memory (packs more LoRA jobs per device)."
+    )
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+    def uses_deepspeed(self) -> bool:
+        """DeepSpeed when it has something to do: ZeRO across several workers, offload, or
+        fp16 loss scaling. One worker otherwise trains with the plain torch engine, which
+        does the same arithmetic without DeepSpeed's per-step overhead."""
+        ds = self.deepspeed
+        return (ds.engine == "deepspeed" or self.num_workers > 1 or ds.offload_optimizer or ds.offload_params
+                or ds.precision == "fp16")
+
+
+class PretrainSpec(TrainingSpec):
+    """The one expensive stage: a model trained from scratch with DeepSpeed on Ray Train."""
+
+    dataset: DatasetSpec = Field(description="The general corpus (also trains the tokenizer).")
+    seq_len: int = Field(256, ge=8)
+    steps: int | None = Field(None, ge=0, description="Optimizer steps, or give `tokens`; 0 skips pretraining "
+                              "(the fan-out branches straight from model.path).")
+    tokens: int | None = Field(None, ge=1, description="Token budget; steps are derived.")
+
+    @model_validator(mode="after")
+    def _steps_or_tokens(self) -> PretrainSpec:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of `steps` or `tokens`")
+        return self
+
+
+class LoraSpec(StrictModel):
+    """LoRA adapters through peft; only the adapters train, the base stays frozen."""
+
+    rank: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; default depends on the model type."
+    )
+
+
+class FinetuneOptions(TrainingSpec):
+    """Options of one domain fine-tune; ``finetune.defaults`` and each domain's overrides."""
+
+    method: Literal["full", "lora"] = "full"
+    steps: int = Field(100, ge=1)
+    global_batch_size: int = Field(8, ge=1)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    max_retries: int = Field(2, ge=0, description="Retries of a failed domain job (each resumes from its newest good checkpoint).")
+
+
+class DomainSpec(FinetuneOptions):
+    """One domain: its name and dataset, plus any FinetuneOptions overriding the defaults."""
+
+    name: str = Field(description="Domain name; its outputs go to finetune/<name>/.")
+    dataset: DatasetSpec = Field(description="The domain's text.")
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        return _check_slug(v)
+
+
+class FinetuneSpec(StrictModel):
+    """The fan-out: one job per domain, all started from the pretrained base."""
+
+    defaults: FinetuneOptions = Field(default_factory=FinetuneOptions)
+    domains: list[DomainSpec] = Field(default_factory=list)
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Cap on domain jobs in flight; default: what the cluster holds."
+    )
+    warm_pool: bool = Field(
+        True, description="Run single-worker jobs on long-lived warm actors that share the base "
+        "weights through the object store (false: one Ray task per job)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_defaults(cls, data: Any) -> Any:
+        # Domains inherit every default they do not set; nested sections merge key by key
+        # so `lora: {rank: 16}` keeps the default alpha.
+        if not isinstance(data, dict):
+            return data
+        defaults = data.get("defaults") or {}
+        domains = data.get("domains")
+        if isinstance(defaults, dict) and isinstance(domains, list):
+            data = {**data, "domains": [
+                deep_merge(defaults, d) if isinstance(d, dict) else d for d in domains
+            ]}
+        return data
+
+    @field_validator("domains")
+    @classmethod
+    def _unique_names(cls, v: list[DomainSpec]) -> list[DomainSpec]:
+        names = [d.name for d in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"domain names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+
+EvalModel = Literal["base", "finetuned", "scratch"]
+
+
+class EvaluateSpec(StrictModel):
+    """Held-out perplexity per domain; the held-out split also shapes every training set."""
+
+    heldout_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of each dataset's documents held out."
+    )
+    split_seed: int = Field(0, description="Seed of the document-level held-out split.")
+    models: list[EvalModel] = Field(default_factory=lambda: ["base", "finetuned", "scratch"])
+    max_blocks: int = Field(256, ge=1, description="Held-out blocks scored per domain at most.")
+    batch_size: int = Field(8, ge=1)
+
+    @field_validator("models")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one model to score")
+        return list(dict.fromkeys(v))
+
+
+class ClusterSpec(StrictModel):
+    """Where Ray runs."""
+
+    address: str | None = Field(
+        None, description="null starts an embedded local Ray; else 'auto' or ray://host:port."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded Ray only.")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of the embedded Ray only.")
+    autoscaling: bool = Field(
+        False, description="The cluster adds nodes on demand: requests beyond today's nodes wait instead "
+        "of failing, and each stage's capacity is requested ahead (ray.autoscaler.sdk.request_resources)."
+    )
+    request_ahead: bool = Field(
+        True, description="With autoscaling: request each stage's nodes before it needs them."
+    )
+    capacity_timeout_s: float = Field(
+        300, gt=0, description="After this long queued, a job says what it is waiting for (and again every period)."
+    )
+
+
+class TrackingSpec(StrictModel):
+    """Experiment tracking beyond the TensorBoard files every run writes (logs/tensorboard)."""
+
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking server, e.g. http://mlflow:5000: a parent run per pipeline run, "
+        "a child per job with its step metrics, final metrics and the report."
+    )
+    experiment: str | None = Field(None, description="MLflow experiment; default: the pipeline name.")
+
+
+class PipelineSpec(StrictModel):
+    """One pipeline: tokenizer → pretrain → per-domain fine-tunes → evaluation."""
+
+    name: str = Field(description="Pipeline name; runs go to <storage>/<name>/<run id>/.")
+    description: str = Field("", description="Free text shown in listings.")
+    storage: str = Field("./runs", description="Directory or URI under which runs are written.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    pretrain: PretrainSpec
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        return _check_slug(v)
+
+    @model_validator(mode="after")
+    def _tokenizer_of_the_model(self) -> PipelineSpec:
+        # an existing model comes with the tokenizer its embeddings were trained with
+        if self.model.path is not None and self.tokenizer.path is None:
+            self.tokenizer.path = self.model.path
+        return self
+
+    # What the loader decided for the user (e.g. the ZeRO stage picked for 'auto'); shown
+    # with the plan, never read from or written to the file.
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
+
+    def domain_seq_len(self, domain: DomainSpec) -> int:
+        """Fine-tunes use the pretrain block length unless a domain sets its own."""
+        return domain.seq_len or self.pretrain.seq_len
+
+
+_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_slug(v: str) -> str:
+    if not _SLUG.match(v):
+        raise ValueError(
+            "must be 1-64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
+        )
+    return v
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` wins; dicts present on both sides are merged recursively."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,109 @@
+"""What every ``branchout`` command shares: the Typer app, consoles, argument types,
+and the one place where user errors become one line and exit code 2."""
+
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Pre-train once with DeepSpeed on Ray, fine-tune per domain, evaluate.")
+# Off a terminal (CI, job logs) rich would wrap at 80 columns; log lines read better long.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 300)
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+PipelineArg = Annotated[Path, typer.Argument(help="The pipeline YAML file.", show_default=False)]
+RunArg = Annotated[str, typer.Argument(help="Run id or a unique prefix of it.", show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a field: key.path=value (repeatable).")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Compute every job, reusing nothing from earlier runs.")]
+RerunOpt = Annotated[list[str] | None, typer.Option("--rerun", help="Recompute this job, stage or domain and what depends on it (repeatable).")]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray Jobs API, e.g. http://HEAD:8265 "
+                                                "(default: RAY_API_SERVER_ADDRESS / RAY_ADDRESS).")]
+
+
+def fail(lines: list[str], code: int = EXIT_USAGE) -> None:
+    for line in lines:
+        err.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True, markup=True)
+    raise typer.Exit(code)
+
+
+def load_checked(pipeline: Path, overrides: list[str] | None):
+    """Spec validation and data preflight; exits 2 with every problem listed."""
+    from branchout.orchestrator.config.loader import SpecError, load_spec
+    from branchout.orchestrator.config.preflight import preflight
+
+    try:
+        spec = load_spec(pipeline, overrides)
+    except SpecError as e:
+        fail([f"{e.source}: {p}" for p in e.problems])
+    problems, notes = preflight(spec)
+    for note in notes:
+        err.print(f"note: {note}", highlight=False)
+    if problems:
+        fail([f"{pipeline}: {p}" for p in problems])
+    return spec
+
+
+def pipeline_source(pipeline: Path, overrides: list[str] | None) -> dict:
+    return {"path": str(pipeline.resolve()), "overrides": list(overrides or [])}
+
+
+def open_registry():
+    from branchout.orchestrator.operate.registry import Registry
+
+    return Registry()
+
+
+def find_run(run: str):
+    from branchout.orchestrator.operate.registry import RegistryError
+
+    try:
+        return open_registry().get_run(run)
+    except RegistryError as e:
+        fail([str(e)])
+
+
+def user_errors():
+    """Exception types that are the user's to fix: one line, exit 2."""
+    from branchout.cluster.connect import ClusterError
+    from branchout.orchestrator.config.loader import SpecError
+    from branchout.orchestrator.operate.control import OperateError
+    from branchout.orchestrator.operate.inputs import ShippingError
+    from branchout.orchestrator.operate.jobs import JobsError
+    from branchout.orchestrator.operate.migrations import RegistrySchemaError
+    from branchout.orchestrator.operate.scheduler import ScheduleError
+    from branchout.stages.data import DataError
+    from branchout.stages.export import ExportError
+    from branchout.stages.storage import StorageError
+
+    return (ClusterError, JobsError, OperateError, StorageError, SpecError, DataError, RegistrySchemaError,
+            ShippingError, ScheduleError, ExportError)
+
+
+def check_rerun(spec, rerun: list[str] | None) -> None:
+    from branchout.orchestrator.run.cache import expand_rerun
+
+    try:
+        expand_rerun(spec, rerun or [])
+    except ValueError as e:
+        fail([str(e)])
+
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """A user's mistake raised inside (bad file, unreachable cluster or storage, unknown run):
+    one line on stderr and exit 2, never a traceback. Every command shares it."""
+    try:
+        yield
+    except user_errors() as e:
+        fail([str(e)])

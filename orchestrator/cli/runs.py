@@ -1,0 +1,147 @@
+"""Commands that operate on runs already started: status, list, logs, stop, resume, lineage."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from branchout.orchestrator.cli.common import (
+    EXIT_FAILED,
+    RunArg,
+    app,
+    console,
+    fail,
+    find_run,
+    open_registry,
+    reported,
+)
+
+
+@app.command()
+def status(run: Annotated[str | None, typer.Argument(help="Run id or prefix; omit for active runs.")] = None) -> None:
+    """A run's stages and domain jobs: state, attempts, progress, times, models."""
+    from branchout.orchestrator.operate.control import refresh
+    from branchout.orchestrator.run.display import print_run_list, print_status
+
+    with reported():
+        if run is None:
+            registry = open_registry()
+            rows = registry.list_runs(states=["pending", "running"])
+            print_run_list(console, [refresh(registry, r).row for r in rows], title="active runs")
+            return
+        row = find_run(run)
+        view = refresh(open_registry(), row)
+    print_status(console, view)
+
+
+@app.command(name="list")
+def list_(
+    pipeline: Annotated[str | None, typer.Option(help="Only runs of this pipeline.")] = None,
+    state: Annotated[list[str] | None, typer.Option(help="Only runs in this state (repeatable).")] = None,
+    limit: int = 50,
+) -> None:
+    """Every run: state, timing, domains done, where its models are."""
+    from branchout.orchestrator.run.display import print_run_list
+    from branchout.orchestrator.run.state import RunState
+
+    bad = [s for s in state or [] if s not in {x.value for x in RunState}]
+    if bad:
+        fail([f"--state {bad[0]!r}: expected one of {', '.join(x.value for x in RunState)}"])
+    from branchout.orchestrator.operate.control import refresh
+
+    registry = open_registry()
+    rows = registry.list_runs(pipeline=pipeline, states=state, limit=limit)
+    with reported():  # an active row may be stale (its driver died, or a submitted one never started)
+        rows = [refresh(registry, r).row if not RunState(r.state).is_terminal() else r for r in rows]
+    print_run_list(console, rows, registry=registry)
+
+
+@app.command()
+def logs(run: RunArg, follow: Annotated[bool, typer.Option("--follow", "-f")] = False) -> None:
+    """The driver's log: Ray's job log for submitted runs, logs/driver.log for local ones."""
+    from branchout.orchestrator.operate.jobs import JobsClient
+    from branchout.orchestrator.run.state import RunRecord
+    from branchout.stages import storage
+
+    row = find_run(run)
+    with reported():
+        if row.submitted:
+            client = JobsClient(row.address)
+            if follow:
+                for chunk in client.follow(row.submissions[-1]):
+                    sys.stdout.write(chunk)
+                    sys.stdout.flush()
+            else:
+                sys.stdout.write(client.logs(row.submissions[-1]))
+            return
+        uri = storage.join(row.run_uri, "logs", "driver.log")
+        offset = 0
+        while True:
+            text = storage.read_text(uri) if storage.exists(uri) else ""
+            sys.stdout.write(text[offset:])
+            sys.stdout.flush()
+            offset = len(text)
+            if not follow or RunRecord.load(row.run_uri).state.is_terminal():
+                return
+            time.sleep(1)
+
+
+@app.command()
+def stop(run: RunArg) -> None:
+    """Stop a running run (its driver records `stopped`); resume it later."""
+    from branchout.orchestrator.operate.control import stop_run
+
+    row = find_run(run)
+    with reported():
+        view = stop_run(open_registry(), row)
+    console.print(f"run {row.run_id}: {view.row.state}")
+
+
+@app.command()
+def resume(run: RunArg, force: Annotated[bool, typer.Option(help="Resume even though the pipeline file changed.")] = False) -> None:
+    """Continue a failed or stopped run: finished jobs are kept, the rest resume from checkpoints."""
+    from branchout.orchestrator.operate.control import check_resumable, resume_submitted
+    from branchout.orchestrator.run.driver import run_pipeline
+    from branchout.orchestrator.run.state import RunState
+
+    registry = open_registry()
+    row = find_run(run)
+    with reported():
+        spec, record = check_resumable(registry, row, force)
+        if row.submitted:
+            sid = resume_submitted(registry, row, spec, changed=force)
+            console.print(f"resuming run {row.run_id} on {row.address} (Ray job {sid}); "
+                          f"follow: branchout logs {row.run_id} --follow")
+            return
+        record = run_pipeline(spec, console, record=record, source=row.source)
+    raise typer.Exit(0 if record.state is RunState.SUCCEEDED else EXIT_FAILED)
+
+
+@app.command()
+def lineage(what: Annotated[str, typer.Argument(help="A run id (or prefix), or a model directory/URI.")]) -> None:
+    """Data fingerprints → tokenizer → pretrain → fine-tunes → evaluation, computed or cached."""
+    from branchout.orchestrator.operate.registry import RegistryError
+    from branchout.orchestrator.run.lineage import find_job, lineage_tree
+    from branchout.orchestrator.run.state import RunRecord
+
+    registry = open_registry()
+    focus = None
+    try:
+        row = registry.get_run(what)
+    except RegistryError:
+        path = os.path.abspath(what) if "://" not in what else what
+        rows = [r for r in registry.list_runs(limit=100000)
+                if path.startswith(r.run_uri.removeprefix("file://").rstrip("/") + "/")]
+        if not rows:
+            fail([f"{what}: neither a run id nor a model directory of a known run (see `branchout list`)"])
+        row = rows[0]
+        focus = find_job(RunRecord.load(row.run_uri), path)
+    try:
+        record = RunRecord.load(row.run_uri)
+    except (OSError, ValueError) as e:
+        fail([f"run {row.run_id}: cannot read {row.run_uri}/state.json ({e})"])
+    console.print(lineage_tree(record, focus))

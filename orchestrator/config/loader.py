@@ -1,0 +1,263 @@
+"""Load a pipeline file: YAML → ``--set`` overrides → pydantic → cross-field checks.
+
+Every problem found is collected into one ``SpecError`` whose lines each name the file
+and the field path, so a user fixes a file in one pass. Relative dataset and tokenizer
+paths are resolved against the directory of the pipeline file, which is what lets the
+same file run from any working directory (and, submitted, from a Ray job's).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from branchout.core.spec import PipelineSpec
+
+
+class SpecError(ValueError):
+    """A pipeline file is invalid. ``problems`` holds one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+def load_spec(path: str | os.PathLike[str], overrides: list[str] | None = None) -> PipelineSpec:
+    """Read, override, validate and cross-check a pipeline file.
+
+    Args:
+        path: the YAML file.
+        overrides: ``key.path=value`` strings; values are parsed as YAML scalars/lists.
+
+    Raises:
+        SpecError: naming the file and every invalid field.
+    """
+    source = str(path)
+    raw = read_yaml(path)
+    apply_overrides(raw, overrides or [], source)
+    resolve_paths(raw, Path(path).resolve().parent)
+    return validate_spec(raw, source)
+
+
+# A pipeline file is a page of settings. These bounds refuse hostile or broken input (a
+# "billion laughs" of nested aliases, thousands of nested brackets, a data file passed by
+# mistake) in well under a second, before pydantic would walk it for minutes.
+MAX_FILE_BYTES = 1 << 20
+MAX_VALUES = 100_000  # scalars, lists and mappings after aliases are expanded
+MAX_DEPTH = 64
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    source = str(path)
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_FILE_BYTES:
+            raise SpecError(source, [f"file is {size / (1 << 20):.1f} MiB; a pipeline file is at most "
+                                     f"{MAX_FILE_BYTES >> 20} MiB (is this a data file?)"])
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(source, ["file not found"]) from None
+    except IsADirectoryError:
+        raise SpecError(source, ["is a directory, not a pipeline file"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(source, [f"cannot read: {e}"]) from None
+    try:
+        _check_depth(text, source)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(source, [f"{where}invalid YAML: {problem}"]) from None
+    check_shape(raw, source)
+    if raw is None:
+        raise SpecError(source, ["file is empty"])
+    if not isinstance(raw, dict):
+        raise SpecError(source, ["top level must be a mapping of sections (name, pretrain, ...)"])
+    return raw
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Nesting depth from the parser's events, before PyYAML's recursive composer sees it."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise SpecError(source, [f"nested deeper than {MAX_DEPTH} levels"])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def check_shape(raw: Any, source: str) -> None:
+    """Refuse documents that are too deep or expand (through aliases) to too many values.
+
+    Aliases share one Python object, so the walk below counts what an expanded copy would
+    hold, and stops at the first bound it crosses instead of walking all of it.
+
+    Raises:
+        SpecError: naming the bound.
+    """
+    seen = 0
+    stack: list[tuple[Any, int]] = [(raw, 1)]
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise SpecError(source, [f"expands to more than {MAX_VALUES:,} values (nested YAML aliases?); "
+                                     "a pipeline file is a page of settings"])
+        if depth > MAX_DEPTH:
+            raise SpecError(source, [f"nested deeper than {MAX_DEPTH} levels"])
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for kv in node.items() for v in kv)
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def validate_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
+    """Validate an already-read mapping; see ``load_spec``."""
+    from branchout.orchestrator.config.checks import cross_check
+    from branchout.orchestrator.config.plan import check_packing, resolve_auto_zero
+
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(source, format_validation_errors(e, raw)) from None
+    problems = cross_check(spec)
+    if problems:
+        raise SpecError(source, problems)
+    problems, notes = resolve_auto_zero(spec)
+    problems += check_packing(spec)
+    if problems:
+        raise SpecError(source, problems)
+    spec.notes.extend(notes)
+    return spec
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> None:
+    """Apply ``a.b.c=value`` in place; list items are addressed by index (``domains.0.steps``)."""
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected key.path=value")
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        try:
+            _set_path(raw, key.strip().split("."), parsed)
+        except (KeyError, IndexError, TypeError) as e:
+            problems.append(f"--set {key}: {e.args[0] if e.args else e}")
+    if problems:
+        raise SpecError(source, problems)
+
+
+def _set_path(node: Any, parts: list[str], value: Any) -> None:
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise IndexError(f"no list item {part!r} (list has {len(node)} items)")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise TypeError(f"{'.'.join(parts[:i])} is a value, not a section")
+
+
+def resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make relative local paths absolute against the pipeline file's directory."""
+
+    def fix_dataset(ds: Any) -> None:
+        if isinstance(ds, dict) and isinstance(ds.get("path"), str) and ds.get("format") != "hub":
+            ds["path"] = _absolute(ds["path"], base)
+
+    pretrain = raw.get("pretrain")
+    if isinstance(pretrain, dict):
+        fix_dataset(pretrain.get("dataset"))
+    finetune = raw.get("finetune")
+    if isinstance(finetune, dict) and isinstance(finetune.get("domains"), list):
+        for domain in finetune["domains"]:
+            if isinstance(domain, dict):
+                fix_dataset(domain.get("dataset"))
+    tok = raw.get("tokenizer")
+    if isinstance(tok, dict) and isinstance(tok.get("path"), str):
+        tok["path"] = _absolute(tok["path"], base)
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        # "org/name" is a hub id unless such a folder exists here
+        local = _absolute(model["path"], base)
+        model["path"] = local if os.path.exists(local) else model["path"]
+    if isinstance(raw.get("storage"), str):
+        raw["storage"] = _absolute(raw["storage"], base)
+
+
+def _absolute(path: str, base: Path) -> str:
+    if "://" in path or os.path.isabs(path):
+        return path
+    expanded = os.path.expanduser(path)
+    if expanded != path:
+        return expanded
+    candidate = base / path
+    # A bare word that is not a local path may be a hub dataset name ("wikitext").
+    if not candidate.exists() and "/" not in path and "." not in path:
+        return path
+    return str(candidate.resolve())
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required field is missing",
+}
+
+
+def format_validation_errors(error: ValidationError, raw: dict[str, Any]) -> list[str]:
+    """One line per pydantic error: ``field.path: message (got value)``.
+
+    A domain inherits the defaults, so a bad default would otherwise be reported once
+    per domain; such echoes are dropped and only ``finetune.defaults.*`` is reported.
+    """
+    lines: list[str] = []
+    for err in error.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        if _echo_of_default(loc, raw):
+            continue
+        # pydantic adds the failing union member / validator name; users want the field.
+        loc = [p for p in loc if not p.startswith("function-") and p not in ("tagged-union",)]
+        path = ".".join(loc) or "(top level)"
+        msg = _MESSAGES.get(err["type"], err["msg"])
+        msg = msg.removeprefix("Value error, ")
+        if err["type"] not in ("missing", "extra_forbidden") and "input" in err:
+            shown = repr(err["input"])
+            if len(shown) > 60:
+                shown = shown[:57] + "..."
+            if not isinstance(err["input"], dict | list):
+                msg = f"{msg} (got {shown})"
+        lines.append(f"{path}: {msg}")
+    return list(dict.fromkeys(lines))
+
+
+def _echo_of_default(loc: list[str], raw: dict[str, Any]) -> bool:
+    if len(loc) < 4 or loc[:2] != ["finetune", "domains"] or not loc[2].isdigit():
+        return False
+    finetune = raw.get("finetune")
+    if not isinstance(finetune, dict):
+        return False
+    domains, defaults = finetune.get("domains"), finetune.get("defaults")
+    index = int(loc[2])
+    if not isinstance(domains, list) or not isinstance(defaults, dict) or index >= len(domains):
+        return False
+    return isinstance(domains[index], dict) and loc[3] not in domains[index] and loc[3] in defaults

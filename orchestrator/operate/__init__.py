@@ -1,0 +1,1 @@
+"""Operating runs: the registry, Ray jobs, schedules, shipping inputs, secrets."""

@@ -1,0 +1,1 @@
+"""Running a pipeline: the driver, the fan-out, run state, caching, the report."""

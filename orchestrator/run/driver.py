@@ -1,0 +1,520 @@
+"""The pipeline driver: tokenizer → data → pretrain → fan-out → evaluate → report.
+
+``run_pipeline`` reads top to bottom as the pipeline does. Each stage is a handful of
+jobs (the tokenizer, one data job per dataset, the pretrain, a fine-tune and a baseline
+per domain, an evaluation per domain); ``orchestrator.fanout.run_jobs`` runs a stage's
+jobs concurrently and records their states. The driver is the only writer of the run
+record. The same code runs under ``branchout run`` (embedded Ray) and as a submitted
+Ray job (``RAY_ADDRESS`` set by Ray).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from branchout.cluster.autoscale import CapacityHints, stage_bundles, waiting_message
+from branchout.cluster.connect import ClusterInfo, connect
+from branchout.core.progress import hub_name, start_hub
+from branchout.core.spec import DatasetSpec, PipelineSpec
+from branchout.orchestrator.config.plan import Plan, build_plan
+from branchout.orchestrator.run.cache import StageCache, expand_rerun, job_keys
+from branchout.orchestrator.run.display import ProgressView, print_plan, print_results
+from branchout.orchestrator.run.fanout import WorkItem, run_jobs, submit_task
+from branchout.orchestrator.run.state import (
+    JobRecord,
+    JobState,
+    RunRecord,
+    RunState,
+    new_run_id,
+)
+from branchout.orchestrator.run.tracking import Tracker
+from branchout.stages import storage
+from branchout.stages.data import PackedInfo
+from branchout.stages.job import TrainJob
+
+
+class StageFailedError(RuntimeError):
+    """A stage cannot continue; the message names the job and the cause."""
+
+
+@dataclass
+class RunContext:
+    spec: PipelineSpec
+    plan: Plan
+    record: RunRecord
+    cluster: ClusterInfo
+    view: ProgressView
+    hints: CapacityHints
+    cache: StageCache
+    keys: dict[str, str]
+    fingerprints: dict[str, str]
+    tracker: Tracker
+    hub: Any = None
+    threads: cf.ThreadPoolExecutor = field(default_factory=lambda: cf.ThreadPoolExecutor(8))
+
+    @property
+    def run_uri(self) -> str:
+        return self.record.run_uri
+
+    @property
+    def hub_name(self) -> str:
+        return hub_name(self.record.run_id)
+
+    def uri(self, *parts: str) -> str:
+        return storage.join(self.run_uri, *parts)
+
+    def run(self, items: list[WorkItem], max_in_flight: int | None = None,
+            on_tick: Callable[[dict], None] | None = None) -> dict[str, Any]:
+        def tick(snapshot: dict) -> None:
+            if on_tick:
+                on_tick(snapshot)
+            self.hints.refresh()
+            self.view.update(self.record, snapshot)
+
+        def waiting(item: WorkItem, waited: float) -> None:
+            if item.resources:
+                self.view.note(waiting_message(item.name, item.resources, waited))
+
+        for item in items:
+            item.key = item.key or self.keys.get(item.name)
+        return run_jobs(self.record, items, self.hub, tick, max_in_flight, waiting,
+                        self.spec.cluster.capacity_timeout_s, self.cache, on_note=self.view.note,
+                        on_done=self.tracker.job_ended)
+
+    def claiming(self, job: TrainJob, submit: Callable[[], cf.Future]) -> Callable[[], cf.Future]:
+        """``submit`` preceded by what each attempt needs: ownership of the job's directory
+        (``TrainJob.claim``) and the MLflow child run its worker logs steps to."""
+
+        def claim_and_submit() -> cf.Future:
+            job.claim()
+            job.tracking = self.tracker.child(job.name)
+            return submit()
+
+        return claim_and_submit
+
+
+def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None = None,
+                 source: str | None = None, run_id: str | None = None, use_cache: bool = True,
+                 rerun: list[str] | None = None) -> RunRecord:
+    """Run every stage of ``spec``; returns the final run record (never raises for job failures).
+
+    With ``record`` (``branchout resume``) the run continues: jobs it shows as succeeded are
+    not run again, and unfinished ones resume from their newest checkpoint.
+    """
+    from branchout.orchestrator.operate.registry import Registry, driver_identity
+
+    plan = build_plan(spec)
+    print_plan(console, plan, spec.notes)
+    storage.check_reachable(spec.storage)
+    with connect(spec.cluster) as cluster, stop_on_sigterm():
+        check_shared_storage(spec, cluster)
+        check_capacity(spec, cluster)
+        resuming = record is not None
+        record = record or create_run(spec, run_id)
+        record.attach(Registry(), source=source, **driver_identity())
+        if resuming:
+            record.interrupted("interrupted: its driver stopped before it finished")
+        console.print(f"{'resuming' if resuming else 'run'} [bold]{record.run_id}[/] → {record.run_uri}")
+        cache = StageCache(spec.storage, enabled=use_cache, skip=expand_rerun(spec, rerun or []))
+        fingerprints = data_fingerprints(spec)
+        keys = job_keys(spec, fingerprints)
+        with driver_log(record) as log, ProgressView(console, log=log) as view:
+            print_plan(log, plan, spec.notes)
+            log.print(f"{'resuming' if resuming else 'run'} {record.run_id} → {record.run_uri}")
+            tracker = Tracker(spec, record, view.note)
+            _run_stages(spec, plan, record, cluster, view, cache, keys, fingerprints, tracker)
+            report_path = write_report(record)
+            tracker.finish(_read_metrics(record), record.run_uri if report_path else None)
+            for out in (console, log):
+                print_results(out, record, _read_metrics(record), report_path)
+    return record
+
+
+@contextmanager
+def driver_log(record: RunRecord) -> Iterator[Console]:
+    """``logs/driver.log`` of the run: the plan, every state change, the results.
+
+    Written in place on local storage (so ``branchout logs --follow`` can tail it), and
+    uploaded when the driver ends for object storage.
+    """
+    import tempfile
+
+    uri = storage.join(record.run_uri, "logs", "driver.log")
+    local = storage.local_path(uri) if storage.is_local(uri) else os.path.join(tempfile.mkdtemp(), "driver.log")
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with open(local, "a", buffering=1) as f:
+        yield Console(file=f, width=200, no_color=True, force_terminal=False, soft_wrap=True)
+    if not storage.is_local(uri):
+        with open(local, "rb") as f:
+            storage.write_bytes(uri, f.read())
+
+
+def _run_stages(spec: PipelineSpec, plan: Plan, record: RunRecord, cluster: ClusterInfo,
+                view: ProgressView, cache: StageCache, keys: dict[str, str],
+                fingerprints: dict[str, str], tracker: Tracker) -> None:
+    registry = getattr(record, "_registry", None)
+    hints = CapacityHints(
+        enabled=spec.cluster.autoscaling and spec.cluster.request_ahead and not cluster.embedded, log=view.note,
+        requester=f"branchout-{record.run_id}",
+        on_request=(lambda reason, bundles: registry.log_event("capacity", record.run_id, reason, bundles=bundles))
+        if registry else None)
+    ctx = RunContext(spec, plan, record, cluster, view, hints, cache, keys, fingerprints, tracker,
+                     hub=start_hub(record.run_id))
+    record.set_run_state(RunState.RUNNING)
+    try:
+        tokenizer = stage_tokenizer(ctx)
+        data = stage_data(ctx, tokenizer)
+        base_uri = stage_pretrain(ctx, tokenizer, data["pretrain"])
+        stage_finetune(ctx, tokenizer, data, base_uri)
+        stage_evaluate(ctx, data, base_uri)
+        failed = [n for n, r in record.jobs.items() if r.state is JobState.FAILED]
+        if failed:
+            record.set_run_state(RunState.FAILED, error=f"failed: {', '.join(failed)}")
+        else:
+            record.set_run_state(RunState.SUCCEEDED)
+    except StageFailedError as e:
+        skip_pending(record)
+        record.set_run_state(RunState.FAILED, error=str(e))
+    except (KeyboardInterrupt, StopRequestedError) as e:
+        record.interrupted("stopped before it finished", RunState.STOPPED, str(e) or "interrupted")
+    finally:
+        hints.clear()  # let idle nodes go, whatever happened
+        view.update(record, {})
+        ctx.threads.shutdown(wait=False, cancel_futures=True)
+
+
+class StopRequestedError(Exception):
+    """SIGTERM: ``branchout stop`` or Ray's job stop asked this driver to end."""
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into an exception in the main thread, so the run is recorded as stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        # a second SIGTERM (e.g. while the driver records the stop) kills as usual
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise StopRequestedError("stopped by request (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def data_fingerprints(spec: PipelineSpec) -> dict[str, str]:
+    """Fingerprint of every dataset, by the name the stage cache uses (pretrain, domains)."""
+    from branchout.stages.data import fingerprint
+
+    fps = {"pretrain": fingerprint(spec.pretrain.dataset)}
+    fps.update({d.name: fingerprint(d.dataset) for d in spec.finetune.domains})
+    return fps
+
+
+def check_shared_storage(spec: PipelineSpec, cluster: ClusterInfo) -> None:
+    """Refuse storage the cluster's nodes cannot all reach, before any job starts.
+
+    Raises:
+        StorageError: a plain local path on a multi-node cluster.
+    """
+    if cluster.nodes > 1 and storage.is_local(spec.storage) and not spec.storage.startswith("file://"):
+        raise storage.StorageError(
+            f"storage: {spec.storage} is a local directory but the cluster has {cluster.nodes} nodes; "
+            "use storage every node shares (s3://…, gs://…), or write a shared mount as file:///path")
+
+
+def check_capacity(spec: PipelineSpec, cluster: ClusterInfo) -> None:
+    """Refuse, before any job, work this cluster can never hold (unless it autoscales).
+
+    Raises:
+        ClusterError: naming each request and what the cluster holds.
+    """
+    from branchout.cluster.capacity import impossible_requests
+    from branchout.cluster.connect import ClusterError
+
+    if spec.cluster.autoscaling:
+        return
+    p = spec.pretrain
+    requests = [("pretrain", p.resources_per_worker.ray_bundle(), p.num_workers)]
+    requests += [(f"finetune.domains.{d.name}", d.resources_per_worker.ray_bundle(), d.num_workers)
+                 for d in spec.finetune.domains]
+    problems = impossible_requests(requests)
+    if problems:
+        raise ClusterError("; ".join(problems) + " (set cluster.autoscaling: true if nodes are added on demand)")
+
+
+# ---- run creation ------------------------------------------------------------------
+
+
+def create_run(spec: PipelineSpec, run_id: str | None = None) -> RunRecord:
+    """Make the run directory with the resolved spec, and a record listing every job."""
+    run_id = run_id or new_run_id()
+    run_uri = storage.join(spec.storage, spec.name, run_id)
+    resolved = spec.model_dump(mode="json")
+    storage.write_text(storage.join(run_uri, "spec.yaml"), yaml.safe_dump(resolved, sort_keys=False))
+    record = RunRecord(run_id=run_id, pipeline=spec.name, run_uri=run_uri, spec_hash=spec_hash(spec))
+    names = ["tokenizer", "data/pretrain", *[f"data/{d.name}" for d in spec.finetune.domains], "pretrain"]
+    for d in spec.finetune.domains:
+        names.append(f"finetune/{d.name}")
+        if "scratch" in spec.evaluate.models:
+            names.append(f"scratch/{d.name}")
+    names += [f"evaluate/{d.name}" for d in spec.finetune.domains]
+    for name in names:
+        record.jobs[name] = JobRecord(name)
+    record.save()
+    return record
+
+
+def spec_hash(spec: PipelineSpec) -> str:
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def skip_pending(record: RunRecord) -> None:
+    for name, rec in record.jobs.items():
+        if rec.state in (JobState.PENDING, JobState.QUEUED):
+            record.set_job(name, JobState.SKIPPED)
+
+
+def _require(results: dict[str, dict[str, Any]], record: RunRecord, names: list[str]) -> dict[str, dict[str, Any]]:
+    failed = [n for n in names if n not in results]
+    if failed:
+        errors = "; ".join(f"{n}: {record.job(n).error}" for n in failed)
+        raise StageFailedError(errors)
+    return results
+
+
+# ---- stages --------------------------------------------------------------------------
+
+
+def stage_tokenizer(ctx: RunContext) -> dict[str, str]:
+    """Train (or copy in) the tokenizer; returns its URI in the run and its content hash."""
+    from branchout.stages.tokenizer import tokenizer_job
+
+    spec = ctx.spec
+    uri = ctx.uri("tokenizer")
+    args = (spec.tokenizer.model_dump(), spec.pretrain.dataset.model_dump(),
+            spec.evaluate.heldout_fraction, spec.evaluate.split_seed, uri)
+    item = WorkItem("tokenizer", lambda: submit_task(tokenizer_job, args, {"CPU": 1}, "tokenizer", ctx.hub_name),
+                    on_success=lambda h: {"uri": uri, "hash": h})
+    return _require(ctx.run([item]), ctx.record, ["tokenizer"])["tokenizer"]
+
+
+def stage_data(ctx: RunContext, tokenizer: dict[str, str]) -> dict[str, PackedInfo]:
+    """Tokenize and pack every dataset (once per distinct dataset and block length): the
+    pretraining corpus first, then every domain at once, each decontaminated against the
+    pretraining corpus's training text (a domain's held-out documents that are mostly that
+    text are not scored)."""
+    from branchout.stages.data import prepare
+
+    spec = ctx.spec
+    cache_root = storage.join(spec.storage, "cache", "data")
+    ev = spec.evaluate
+
+    def item(name: str, ds: DatasetSpec, seq_len: int, reference: str | None) -> WorkItem:
+        job = f"data/{name}"
+        args = (ds, tokenizer["uri"], tokenizer["hash"], seq_len, ev.heldout_fraction, ev.split_seed, cache_root,
+                reference, ctx.hub_name, job, ctx.fingerprints[name])
+        # 0 CPUs: prepare only drives a Ray Data pipeline whose tasks take the CPUs; holding
+        # one would starve its own tasks on a small cluster, with several datasets at once.
+        return WorkItem(job, lambda: submit_task(prepare, args, {"CPU": 0}, job, ctx.hub_name),
+                        on_success=lambda info: {**asdict(info), "fingerprint": ctx.fingerprints[name]})
+
+    first = item("pretrain", spec.pretrain.dataset, spec.pretrain.seq_len, None)
+    pretrain = _require(ctx.run([first]), ctx.record, [first.name])[first.name]
+    items = [item(d.name, d.dataset, spec.domain_seq_len(d), pretrain["uri"]) for d in spec.finetune.domains]
+    results = _require(ctx.run(items), ctx.record, [i.name for i in items])
+    return {"pretrain": PackedInfo.from_dict(pretrain),
+            **{d.name: PackedInfo.from_dict(results[f"data/{d.name}"]) for d in spec.finetune.domains}}
+
+
+def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo) -> str:
+    """DeepSpeed pretrain on Ray Train; returns the URI of the exported base model."""
+    from branchout.orchestrator.run.training import run_distributed
+
+    spec = ctx.spec
+    if ctx.plan.pretrain.steps == 0:  # branch straight from the given model
+        return import_base(ctx, tokenizer)
+    job = TrainJob(
+        name="pretrain", kind="pretrain", training=spec.pretrain.model_dump(mode="json"),
+        steps=ctx.plan.pretrain.steps, model_type=spec.model.type, model_overrides=spec.model.config,
+        tokenizer_uri=tokenizer["uri"], data_uri=data.uri, out_uri=ctx.uri("pretrain"),
+        logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id, hub_name=ctx.hub_name,
+        model_path=spec.model.path, model_revision=spec.model.revision,
+    )
+    item = WorkItem("pretrain", ctx.claiming(job, lambda: ctx.threads.submit(run_distributed, job, spec.pretrain.max_failures)),
+                    on_success=lambda r: {"model_uri": job.model_uri, "final_loss": r["final_loss"],
+                                          "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"]},
+                    resources=spec.pretrain.resources_per_worker.ray_bundle())
+    bundles = stage_bundles(spec)
+    ctx.hints.request(bundles["pretrain"], "pretrain")
+    last_interval = max(0, job.steps - spec.pretrain.checkpoint_every)
+    ahead: list[bool] = []
+
+    def fanout_ahead(snapshot: dict) -> None:
+        # the fan-out's nodes boot while the last checkpoint interval trains
+        if snapshot.get("pretrain", {}).get("step", 0) >= last_interval and not ahead:
+            ahead.append(True)
+            ctx.hints.request(bundles["pretrain"] + bundles["fanout"], "pretrain in its last interval; fan-out ahead")
+
+    outputs = _require(ctx.run([item], on_tick=fanout_ahead), ctx.record, ["pretrain"])["pretrain"]
+    ctx.hints.request(bundles["fanout"], "fan-out")
+    return outputs["model_uri"]
+
+
+def import_base(ctx: RunContext, tokenizer: dict[str, str]) -> str:
+    """``pretrain.steps: 0``: publish ``model.path`` as the run's base (a copy, no training)."""
+    from branchout.stages.model import import_model
+
+    spec = ctx.spec
+    uri = ctx.uri("pretrain", "model")
+    args = (spec.model.path, spec.model.revision, tokenizer["uri"], uri)
+    item = WorkItem("pretrain", lambda: submit_task(import_model, args, {"CPU": 1}, "pretrain", ctx.hub_name),
+                    on_success=lambda r: {"model_uri": r["model_uri"], "imported_from": r["imported_from"],
+                                          "resumed_from": 0})
+    return _require(ctx.run([item]), ctx.record, ["pretrain"])["pretrain"]["model_uri"]
+
+
+def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, PackedInfo],
+                   base_uri: str) -> None:
+    """One fine-tune per domain from the shared base, plus from-scratch baselines, concurrently."""
+    from branchout.orchestrator.run.pool import PoolSet
+
+    spec = ctx.spec
+    items = []
+    kinds = ["finetune"] + (["scratch"] if "scratch" in spec.evaluate.models else [])
+    pools = PoolSet(base_uri, spec.finetune.max_concurrent, fixed_cluster=not spec.cluster.autoscaling)
+    singles: dict[tuple, list[str]] = {}  # bundle → names of its single-worker jobs
+    for kind in kinds:
+        for d in spec.finetune.domains:
+            training = d.model_dump(mode="json", exclude={"name", "dataset"})
+            training["seq_len"] = spec.domain_seq_len(d)
+            job = TrainJob(
+                name=f"{kind}/{d.name}", kind=kind, training=training, steps=d.steps,
+                model_type=spec.model.type, model_overrides=spec.model.config,
+                model_path=spec.model.path, model_revision=spec.model.revision,
+                tokenizer_uri=tokenizer["uri"], data_uri=data[d.name].uri,
+                out_uri=ctx.uri(kind, d.name), logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id,
+                hub_name=ctx.hub_name,
+                # the baseline trains every weight from scratch whatever the domain's method
+                method=d.method if kind == "finetune" else "full",
+                lora=d.lora.model_dump(), base_model_uri=base_uri if kind == "finetune" else None,
+            )
+            bundle = d.resources_per_worker.ray_bundle()
+            deepspeed = d.uses_deepspeed()
+            group = [] if deepspeed else singles.setdefault(tuple(sorted(bundle.items())), [])
+            group.append(job.name)
+            submit = ctx.claiming(job, _submitter(ctx, job, deepspeed, bundle, d.max_failures, pools, group))
+            items.append(WorkItem(job.name, submit, max_retries=d.max_retries, resources=bundle,
+                                  on_success=lambda r, job=job: {
+                                      "model_uri": job.model_uri, "final_loss": r["final_loss"],
+                                      "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"],
+                                      "parent": job.base_model_uri}))
+    try:
+        ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
+    finally:
+        pools.shutdown()
+    for item in items:  # recorded as succeeded: its resume points are no longer needed
+        if ctx.record.job(item.name).state is JobState.SUCCEEDED:
+            storage.remove_dir(ctx.uri(*item.name.split("/"), "checkpoints"))
+
+
+def _submitter(ctx: RunContext, job: TrainJob, deepspeed: bool, resources: dict[str, float],
+               max_failures: int, pools, group: list[str]):
+    """DeepSpeed jobs (several workers, offload) go through Ray Train from a driver thread;
+    single-worker ones go to a warm pool (or, with ``finetune.warm_pool: false``, each to
+    its own Ray task). ``group``: the jobs sharing this job's bundle, which size its pool."""
+    from branchout.orchestrator.run.training import run_distributed
+    from branchout.stages.single_worker import run_single_worker
+
+    if deepspeed:
+        return lambda: ctx.threads.submit(run_distributed, job, max_failures)
+    if not ctx.spec.finetune.warm_pool:
+        return lambda: submit_task(run_single_worker, (job,), resources, job.name, ctx.hub_name)
+    return lambda: pools.submit(job, resources, sum(not ctx.record.job(n).state.done for n in group))
+
+
+def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) -> None:
+    """Held-out perplexity per domain of base, fine-tuned and scratch models.
+
+    One job per domain, placed like the domain's fine-tune (one worker's bundle: its GPU
+    share, accelerator type and CPUs, from the plan) and scoring in its precision; the
+    driver (often on a small head node) loads no model.
+    """
+    from branchout.stages.evaluate import evaluate_domain
+
+    spec = ctx.spec
+    ev = spec.evaluate
+    items = []
+    for d in spec.finetune.domains:
+        bundle = ctx.plan.job(f"evaluate/{d.name}").resources
+        candidates: dict[str, tuple[str, str | None]] = {}
+        if "base" in ev.models:
+            candidates["base"] = (base_uri, None)
+        ft = ctx.record.job(f"finetune/{d.name}")
+        if "finetuned" in ev.models and ft.state.done:
+            candidates["finetuned"] = (ft.outputs["model_uri"], base_uri if d.method == "lora" else None)
+        sc = ctx.record.job(f"scratch/{d.name}")
+        if "scratch" in ev.models and sc.state.done:
+            candidates["scratch"] = (sc.outputs["model_uri"], None)
+        args = (d.name, data[d.name].uri, candidates, ev.batch_size, ev.max_blocks,
+                max(1, int(bundle["CPU"])), d.deepspeed.precision, d.resources_per_worker.uses_gpu)
+        previous = ctx.record.job(f"evaluate/{d.name}").outputs.get("scored")
+        items.append(WorkItem(f"evaluate/{d.name}",
+                              lambda args=args, bundle=bundle: submit_task(evaluate_domain, args, bundle,
+                                                                           f"evaluate/{args[0]}", ctx.hub_name),
+                              resources=bundle,
+                              on_success=lambda r, c=candidates: {**r, "scored": c},
+                              # a cached score stands only if it scored the same models
+                              accept=lambda hit, c=candidates: _as_lists(hit.get("scored", {})) == _as_lists(c),
+                              # a resume that redid a fine-tune must score it again
+                              rerun=previous is not None and _as_lists(previous) != _as_lists(candidates)))
+    ctx.hints.request(stage_bundles(spec)["evaluate"], "evaluate")
+    results = ctx.run(items)
+    domains = {}
+    for d in spec.finetune.domains:
+        r = results.get(f"evaluate/{d.name}")
+        if r is None:
+            continue
+        row = {k: r[k] for k in ("base_ppl", "finetuned_ppl", "scratch_ppl", "heldout_tokens") if k in r}
+        if "base_ppl" in row and "finetuned_ppl" in row:
+            row["transfer_gain"] = 1 - row["finetuned_ppl"] / row["base_ppl"]
+        if "scratch_ppl" in row and "finetuned_ppl" in row:
+            row["gain_vs_scratch"] = 1 - row["finetuned_ppl"] / row["scratch_ppl"]
+        row["method"] = d.method
+        domains[d.name] = row
+    metrics = {"run_id": ctx.record.run_id, "pipeline": spec.name, "domains": domains,
+               "pretrain": ctx.record.job("pretrain").outputs}
+    storage.write_text(ctx.uri("eval", "metrics.json"), json.dumps(metrics, indent=1))
+
+
+def _as_lists(candidates: dict) -> dict:
+    return {k: list(v) for k, v in candidates.items()}
+
+
+def _read_metrics(record: RunRecord) -> dict | None:
+    uri = storage.join(record.run_uri, "eval", "metrics.json")
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def write_report(record: RunRecord) -> str | None:
+    from branchout.orchestrator.run.report import write_report as _write
+
+    metrics = _read_metrics(record)
+    return _write(record, metrics) if metrics else None

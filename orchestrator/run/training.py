@@ -1,0 +1,90 @@
+"""Launch a distributed ``TrainJob`` as a Ray Train ``TorchTrainer`` and wait for it.
+
+Ray Train owns the worker group, the process group and restarts after a worker dies.
+Each launch is a new Ray Train run, ``<job dir>/ray/train-<time>``: branchout, not Ray's
+run snapshot, decides which checkpoint to continue from (the newest that verifies, across
+every earlier run of the job; see ``stages.pretrain``). Re-using one run name would make
+Ray restore its own bookkeeping, which lists checkpoints branchout's retention removed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+
+from branchout.stages import storage
+from branchout.stages.job import TrainJob
+
+
+class TrainingFailedError(RuntimeError):
+    """A distributed job failed after Ray Train's retries; the message is the root cause."""
+
+
+def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
+    """Run ``job`` on ``num_workers`` Ray Train workers; returns its result dict."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from branchout.stages.distributed import read_result, train_worker
+
+    t = job.spec()
+    r = t.resources_per_worker
+    fs, path = storage.filesystem(storage.join(job.out_uri, "ray"))
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": asdict(job)},
+        torch_config=TorchConfig(backend=process_group_backend(r.uses_gpu)),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=r.uses_gpu,
+                                     resources_per_worker=r.ray_bundle()),
+        run_config=RunConfig(
+            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=max_failures),
+            # retention is branchout's (stages/distributed.py): Ray cannot tell a damaged
+            # checkpoint from a good one and could delete the last good one
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors in several types; report the root cause
+        raise TrainingFailedError(root_cause(e)) from e
+    result = read_result(job)
+    if result is None:
+        raise TrainingFailedError(f"{job.name}: finished without writing its result")
+    return result
+
+
+def process_group_backend(uses_gpu: bool) -> str:
+    """The torch.distributed backend of a Ray Train job.
+
+    On GPUs a process group with a backend per device: NCCL for CUDA tensors (gradients,
+    the loss), gloo for anything that is on the host (a checkpoint choice broadcast,
+    DeepSpeed's host-side bookkeeping). An NCCL-only group, Ray's default, fails on the
+    first CPU tensor with "No backend type associated with device type cpu".
+    BRANCHOUT_SIMULATE_GPUS: GPU resources are scheduling tokens of a fake cluster (Ray's
+    fake multi-node autoscaler); train on the CPU with gloo.
+    """
+    return "cpu:gloo,cuda:nccl" if uses_gpu and not simulate_gpus() else "gloo"
+
+
+def simulate_gpus() -> bool:
+    import os
+
+    return os.environ.get("BRANCHOUT_SIMULATE_GPUS", "") not in ("", "0")
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost error's last line: what a user needs, without Ray's wrapping."""
+    seen = error
+    while True:
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    # Collapse a multi-line message (pydantic, Ray) into one line a table can show.
+    lines = [ln.strip() for ln in str(seen).splitlines()
+             if ln.strip() and not ln.strip().startswith("For further information")]
+    message = " ".join(lines)[:300] or "(no message)"
+    name = type(seen).__name__
+    return message if message.startswith(name) else f"{name}: {message}"

@@ -1,0 +1,131 @@
+"""Chaos: real training processes die with SIGKILL mid-run; what does the run do about it?
+
+- a 2-worker DeepSpeed pretrain loses rank 0 at step 25: Ray Train restarts the group, the
+  run resumes from the step-20 checkpoint, and the trajectory from there is the one of the
+  same run left alone;
+- fan-out workers die: a domain with retries left is retried from its own checkpoint and
+  succeeds, one without fails alone, the third domain is untouched.
+
+The kills come from ``BRANCHOUT_FAULTS`` (``stages.faults``): the worker SIGKILLs itself
+right after logging the named step, so the kill lands at that exact step however loaded
+the machine is. An external kill racing a 25 ms/step model could land before the first
+checkpoint or after the job ended.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from branchout.orchestrator.run.state import JobState, RunRecord, RunState
+from branchout.stages.checkpoint import newest_good
+
+from conftest import TINY, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _steps(run_dir: Path, job: str) -> list[int]:
+    path = run_dir / "logs" / f"{job.replace('/', '-')}.metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _losses(run_dir: Path, job: str) -> dict[int, float]:
+    path = run_dir / "logs" / f"{job.replace('/', '-')}.metrics.jsonl"
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+def _run_dir(storage: Path) -> Path | None:
+    found = list(storage.glob("*/*/state.json"))
+    return found[0].parent if found else None
+
+
+def _run_with_faults(path, faults: str) -> subprocess.CompletedProcess:
+    return run_cli("run", str(path), env={"BRANCHOUT_FAULTS": faults})
+
+
+def test_worker_killed_mid_pretrain(write_pipeline, tmp_path):
+    spec = copy.deepcopy(TINY)
+    spec["pretrain"].update(steps=40, checkpoint_every=10, log_every=1)
+    spec["finetune"]["defaults"]["steps"] = 2
+    spec["evaluate"]["models"] = ["base"]
+
+    baseline = run_cli("run", str(write_pipeline(spec, name="baseline.yaml", storage=str(tmp_path / "a"))))
+    assert baseline.returncode == 0, baseline.stdout[-3000:]
+
+    out = _run_with_faults(write_pipeline(spec, name="chaos.yaml", storage=str(tmp_path / "b")), "pretrain@25")
+    assert out.returncode == 0, out.stdout[-3000:]
+
+    run_dir = _run_dir(tmp_path / "b")
+    assert (run_dir / "pretrain" / "FAULT-25").exists()  # the kill happened
+    steps = _steps(run_dir, "pretrain")
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    before_kill, resumed_at = steps[restart - 1], steps[restart] - 1
+    assert (before_kill, resumed_at) == (25, 20), steps  # from the newest checkpoint, not step 0
+    assert steps[-1] == 40
+    pretrain = RunRecord.load(str(run_dir)).job("pretrain")
+    assert pretrain.state is JobState.SUCCEEDED
+    # the restart is visible: a second attempt, why the first ended, a line on the display
+    assert pretrain.attempts == 2, pretrain.history
+    died = re.fullmatch(r"worker died at step ~(\d+); restarted from step 20", pretrain.history[0]["error"])
+    assert died and int(died[1]) <= 25, pretrain.history
+    assert "pretrain: worker died at step ~" in out.stdout
+
+    final = RunRecord.load(str(run_dir)).job("pretrain").outputs["final_loss"]
+    expected = RunRecord.load(str(_run_dir(tmp_path / "a"))).job("pretrain").outputs["final_loss"]
+    assert abs(final - expected) / expected < 0.01, (final, expected)
+    # the resumed trajectory is the uninterrupted one, step by step
+    a, b = _losses(_run_dir(tmp_path / "a"), "pretrain"), _losses(run_dir, "pretrain")
+    assert all(abs(a[s] - b[s]) / a[s] < 0.01 for s in range(resumed_at + 1, 41))
+
+    # every Ray Train checkpoint carries both ranks' manifests and verifies
+    ray_dir = run_dir / "pretrain" / "ray"
+    names = sorted((p.relative_to(ray_dir).as_posix() for p in ray_dir.glob("train-*/checkpoint_2*")),
+                   key=lambda n: n.split("/")[-1])
+    assert len(names) == 2  # keep_checkpoints
+    assert newest_good(str(ray_dir), names, world=2)[0] == names[-1]
+    newest = ray_dir / names[-1]
+    victim = next(p for p in newest.rglob("*optim_states.pt"))
+    with open(victim, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    name, _, skipped = newest_good(str(ray_dir), names, world=2)
+    assert name == names[0] and victim.name in skipped[0]
+
+
+def test_domain_workers_killed(write_pipeline, tmp_path):
+    spec = copy.deepcopy(TINY)
+    spec["evaluate"]["models"] = ["base", "finetuned"]
+    legal, code, docs = spec["finetune"]["domains"]
+    code.update(steps=60, checkpoint_every=20, max_retries=1)
+    docs.update(steps=60, checkpoint_every=20, max_retries=0)
+    legal.update(max_retries=0)
+    out = _run_with_faults(write_pipeline(spec), "finetune/code@50,finetune/docs@30")
+    assert out.returncode == 1, out.stdout[-3000:]  # docs had no retries left
+
+    run_dir = _run_dir(tmp_path / "runs")
+    record = RunRecord.load(str(run_dir))
+    assert record.state is RunState.FAILED and record.error == "failed: finetune/docs"
+    code_job = record.job("finetune/code")
+    assert code_job.state is JobState.SUCCEEDED and code_job.attempts == 2
+    assert code_job.history[0]["state"] == "failed" and "died" in code_job.history[0]["error"].lower()
+    assert code_job.outputs["resumed_from"] == 40  # its newest checkpoint before the kill at 50
+    assert _steps(run_dir, "finetune/code")[-1] == 60
+    docs_job = record.job("finetune/docs")
+    assert docs_job.state is JobState.FAILED and docs_job.attempts == 1
+    assert record.job("finetune/legal").attempts == 1
+    assert record.job("finetune/legal").state is JobState.SUCCEEDED
+    for domain in ("legal", "code", "docs"):  # the base is scored even where the fine-tune failed
+        assert record.job(f"evaluate/{domain}").state is JobState.SUCCEEDED
+    # the succeeded job's resume points are removed once recorded; the failed one keeps its own
+    assert not (run_dir / "finetune" / "code" / "checkpoints").exists()
+    assert [p.name for p in (run_dir / "finetune" / "docs" / "checkpoints").iterdir()] == ["step_00000020"]
+    status = run_cli("status", record.run_id)
+    assert "attempt 1" in status.stdout and "died" in status.stdout.lower()

@@ -1,0 +1,148 @@
+"""End to end on a real local Ray: tokenizer → DeepSpeed pretrain (2 workers) → fan-out → eval.
+
+Each run is the CLI as a user runs it; the assertions read what it left on disk with
+real transformers / peft loaders.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from branchout.orchestrator.run.state import JobState, RunRecord, RunState
+
+from conftest import run_cli
+
+
+def only_run_dir(storage: Path, pipeline: str = "tiny") -> Path:
+    runs = sorted((storage / pipeline).iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def finished_run(request, corpus_dir, tmp_path_factory):
+    """One tiny pipeline run per ZeRO stage. The ZeRO-3 run fine-tunes `code` (and its
+    baseline) on two Ray Train workers of one CPU each, next to single-worker jobs on warm
+    runners, on 2 CPUs: the mix that once deadlocked (idle runners held both CPUs)."""
+    import yaml
+
+    from conftest import TINY
+
+    tmp = tmp_path_factory.mktemp(f"zero{request.param}")
+    spec = yaml.safe_load(yaml.safe_dump(TINY))
+    spec["storage"] = str(tmp / "runs")
+    spec["pretrain"]["dataset"]["path"] = str(corpus_dir / "general.jsonl")
+    for d in spec["finetune"]["domains"]:
+        d["dataset"]["path"] = str(corpus_dir / d["dataset"]["path"])
+    if request.param == 3:
+        # one domain big enough for two DeepSpeed workers: the multi-worker fine-tune path
+        spec["finetune"]["domains"][1].update(num_workers=2, micro_batch_size=2, resources_per_worker={"cpu": 1})
+    path = tmp / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    started = time.time()
+    out = run_cli("run", str(path), "--set", f"pretrain.deepspeed.zero_stage={request.param}")
+    print(f"zero{request.param} pipeline: {time.time() - started:.0f}s")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return request.param, only_run_dir(tmp / "runs"), out
+
+
+def test_run_record_and_cli_output(finished_run):
+    zero, run_dir, out = finished_run
+    record = RunRecord.load(str(run_dir))
+    assert record.state is RunState.SUCCEEDED
+    assert all(s.state is JobState.SUCCEEDED for s in record.jobs.values()), record.jobs
+    assert f"DeepSpeed ZeRO-{zero}" in out.stdout
+    assert "2 workers × micro-batch 2 × grad-accum 2 × 32 tokens = 256 tokens/step" in out.stdout
+    assert f"report: {run_dir}/report.html" in out.stdout
+    for domain in ("legal", "code", "docs"):
+        assert domain in out.stdout.split("results")[-1]
+
+
+def test_base_model_loads_generates_and_is_not_empty(finished_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run_dir, _ = finished_run
+    model_dir = run_dir / "pretrain" / "model"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    params = dict(model.named_parameters())
+    assert all(p.numel() > 0 for p in params.values())
+    assert all(float(p.detach().abs().sum()) > 0 for p in params.values())  # ZeRO-3 shards gathered, not empty
+    ids = model.generate(**tok("def ", return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    assert ids.shape[1] > 2
+
+
+# 12 steps of a 2-layer model: from ln(512) ≈ 6.24 nats to 5.95 on held-out text (measured,
+# ZeRO-2 and ZeRO-3 alike); a pretrain that did not learn stays within noise of its start.
+LEARNED_NATS = 0.15
+
+
+def test_pretrain_lowered_heldout_loss(finished_run):
+    """The base model scores the pretraining corpus's held-out blocks at least LEARNED_NATS
+    below the very initialisation the pretrain started from (same config, same seed)."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from branchout.stages.data import open_blocks
+    from branchout.stages.evaluate import perplexity
+    from branchout.stages.model import build_model
+
+    _, run_dir, _ = finished_run
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "pretrain" / "model", dtype=torch.float32)
+    init = build_model(trained.config, seed=0)  # pretrain.seed's default: the run's own starting point
+    blocks = open_blocks(RunRecord.load(str(run_dir)).job("data/pretrain").outputs["uri"], "heldout")
+    after, _ = perplexity(trained, blocks, batch_size=8, max_blocks=64)
+    before, _ = perplexity(init, blocks, batch_size=8, max_blocks=64)
+    print(f"held-out loss: init {math.log(before):.3f} → trained {math.log(after):.3f} nats")
+    assert math.log(before) - math.log(after) >= LEARNED_NATS, (before, after)
+
+
+def test_finetunes_load(finished_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run_dir, _ = finished_run
+    for domain in ("legal", "code"):  # full fine-tunes
+        path = run_dir / "finetune" / domain / "model"
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        assert model.generate(**tok("The ", return_tensors="pt"), max_new_tokens=4).shape[1] > 1
+    base = AutoModelForCausalLM.from_pretrained(run_dir / "pretrain" / "model")
+    lora = PeftModel.from_pretrained(base, run_dir / "finetune" / "docs" / "model")
+    assert any("lora_A" in n for n, _ in lora.named_parameters())
+    config = json.loads((run_dir / "finetune" / "docs" / "model" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+
+
+def test_fanout_runs_domains_concurrently(finished_run):
+    zero, run_dir, _ = finished_run
+    if zero == 3:
+        pytest.skip("the ZeRO-3 run mixes a slower-starting Ray Train job into the fan-out")
+    record = RunRecord.load(str(run_dir))
+    spans = [(s.started, s.ended) for name, s in record.jobs.items()
+             if name.split("/")[0] in ("finetune", "scratch")]
+    assert len(spans) >= 3
+    most = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+    assert most >= 3, spans
+
+
+def test_metrics_and_report(finished_run):
+    zero, run_dir, _ = finished_run
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    for domain in ("legal", "code", "docs"):
+        row = metrics["domains"][domain]
+        assert isinstance(row["base_ppl"], float) and isinstance(row["finetuned_ppl"], float)
+        assert row["heldout_tokens"] > 0 and row["base_ppl"] > 1
+        assert isinstance(row["scratch_ppl"], float)
+    report = (run_dir / "report.md").read_text()
+    assert "| legal | full | succeeded |" in report and "| docs | lora | succeeded |" in report
+    html = (run_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2
+    assert (run_dir / "logs" / "pretrain.metrics.jsonl").exists()
+    assert list((run_dir / "logs" / "tensorboard" / "pretrain").glob("events.out.tfevents.*"))

@@ -1,0 +1,43 @@
+"""The quickstart exactly as the README runs it: real text, ~3M-parameter Llama, 3 domains."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from branchout.orchestrator.run.state import RunRecord, RunState
+
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_transfers_to_every_domain(tmp_path):
+    data = tmp_path / "data"
+    built = subprocess.run([sys.executable, str(REPO / "examples" / "corpus.py"), str(data)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    sets = [f"storage={tmp_path / 'runs'}", f"pretrain.dataset.path={data / 'general.jsonl'}"]
+    for i, name in enumerate(("legal", "code", "docs")):
+        sets.append(f"finetune.domains.{i}.dataset.path={data / name}.jsonl")
+    args = [a for s in sets for a in ("--set", s)]
+    started = time.time()
+    out = run_cli("run", str(REPO / "examples" / "quickstart.yaml"), *args, timeout=900)
+    seconds = time.time() - started
+    print(out.stdout[-2500:])
+    print(f"quickstart end to end: {seconds:.0f}s")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = next((tmp_path / "runs" / "quickstart").iterdir())
+    assert RunRecord.load(str(run_dir)).state is RunState.SUCCEEDED
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert set(metrics["domains"]) == {"legal", "code", "docs"}
+    for name, row in metrics["domains"].items():
+        assert row["finetuned_ppl"] < row["base_ppl"], (name, row)
+        assert row["scratch_ppl"] > 0 and row["heldout_tokens"] > 0
+    report = (run_dir / "report.md").read_text()
+    assert "base ppl" in report and "scratch ppl" in report and "transfer gain" in report
+    # how long it takes is a benchmark (benchmarks/quickstart.py), not a pass/fail here

@@ -1,0 +1,126 @@
+"""The data stage on Ray: byte-identical to the single-process path, several datasets at once
+on a 2-CPU cluster without deadlock, progress on the run's hub, bad input as one line; and a
+reader on object storage that downloads only the shards it touches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from branchout.core.spec import DatasetSpec
+from branchout.stages import data
+from branchout.stages.checkpoint import publish_dir
+from branchout.stages.tokenizer import tokenizer_hash, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(corpus_dir, tmp_path_factory):
+    texts = [json.loads(line)["text"] for line in (corpus_dir / "general.jsonl").read_text().splitlines()]
+    work, out = tmp_path_factory.mktemp("tok-work"), tmp_path_factory.mktemp("tok") / "published"
+    train_tokenizer(texts, vocab_size=400, min_frequency=2, out_dir=str(work))
+    publish_dir(str(work), str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="test-data")
+    yield ray
+    ray.shutdown()
+
+
+def _digests(uri: str) -> dict[str, str]:
+    manifest = json.loads(Path(uri, "MANIFEST.json").read_text())
+    return {name: f["sha256"] for name, f in manifest["files"].items()}
+
+
+def test_ray_data_path_is_byte_identical_and_datasets_run_at_once(ray_local, corpus_dir, tokenizer_dir, tmp_path):
+    from branchout.core.progress import hub_name, start_hub
+
+    ray = ray_local
+    h = tokenizer_hash(tokenizer_dir)
+    hub = start_hub("test-data")
+    task = ray.remote(data.prepare).options(num_cpus=0)  # as the driver submits it
+    names = ("general", "legal", "code")
+    refs = [task.remote(DatasetSpec(path=str(corpus_dir / f"{n}.jsonl")), tokenizer_dir, h, 16, 0.2, 0,
+                        str(tmp_path / "ray"), None, hub_name("test-data"), f"data/{n}", unit_bytes=8_000)
+            for n in names]
+    infos = ray.get(refs, timeout=300)  # three pipelines on 2 CPUs: all finish
+    assert all(info.nodes == 1 for info in infos)
+    for name, info in zip(names, infos, strict=True):
+        local = data.prepare(DatasetSpec(path=str(corpus_dir / f"{name}.jsonl")), tokenizer_dir, h, 16, 0.2, 0,
+                             str(tmp_path / "local"))
+        assert _digests(info.uri) == _digests(local.uri), name
+    time.sleep(1.5)  # the hub is updated fire-and-forget
+    progress = ray.get(hub.snapshot.remote())["data/general"]
+    assert progress["tokens"] == infos[0].tokens and progress["docs"] > 0
+    assert progress["tokens_per_s"] > 0 and progress["eta_s"] is not None
+
+
+def test_bad_input_in_a_ray_task_is_one_line(ray_local, tokenizer_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"text": f"line {i} " * 30}) + "\n" for i in range(300)) + "[1, 2]\n")
+    task = ray_local.remote(data.prepare).options(num_cpus=0, max_retries=0)
+    with pytest.raises(data.DataError) as e:
+        ray_local.get(task.remote(DatasetSpec(path=str(bad)), tokenizer_dir, "h", 16, 0.2, 0, str(tmp_path / "c"),
+                                  unit_bytes=4096))
+    assert f"{bad}: line 301 is a JSON list, expected an object" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """A real S3 API on loopback (moto's server), as tests/test_s3.py uses."""
+    from raycluster import free_port
+
+    port = free_port()
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    deadline = time.time() + 30
+    while True:
+        try:
+            boto3.client("s3").create_bucket(Bucket="data-test")
+            break
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.3)
+    yield "s3://data-test"
+    server.terminate()
+    server.wait(10)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_a_reader_on_object_storage_downloads_only_the_shards_it_reads(s3_bucket, corpus_dir, tokenizer_dir,
+                                                                    tmp_path):
+    import numpy as np
+
+    info = data.prepare(DatasetSpec(path=str(corpus_dir / "general.jsonl")), tokenizer_dir,
+                        tokenizer_hash(tokenizer_dir), 8, 0.1, 0, f"{s3_bucket}/cache", shard_blocks=64)
+    assert info.uri.startswith("s3://")
+    cache = tmp_path / "shards"
+    blocks = data.open_blocks(info.uri, "train", local_dir=str(cache))
+    n_shards = -(-len(blocks) // 64)
+    picked = blocks[np.array([3, 64 * 5 + 1, 2])]
+    assert picked.shape == (3, 8) and n_shards > 10
+    assert sorted(os.listdir(cache)) == ["00000-train.bin", "00005-train.bin"]
+    local = data.prepare(DatasetSpec(path=str(corpus_dir / "general.jsonl")), tokenizer_dir,
+                         tokenizer_hash(tokenizer_dir), 8, 0.1, 0, str(tmp_path / "local"), shard_blocks=64)
+    assert (picked == np.asarray(data.open_blocks(local.uri, "train"))[[3, 64 * 5 + 1, 2]]).all()

@@ -1,0 +1,94 @@
+"""Evaluation jobs: placed like the domain's fine-tune, scoring in its precision, one job per domain.
+
+A local Ray that declares one GPU and an H100 accelerator type stands in for a GPU node
+(Ray places by resources; on this CPU-only machine the job then scores on the CPU, as
+every GPU job here does). The driver submits an evaluation with ``submit_task`` and the
+plan's bundle for it; the tests do the same.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from conftest import job_for, job_parts
+
+H100_NODE = {"accelerator_type:H100": 1.0}
+
+
+@pytest.fixture(scope="module")
+def ray_gpu_node():
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=1, resources=H100_NODE, include_dashboard=False,
+             log_to_driver=False, namespace="test-eval-jobs")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained(ray_gpu_node, corpus_dir, tmp_path_factory):
+    """A base, a LoRA adapter and a full fine-tune of it (2 steps each), in fp32."""
+    from branchout.stages.single_worker import run_single_worker
+
+    parts = job_parts(tmp_path_factory.mktemp("eval"), corpus_dir)
+    lora, full = job_for(parts, "lora", "lora", steps=2), job_for(parts, "full", "full", steps=2)
+    run_single_worker(lora)
+    run_single_worker(full)
+    return parts, lora, full
+
+
+
+
+def test_an_evaluation_is_placed_on_its_gpu_type_and_keeps_its_outputs(trained):
+    import ray
+
+    from branchout.orchestrator.run.fanout import submit_task
+    from branchout.stages.evaluate import evaluate_domain
+
+    parts, lora, full = trained
+    bundle = {"CPU": 1.0, "GPU": 1.0, "accelerator_type:H100": 0.001}
+    candidates = {"base": (str(parts[0] / "base"), None), "finetuned": (lora.model_uri, str(parts[0] / "base")),
+                  "scratch": (full.model_uri, None)}
+    args = ("legal", parts[1], candidates, 4, 8, 1, "bf16", True)
+    result = submit_task(evaluate_domain, args, bundle, "evaluate/legal", None).result(timeout=300)
+    assert set(result) == {"domain", "base_ppl", "finetuned_ppl", "scratch_ppl", "heldout_tokens", "started", "ended"}
+    assert all(result[f"{m}_ppl"] > 1 for m in ("base", "finetuned", "scratch"))
+
+    def assigned():
+        import os
+
+        return ray.get_runtime_context().get_assigned_resources(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    # what that task got: the GPU and the accelerator-type share it asked for
+    resources, visible = submit_task(assigned, (), bundle, "probe", None).result(timeout=60)
+    assert resources["GPU"] == 1.0 and resources["accelerator_type:H100"] == pytest.approx(0.001)
+    assert visible == "0"
+    # and a job planned for another GPU type never lands here
+    elsewhere = submit_task(assigned, (), {"CPU": 1.0, "GPU": 1.0, "accelerator_type:A100": 0.001}, "a100", None)
+    time.sleep(3)
+    assert not elsewhere.done()
+    elsewhere.cancel()
+
+
+def test_one_job_scores_every_model_as_separate_loads_would(trained):
+    """Reusing the loaded base for the LoRA fine-tune changes nothing; bf16 scores are close
+    to fp32 ones (the model trained in fp32 here, so they differ by bf16 rounding only)."""
+    from branchout.stages.data import open_blocks
+    from branchout.stages.evaluate import evaluate_domain, load_for_scoring, perplexity
+
+    parts, lora, full = trained
+    base = str(parts[0] / "base")
+    candidates = {"base": (base, None), "finetuned": (lora.model_uri, base), "scratch": (full.model_uri, None)}
+    one_job = evaluate_domain("legal", parts[1], candidates, 4, 8, 1, "fp32", False)
+    blocks = open_blocks(parts[1], "heldout")
+    for name, (uri, adapter_base) in candidates.items():
+        alone, tokens = perplexity(load_for_scoring(uri, adapter_base), blocks, 4, 8)
+        assert one_job[f"{name}_ppl"] == pytest.approx(alone, rel=1e-6), name
+        assert one_job["heldout_tokens"] == tokens
+    assert one_job["finetuned_ppl"] != one_job["base_ppl"]  # the adapter was applied
+    in_bf16 = evaluate_domain("legal", parts[1], candidates, 4, 8, 1, "bf16", False)
+    for name in candidates:
+        assert math.isclose(in_bf16[f"{name}_ppl"], one_job[f"{name}_ppl"], rel_tol=0.03), name

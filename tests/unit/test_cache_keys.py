@@ -1,0 +1,79 @@
+"""The stage cache: keys change exactly when inputs do; a second run computes nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from branchout.orchestrator.config.loader import load_spec
+from branchout.orchestrator.run.cache import expand_rerun, job_keys
+
+from conftest import TINY
+
+FPS = {"pretrain": "p0", "legal": "l0", "code": "c0", "docs": "d0"}
+
+
+def _keys(write_pipeline, mutate=None, fps=None):
+    spec = copy.deepcopy(TINY)
+    if mutate:
+        mutate(spec)
+    return job_keys(load_spec(write_pipeline(spec)), fps or FPS)
+
+
+def _changed(a: dict, b: dict) -> set[str]:
+    return {k for k in a if a[k] != b[k]}
+
+
+def test_keys_follow_inputs(write_pipeline):
+    base = _keys(write_pipeline)
+    assert base == _keys(write_pipeline)  # deterministic
+    # one domain's data changed: only that domain's jobs
+    assert _changed(base, _keys(write_pipeline, fps={**FPS, "legal": "l1"})) == {
+        "data/legal", "finetune/legal", "scratch/legal", "evaluate/legal"}
+    # the pretrain section changed: the pretrain and everything started from it
+    changed = _changed(base, _keys(write_pipeline, lambda s: s["pretrain"]["optimizer"].update(lr=1e-3)))
+    assert changed == {"pretrain", "finetune/legal", "finetune/code", "finetune/docs",
+                       "evaluate/legal", "evaluate/code", "evaluate/docs"}  # baselines do not use it
+    # the pretraining data changed: the tokenizer, hence every block of every dataset
+    assert _changed(base, _keys(write_pipeline, fps={**FPS, "pretrain": "p1"})) == set(base)
+    # settings that cannot change an output change no key
+    assert not _changed(base, _keys(write_pipeline, lambda s: s["pretrain"].update(log_every=1, checkpoint_every=3)))
+    # one domain's options changed
+    assert _changed(base, _keys(write_pipeline, lambda s: s["finetune"]["domains"][1].update(steps=9))) == {
+        "finetune/code", "scratch/code", "evaluate/code"}
+
+
+@pytest.mark.parametrize("library", ["torch", "transformers", "deepspeed", "peft", "tokenizers"])
+def test_a_library_upgrade_changes_every_key(write_pipeline, monkeypatch, library):
+    import importlib.metadata
+
+    from branchout.orchestrator.run import cache
+
+    before = _keys(write_pipeline)
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "999.0" if name == library else real(name))
+    cache.code_version.cache_clear()
+    try:
+        after = _keys(write_pipeline)
+    finally:
+        cache.code_version.cache_clear()
+    assert _changed(before, after) == set(before)
+
+
+def test_orchestrator_code_that_shapes_outputs_is_in_the_key():
+    from branchout.orchestrator.run.cache import OUTPUT_CODE
+
+    # the modules that turn a spec into jobs: defaults, derived steps, job options, eval rows
+    assert {"stages", "core/spec.py", "orchestrator/config/plan.py", "orchestrator/run/driver.py"} <= set(OUTPUT_CODE)
+
+
+def test_rerun_names(write_pipeline):
+    spec = load_spec(write_pipeline())
+    assert expand_rerun(spec, ["legal"]) == {"finetune/legal", "scratch/legal", "evaluate/legal"}
+    assert expand_rerun(spec, ["pretrain"]) == {"pretrain", "finetune/legal", "finetune/code", "finetune/docs",
+                                               "evaluate/legal", "evaluate/code", "evaluate/docs"}
+    assert "data/code" in expand_rerun(spec, ["tokenizer"])
+    with pytest.raises(ValueError, match="--rerun 'legl': not a job, stage or domain of tiny"):
+        expand_rerun(spec, ["legl"])

@@ -1,0 +1,138 @@
+"""Checkpoints: a killed writer, damaged files and sharded (per-rank) checkpoints are detected,
+loaders fall back to the previous good checkpoint, and retention never drops the newest good."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from branchout.stages import checkpoint
+
+
+def _make(path, files: dict[str, bytes]) -> str:
+    os.makedirs(path, exist_ok=True)
+    for name, data in files.items():
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(data)
+    return str(path)
+
+
+def _publish(tmp_path, parent, name, payload=b"x" * 1000):
+    src = _make(tmp_path / f"src-{name}", {"state.pt": payload, "meta.json": b"{}"})
+    checkpoint.publish_dir(src, str(parent / name))
+
+
+def _flip(path, offset=5):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_fallback_to_previous_good_checkpoint(tmp_path):
+    parent = tmp_path / "ckpts"
+    for name in ("step_010", "step_020", "step_030"):
+        _publish(tmp_path, parent, name)
+    _flip(parent / "step_030" / "state.pt")
+    os.truncate(parent / "step_020" / "state.pt", 10)
+    name, path, skipped = checkpoint.newest_good(str(parent), ["step_010", "step_020", "step_030"])
+    assert name == "step_010" and path == str(parent / "step_010")
+    assert skipped == [f"{parent}/step_030: state.pt: SHA-256 mismatch (corrupted)",
+                       f"{parent}/step_020: state.pt: size 10 != 1000 (truncated?)"]
+
+
+def test_no_good_checkpoint_is_reported_not_ignored(tmp_path):
+    parent = tmp_path / "ckpts"
+    _publish(tmp_path, parent, "step_010")
+    os.remove(parent / "step_010" / checkpoint.MANIFEST)
+    name, path, skipped = checkpoint.newest_good(str(parent), ["step_010"])
+    assert name is None and path is None
+    assert skipped == [f"{parent}/step_010: MANIFEST.json missing (never finished publishing)"]
+
+
+def test_sharded_checkpoint_needs_every_rank(tmp_path):
+    parent = tmp_path / "ray"
+    for name, ranks_done in (("checkpoint_1", 2), ("checkpoint_2", 1)):
+        d = parent / name
+        for rank in range(2):
+            _make(d, {f"zero_pp_rank_{rank}_optim_states.pt": os.urandom(512)})
+        for rank in range(ranks_done):  # rank 1 of checkpoint_2 died before its manifest
+            scratch = _make(tmp_path / f"{name}-r{rank}", {f"zero_pp_rank_{rank}_optim_states.pt":
+                                                           (d / f"zero_pp_rank_{rank}_optim_states.pt").read_bytes()})
+            checkpoint.write_rank_manifest(scratch, rank, 2, {"step": 1})
+            os.replace(os.path.join(scratch, checkpoint.rank_manifest_name(rank)),
+                       d / checkpoint.rank_manifest_name(rank))
+    name, _, skipped = checkpoint.newest_good(str(parent), ["checkpoint_1", "checkpoint_2"], world=2)
+    assert name == "checkpoint_1"
+    assert skipped == [f"{parent}/checkpoint_2: MANIFEST.rank1.json missing (rank 1 never finished writing)"]
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="written by 2 workers, this job has 4"):
+        checkpoint.fetch_verified(str(parent / "checkpoint_1"), world=4)
+
+
+def test_retention_keeps_the_newest_good(tmp_path):
+    parent = tmp_path / "ckpts"
+    names = ["step_1", "step_2", "step_3", "step_4", "step_5"]
+    for name in names:
+        _publish(tmp_path, parent, name)
+    os.truncate(parent / "step_3" / "state.pt", 1)  # damaged
+    os.remove(parent / "step_5" / checkpoint.MANIFEST)  # still being written
+    deleted = checkpoint.retain(str(parent), names, keep=2)
+    assert deleted == ["step_1", "step_3"]
+    assert sorted(os.listdir(parent)) == ["step_2", "step_4", "step_5"]
+    # even keep=1 with every newer checkpoint damaged never deletes the newest good one
+    os.truncate(parent / "step_4" / "state.pt", 1)
+    checkpoint.retain(str(parent), ["step_2", "step_4", "step_5"], keep=1)
+    assert sorted(os.listdir(parent)) == ["step_2", "step_4", "step_5"]
+
+
+def test_retention_never_trades_a_good_checkpoint_for_a_same_size_bit_flip(tmp_path):
+    parent = tmp_path / "ckpts"
+    for name in ("step_1", "step_2"):
+        _publish(tmp_path, parent, name)
+    with open(parent / "step_2" / "state.pt", "r+b") as f:  # sizes still match the manifest
+        f.seek(10)
+        byte = f.read(1)
+        f.seek(10)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert checkpoint.retain(str(parent), ["step_1", "step_2"], keep=1) == []
+    assert sorted(os.listdir(parent)) == ["step_1", "step_2"]
+    assert checkpoint.newest_good(str(parent), ["step_1", "step_2"])[0] == "step_1"  # still there to resume
+
+
+WRITER = """
+import os, sys
+from branchout.stages.checkpoint import publish_dir
+src = sys.argv[1]
+os.makedirs(src, exist_ok=True)
+for i in range(200):
+    with open(os.path.join(src, f"shard_{i:03d}.bin"), "wb") as f:
+        f.write(os.urandom(1 << 20))
+print("ready", flush=True)
+publish_dir(src, sys.argv[2])
+print("published", flush=True)
+"""
+
+
+def test_writer_killed_while_publishing_leaves_nothing_loadable(tmp_path):
+    parent = tmp_path / "ckpts"
+    _publish(tmp_path, parent, "step_010")
+    target = parent / "step_020"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path / "big"), str(target)],
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "ready"
+    deadline = time.time() + 30
+    while not [p for p in os.listdir(parent) if p.startswith(".tmp-step_020")] and time.time() < deadline:
+        time.sleep(0.001)
+    writer.send_signal(signal.SIGKILL)  # mid-copy: staging exists, nothing published
+    writer.wait()
+    assert not target.exists()
+    with pytest.raises(checkpoint.CorruptCheckpointError, match="does not exist"):
+        checkpoint.fetch_verified(str(target))
+    names = sorted(p for p in os.listdir(parent) if p.startswith("step_"))
+    assert checkpoint.newest_good(str(parent), names)[0] == "step_010"

@@ -1,0 +1,140 @@
+"""`fanout.run_jobs`, the retry loop every stage goes through, with fake jobs (no Ray):
+retries, failures that stay local, the in-flight limit, cached and finished items, stopping."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+
+import pytest
+
+from branchout.orchestrator.run.fanout import WorkItem, run_jobs
+from branchout.orchestrator.run.state import JobRecord, JobState, RunRecord
+
+
+@pytest.fixture
+def record(tmp_path):
+    rec = RunRecord(run_id="r", pipeline="p", run_uri=str(tmp_path / "run"), spec_hash="h")
+    rec.save()
+    return rec
+
+
+@pytest.fixture
+def pool():
+    with cf.ThreadPoolExecutor(8) as executor:
+        yield executor
+
+
+class Job:
+    """A fake job: fails its first ``failures`` attempts, records how many ran at once."""
+
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def __init__(self, pool, name: str, failures: int = 0, seconds: float = 0.05):
+        self.pool, self.name, self.failures, self.seconds, self.attempts = pool, name, failures, seconds, 0
+
+    def submit(self) -> cf.Future:
+        self.attempts += 1
+        return self.pool.submit(self._run, self.attempts)
+
+    def _run(self, attempt: int) -> dict:
+        with Job.lock:
+            Job.running += 1
+            Job.most = max(Job.most, Job.running)
+        try:
+            time.sleep(self.seconds)
+            if attempt <= self.failures:
+                raise RuntimeError(f"{self.name} attempt {attempt} broke")
+            return {"started": time.time() - self.seconds, "ended": time.time(), "value": attempt}
+        finally:
+            with Job.lock:
+                Job.running -= 1
+
+
+def _items(jobs, retries=0):
+    return [WorkItem(j.name, j.submit, max_retries=retries, on_success=lambda r: {"value": r["value"]}) for j in jobs]
+
+
+def test_failed_attempts_are_retried_and_recorded(record, pool):
+    flaky, fine = Job(pool, "flaky", failures=2), Job(pool, "fine")
+    out = run_jobs(record, _items([flaky, fine], retries=2), None, lambda s: None)
+    assert out == {"flaky": {"value": 3}, "fine": {"value": 1}}
+    rec = record.job("flaky")
+    assert rec.state is JobState.SUCCEEDED and rec.attempts == 3
+    assert [h["state"] for h in rec.history] == ["failed", "failed", "succeeded"]
+    assert rec.history[0]["error"] == "RuntimeError: flaky attempt 1 broke"
+
+
+def test_a_job_out_of_retries_fails_alone(record, pool):
+    broken, fine = Job(pool, "broken", failures=5), Job(pool, "fine")
+    out = run_jobs(record, _items([broken, fine], retries=1), None, lambda s: None)
+    assert set(out) == {"fine"}
+    assert record.job("broken").state is JobState.FAILED and broken.attempts == 2
+    assert record.job("fine").state is JobState.SUCCEEDED
+
+
+def test_in_flight_limit_holds(record, pool):
+    Job.most = 0
+    jobs = [Job(pool, f"j{i}", seconds=0.2) for i in range(6)]
+    run_jobs(record, _items(jobs), None, lambda s: None, max_in_flight=2)
+    assert Job.most == 2 and all(record.job(j.name).state is JobState.SUCCEEDED for j in jobs)
+
+
+def test_finished_jobs_are_not_run_again(record, pool):
+    record.jobs["done"] = JobRecord("done", state=JobState.SUCCEEDED, outputs={"value": "earlier"})
+    done = Job(pool, "done")
+    out = run_jobs(record, _items([done]), None, lambda s: None)
+    assert out == {"done": {"value": "earlier"}} and done.attempts == 0
+
+
+def test_a_stop_request_leaves_unfinished_jobs_for_the_driver_to_record(record, pool):
+    class Stop(Exception):
+        pass
+
+    ticks = []
+
+    def tick(snapshot):
+        ticks.append(1)
+        if len(ticks) == 2:
+            raise Stop
+
+    slow = Job(pool, "slow", seconds=5)
+    with pytest.raises(Stop):
+        run_jobs(record, _items([slow]), None, tick)
+    assert record.job("slow").state is JobState.QUEUED  # the driver's interrupted() records the end
+    record.interrupted("stopped before it finished")
+    assert record.job("slow").state is JobState.FAILED
+
+
+def test_a_quick_retry_is_not_mistaken_for_a_restart(record, pool, monkeypatch):
+    """After an attempt dies within a second, the hub still shows its "running" entry while
+    the retry is queued: that entry must not be taken for the retry's process, or the
+    retry's own start later reads as a second death ("worker died ... restarted")."""
+    hub: dict[str, dict] = {}
+    monkeypatch.setattr("branchout.orchestrator.run.fanout._snapshot", lambda h: {k: dict(v) for k, v in hub.items()})
+
+    def run(attempt: int) -> dict:
+        if attempt == 2:
+            time.sleep(0.8)  # the retry's process takes a moment to start and post
+        hub["quick"] = {"state": "running", "pid": 1000 + attempt, "started": time.time()}
+        time.sleep(0.8 if attempt == 2 else 0.6)
+        if attempt == 1:
+            raise RuntimeError("worker process died")
+        return {"started": hub["quick"]["started"], "ended": time.time(), "value": attempt}
+
+    attempts = []
+
+    def submit() -> cf.Future:
+        attempts.append(len(attempts) + 1)
+        return pool.submit(run, attempts[-1])
+
+    notes: list[str] = []
+    item = WorkItem("quick", submit, max_retries=2, on_success=lambda r: {"value": r["value"]})
+    out = run_jobs(record, [item], object(), lambda s: None, on_note=notes.append)
+    rec = record.job("quick")
+    assert out["quick"]["value"] == 2
+    assert rec.attempts == 2 and [h["state"] for h in rec.history] == ["failed", "succeeded"], rec.history
+    assert rec.outputs["pid"] == 1002 and not notes

@@ -1,0 +1,193 @@
+"""Spec loading: every shipped example validates; every bad input is one line naming its field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from branchout.orchestrator.config.loader import SpecError, load_spec
+from branchout.orchestrator.config.plan import build_plan
+
+from conftest import REPO, TINY
+
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+def test_examples_exist():
+    assert len(EXAMPLES) >= 1
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_validates_and_plans(path: Path):
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# ") and "branchout" in first_line, "examples start with their command"
+    spec = load_spec(path)
+    plan = build_plan(spec)
+    assert plan.pretrain.tokens_per_step > 0 and plan.params > 0
+    assert set(plan.domains) == {d.name for d in spec.finetune.domains}
+
+
+def problems_of(write_pipeline, mutate=None, overrides=None) -> list[str]:
+    data = yaml.safe_load(yaml.safe_dump(TINY))
+    if mutate:
+        mutate(data)
+    path = write_pipeline(data)
+    with pytest.raises(SpecError) as info:
+        load_spec(path, overrides)
+    return info.value.problems
+
+
+def test_tiny_spec_is_valid(write_pipeline):
+    spec = load_spec(write_pipeline())
+    assert spec.pretrain.deepspeed.zero_stage == 2
+    assert [d.name for d in spec.finetune.domains] == ["legal", "code", "docs"]
+
+
+def test_domains_inherit_defaults_and_merge_nested_sections(write_pipeline):
+    data = yaml.safe_load(yaml.safe_dump(TINY))
+    data["finetune"]["defaults"]["lora"] = {"rank": 4, "alpha": 12}
+    data["finetune"]["domains"][2]["lora"] = {"rank": 16}
+    spec = load_spec(write_pipeline(data))
+    legal, _, docs = spec.finetune.domains
+    assert legal.steps == 8 and legal.resources_per_worker.cpu == 0.5
+    assert docs.method == "lora" and docs.lora.rank == 16 and docs.lora.alpha == 12
+
+
+def test_unknown_key_names_its_path(write_pipeline):
+    problems = problems_of(write_pipeline, lambda d: d["pretrain"].update(stpes=3))
+    assert problems == ["pretrain.stpes: unknown key"]
+
+
+def test_zero_stage_5(write_pipeline):
+    problems = problems_of(write_pipeline, lambda d: d["pretrain"]["deepspeed"].update(zero_stage=5))
+    assert len(problems) == 1
+    assert problems[0] == "pretrain.deepspeed.zero_stage: must be 0, 1, 2, 3 or 'auto' (got 5)"
+
+
+def test_wrong_type(write_pipeline):
+    problems = problems_of(write_pipeline, lambda d: d["pretrain"].update(seq_len="long"))
+    assert len(problems) == 1 and problems[0].startswith("pretrain.seq_len:")
+
+
+def test_every_problem_reported_at_once(write_pipeline):
+    def mutate(d):
+        d["pretrain"]["deepspeed"]["zero_stage"] = 7
+        d["pretrain"]["bogus"] = 1
+        d["finetune"]["domains"][1]["steps"] = -1
+        d.pop("name")
+
+    problems = problems_of(write_pipeline, mutate)
+    assert {p.split(":")[0] for p in problems} == {
+        "pretrain.deepspeed.zero_stage", "pretrain.bogus", "finetune.domains.1.steps", "name"}
+
+
+def test_bad_default_reported_once_not_per_domain(write_pipeline):
+    problems = problems_of(write_pipeline, lambda d: d["finetune"]["defaults"].update(steps=0))
+    assert problems == ["finetune.defaults.steps: Input should be greater than or equal to 1 (got 0)"]
+
+
+def test_global_batch_not_divisible(write_pipeline):
+    problems = problems_of(write_pipeline, lambda d: d["pretrain"].update(global_batch_size=10))
+    assert problems == ["pretrain.global_batch_size: 10 is not divisible by num_workers × "
+                        "micro_batch_size = 2 × 2 = 4"]
+
+
+def test_cross_field_problems(write_pipeline):
+    def mutate(d):
+        d["pretrain"]["seq_len"] = 4096
+        d["pretrain"]["deepspeed"].update(precision="fp16", offload_params=True)
+        d["model"]["config"]["hiden_size"] = 3
+        d["finetune"]["domains"][2]["lora"]["target_modules"] = ["nonexistent_proj"]
+
+    problems = problems_of(write_pipeline, mutate)
+    text = "\n".join(problems)
+    assert "pretrain.deepspeed.offload_params: needs zero_stage 3" in text
+    assert "pretrain.deepspeed.precision: fp16 needs a GPU" in text
+    assert "model: LlamaConfig has no field(s): hiden_size" in text
+
+
+def test_sequence_longer_than_positions_and_missing_lora_target(write_pipeline):
+    def mutate(d):
+        d["pretrain"]["seq_len"] = 4096
+        d["finetune"]["domains"][2]["lora"]["target_modules"] = ["nonexistent_proj"]
+
+    text = "\n".join(problems_of(write_pipeline, mutate))
+    assert "pretrain.seq_len: 4096 exceeds the model's 128 positions" in text
+    assert "finetune.domains.2.lora.target_modules: nonexistent_proj not found in llama" in text
+
+
+def test_unknown_model_type(write_pipeline):
+    problems = problems_of(write_pipeline, lambda d: d["model"].update(type="not-a-model"))
+    assert problems == ["model: unknown model type 'not-a-model'"]
+
+
+def test_embedded_ray_cannot_hold_request(write_pipeline):
+    problems = problems_of(write_pipeline, lambda d: d["pretrain"].update(num_workers=64, global_batch_size=128))
+    assert any(p.startswith("pretrain.num_workers: 64 workers") for p in problems)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "nope.yaml")
+    assert info.value.problems == ["file not found"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(bad)
+    assert info.value.problems[0].startswith("line ") and "invalid YAML" in info.value.problems[0]
+
+
+def test_set_overrides(write_pipeline):
+    path = write_pipeline()
+    spec = load_spec(path, ["pretrain.steps=30", "finetune.domains.1.method=lora",
+                            "pretrain.deepspeed.zero_stage=3"])
+    assert spec.pretrain.steps == 30 and spec.pretrain.deepspeed.zero_stage == 3
+    assert spec.finetune.domains[1].method == "lora"
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["finetune.domains.9.steps=1", "novalue"])
+    assert info.value.problems == ["--set finetune.domains.9.steps: no list item '9' (list has 3 items)",
+                                   "--set 'novalue': expected key.path=value"]
+
+
+def test_plan_arithmetic(write_pipeline):
+    spec = load_spec(write_pipeline(), ["pretrain.tokens=10000", "pretrain.steps=null"])
+    plan = build_plan(spec).pretrain
+    # 2 workers × micro 2 × accum 2 × 32 tokens = 256 tokens/step; ceil(10000 / 256) = 40 steps
+    assert (plan.workers, plan.micro_batch, plan.grad_accum, plan.seq_len) == (2, 2, 2, 32)
+    assert plan.tokens_per_step == 256 and plan.steps == 40 and plan.checkpoints == 7
+
+
+def _schema_validator():
+    import json
+
+    import jsonschema
+
+    schema = json.loads((REPO / "docs" / "pipeline.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_published_schema_is_generated_from_the_models():
+    from branchout.orchestrator.config.schema import render
+
+    assert (REPO / "docs" / "pipeline.schema.json").read_text() == render(), \
+        "regenerate: python -m branchout.orchestrator.config.schema > docs/pipeline.schema.json"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_names_and_passes_the_schema(path: Path):
+    assert path.read_text().splitlines()[1] == "# yaml-language-server: $schema=../docs/pipeline.schema.json"
+    errors = list(_schema_validator().iter_errors(yaml.safe_load(path.read_text())))
+    assert not errors, [e.message for e in errors]
+
+
+def test_schema_reports_a_wrong_field_as_validate_does(write_pipeline):
+    data = yaml.safe_load(yaml.safe_dump(TINY))
+    data["pretrain"]["stepz"] = 5
+    data["finetune"]["domains"][0]["method"] = "qlora"
+    errors = sorted(_schema_validator().iter_errors(data), key=lambda e: list(e.absolute_path))
+    where = {".".join(map(str, e.absolute_path)) or "(top)": e.message for e in errors}
+    assert "stepz" in where.get("pretrain", "") and "'qlora' is not one of" in where["finetune.domains.0.method"]
+    assert set(problems_of(write_pipeline, lambda d: d.update(data))) >= {
+        "pretrain.stepz: unknown key", "finetune.domains.0.method: Input should be 'full' or 'lora' (got 'qlora')"}
