@@ -57,7 +57,8 @@ def _hash_all(paths: list[str]) -> dict[str, str]:
 def publish_dir(local_dir: str, uri: str, extra: dict | None = None) -> dict:
     """Publish ``local_dir`` at ``uri`` with a manifest written last; returns the manifest.
 
-    An existing directory at ``uri`` is replaced.
+    An existing directory at ``uri`` is replaced, and never before the new copy is complete
+    and verified: locally by renames; on object stores (no rename) see ``_publish_remote``.
     """
     manifest = build_manifest(local_dir)
     if extra:
@@ -66,10 +67,37 @@ def publish_dir(local_dir: str, uri: str, extra: dict | None = None) -> dict:
     if storage.is_local(uri):
         _publish_local(local_dir, storage.local_path(uri), payload)
     else:
-        storage.remove_dir(uri)
-        storage.upload_dir(local_dir, uri)
-        storage.write_text(storage.join(uri, MANIFEST), payload)
+        _publish_remote(local_dir, uri, manifest, payload)
     return manifest
+
+
+def _publish_remote(local_dir: str, uri: str, manifest: dict, payload: str) -> None:
+    """Object stores: upload the new copy beside the old one (``<uri>.staging-<id>``), check
+    that every file arrived whole, and only then replace the old copy by a server-side copy
+    with the manifest last. An upload that fails (worker killed, network gone) leaves the old
+    copy untouched; from the moment the old copy is deleted a verified new one exists.
+    """
+    staging = f"{uri.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
+    try:
+        storage.upload_dir(local_dir, staging)
+        storage.write_text(storage.join(staging, MANIFEST), payload)
+        problems = _remote_size_problems(staging, manifest)
+        if problems:
+            raise CorruptCheckpointError(staging, [f"upload incomplete: {p}" for p in problems])
+        if not storage.exists(uri):
+            storage.copy_dir(staging, uri, last=MANIFEST)
+        else:
+            storage.remove_file(storage.join(uri, MANIFEST))  # the old copy stops verifying first
+            storage.remove_dir(uri)
+            storage.copy_dir(staging, uri, last=MANIFEST)
+    finally:
+        storage.remove_dir(staging)
+
+
+def _remote_size_problems(uri: str, manifest: dict) -> list[str]:
+    sizes = storage.sizes(uri)
+    return [f"{name}: {sizes.get(name)} bytes of {meta['size']}" for name, meta in manifest["files"].items()
+            if sizes.get(name) != meta["size"]]
 
 
 def _publish_local(src: str, dst: str, manifest: str) -> None:

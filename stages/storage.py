@@ -126,6 +126,31 @@ def upload_dir(local_dir: str, uri: str) -> None:
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def sizes(uri: str) -> dict[str, int]:
+    """Every file under ``uri`` by its path relative to ``uri``, with its size in bytes."""
+    if is_local(uri):
+        root = local_path(uri)
+        return {os.path.relpath(os.path.join(d, n), root): os.path.getsize(os.path.join(d, n))
+                for d, _, names in os.walk(root) for n in names}
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {i.path[len(path.rstrip("/")) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def copy_dir(src_uri: str, dst_uri: str, last: str | None = None) -> None:
+    """Copy a tree within one store (server-side on object stores); ``last`` (a file name
+    at the top) is copied after everything else, e.g. a manifest that marks it complete."""
+    fs, src = filesystem(src_uri)
+    _, dst = filesystem(dst_uri)
+    fs.create_dir(dst, recursive=True)
+    names = sorted(sizes(src_uri), key=lambda n: n == last)
+    for name in names:
+        target = f"{dst.rstrip('/')}/{name}"
+        if "/" in name:
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        fs.copy_file(f"{src.rstrip('/')}/{name}", target)
+
+
 def download_dir(uri: str, local_dir: str | None = None) -> str:
     """A local directory holding ``uri``'s files: the directory itself when local."""
     if is_local(uri):

@@ -12,6 +12,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,36 @@ def quickstart_client(folder: Path) -> Path:
     corpus.build(str(folder / "data"), {"general": 200_000, "legal": 80_000, "code": 80_000, "docs": 80_000})
     shutil.copy(REPO / "examples" / "quickstart.yaml", folder / "quickstart.yaml")
     return folder / "quickstart.yaml"
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """A real S3 API on loopback (moto's server), one per test module, with a bucket."""
+    from raycluster import free_port
+
+    port = free_port()
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    deadline = time.time() + 30
+    while True:
+        try:
+            boto3.client("s3").create_bucket(Bucket="data-test")
+            break
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.3)
+    yield "s3://data-test"
+    server.terminate()
+    server.wait(10)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -73,39 +71,6 @@ def test_bad_input_in_a_ray_task_is_one_line(ray_local, tokenizer_dir, tmp_path)
         ray_local.get(task.remote(DatasetSpec(path=str(bad)), tokenizer_dir, "h", 16, 0.2, 0, str(tmp_path / "c"),
                                   unit_bytes=4096))
     assert f"{bad}: line 301 is a JSON list, expected an object" in str(e.value)
-
-
-@pytest.fixture(scope="module")
-def s3_bucket():
-    """A real S3 API on loopback (moto's server), as tests/test_s3.py uses."""
-    from raycluster import free_port
-
-    port = free_port()
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    deadline = time.time() + 30
-    while True:
-        try:
-            boto3.client("s3").create_bucket(Bucket="data-test")
-            break
-        except Exception:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.3)
-    yield "s3://data-test"
-    server.terminate()
-    server.wait(10)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_a_reader_on_object_storage_downloads_only_the_shards_it_reads(s3_bucket, corpus_dir, tokenizer_dir,
