@@ -74,9 +74,35 @@ class DatasetSpec(StrictModel):
     format: Literal["auto", "text", "json", "parquet", "csv", "hub"] = Field(
         "auto", description="'auto' infers from the file extension; 'hub' loads by name."
     )
-    text_column: str = Field("text", min_length=1)
+    text_column: str = Field("text", min_length=1, description="The column of plain text.")
+    prompt_column: str | None = Field(
+        None, min_length=1, description="Instruction data (fine-tune domains): the column of prompts; "
+        "needs `response_column`. The domain trains on responses only (supervised fine-tuning)."
+    )
+    response_column: str | None = Field(None, min_length=1, description="The column of answers to `prompt_column`.")
+    messages_column: str | None = Field(
+        None, min_length=1, description="Instruction data as chat: a column of message lists "
+        "([{role, content}, …]); every assistant message is trained on, the rest is context."
+    )
     split: str = Field("train", description="Split to read (hub datasets).")
     revision: str | None = Field(None, description="Hub revision to pin (hub datasets).")
+
+    @model_validator(mode="after")
+    def _text_or_instructions(self) -> DatasetSpec:
+        pair = (self.prompt_column is not None, self.response_column is not None)
+        if pair[0] != pair[1]:
+            raise ValueError("`prompt_column` and `response_column` go together: name both")
+        if self.messages_column is not None and any(pair):
+            raise ValueError("give `messages_column` (chat) or `prompt_column`/`response_column`, not both")
+        if self.is_instruction and "text_column" in self.model_fields_set:
+            raise ValueError("`text_column` is for plain text; instruction data reads "
+                             "`prompt_column`/`response_column` or `messages_column`")
+        return self
+
+    @property
+    def is_instruction(self) -> bool:
+        """Prompt/response pairs or chat messages: a supervised fine-tune, not a token stream."""
+        return self.prompt_column is not None or self.messages_column is not None
 
 
 class TokenizerSpec(StrictModel):
@@ -292,15 +318,25 @@ EvalModel = Literal["base", "finetuned", "scratch"]
 
 
 class EvaluateSpec(StrictModel):
-    """Held-out perplexity per domain; the held-out split also shapes every training set."""
+    """Held-out perplexity per domain (instruction domains: of the responses), greedy answers to
+    held-out prompts; the held-out split also shapes every training set."""
 
     heldout_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of each dataset's documents held out."
     )
     split_seed: int = Field(0, description="Seed of the document-level held-out split.")
     models: list[EvalModel] = Field(default_factory=lambda: ["base", "finetuned", "scratch"])
-    max_blocks: int = Field(256, ge=1, description="Held-out blocks scored per domain at most.")
+    max_blocks: int = Field(256, ge=1, description="Held-out blocks (instruction data: examples) scored per "
+                            "domain at most.")
     batch_size: int = Field(8, ge=1)
+    generation_samples: int = Field(
+        8, ge=0, le=256, description="Held-out prompts every model answers greedily, per domain: instruction "
+        "domains score the answers (exact_match, rouge_l); every domain shows them in the report. 0: none."
+    )
+    max_new_tokens: int = Field(
+        32, ge=1, le=4096, description="Tokens generated per answer at most; a prompt keeps its last "
+        "max-positions − max_new_tokens tokens."
+    )
 
     @field_validator("models")
     @classmethod

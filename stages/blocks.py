@@ -81,7 +81,7 @@ class PackedBlocks:
     def __init__(self, uri: str, side: str, local_dir: str | None = None):
         self.uri, self.side = uri, side
         self._files = manifest_files(uri)
-        meta = json.loads(self._verified_bytes("meta.json"))
+        self.meta = meta = json.loads(self._verified_bytes("meta.json"))
         self.seq_len, self.dtype = meta["seq_len"], np.dtype(meta["dtype"])
         self.shape = (meta[f"{side}_blocks"], self.seq_len)
         self.shard_blocks = meta["shard_blocks"]

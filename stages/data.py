@@ -73,6 +73,9 @@ class PackedInfo:
     heldout_dropped_pretraining_overlap: int = 0  # held-out → training: mostly pretraining text
     tokens: int = 0
     nodes: int = 0  # Ray nodes that tokenized it (0: reused from the cache)
+    kind: str = "text"  # "instruct": one example per row, blocks are examples (stages/instruct.py)
+    examples_dropped: int = 0  # instruction examples whose answer starts beyond seq_len
+    examples_skipped: int = 0  # instruction rows with an empty prompt or answer
 
     @property
     def heldout_tokens(self) -> int:
@@ -115,6 +118,9 @@ def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, he
     """
     from branchout.stages.tokenizer import rust_tokenizer
 
+    if ds.is_instruction:
+        return _prepare_instruct(ds, tokenizer_uri, tok_hash, seq_len, heldout_fraction, split_seed, cache_root,
+                                 hub, job, data_fingerprint or fingerprint(ds), shard_blocks)
     ref_key = reference_uri.rstrip("/").rsplit("/", 1)[-1] if reference_uri else None
     key = cache_key(data_fingerprint or fingerprint(ds), tok_hash, seq_len, heldout_fraction, split_seed, ref_key,
                     decontaminate, shard_blocks)
@@ -153,6 +159,21 @@ def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, he
             json.dump({**meta, "shard_blocks": shard_blocks, "shards": shards}, f, indent=1)
         checkpoint.publish_dir(out, uri)
     return info
+
+
+def _prepare_instruct(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, fraction: float,
+                      seed: int, cache_root: str, hub: str | None, job: str, fp: str,
+                      shard_blocks: int) -> PackedInfo:
+    """Instruction data: one example per row (``stages/instruct.py``), cached and published
+    like packed blocks. It is not decontaminated against the pretraining corpus (see there)."""
+    from branchout.stages.documents import plan_units
+    from branchout.stages.instruct import prepare_examples
+
+    progress = Progress(hub, job, sum(u.size for u in plan_units(ds)))
+    uri, meta, cached = prepare_examples(ds, checkpoint.fetch_verified(tokenizer_uri), tok_hash, seq_len, fraction,
+                                         seed, cache_root, fp, progress, shard_blocks)
+    progress.push()
+    return PackedInfo.from_dict({**meta, "uri": uri, "cached": cached, "nodes": 0 if cached else 1})
 
 
 def _cached(uri: str) -> PackedInfo | None:

@@ -41,6 +41,7 @@ def train_worker(config: dict) -> None:
     from branchout.stages.data import open_blocks
     from branchout.stages.engine import DeepSpeedEngine, TorchEngine, training_dtype
     from branchout.stages.faults import killer
+    from branchout.stages.instruct import open_roles, with_chat_template
     from branchout.stages.loop import rng_state, run_steps, set_rng_state
     from branchout.stages.metrics import MetricsLogger
     from branchout.stages.model import export_model, prepare_model, zero3_config
@@ -77,6 +78,9 @@ def train_worker(config: dict) -> None:
     if logger:
         logger.state("running", resumed_from=start_step, workers=world, pid=os.getpid(), started=time.time())
     blocks = open_blocks(job.data_uri, "train")
+    roles = open_roles(job.data_uri, "train")
+    if roles is not None:  # instruction data: the model is saved with the template it learned
+        tokenizer = with_chat_template(tokenizer)
 
     def save_checkpoint(step: int, loss: float) -> None:
         with tempfile.TemporaryDirectory(prefix="branchout-ckpt-") as path:
@@ -89,7 +93,7 @@ def train_worker(config: dict) -> None:
             retain(ray_checkpoints_uri(job), _checkpoint_dirs(job), t.keep_checkpoints, world)
 
     result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger, save_checkpoint,
-                       after_step=killer(job.name, job.out_uri, rank))
+                       after_step=killer(job.name, job.out_uri, rank), roles=roles)
 
     if t.uses_deepspeed():
         engine.release_optimizer_state()  # the last checkpoint holds them; the export needs the room

@@ -183,8 +183,11 @@ def unit_texts(unit: ReadUnit, column: str) -> Iterator[list[str]]:
             yield texts
 
 
-def unit_columns(unit: ReadUnit, column: str) -> Iterator[pa.Array]:
+def unit_columns(unit: ReadUnit, column: str, setting: str = "text_column") -> Iterator[pa.Array]:
     """The raw ``column`` of one unit as arrow arrays (any type; ``unit_texts`` checks it).
+
+    ``setting``: the dataset field that names the column, for the missing-column message.
+    The batches are the same on every call, so columns read one after another line up.
 
     Raises:
         DataError: as ``unit_texts``.
@@ -192,20 +195,20 @@ def unit_columns(unit: ReadUnit, column: str) -> Iterator[pa.Array]:
     if unit.kind == "hub":
         from branchout.stages.hub import hub_columns
 
-        yield from hub_columns(unit, column)
+        yield from hub_columns(unit, column, setting)
     elif unit.kind == "parquet":
-        yield from _parquet_columns(unit, column)
+        yield from _parquet_columns(unit, column, setting)
     elif unit.kind == "csv":
-        yield from _csv_columns(unit, column)
+        yield from _csv_columns(unit, column, setting)
     else:
-        yield from _range_columns(unit, column)
+        yield from _range_columns(unit, column, setting)
 
 
-def _missing(path: str, column: str, names: list[str]) -> DataError:
-    return DataError(f"{path}: no column {column!r} (columns: {', '.join(names)}); set dataset.text_column")
+def missing_column(path: str, column: str, names: list[str], setting: str = "text_column") -> DataError:
+    return DataError(f"{path}: no column {column!r} (columns: {', '.join(names)}); set dataset.{setting}")
 
 
-def _range_columns(unit: ReadUnit, column: str) -> Iterator[pa.Array]:
+def _range_columns(unit: ReadUnit, column: str, setting: str) -> Iterator[pa.Array]:
     if unit.size == 0 and unit.start == 0:
         raise DataError(f"{unit.path}: file is empty")
     size = file_size(unit.path)
@@ -221,7 +224,7 @@ def _range_columns(unit: ReadUnit, column: str) -> Iterator[pa.Array]:
     if unit.kind == "text":
         yield pa.array(split_paragraphs(text), type=pa.string())
     elif raw.strip():
-        yield _parse_jsonl(raw, text, unit.path, begin, column)
+        yield _parse_jsonl(raw, text, unit.path, begin, column, setting)
 
 
 def _cut(f, pos: int, size: int, kind: str) -> int:
@@ -255,7 +258,7 @@ def split_paragraphs(text: str) -> list[str]:
     return out
 
 
-def _parse_jsonl(raw: bytes, text: str, path: str, begin: int, column: str) -> pa.Array:
+def _parse_jsonl(raw: bytes, text: str, path: str, begin: int, column: str, setting: str) -> pa.Array:
     import pyarrow.json as pj
 
     try:
@@ -265,7 +268,7 @@ def _parse_jsonl(raw: bytes, text: str, path: str, begin: int, column: str) -> p
         raise DataError(_jsonl_problem(path, begin, text) or
                         f"{path}: cannot read ({' '.join(str(e).split())[:160]})") from None
     if column not in table.column_names:
-        raise _missing(path, column, table.column_names)
+        raise missing_column(path, column, table.column_names, setting)
     return table.column(column).combine_chunks()
 
 
@@ -287,19 +290,19 @@ def _jsonl_problem(path: str, begin: int, text: str) -> str | None:
     return None
 
 
-def _parquet_columns(unit: ReadUnit, column: str) -> Iterator[pa.Array]:
+def _parquet_columns(unit: ReadUnit, column: str, setting: str) -> Iterator[pa.Array]:
     import pyarrow.parquet as pq
 
     with _open(unit.path) as f:
         pf = pq.ParquetFile(f)
         if column not in pf.schema_arrow.names:
-            raise _missing(unit.path, column, pf.schema_arrow.names)
+            raise missing_column(unit.path, column, pf.schema_arrow.names, setting)
         for batch in pf.iter_batches(batch_size=4096, row_groups=range(unit.start, unit.stop),
                                      columns=[column], use_threads=False):
             yield batch.column(0)
 
 
-def _csv_columns(unit: ReadUnit, column: str) -> Iterator[pa.Array]:
+def _csv_columns(unit: ReadUnit, column: str, setting: str) -> Iterator[pa.Array]:
     import pyarrow.csv as pcsv
 
     if unit.size == 0:
@@ -308,7 +311,7 @@ def _csv_columns(unit: ReadUnit, column: str) -> Iterator[pa.Array]:
         with _open(unit.path) as f:
             reader = pcsv.open_csv(f, read_options=pcsv.ReadOptions(block_size=1 << 22))
             if column not in reader.schema.names:
-                raise _missing(unit.path, column, reader.schema.names)
+                raise missing_column(unit.path, column, reader.schema.names, setting)
             for batch in reader:
                 yield batch.column(reader.schema.get_field_index(column))
     except pa.ArrowInvalid as e:

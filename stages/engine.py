@@ -19,6 +19,7 @@ import os
 from typing import Any, Protocol
 
 from branchout.core.spec import TrainingSpec
+from branchout.stages.instruct import model_inputs
 from branchout.stages.optim import build_optimizer, build_scheduler, lr_lambda, param_groups
 
 
@@ -26,7 +27,10 @@ class Engine(Protocol):
     device: Any  # where the model, the batches and every reduction tensor live
 
     def train_step(self, micro_batches: list) -> Any:
-        """One optimizer step; returns this rank's mean loss as a 0-dim tensor on ``device``."""
+        """One optimizer step; returns this rank's mean loss as a 0-dim tensor on ``device``.
+
+        A micro-batch is a tensor of token-stream blocks or an ``(ids, roles)`` pair of
+        instruction rows (``stages.instruct.model_inputs``)."""
 
     def lr(self) -> float: ...
     def save(self, path: str, client_state: dict[str, Any]) -> None: ...
@@ -140,8 +144,7 @@ class DeepSpeedEngine:
 
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in micro_batches:
-            batch = batch.to(self.device, non_blocking=True)
-            loss = self.engine(input_ids=batch, labels=batch).loss
+            loss = self.engine(**model_inputs(batch, self.device)).loss
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             total += loss.detach().float()
@@ -222,9 +225,9 @@ class TorchEngine:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         for batch in micro_batches:
-            batch = batch.to(self.device, non_blocking=True)
+            inputs = model_inputs(batch, self.device)
             with torch.autocast(device_type, dtype=getattr(torch, self.dtype or "bfloat16"), enabled=self.autocast):
-                loss = self.model(input_ids=batch, labels=batch).loss
+                loss = self.model(**inputs).loss
             (loss / len(micro_batches)).backward()
             total += loss.detach().float()
         if self.grad_clip:

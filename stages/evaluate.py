@@ -1,8 +1,11 @@
 """Evaluate stage: held-out perplexity of each model on each domain, one job per domain.
 
 Perplexity is exp(mean next-token negative log-likelihood) over the first
-``max_blocks`` held-out blocks of the domain, the same blocks for every model, so the
-numbers in one row are comparable.
+``max_blocks`` held-out blocks of the domain (instruction data: over the answer tokens of
+its first ``max_blocks`` held-out examples), the same blocks for every model, so the
+numbers in one row are comparable. Every model also answers the same held-out prompts
+greedily (``stages.generation``): scored by exact match and ROUGE-L on instruction data,
+shown in the report for every domain.
 
 The job runs where the domain's fine-tune ran (its resources: GPUs, accelerator type,
 CPUs; the driver places it) and scores in the domain's training precision: a 7B model is
@@ -31,27 +34,36 @@ def scoring_dtype(precision: str, device: str):
     return torch.float32
 
 
-def perplexity(model, blocks, batch_size: int, max_blocks: int) -> tuple[float, int]:
+def perplexity(model, blocks, batch_size: int, max_blocks: int, roles=None) -> tuple[float, int]:
     """(perplexity, tokens scored) of ``model`` on ``blocks`` ([n, seq_len] token ids).
 
-    Batches go to the model's device; the loss is summed there and read once.
+    ``roles`` (instruction data, ``stages.instruct``): only answer tokens are scored and
+    padding is not attended; the tokens scored are then the answers' tokens. Batches go to
+    the model's device; the loss is summed there and read once.
     """
     import numpy as np
     import torch
+
+    from branchout.stages.instruct import model_inputs
 
     model.eval()
     device = next(model.parameters()).device
     n = min(len(blocks), max_blocks)
     nll = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    count = torch.zeros((), dtype=torch.int64, device=device)
     with torch.inference_mode():
         for i in range(0, n, batch_size):
-            batch = torch.from_numpy(np.asarray(blocks[i:min(i + batch_size, n)], dtype=np.int64)).to(device)
-            loss = model(input_ids=batch, labels=batch).loss  # the mean over predicted tokens
-            predicted = batch.shape[0] * (batch.shape[1] - 1)  # the first token of a block has no target
-            nll += loss.double() * predicted
+            j = min(i + batch_size, n)
+            ids = torch.from_numpy(np.asarray(blocks[i:j], dtype=np.int64))
+            batch = ids if roles is None else (ids, torch.from_numpy(np.asarray(roles[i:j], dtype=np.int64)))
+            inputs = model_inputs(batch, device)
+            loss = model(**inputs).loss  # the mean over predicted tokens
+            predicted = (inputs["labels"][:, 1:] != -100).sum()  # a row's first token has no target
+            # a batch with no answer token has a NaN mean; it adds nothing
+            nll += torch.where(predicted > 0, loss.double() * predicted, torch.zeros_like(nll))
             count += predicted
-    return math.exp(nll.item() / count), n * blocks.shape[1]
+    scored = int(count.item())
+    return math.exp(nll.item() / max(scored, 1)), (scored if roles is not None else n * blocks.shape[1])
 
 
 def load_for_scoring(model_uri: str, adapter_base_uri: str | None = None, dtype=None, device: str = "cpu"):
@@ -78,22 +90,40 @@ def load_for_scoring(model_uri: str, adapter_base_uri: str | None = None, dtype=
 
 def evaluate_domain(domain: str, data_uri: str, candidates: dict[str, tuple[str, str | None]],
                     batch_size: int, max_blocks: int, threads: int = 1, precision: str = "fp32",
-                    use_gpu: bool = False) -> dict:
+                    use_gpu: bool = False, tokenizer_uri: str | None = None, generation_samples: int = 0,
+                    max_new_tokens: int = 32) -> dict:
     """Score every candidate (name → (model uri, adapter base uri or None)) on one domain.
 
     Candidates are scored in their order; a LoRA candidate whose base is the model just
-    scored reuses it. Returns ``{"domain", "<name>_ppl"…, "heldout_tokens", "started", "ended"}``.
+    scored reuses it. With ``generation_samples`` (and the run's ``tokenizer_uri``) every
+    candidate also answers the same held-out prompts greedily (``stages.generation``).
+
+    Returns:
+        ``{"domain", "<name>_ppl"…, "heldout_tokens", "started", "ended"}``, plus for
+        instruction data ``"<name>_exact_match"``/``"<name>_rouge_l"`` and, with generation,
+        ``"samples"``: the first few prompts with each candidate's answer.
     """
     import torch
 
     from branchout.stages.data import open_blocks
+    from branchout.stages.generation import Generations
+    from branchout.stages.instruct import open_roles
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     dtype = scoring_dtype(precision, device)
     started = time.time()
     blocks = open_blocks(data_uri, "heldout")
+    roles = open_roles(data_uri, "heldout")
+    gen = (Generations(data_uri, tokenizer_uri, blocks, roles is not None, generation_samples, max_new_tokens)
+           if generation_samples and tokenizer_uri else None)
     out: dict = {"domain": domain, "started": started}
+
+    def score(name: str, model) -> None:
+        out[f"{name}_ppl"], out["heldout_tokens"] = perplexity(model, blocks, batch_size, max_blocks, roles)
+        if gen is not None:
+            out.update({f"{name}_{k}": v for k, v in gen.answer(name, model).items()})
+
     loaded_uri, model = None, None  # the plain model in memory, if any
     for name, (uri, adapter_base) in candidates.items():
         if adapter_base is not None and adapter_base == loaded_uri:
@@ -102,18 +132,20 @@ def evaluate_domain(domain: str, data_uri: str, candidates: dict[str, tuple[str,
             from branchout.stages.checkpoint import fetch_verified
 
             scored = PeftModel.from_pretrained(model, fetch_verified(uri))
-            out[f"{name}_ppl"], out["heldout_tokens"] = perplexity(scored, blocks, batch_size, max_blocks)
+            score(name, scored)
             model = scored.unload()  # the adapter's layers out again: the base as it was loaded
             continue
         model = loaded_uri = None
         _release()  # one model at a time
         scored = load_for_scoring(uri, adapter_base, dtype, device)
-        out[f"{name}_ppl"], out["heldout_tokens"] = perplexity(scored, blocks, batch_size, max_blocks)
+        score(name, scored)
         if adapter_base is None:
             loaded_uri, model = uri, scored
         del scored
     del model
     _release()
+    if gen is not None:
+        out["samples"] = gen.shown()
     out["ended"] = time.time()
     return out
 

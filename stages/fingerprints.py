@@ -41,7 +41,10 @@ def fingerprint(ds: DatasetSpec) -> str:
         from branchout.stages.hub import hub_commit
 
         revision = hub_commit(src.builder, ds.revision)
-    h = hashlib.sha256(json.dumps([src.builder, ds.text_column, ds.split, revision]).encode())
+    what = [src.builder, ds.text_column, ds.split, revision]
+    if ds.is_instruction:  # appended, so plain datasets keep the fingerprints (and caches) they had
+        what += [ds.prompt_column, ds.response_column, ds.messages_column]
+    h = hashlib.sha256(json.dumps(what).encode())
     known = _load_cache()
     changed = False
     for f in src.files:

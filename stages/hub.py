@@ -61,7 +61,7 @@ def hub_units(name: str, split: str, revision: str | None) -> list[ReadUnit]:
     return [ReadUnit("hub", name, i, shards, 0, split, commit) for i in range(shards)]
 
 
-def hub_columns(unit: ReadUnit, column: str) -> Iterator[pa.Array]:
+def hub_columns(unit: ReadUnit, column: str, setting: str = "text_column") -> Iterator[pa.Array]:
     """The ``column`` of one shard, ``ROWS_PER_BATCH`` rows at a time.
 
     Raises:
@@ -73,7 +73,7 @@ def hub_columns(unit: ReadUnit, column: str) -> Iterator[pa.Array]:
         for row in stream:
             if column not in row:
                 raise DataError(f"{unit.path}: no column {column!r} (columns: {', '.join(row)}); "
-                                "set dataset.text_column")
+                                f"set dataset.{setting}")
             batch.append(row[column])
             if len(batch) == ROWS_PER_BATCH:
                 yield pa.array(batch)

@@ -34,7 +34,7 @@ class LoopResult:
 def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: int,
               start_step: int, rank: int, world: int, logger: MetricsLogger | None,
               save_checkpoint: Callable[[int, float], None],
-              after_step: Callable[[int], None] | None = None) -> LoopResult:
+              after_step: Callable[[int], None] | None = None, roles=None) -> LoopResult:
     """Train from ``start_step`` to ``total_steps``; checkpoint every ``t.checkpoint_every``.
 
     The loss stays on the engine's device: each step's loss is added to a window sum there
@@ -42,7 +42,9 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     that are logged or checkpointed. A non-finite loss anywhere in the window makes the sum
     non-finite, so it is caught on the next report step, before its checkpoint is written.
 
-    ``after_step(step)`` runs once a step is checkpointed (when due) and logged.
+    ``after_step(step)`` runs once a step is checkpointed (when due) and logged. ``roles``:
+    instruction data's token roles, row for row with ``blocks`` (``stages.instruct``); each
+    micro-batch is then an ``(ids, roles)`` pair, so only answers are scored.
 
     Raises:
         FloatingPointError: a step's loss was NaN or infinite.
@@ -58,9 +60,11 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     loss = float("nan")
     first_step_at = None
     for step in range(start_step, total_steps):
-        micro = [torch.from_numpy(blocks[np.sort(idx)].astype(np.int64))
-                 for idx in step_micro_batches(order, step, t.global_batch_size,
-                                               t.micro_batch_size, rank, world)]
+        micro = []
+        for idx in step_micro_batches(order, step, t.global_batch_size, t.micro_batch_size, rank, world):
+            idx = np.sort(idx)
+            ids = torch.from_numpy(blocks[idx].astype(np.int64))
+            micro.append(ids if roles is None else (ids, torch.from_numpy(roles[idx].astype(np.int64))))
         step_loss = torch.as_tensor(engine.train_step(micro), dtype=torch.float32)
         unread, unread_loss = unread + 1, step_loss if unread_loss is None else unread_loss + step_loss
         window_steps += 1

@@ -35,6 +35,7 @@ def run_single_worker(job: TrainJob, shared_base: dict | None = None, tokenizer=
     from branchout.stages.data import open_blocks
     from branchout.stages.engine import TorchEngine, training_dtype
     from branchout.stages.faults import killer
+    from branchout.stages.instruct import open_roles, with_chat_template
     from branchout.stages.loop import rng_state, run_steps, set_rng_state
     from branchout.stages.metrics import MetricsLogger
     from branchout.stages.model import export_model, prepare_model
@@ -66,6 +67,9 @@ def run_single_worker(job: TrainJob, shared_base: dict | None = None, tokenizer=
         set_rng_state(client_state.get("rng"))
 
     blocks = open_blocks(job.data_uri, "train")
+    roles = open_roles(job.data_uri, "train")
+    if roles is not None:  # instruction data: the model is saved with the template it learned
+        tokenizer = with_chat_template(tokenizer)
 
     def save_checkpoint(step: int, loss: float) -> None:
         if step == job.steps:
@@ -77,7 +81,7 @@ def run_single_worker(job: TrainJob, shared_base: dict | None = None, tokenizer=
         retain(job.checkpoints_uri, _checkpoint_names(job), t.keep_checkpoints)
 
     result = run_steps(engine, blocks, t, job.steps, start_step, 0, 1, logger, save_checkpoint,
-                       after_step=killer(job.name, job.out_uri, 0))
+                       after_step=killer(job.name, job.out_uri, 0), roles=roles)
     job.check_lease()
     export_model(engine.model, tokenizer, job.model_uri, extra={"job": job.name, "steps": job.steps},
                  dtype=training_dtype(t.deepspeed.precision))

@@ -27,7 +27,18 @@ def cross_check(spec: PipelineSpec) -> list[str]:
         problems += _check_training(f"finetune.domains.{i}", domain, domain.steps)
     problems += _check_model(spec)
     problems += _check_embedded_capacity(spec)
+    problems += _check_instruction_data(spec)
     return problems
+
+
+def _check_instruction_data(spec: PipelineSpec) -> list[str]:
+    """Instruction columns make a fine-tune supervised; the pretraining corpus is a token stream."""
+    ds = spec.pretrain.dataset
+    column = "messages_column" if ds.messages_column else "prompt_column"
+    if ds.is_instruction:
+        return [f"pretrain.dataset.{column}: the pretraining corpus is plain text; instruction data "
+                "(prompt/response or messages) belongs to finetune.domains"]
+    return []
 
 
 # Job names are "<stage>/<domain>" and data jobs "data/<dataset>", where the pretraining
@@ -163,6 +174,10 @@ def _check_model(spec: PipelineSpec) -> list[str]:
         parameter_counts(config)
     except Exception as e:  # transformers raises many types for inconsistent configs
         return problems + [f"model.config: cannot build {model_type}: {_one_line(e)}"]
+    ev = spec.evaluate
+    if limit is not None and ev.generation_samples and ev.max_new_tokens >= limit:
+        problems.append(f"evaluate.max_new_tokens: {ev.max_new_tokens} leaves no room for a prompt in the model's "
+                        f"{limit} positions; lower it (or set evaluate.generation_samples: 0)")
     lora_domains = [(i, d) for i, d in enumerate(spec.finetune.domains) if d.method == "lora"]
     if lora_domains:
         for i, d in lora_domains:

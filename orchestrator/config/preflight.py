@@ -2,7 +2,8 @@
 
 Checks, per dataset: it exists and reads, the text column is there, it holds non-empty
 strings that are not binary garbage, and both its training and held-out documents hold
-enough text for at least one block. The block check uses a bound that is certain for a
+enough text for at least one block. Instruction data (``stages.instruct``): its columns
+are there, of the right type, not all empty, and both sides hold an example. The block check uses a bound that is certain for a
 byte-level BPE (never more tokens than UTF-8 bytes, plus one EOS per document), so it
 never rejects data that would have worked; the data stage repeats it with real tokens.
 
@@ -53,6 +54,10 @@ def check_dataset(ds: DatasetSpec, seq_len: int, fraction: float, seed: int) -> 
     from branchout.stages.documents import plan_units, resolve_source, unit_columns
     from branchout.stages.split import is_heldout
 
+    if ds.is_instruction:
+        from branchout.stages.instruct import check_instruct_dataset
+
+        return check_instruct_dataset(ds, seq_len, fraction, seed)
     src = resolve_source(ds)
     if src.is_hub:
         return "hub"

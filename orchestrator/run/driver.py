@@ -178,7 +178,7 @@ def _run_stages(spec: PipelineSpec, plan: Plan, record: RunRecord, cluster: Clus
         data = stage_data(ctx, tokenizer)
         base_uri = stage_pretrain(ctx, tokenizer, data["pretrain"])
         stage_finetune(ctx, tokenizer, data, base_uri)
-        stage_evaluate(ctx, data, base_uri)
+        stage_evaluate(ctx, data, base_uri, tokenizer["uri"])
         failed = [n for n, r in record.jobs.items() if r.state is JobState.FAILED]
         if failed:
             record.set_run_state(RunState.FAILED, error=f"failed: {', '.join(failed)}")
@@ -450,8 +450,9 @@ def _submitter(ctx: RunContext, job: TrainJob, deepspeed: bool, resources: dict[
     return lambda: pools.submit(job, resources, sum(not ctx.record.job(n).state.done for n in group))
 
 
-def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) -> None:
-    """Held-out perplexity per domain of base, fine-tuned and scratch models.
+def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, tokenizer_uri: str) -> None:
+    """Held-out perplexity per domain of base, fine-tuned and scratch models, and their
+    greedy answers to held-out prompts (scored by exact match and ROUGE-L on instruction data).
 
     One job per domain, placed like the domain's fine-tune (one worker's bundle: its GPU
     share, accelerator type and CPUs, from the plan) and scoring in its precision; the
@@ -474,7 +475,8 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) 
         if "scratch" in ev.models and sc.state.done:
             candidates["scratch"] = (sc.outputs["model_uri"], None)
         args = (d.name, data[d.name].uri, candidates, ev.batch_size, ev.max_blocks,
-                max(1, int(bundle["CPU"])), d.deepspeed.precision, d.resources_per_worker.uses_gpu)
+                max(1, int(bundle["CPU"])), d.deepspeed.precision, d.resources_per_worker.uses_gpu,
+                tokenizer_uri, ev.generation_samples, ev.max_new_tokens)
         previous = ctx.record.job(f"evaluate/{d.name}").outputs.get("scored")
         items.append(WorkItem(f"evaluate/{d.name}",
                               lambda args=args, bundle=bundle: submit_task(evaluate_domain, args, bundle,
@@ -487,21 +489,42 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str) 
                               rerun=previous is not None and _as_lists(previous) != _as_lists(candidates)))
     ctx.hints.request(stage_bundles(spec)["evaluate"], "evaluate")
     results = ctx.run(items)
-    domains = {}
+    domains, samples = {}, {}
     for d in spec.finetune.domains:
         r = results.get(f"evaluate/{d.name}")
         if r is None:
             continue
-        row = {k: r[k] for k in ("base_ppl", "finetuned_ppl", "scratch_ppl", "heldout_tokens") if k in r}
-        if "base_ppl" in row and "finetuned_ppl" in row:
-            row["transfer_gain"] = 1 - row["finetuned_ppl"] / row["base_ppl"]
-        if "scratch_ppl" in row and "finetuned_ppl" in row:
-            row["gain_vs_scratch"] = 1 - row["finetuned_ppl"] / row["scratch_ppl"]
-        row["method"] = d.method
-        domains[d.name] = row
+        domains[d.name] = metrics_row(r, d.method, data[d.name].kind)
+        if r.get("samples"):
+            samples[d.name] = r["samples"]
     metrics = {"run_id": ctx.record.run_id, "pipeline": spec.name, "domains": domains,
                "pretrain": ctx.record.job("pretrain").outputs}
     storage.write_text(ctx.uri("eval", "metrics.json"), json.dumps(metrics, indent=1))
+    storage.write_text(ctx.uri("eval", "samples.json"), json.dumps(samples, indent=1, ensure_ascii=False))
+
+
+MODELS = ("base", "finetuned", "scratch")
+
+
+def metrics_row(r: dict[str, Any], method: str, data_kind: str) -> dict[str, Any]:
+    """One domain's row of ``eval/metrics.json`` from its evaluation job's outputs.
+
+    ``exact_match`` and ``rouge_l`` (instruction domains) map each scored model to its score.
+    """
+    row: dict[str, Any] = {f"{m}_ppl": r[f"{m}_ppl"] for m in MODELS if f"{m}_ppl" in r}
+    if "heldout_tokens" in r:
+        row["heldout_tokens"] = r["heldout_tokens"]
+    if "base_ppl" in row and "finetuned_ppl" in row:
+        row["transfer_gain"] = 1 - row["finetuned_ppl"] / row["base_ppl"]
+    if "scratch_ppl" in row and "finetuned_ppl" in row:
+        row["gain_vs_scratch"] = 1 - row["finetuned_ppl"] / row["scratch_ppl"]
+    for metric in ("exact_match", "rouge_l"):
+        scores = {m: r[f"{m}_{metric}"] for m in MODELS if f"{m}_{metric}" in r}
+        if scores:
+            row[metric] = scores
+    row["method"] = method
+    row["data"] = "instruction" if data_kind == "instruct" else "text"
+    return row
 
 
 def _as_lists(candidates: dict) -> dict:

@@ -1,7 +1,10 @@
-"""The run report: ``report.md`` and ``report.html`` with the perplexity table and plots.
+"""The run report: ``report.md`` and ``report.html`` with the evaluation table and plots.
 
 The table puts base, fine-tuned and from-scratch perplexity side by side per domain and
-states the transfer gain (1 − finetuned / base). Loss curves come from the metrics
+states the transfer gain (1 − finetuned / base); instruction domains add exact match and
+ROUGE-L of the models' greedy answers. *Findings* say plainly where a fine-tune came out
+worse than from-scratch or the base, and what to change. A few generation samples per
+domain (the same prompts for every model) follow. Loss curves come from the metrics
 JSONL every job writes; PNGs are stored under ``eval/`` and embedded in the HTML
 (base64) so the HTML is one self-contained file.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from typing import Any
 
 from branchout.orchestrator.run.lineage import lineage_text
@@ -26,9 +30,12 @@ def write_report(record: RunRecord, metrics: dict[str, Any]) -> str:
     for name, png in plots.items():
         storage.write_bytes(storage.join(record.run_uri, "eval", name), png)
     rows = _rows(record, metrics)
-    storage.write_text(storage.join(record.run_uri, "report.md"), _markdown(record, rows, plots))
+    samples_uri = storage.join(record.run_uri, "eval", "samples.json")
+    samples = json.loads(storage.read_text(samples_uri)) if storage.exists(samples_uri) else {}
+    notes = findings(metrics)
+    storage.write_text(storage.join(record.run_uri, "report.md"), _markdown(record, rows, plots, notes, samples))
     uri = storage.join(record.run_uri, "report.html")
-    storage.write_text(uri, _html(record, rows, plots))
+    storage.write_text(uri, _html(record, rows, plots, notes, samples))
     return uri
 
 
@@ -42,12 +49,57 @@ def _rows(record: RunRecord, metrics: dict[str, Any]) -> list[list[str]]:
         state = record.job(f"finetune/{name}").state.value
         rows.append([name, m.get("method", ""), state, _fmt(m.get("base_ppl")), _fmt(m.get("finetuned_ppl")),
                      _fmt(m.get("scratch_ppl")), _fmt(m.get("transfer_gain"), ".1%"),
-                     _fmt(m.get("gain_vs_scratch"), ".1%"), _fmt(m.get("heldout_tokens"), ",")])
+                     _fmt(m.get("gain_vs_scratch"), ".1%"), _fmt(m.get("heldout_tokens"), ","),
+                     _scores(m.get("exact_match")), _scores(m.get("rouge_l"))])
     return rows
 
 
+def _scores(scores: dict[str, float] | None) -> str:
+    """``base / fine-tuned / scratch`` of one answer metric, as percentages."""
+    if not scores:
+        return "—"
+    return " / ".join(_fmt(scores.get(m), ".0%") for m in MODELS if m in scores)
+
+
+MODELS = ("base", "finetuned", "scratch")
 HEADER = ["domain", "method", "fine-tune", "base ppl", "fine-tuned ppl", "scratch ppl",
-          "transfer gain (vs base)", "gain vs scratch", "held-out tokens"]
+          "transfer gain (vs base)", "gain vs scratch", "held-out tokens",
+          "exact match (base / ft / scratch)", "ROUGE-L (base / ft / scratch)"]
+
+
+def findings(metrics: dict[str, Any]) -> list[str]:
+    """One plain sentence per domain whose fine-tune is worse than from-scratch or the base
+    (held-out perplexity higher, or ROUGE-L of its answers lower), with what to change."""
+    out = []
+    for name, m in metrics.get("domains", {}).items():
+        worse = []
+        for other in ("base", "scratch"):
+            ft, them = m.get("finetuned_ppl"), m.get(f"{other}_ppl")
+            if isinstance(ft, int | float) and isinstance(them, int | float) and ft > them:
+                worse.append((other, f"perplexity {ft:.2f} vs {them:.2f}"))
+            rouge = m.get("rouge_l") or {}
+            if "finetuned" in rouge and other in rouge and rouge["finetuned"] < rouge[other]:
+                worse.append((other, f"ROUGE-L {rouge['finetuned']:.0%} vs {rouge[other]:.0%}"))
+        if not worse:
+            continue
+        against = {"base": "the base model", "scratch": "the from-scratch model"}
+        what = "; ".join(f"{against[o]}: {why}" for o, why in worse)
+        out.append(f"{name}: the fine-tune is worse than {' and '.join(dict.fromkeys(against[o] for o, _ in worse))} "
+                   f"({what}). Try: {_advice({o for o, _ in worse}, m.get('method'))}.")
+    return out
+
+
+def _advice(worse_than: set[str], method: str | None) -> str:
+    tips = []
+    if "base" in worse_than:
+        # moving away from the base on its own held-out text: too big or too many updates
+        tips.append("a lower learning rate (optimizer.lr) or fewer steps, so it keeps what the base knew")
+    if "scratch" in worse_than:
+        tips.append("more fine-tune steps (a from-scratch model trained as long beat it)")
+    if method == "lora":
+        tips.append("a higher LoRA rank (lora.rank) or method: full")
+    tips.append("more domain data")
+    return "; ".join(tips)
 
 
 def _summary(record: RunRecord) -> list[str]:
@@ -60,33 +112,70 @@ def _summary(record: RunRecord) -> list[str]:
         f"{_fmt(pre.outputs.get('tokens_per_s'), ',.0f')} tokens/s.",
         "Transfer gain = 1 − fine-tuned ppl / base ppl: how much the domain fine-tune improved on "
         "the shared base. Gain vs scratch compares with the same architecture trained for the same "
-        "budget on the domain data alone.",
+        "budget on the domain data alone. Instruction domains score perplexity on answer tokens only, "
+        "and exact match / ROUGE-L of each model's greedy answers to held-out prompts.",
     ]
 
 
-def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes]) -> str:
+def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[str],
+              samples: dict[str, list[dict]]) -> str:
     lines = [f"# branchout report: {record.pipeline}", "", *_summary(record), "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append("")
+    if notes:
+        lines += ["## Findings", ""] + [f"- **Worse than a baseline.** {n}" for n in notes] + [""]
     lines += [f"![{name}](eval/{name})" for name in plots]
+    if samples:
+        lines += ["", "## Generation samples", "",
+                  "Greedy answers of each model to the same held-out prompts (instruction domains), or "
+                  "continuations of the same held-out text (plain-text domains)."]
+        for domain, items in samples.items():
+            lines += ["", f"### {domain}"]
+            for i, sample in enumerate(items, 1):
+                lines += ["", f"{i}. prompt: `{_inline(sample['prompt'])}`",
+                          f"   - reference: `{_inline(sample['reference'])}`"]
+                lines += [f"   - {model}: `{_inline(answer)}`" for model, answer in sample["answers"].items()]
     lines += ["", "## Lineage", "", "```", lineage_text(record).rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 
-def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes]) -> str:
+def _inline(text: str) -> str:
+    """One line of Markdown code: newlines shown as ⏎, backticks that would end it replaced."""
+    return text.replace("\n", " ⏎ ").replace("`", "'") or " "
+
+
+def _samples_html(samples: dict[str, list[dict]]) -> str:
+    esc = html.escape
+    parts = []
+    for domain, items in samples.items():
+        parts.append(f"<h3>{esc(domain)}</h3>")
+        for sample in items:
+            answers = "".join(f"<tr><th>{esc(m)}</th><td><pre>{esc(a)}</pre></td></tr>"
+                              for m, a in sample["answers"].items())
+            parts.append(f"<table class='sample'><tr><th>prompt</th><td><pre>{esc(sample['prompt'])}</pre></td></tr>"
+                         f"<tr><th>reference</th><td><pre>{esc(sample['reference'])}</pre></td></tr>{answers}</table>")
+    return "<h2>Generation samples</h2>" + "".join(parts) if parts else ""
+
+
+def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[str],
+          samples: dict[str, list[dict]]) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
     imgs = "".join(f'<h2>{esc(n)}</h2><img alt="{esc(n)}" src="data:image/png;base64,'
                    f'{base64.b64encode(p).decode()}">' for n, p in plots.items())
     summary = "".join(f"<p>{esc(s).replace('**', '')}</p>" for s in _summary(record))
+    found = ("<h2>Findings</h2><ul>" + "".join(f"<li><b>Worse than a baseline.</b> {esc(n)}</li>" for n in notes)
+             + "</ul>") if notes else ""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(record.pipeline)}</title>"
             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
             "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}"
-            "td:first-child,th:first-child{text-align:left}</style></head><body>"
+            "td:first-child,th:first-child{text-align:left}"
+            ".sample td,.sample th{text-align:left;vertical-align:top}.sample pre{margin:0;white-space:pre-wrap}"
+            "</style></head><body>"
             f"<h1>branchout report: {esc(record.pipeline)}</h1>{summary}"
-            f"<table><tr>{head}</tr>{body}</table>{imgs}"
+            f"<table><tr>{head}</tr>{body}</table>{found}{imgs}{_samples_html(samples)}"
             f"<h2>Lineage</h2><pre>{esc(lineage_text(record))}</pre></body></html>")
 
 

@@ -86,8 +86,9 @@ class Tracker:
             return
         parent = self.record.tracking["run_id"]
         rows = (metrics or {}).get("domains", {})
-        numbers = {f"{domain}.{k}": float(v) for domain, row in rows.items() for k, v in row.items()
-                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        # a nested score (exact_match, rouge_l: model → value) becomes <domain>.<metric>.<model>
+        flat = {f"{domain}.{k}": v for domain, row in rows.items() for k, v in _flatten(row).items()}
+        numbers = {k: float(v) for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         status = {RunState.SUCCEEDED: "FINISHED", RunState.STOPPED: "KILLED"}.get(self.record.state, "FAILED")
 
         def close() -> None:
