@@ -37,10 +37,13 @@ def test_malformed_pipeline_file(path):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_DATA), ids=str)
 def test_bad_data_file(name, write_pipeline):
+    expected = EXPECTED_DATA[name]
+    # a plain entry is the message for a text dataset; instruction data names its columns too
+    keys, message = (expected["dataset"], expected["error"]) if isinstance(expected, dict) else ({}, expected)
     spec = copy.deepcopy(TINY)
-    spec["finetune"]["domains"][0]["dataset"] = {"path": str(BAD_DATA_DIR / name)}
+    spec["finetune"]["domains"][0]["dataset"] = {"path": str(BAD_DATA_DIR / name), **keys}
     path = write_pipeline(spec)
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 2, result.output
-    message = EXPECTED_DATA[name].replace("{dir}", str(BAD_DATA_DIR))
+    message = message.replace("{dir}", str(BAD_DATA_DIR))
     assert _errors(result) == [f"error: {path}: finetune.domains.0.dataset: {message}"]
