@@ -76,25 +76,29 @@ def findings(metrics: dict[str, Any]) -> list[str]:
         for other in ("base", "scratch"):
             ft, them = m.get("finetuned_ppl"), m.get(f"{other}_ppl")
             if isinstance(ft, int | float) and isinstance(them, int | float) and ft > them:
-                worse.append((other, f"perplexity {ft:.2f} vs {them:.2f}"))
+                worse.append((other, f"held-out perplexity {ft:.2f} vs {_OF[other]} {them:.2f}"))
             rouge = m.get("rouge_l") or {}
             if "finetuned" in rouge and other in rouge and rouge["finetuned"] < rouge[other]:
-                worse.append((other, f"ROUGE-L {rouge['finetuned']:.0%} vs {rouge[other]:.0%}"))
+                worse.append((other, f"ROUGE-L {rouge['finetuned']:.0%} vs {_OF[other]} {rouge[other]:.0%}"))
         if not worse:
             continue
-        against = {"base": "the base model", "scratch": "the from-scratch model"}
-        what = "; ".join(f"{against[o]}: {why}" for o, why in worse)
-        out.append(f"{name}: the fine-tune is worse than {' and '.join(dict.fromkeys(against[o] for o, _ in worse))} "
-                   f"({what}). Try: {_advice({o for o, _ in worse}, m.get('method'))}.")
+        than = " and ".join(dict.fromkeys(_OF[o].removesuffix("'s") for o, _ in worse))
+        out.append(f"{name}: the fine-tune is worse than {than} ({'; '.join(why for _, why in worse)}). "
+                   f"Try: {_advice({o for o, _ in worse}, m.get('method'))}.")
     return out
+
+
+_OF = {"base": "the base model's", "scratch": "the from-scratch model's"}
 
 
 def _advice(worse_than: set[str], method: str | None) -> str:
     tips = []
-    if "base" in worse_than:
-        # moving away from the base on its own held-out text: too big or too many updates
+    if worse_than == {"base", "scratch"}:
+        # lost what the base knew without learning the domain: the updates are too big
+        tips.append("a lower learning rate (optimizer.lr)")
+    elif "base" in worse_than:
         tips.append("a lower learning rate (optimizer.lr) or fewer steps, so it keeps what the base knew")
-    if "scratch" in worse_than:
+    else:
         tips.append("more fine-tune steps (a from-scratch model trained as long beat it)")
     if method == "lora":
         tips.append("a higher LoRA rank (lora.rank) or method: full")
@@ -142,7 +146,7 @@ def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes],
 
 def _inline(text: str) -> str:
     """One line of Markdown code: newlines shown as ⏎, backticks that would end it replaced."""
-    return text.replace("\n", " ⏎ ").replace("`", "'") or " "
+    return text.replace("\n", " ⏎ ").replace("`", "'") if text.strip() else "(empty)"
 
 
 def _samples_html(samples: dict[str, list[dict]]) -> str:

@@ -1,0 +1,47 @@
+"""examples/licence_assistant.yaml as its header runs it, minutes shortened: the licence Q&A
+set built from this machine's Debian copyright files, full and LoRA supervised fine-tunes,
+answers scored and shown."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from branchout.orchestrator.run.state import RunRecord, RunState
+
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+SHORT = ["pretrain.steps=20", "pretrain.checkpoint_every=10", "pretrain.schedule.warmup_steps=2",
+         "finetune.defaults.steps=10", "finetune.defaults.checkpoint_every=5", "finetune.defaults.schedule.warmup_steps=2",
+         "evaluate.models=[base,finetuned]", "evaluate.max_blocks=16", "evaluate.generation_samples=4"]
+
+
+def test_licence_assistant_answers_are_scored_and_shown(tmp_path):
+    import corpus
+
+    data = tmp_path / "data"
+    corpus.build(str(data), {"general": 20_000, "legal": 150_000, "code": 20_000, "docs": 20_000})
+    built = subprocess.run([sys.executable, str(REPO / "examples" / "licences.py"), str(data), "--max-examples", "800"],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    sets = [f"storage={tmp_path / 'runs'}", f"pretrain.dataset.path={data / 'legal.jsonl'}",
+            *[f"finetune.domains.{i}.dataset.path={data / 'licences.jsonl'}" for i in (0, 1)], *SHORT]
+    out = run_cli("run", str(REPO / "examples" / "licence_assistant.yaml"), *[a for s in sets for a in ("--set", s)],
+                  timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    [run_dir] = list((tmp_path / "runs" / "licence-assistant").iterdir())
+    assert RunRecord.load(str(run_dir)).state is RunState.SUCCEEDED
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert set(metrics["domains"]) == {"licences", "licences-lora"}
+    for row in metrics["domains"].values():
+        assert set(row["exact_match"]) == set(row["rouge_l"]) == {"base", "finetuned"}
+    samples = json.loads((run_dir / "eval" / "samples.json").read_text())
+    first = samples["licences"][0]
+    assert "Debian package" in first["prompt"] and first["prompt"].endswith("<|assistant|>\n")
+    assert samples["licences-lora"][0]["prompt"] == first["prompt"]  # same data, same held-out prompts
+    assert "## Generation samples" in (run_dir / "report.md").read_text()

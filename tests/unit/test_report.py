@@ -1,0 +1,63 @@
+"""The report says when a fine-tune is worse than a baseline, and shows what the models answered."""
+
+from __future__ import annotations
+
+import json
+
+from branchout.orchestrator.run.driver import metrics_row
+from branchout.orchestrator.run.report import findings, write_report
+from branchout.orchestrator.run.state import JobRecord, RunRecord
+
+
+def _outputs(**scores):
+    return {"base_ppl": 9.0, "finetuned_ppl": 6.0, "scratch_ppl": 12.0, "heldout_tokens": 300, **scores}
+
+
+def test_instruction_rows_carry_exact_match_and_rouge_l_per_model():
+    row = metrics_row(_outputs(base_exact_match=0.0, finetuned_exact_match=0.5, scratch_exact_match=0.25,
+                               base_rouge_l=0.1, finetuned_rouge_l=0.6, scratch_rouge_l=0.3), "lora", "instruct")
+    assert row["exact_match"] == {"base": 0.0, "finetuned": 0.5, "scratch": 0.25}
+    assert row["rouge_l"] == {"base": 0.1, "finetuned": 0.6, "scratch": 0.3}
+    assert row["data"] == "instruction" and row["transfer_gain"] == 1 - 6 / 9
+    plain = metrics_row(_outputs(), "full", "text")
+    assert "exact_match" not in plain and plain["data"] == "text"
+
+
+def test_a_better_fine_tune_has_no_findings():
+    row = metrics_row(_outputs(base_rouge_l=0.1, finetuned_rouge_l=0.6, scratch_rouge_l=0.3), "full", "instruct")
+    assert findings({"domains": {"legal": row}}) == []
+
+
+def test_worse_than_scratch_by_perplexity_says_so_and_suggests_more_steps():
+    row = metrics_row(_outputs(finetuned_ppl=13.0, base_ppl=15.0), "lora", "text")
+    [line] = findings({"domains": {"legal": row}})
+    assert line.startswith("legal: the fine-tune is worse than the from-scratch model "
+                           "(held-out perplexity 13.00 vs the from-scratch model's 12.00)")
+    assert "more fine-tune steps" in line and "lora.rank" in line and "more domain data" in line
+
+
+def test_worse_than_the_base_by_rouge_suggests_a_lower_learning_rate():
+    row = metrics_row(_outputs(base_rouge_l=0.5, finetuned_rouge_l=0.2, scratch_rouge_l=0.1), "full", "instruct")
+    [line] = findings({"domains": {"qa": row}})
+    assert "worse than the base model (ROUGE-L 20% vs the base model's 50%)" in line
+    assert "lower learning rate" in line and "lora.rank" not in line
+
+
+def test_report_shows_findings_scores_and_the_same_prompts_for_every_model(tmp_path):
+    record = RunRecord(run_id="r1", pipeline="p", run_uri=str(tmp_path), spec_hash="x")
+    for name in ("pretrain", "finetune/qa", "scratch/qa"):
+        record.jobs[name] = JobRecord(name)
+    row = metrics_row(_outputs(finetuned_ppl=10.0, base_exact_match=0.0, finetuned_exact_match=0.5,
+                               base_rouge_l=0.2, finetuned_rouge_l=0.7), "full", "instruct")
+    samples = {"qa": [{"prompt": "<|user|>\nWhich licence covers src/* in curl?\n<|assistant|>\n",
+                       "reference": "curl", "answers": {"base": "", "finetuned": "curl"}}]}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "samples.json").write_text(json.dumps(samples))
+    write_report(record, {"domains": {"qa": row}})
+    md = (tmp_path / "report.md").read_text()
+    assert "| 0% / 50% | 20% / 70% |" in md
+    assert "**Worse than a baseline.** qa: the fine-tune is worse than the base model" in md
+    assert "prompt: `<|user|> ⏎ Which licence covers src/* in curl? ⏎ <|assistant|> ⏎ `" in md
+    assert "   - base: `(empty)`" in md and "   - finetuned: `curl`" in md
+    html = (tmp_path / "report.html").read_text()
+    assert "Generation samples" in html and "Worse than a baseline." in html and "&lt;|user|&gt;" in html
