@@ -9,6 +9,10 @@ publishes the shards with a manifest (``stages/blocks.py`` reads them back lazil
 Memory is bounded by the read unit and a few buffers, not by the corpus; the held-out
 side's sampled shingles are the one thing that grows (with ``heldout_fraction``).
 
+Instruction data (a dataset with prompt/response or messages columns) is not a token
+stream: ``prepare`` hands it to ``stages/instruct.py`` (one example per row, with token
+roles for the loss mask), cached and published the same way.
+
 Packed data is cached under ``<storage>/cache/data/<key>/``; the key hashes the data
 fingerprint, the tokenizer, the block length, the split, the pretraining reference a
 domain was decontaminated against and ``PACKING_VERSION``. A second run (or a second

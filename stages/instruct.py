@@ -88,8 +88,19 @@ def with_chat_template(tokenizer):
 
 
 def render(tokenizer, messages: list[dict], generation: bool) -> str:
-    """The conversation as text; ``generation`` adds the cue for the assistant's answer."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    """The conversation as text; ``generation`` adds the cue for the assistant's answer.
+
+    Raises:
+        TemplateError: the template refused the conversation (e.g. a role it does not know).
+    """
+    from jinja2 import TemplateError as JinjaError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    except JinjaError as e:
+        roles = ", ".join(dict.fromkeys(m["role"] for m in messages))
+        raise TemplateError(f"the tokenizer's chat template refused a conversation with roles {roles} "
+                            f"({' '.join(str(e).split())[:160]})") from None
 
 
 def encode_example(tokenizer, messages: list[dict], seq_len: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -324,6 +335,7 @@ def write_examples(ds: DatasetSpec, tokenizer_dir: str, seq_len: int, fraction: 
         for unit in plan_units(ds):
             progress.unit({"bytes": unit.size, "node": "local"})
             for batch in unit_conversations(unit, ds):
+                tokens_before = counts["tokens"]
                 for messages in batch:
                     if messages is None:
                         counts["skipped"] += 1
@@ -343,7 +355,7 @@ def write_examples(ds: DatasetSpec, tokenizer_dir: str, seq_len: int, fraction: 
                         prompts.write(json.dumps({"messages": context, "reference": reference},
                                                  ensure_ascii=False) + "\n")
                         kept_prompts += 1
-                progress.add(len(batch), 0)
+                progress.add(len(batch), counts["tokens"] - tokens_before)
     label = resolve_source(ds).label
     if counts["train"] == 0:
         raise DataError(f"{label}: no training example whose answer starts within {seq_len} tokens "
