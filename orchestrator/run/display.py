@@ -201,10 +201,12 @@ def print_status(console: Console, view) -> None:
     if row.submitted:
         console.print(f"  submitted to {row.address} as Ray job {row.submissions[-1]}"
                       + (f" ({view.job_status})" if view.job_status else ""))
+    # one line each, however long: users grep them and tests match them
     if row.error:
-        console.print(f"  [red]error: {row.error}[/]")
-    if view.note:
-        console.print(f"  note: {view.note}")
+        console.print(f"  [red]error: {row.error}[/]", soft_wrap=True, highlight=False)
+    if view.note and not (record is None and row.started is None and row.error):
+        # a run whose driver failed before it began has no state.json: the error says why
+        console.print(f"  note: {view.note}", soft_wrap=True, highlight=False)
     if record is None:
         return
     table = Table(show_edge=False)
