@@ -6,8 +6,6 @@ Ray's own CLI (`ray job list`, `ray job logs`) is the referee for what branchout
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,9 +13,9 @@ import pytest
 import yaml
 from raycluster import LocalRayCluster
 
-from branchout.orchestrator.run.state import JobState, RunRecord, RunState
+from branchout.orchestrator.run.state import RunRecord, RunState
 
-from conftest import QUICK, TINY, quickstart_client, run_cli
+from conftest import TINY, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -77,43 +75,6 @@ def test_unreachable_address(cluster, corpus_dir, tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach the Ray Jobs API at http://127.0.0.1:9")
-
-
-def test_submitted_quickstart_needs_nothing_from_the_client(cluster, tmp_path):
-    pipeline = quickstart_client(tmp_path / "laptop")
-    shared = tmp_path / "shared"  # what every node mounts
-    sets = [a for s in [f"storage=file://{shared}/runs", *QUICK] for a in ("--set", s)]
-    out = cli(cluster, "submit", str(pipeline), "--address", cluster.address, *sets)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    shutil.rmtree(pipeline.parent)  # the laptop's copy is gone the moment submit returns
-    run_id = submitted_run_id(out)
-    assert "input pretrain.dataset.path:" in out.stdout and "input finetune.domains.2.dataset.path:" in out.stdout
-
-    assert cluster.wait_for_job(run_id) == "SUCCEEDED", cli(cluster, "logs", run_id).stdout[-3000:]
-    status = cli(cluster, "status", run_id[:17])
-    assert status.returncode == 0, status.stderr
-    assert "state succeeded" in status.stdout and f"Ray job {run_id} (SUCCEEDED)" in status.stdout
-    for job in ("pretrain", "finetune/legal", "finetune/code", "finetune/docs", "evaluate/docs"):
-        assert job in status.stdout
-    listed = cli(cluster, "list", "--pipeline", "quickstart")
-    assert run_id in listed.stdout and "succeeded" in listed.stdout and "3/3" in listed.stdout
-
-    run_dir = shared / "runs" / "quickstart" / run_id
-    record = RunRecord.load(str(run_dir))
-    assert record.state is RunState.SUCCEEDED
-    assert all(s.state is JobState.SUCCEEDED for s in record.jobs.values())
-    ran = yaml.safe_load((run_dir / "spec.yaml").read_text())  # what the driver read: the shipped copies
-    assert ran["pretrain"]["dataset"]["path"].startswith(f"{shared}/runs/inputs/sha256-")
-    ours = cli(cluster, "logs", run_id).stdout
-    theirs = subprocess.run(["ray", "job", "logs", run_id, "--address", cluster.address], env=cluster.env(),
-                            capture_output=True, text=True).stdout
-    assert f"run {run_id} → " in ours and ours.strip() in theirs
-
-    again = cli(cluster, "stop", run_id)
-    assert again.returncode == 2 and f"run {run_id} already succeeded; nothing to stop" in again.stderr
-    unknown = cli(cluster, "status", "19990101-000000")
-    assert unknown.returncode == 2
-    assert unknown.stderr.strip() == "error: no run matches '19990101-000000' (see `branchout list`)"
 
 
 def test_stop_then_resume_continues_from_checkpoints(cluster, corpus_dir, tmp_path):

@@ -70,8 +70,10 @@ def test_foreign_model_continued_sft_fanout_scored_and_exported(corpus_dir, tmp_
         # a LoRA update this short moves little at the full fine-tune's rate
         {"name": "qa-lora", "dataset": instruct, "method": "lora", "lora": {"rank": 4, "alpha": 8},
          "optimizer": {"lr": 1.0e-2}},
+        # two ZeRO-3 workers of one CPU each beside warm runners, on 2 CPUs: the mix that once
+        # deadlocked (idle runners held both CPUs), and the multi-worker ZeRO-3 fine-tune path
         {"name": "qa-full", "dataset": instruct, "method": "full", "num_workers": 2, "micro_batch_size": 2,
-         "resources_per_worker": {"cpu": 0.5}, "deepspeed": {"zero_stage": 2, "precision": "fp32"}}]
+         "resources_per_worker": {"cpu": 1}, "deepspeed": {"zero_stage": 3, "precision": "fp32"}}]
     spec["evaluate"].update(generation_samples=4, max_new_tokens=8)
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec))

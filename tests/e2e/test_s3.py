@@ -23,9 +23,10 @@ import time
 import pgserver
 import pytest
 import sqlalchemy as sa
+import yaml
 from raycluster import LocalRayCluster, free_port
 
-from conftest import QUICK, TINY, quickstart_client, run_cli
+from conftest import QUICK, quickstart_client, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -105,13 +106,8 @@ def test_quickstart_submitted_with_s3_storage_needs_no_client_and_leaks_no_secre
     env = _client_env(cluster, registry_url)
     printed = []
 
-    # a local run with the same credentials, storage on S3
-    local = run_cli("run", str(write_pipeline(TINY, storage=f"s3://{BUCKET}/runs")),
-                    "--set", "evaluate.models=[base,finetuned]", env=env)
-    printed.append(local.stdout + local.stderr)
-    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
-
-    # the quickstart submitted from a laptop folder that disappears at once
+    # the quickstart submitted from a laptop folder that disappears at once; the driver runs
+    # on the cluster and reads only what submit shipped to the run storage
     pipeline = quickstart_client(tmp_path / "laptop")
     sets = [a for s in [f"storage=s3://{BUCKET}/runs", *QUICK] for a in ("--set", s)]
     out = run_cli("submit", str(pipeline), "--address", cluster.address, *sets, env=env)
@@ -119,12 +115,27 @@ def test_quickstart_submitted_with_s3_storage_needs_no_client_and_leaks_no_secre
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     shutil.rmtree(pipeline.parent)
     run_id = next(x for x in out.stdout.splitlines() if x.startswith("submitted run ")).split()[2]
+    assert "input pretrain.dataset.path:" in out.stdout and "input finetune.domains.2.dataset.path:" in out.stdout
     assert cluster.wait_for_job(run_id) == "SUCCEEDED", run_cli("logs", run_id, env=env).stdout[-3000:]
-    for args in (("status", run_id), ("list",), ("logs", run_id), ("lineage", run_id)):
-        shown = run_cli(*args, env=env)
-        printed.append(shown.stdout + shown.stderr)
-        assert shown.returncode == 0, (args, shown.stderr)
-    assert "state succeeded" in printed[2]
+    shown = {}
+    for args in (("status", run_id[:17]), ("list", "--pipeline", "quickstart"), ("logs", run_id), ("lineage", run_id)):
+        result = run_cli(*args, env=env)
+        printed.append(result.stdout + result.stderr)
+        assert result.returncode == 0, (args, result.stderr)
+        shown[args[0]] = result.stdout
+    # status by a prefix of the id, agreeing with Ray; every job listed
+    assert "state succeeded" in shown["status"] and f"Ray job {run_id} (SUCCEEDED)" in shown["status"]
+    for job in ("pretrain", "finetune/legal", "finetune/code", "finetune/docs", "evaluate/docs"):
+        assert job in shown["status"]
+    assert run_id in shown["list"] and "succeeded" in shown["list"] and "3/3" in shown["list"]
+    theirs = subprocess.run(["ray", "job", "logs", run_id, "--address", cluster.address], env=cluster.env(),
+                            capture_output=True, text=True).stdout
+    assert f"run {run_id} → " in shown["logs"] and shown["logs"].strip() in theirs  # Ray's own job log
+    again = run_cli("stop", run_id, env=env)
+    assert again.returncode == 2 and f"run {run_id} already succeeded; nothing to stop" in again.stderr
+    unknown = run_cli("status", "19990101-000000", env=env)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == "error: no run matches '19990101-000000' (see `branchout list`)"
 
     keys = _keys()
     run_prefix = f"runs/quickstart/{run_id}"
@@ -136,6 +147,8 @@ def test_quickstart_submitted_with_s3_storage_needs_no_client_and_leaks_no_secre
     assert any(k.startswith(f"{run_prefix}/pretrain/ray/") for k in keys)  # Ray Train's checkpoints
     uploaded = {k.rsplit("/", 1)[1] for k in keys if k.startswith("runs/inputs/sha256-")}
     assert {"general.jsonl", "legal.jsonl", "code.jsonl", "docs.jsonl", "MANIFEST.json"} <= uploaded
+    ran = yaml.safe_load(s3_text(f"{run_prefix}/spec.yaml"))  # what the driver read: the shipped copies
+    assert ran["pretrain"]["dataset"]["path"].startswith(f"s3://{BUCKET}/runs/inputs/sha256-")
     uri = f"s3://{BUCKET}/{run_prefix}"
     base = AutoModelForCausalLM.from_pretrained(fetch_verified(f"{uri}/pretrain/model", str(tmp_path / "base")))
     AutoModelForCausalLM.from_pretrained(fetch_verified(f"{uri}/finetune/legal/model", str(tmp_path / "legal")))
@@ -164,6 +177,12 @@ def test_quickstart_submitted_with_s3_storage_needs_no_client_and_leaks_no_secre
     for name, secret in {**PLANTED, "Ray token": cluster.token}.items():
         for place, haystack in places.items():
             assert secret.encode() not in haystack, f"{name} found in {place}"
+
+
+def s3_text(key: str) -> str:
+    import boto3
+
+    return boto3.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
 
 
 def _local_bytes(root) -> bytes:
