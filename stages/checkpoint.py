@@ -9,6 +9,7 @@ reader that verifies the manifest never loads a truncated or bit-flipped file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -231,7 +232,7 @@ def newest_good(parent_uri: str, names: list[str], world: int | None = None,
 
 
 def retain(parent_uri: str, names: list[str], keep: int, world: int | None = None,
-           verify: Callable[[str], bool] | None = None) -> list[str]:
+           verify: Callable[[str], bool] | None = None, delete: bool = True) -> list[str]:
     """Delete all but the newest ``keep`` good checkpoints; returns what was deleted.
 
     "Good" means verified in full now (every file's SHA-256 against its manifest), not
@@ -239,7 +240,8 @@ def retain(parent_uri: str, names: list[str], keep: int, world: int | None = Non
     the last good checkpoint be deleted in its favour. Nothing is deleted unless one
     checkpoint verifies, nor anything newer than the newest good one (another rank may
     still be writing it). ``verify(uri)`` replaces the check (the distributed training
-    path has every rank verify its own shards).
+    path has every rank verify its own shards and agree); with ``delete=False`` the walk
+    only returns what would go (the ranks that must take part in ``verify`` but not delete).
     """
     verify = verify or (lambda uri: not full_problems(uri, world))
     kept: list[str] = []
@@ -251,9 +253,30 @@ def retain(parent_uri: str, names: list[str], keep: int, world: int | None = Non
     if not kept:
         return []
     doomed = [n for n in names[: names.index(kept[0])] if n not in kept]
-    for name in doomed:
+    for name in doomed if delete else []:
         storage.remove_dir(storage.join(parent_uri, name))
     return doomed
+
+
+def rank_problems(uri: str, rank: int, world: int) -> list[str]:
+    """Problems of one rank's shards of a sharded checkpoint, SHA-256 included: what that
+    rank wrote, checked by that rank, so no single process reads the whole checkpoint (on
+    object stores it downloads only its own files)."""
+    import tempfile
+
+    manifest = read_manifest(uri, rank_manifest_name(rank))
+    if manifest is None:
+        return [f"{rank_manifest_name(rank)} missing (rank {rank} never finished writing)"]
+    if (manifest.get("extra") or {}).get("world", world) != world or not isinstance(manifest.get("files"), dict):
+        return [f"{rank_manifest_name(rank)} does not belong to a {world}-worker job"]
+    if storage.is_local(uri):
+        return verify_local(storage.local_path(uri), [manifest])
+    with tempfile.TemporaryDirectory(prefix="branchout-verify-") as tmp:
+        for rel in manifest["files"]:
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)) or tmp, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # reported as missing below
+                storage.download_file(storage.join(uri, rel), os.path.join(tmp, rel))
+        return verify_local(tmp, [manifest])
 
 
 def full_problems(uri: str, world: int | None = None) -> list[str]:

@@ -37,7 +37,7 @@ def train_worker(config: dict) -> None:
     import torch
 
     from branchout.stages import storage
-    from branchout.stages.checkpoint import fetch_verified, retain, write_rank_manifest
+    from branchout.stages.checkpoint import fetch_verified, write_rank_manifest
     from branchout.stages.data import open_blocks
     from branchout.stages.engine import DeepSpeedEngine, TorchEngine, training_dtype
     from branchout.stages.faults import killer
@@ -89,8 +89,7 @@ def train_worker(config: dict) -> None:
             job.check_lease()
             ray.train.report({"step": step, "loss": loss},
                              checkpoint=ray.train.Checkpoint.from_directory(path))
-        if rank == 0:
-            retain(ray_checkpoints_uri(job), _checkpoint_dirs(job), t.keep_checkpoints, world)
+        _retain_together(job, t.keep_checkpoints, rank, world, engine.device)
 
     result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger, save_checkpoint,
                        after_step=killer(job.name, job.out_uri, rank), roles=roles)
@@ -135,6 +134,31 @@ def _checkpoint_dirs(job: TrainJob) -> list[str]:
     found = [(ckpt, f"{run}/{ckpt}") for run in storage.listdir(root) if run.startswith("train")
              for ckpt in storage.listdir(storage.join(root, run)) if _RAY_CHECKPOINT.match(ckpt)]
     return [path for _, path in sorted(found)]
+
+
+def _retain_together(job: TrainJob, keep: int, rank: int, world: int, device) -> list[str]:
+    """Retention for a sharded checkpoint set: every rank verifies (SHA-256) only its own
+    shards of each candidate, newest first, and a candidate is good when every rank's
+    verdict is (an all-reduce MIN per candidate, on the engine's device: CUDA under NCCL);
+    rank 0 deletes. No process reads the whole checkpoint, which for a large model on an
+    object store would mean downloading all of it at every save."""
+    import torch
+    import torch.distributed as dist
+
+    from branchout.stages.checkpoint import rank_problems, retain
+
+    root = ray_checkpoints_uri(job)
+    if not (dist.is_initialized() and world > 1):
+        return retain(root, _checkpoint_dirs(job), keep, world) if rank == 0 else []
+    listing = [_checkpoint_dirs(job) if rank == 0 else None]
+    dist.broadcast_object_list(listing, src=0)  # every rank walks the same list
+
+    def agreed(uri: str) -> bool:
+        verdict = torch.tensor(0 if rank_problems(uri, rank, world) else 1, dtype=torch.int32, device=device)
+        dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+        return bool(verdict.item())
+
+    return retain(root, listing[0], keep, world, verify=agreed, delete=rank == 0)
 
 
 def _choose_checkpoint(job: TrainJob, rank: int, world: int, logger) -> str | None:

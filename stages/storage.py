@@ -151,6 +151,21 @@ def copy_dir(src_uri: str, dst_uri: str, last: str | None = None) -> None:
         fs.copy_file(f"{src.rstrip('/')}/{name}", target)
 
 
+def download_file(uri: str, local_file: str) -> None:
+    """Copy one file to a local path, streamed (never whole in memory).
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    if is_local(uri):
+        shutil.copyfile(local_path(uri), local_file)
+        return
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(uri)
+    pafs.copy_files(path, local_file, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
 def download_dir(uri: str, local_dir: str | None = None) -> str:
     """A local directory holding ``uri``'s files: the directory itself when local."""
     if is_local(uri):

@@ -105,6 +105,38 @@ def test_retention_never_trades_a_good_checkpoint_for_a_same_size_bit_flip(tmp_p
     assert checkpoint.newest_good(str(parent), ["step_1", "step_2"])[0] == "step_1"  # still there to resume
 
 
+def _sharded(parent, name: str, world: int = 2):
+    d = parent / name
+    for rank in range(world):
+        scratch = _make(parent.parent / f"{name}-r{rank}", {f"zero_pp_rank_{rank}_optim_states.pt": os.urandom(256)})
+        checkpoint.write_rank_manifest(scratch, rank, world, {"step": 1})
+        os.makedirs(d, exist_ok=True)
+        for file in os.listdir(scratch):
+            os.replace(os.path.join(scratch, file), d / file)
+    return d
+
+
+def test_each_rank_verifies_only_its_own_shards(tmp_path):
+    d = _sharded(tmp_path / "ray", "checkpoint_1")
+    with open(d / "zero_pp_rank_1_optim_states.pt", "r+b") as f:  # same size, one byte flipped
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert checkpoint.rank_problems(str(d), 0, 2) == []
+    assert checkpoint.rank_problems(str(d), 1, 2) == ["zero_pp_rank_1_optim_states.pt: SHA-256 mismatch (corrupted)"]
+    assert "does not belong to a 4-worker job" in checkpoint.rank_problems(str(d), 1, 4)[0]
+
+
+def test_retention_walk_without_delete_removes_nothing(tmp_path):
+    parent = tmp_path / "ray"
+    names = [_sharded(parent, f"checkpoint_{i}").name for i in (1, 2, 3)]
+    verdict = lambda uri: all(not checkpoint.rank_problems(uri, r, 2) for r in range(2))  # noqa: E731
+    assert checkpoint.retain(str(parent), names, 1, 2, verify=verdict, delete=False) == ["checkpoint_1", "checkpoint_2"]
+    assert sorted(os.listdir(parent)) == names  # a rank other than 0 only takes part in the walk
+    assert checkpoint.retain(str(parent), names, 1, 2, verify=verdict) == ["checkpoint_1", "checkpoint_2"]
+    assert sorted(os.listdir(parent)) == ["checkpoint_3"]
+
+
 WRITER = """
 import os, sys
 from branchout.stages.checkpoint import publish_dir
