@@ -39,6 +39,9 @@ def print_plan(console: Console, plan: Plan, notes: list[str] | None = None) -> 
     console.print(f"            {p.steps:,} steps = {p.total_tokens:,} tokens; {p.checkpoints} checkpoint(s); "
                   f"{zero}, {p.precision}; ~{p.memory_gib:.2f} GiB/worker; "
                   f"{plan.flops_per_token(p.seq_len) / 1e6:.1f} MFLOP/token")
+    console.print("  held-out split: decontaminated (near-duplicates of training text move to training; "
+                  "domain documents that are mostly pretraining text are not scored); the counts are "
+                  "printed with the results and in the report", highlight=False)
     evaluations = [j for j in plan.jobs if j.kind == "evaluate"]
     table = Table(title=f"fan-out: {plan.fanout_jobs} jobs, then {len(evaluations)} evaluation(s) "
                         f"({', '.join(plan.eval_models)} scored)", title_justify="left", show_edge=False)
@@ -149,6 +152,13 @@ def print_results(console: Console, record: RunRecord, metrics: dict[str, Any] |
                       _fmt(m.get("base_ppl"), ".2f"), _fmt(m.get("finetuned_ppl"), ".2f"),
                       _fmt(m.get("scratch_ppl"), ".2f"), f"{gain:.1%}" if isinstance(gain, float) else "-")
     console.print(table)
+    for name, job in record.of_kind("data").items():
+        moved = job.outputs.get("heldout_moved_near_duplicates", 0)
+        dropped = job.outputs.get("heldout_dropped_pretraining_overlap", 0)
+        if moved or dropped:  # what the decontaminated split changed, so scores are read right
+            console.print(f"held-out split of {name}: {job.outputs.get('heldout_docs', 0)} documents scored; "
+                          f"{moved} near-duplicates of training text moved to training, "
+                          f"{dropped} mostly-pretraining documents not scored", highlight=False)
     seconds = (record.ended or time.time()) - (record.started or record.created)
     colour = "green" if record.state.value == "succeeded" else "red"
     console.print(f"run {record.run_id}: [{colour}]{record.state.value}[/] in {seconds:.0f}s"

@@ -106,6 +106,29 @@ def _advice(worse_than: set[str], method: str | None) -> str:
     return "; ".join(tips)
 
 
+SPLIT_HEADER = ["dataset", "training docs", "held-out docs scored",
+                "moved to training: near-duplicates of training text", "not scored: mostly pretraining text"]
+
+
+def split_rows(record: RunRecord) -> list[list[str]]:
+    """What decontamination did to each dataset's held-out split (from its data job)."""
+    rows = []
+    for name, job in record.of_kind("data").items():
+        out = job.outputs
+        if "heldout_docs" not in out:
+            continue
+        rows.append([name, _fmt(out.get("train_docs"), ","), _fmt(out.get("heldout_docs"), ","),
+                     _fmt(out.get("heldout_moved_near_duplicates", 0), ","),
+                     _fmt(out.get("heldout_dropped_pretraining_overlap", 0), ",")])
+    return rows
+
+
+SPLIT_NOTE = ("Held-out documents that are near-duplicates of a training document (most of their "
+              "sampled 8-token shingles occur in training text) are moved to training, so a score "
+              "never rewards memorised boilerplate; a domain's held-out documents that are mostly "
+              "pretraining text are not scored either.")
+
+
 def _summary(record: RunRecord) -> list[str]:
     pre = record.job("pretrain")
     seconds = (record.ended or 0) - (record.started or 0)
@@ -129,6 +152,10 @@ def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes],
     lines.append("")
     if notes:
         lines += ["## Findings", ""] + [f"- **Worse than a baseline.** {n}" for n in notes] + [""]
+    split = split_rows(record)
+    if split:
+        lines += ["## Held-out split", "", SPLIT_NOTE, "", "| " + " | ".join(SPLIT_HEADER) + " |",
+                  "|" + "---|" * len(SPLIT_HEADER), *("| " + " | ".join(r) + " |" for r in split), ""]
     lines += [f"![{name}](eval/{name})" for name in plots]
     if samples:
         lines += ["", "## Generation samples", "",
@@ -162,6 +189,16 @@ def _samples_html(samples: dict[str, list[dict]]) -> str:
     return "<h2>Generation samples</h2>" + "".join(parts) if parts else ""
 
 
+def _split_html(record: RunRecord) -> str:
+    rows = split_rows(record)
+    if not rows:
+        return ""
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in SPLIT_HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<h2>Held-out split</h2><p>{esc(SPLIT_NOTE)}</p><table><tr>{head}</tr>{body}</table>"
+
+
 def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[str],
           samples: dict[str, list[dict]]) -> str:
     esc = html.escape
@@ -179,7 +216,7 @@ def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], not
             ".sample td,.sample th{text-align:left;vertical-align:top}.sample pre{margin:0;white-space:pre-wrap}"
             "</style></head><body>"
             f"<h1>branchout report: {esc(record.pipeline)}</h1>{summary}"
-            f"<table><tr>{head}</tr>{body}</table>{found}{imgs}{_samples_html(samples)}"
+            f"<table><tr>{head}</tr>{body}</table>{found}{_split_html(record)}{imgs}{_samples_html(samples)}"
             f"<h2>Lineage</h2><pre>{esc(lineage_text(record))}</pre></body></html>")
 
 

@@ -61,3 +61,16 @@ def test_report_shows_findings_scores_and_the_same_prompts_for_every_model(tmp_p
     assert "   - base: `(empty)`" in md and "   - finetuned: `curl`" in md
     html = (tmp_path / "report.html").read_text()
     assert "Generation samples" in html and "Worse than a baseline." in html and "&lt;|user|&gt;" in html
+
+
+def test_report_says_what_decontamination_moved_per_dataset(tmp_path):
+    record = RunRecord(run_id="r2", pipeline="p", run_uri=str(tmp_path), spec_hash="x")
+    record.jobs["data/pretrain"] = JobRecord("data/pretrain", outputs={"train_docs": 1200, "heldout_docs": 59})
+    record.jobs["data/legal"] = JobRecord("data/legal", outputs={
+        "train_docs": 180, "heldout_docs": 14, "heldout_moved_near_duplicates": 7,
+        "heldout_dropped_pretraining_overlap": 2})
+    write_report(record, {"domains": {}})
+    md = (tmp_path / "report.md").read_text()
+    assert "## Held-out split" in md
+    assert "| legal | 180 | 14 | 7 | 2 |" in md and "| pretrain | 1,200 | 59 | 0 | 0 |" in md
+    assert "<h2>Held-out split</h2>" in (tmp_path / "report.html").read_text()
