@@ -5,7 +5,7 @@
 
 1. pretrain of a 171M-parameter Llama in bf16 (seq 1024, micro-batch 8) under Ray Train on
    one GPU: the plain engine (what one worker runs), DeepSpeed ZeRO-2 and ZeRO-3 on a
-   ``cpu:gloo,cuda:nccl`` process group (``orchestrator.training.process_group_backend``),
+   ``cpu:gloo,cuda:nccl`` process group (``orchestrator.run.training.process_group_backend``),
    side by side with a raw torch loop; tokens/s and MFU (6·N + 12·L·H·T FLOPs per token)
    against the measured bf16 matmul peak. The ZeRO-3 model is built under ``zero.Init``.
 2. 4 LoRA fine-tunes of that base packed on one GPU (``gpu: 0.25`` each) through the warm

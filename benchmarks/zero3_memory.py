@@ -86,7 +86,7 @@ def rank_main(rank: int, port: int, stage: int, work: str) -> None:
     phase("train", lambda: [engine.train_step([torch.randint(0, len(tok), (2, SEQ))]) for _ in range(2)])
 
     def export() -> None:
-        engine.release_optimizer_state()  # as stages.pretrain does once its last checkpoint is saved
+        engine.release_optimizer_state()  # as stages.distributed does once its last checkpoint is saved
         weights = engine.state_dict_for_export()
         if rank == 0:
             export_model(engine.module, tok, job.model_uri, state_dict=weights)
@@ -174,7 +174,7 @@ def rows(result: dict[int, list[dict]]) -> list[tuple[str, str, str, str]]:
                 peak(z3, "build", "engine"), peak(z2, "build", "engine"),
                 "model and optimizer states; at 2 ranks both shard the fp32 state", "≤ 1"),
         compare("ZeRO-3 / ZeRO-2 per-rank peak RSS: export", peak(z3, "export"), peak(z2, "export"),
-                "from the trained state (Adam moments dropped, as `stages.pretrain` does) to the written model",
+                "from the trained state (Adam moments dropped, as `stages.distributed` does) to the written model",
                 "< 1"),
         compare("ZeRO-3 export / the previous ZeRO-3 export: per-rank peak RSS", peak(z3, "export"),
                 peak(z3, "export_previous"), "layer-by-layer 16-bit consolidation on rank 0 vs every parameter "

@@ -3,7 +3,7 @@
 Every model forbids unknown keys, so a typo is an error rather than a setting that is
 silently ignored. Field-level checks live on the fields; checks that span sections
 (batch arithmetic, positions vs. sequence length, LoRA targets vs. model type) live in
-``orchestrator.checks`` so that the loader can report every problem of a file at once.
+``orchestrator.config.checks`` so that the loader can report every problem of a file at once.
 
 Glossary:
     block         ``seq_len`` consecutive token ids; the unit the data is packed into.

@@ -123,7 +123,7 @@ def ray_checkpoints_uri(job: TrainJob) -> str:
 def _checkpoint_dirs(job: TrainJob) -> list[str]:
     """Every checkpoint of every Ray Train run of this job, oldest first, as ``run/checkpoint_…``.
 
-    Each launch is a new Ray Train run (see ``orchestrator.training``), so a resumed job
+    Each launch is a new Ray Train run (see ``orchestrator.run.training``), so a resumed job
     finds its checkpoints under earlier runs' names. Ray names them checkpoint_<timestamp>
     (name order is age order); its own bookkeeping (checkpoint_manager_snapshot.json)
     shares the prefix and is skipped.

@@ -66,7 +66,7 @@ class MetricsLogger:
 
 
 class _MlflowSink:
-    """Step metrics into the job's MLflow child run (``orchestrator.tracking`` made it), live.
+    """Step metrics into the job's MLflow child run (``orchestrator.run.tracking`` made it), live.
     A server that fails costs its records, never the job: the first failure is printed
     and the sink goes quiet."""
 

@@ -2,7 +2,7 @@
 
 Each check returns problem lines (``field.path: message``); ``cross_check`` gathers them
 all so a file is fixed in one pass. Nothing here starts Ray or reads datasets (that is
-``orchestrator.preflight``).
+``orchestrator.config.preflight``).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _check_training(where: str, t: TrainingSpec, steps: int | None) -> list[str]
         )
     ds = t.deepspeed
     if ds.zero_stage == "auto":
-        pass  # the planner picks stage and offload (orchestrator.plan.resolve_auto_zero)
+        pass  # the planner picks stage and offload (orchestrator.config.plan.resolve_auto_zero)
     elif ds.offload_params and ds.zero_stage != 3:
         problems.append(f"{where}.deepspeed.offload_params: needs zero_stage 3 (got {ds.zero_stage})")
     elif ds.offload_optimizer and ds.zero_stage == 0:
@@ -223,7 +223,7 @@ def _example_linear_names(model) -> str:
 def _check_embedded_capacity(spec: PipelineSpec) -> list[str]:
     """An embedded Ray holds only this machine; a request beyond it would wait forever."""
     if spec.cluster.address is not None or spec.cluster.autoscaling or os.environ.get("RAY_ADDRESS"):
-        return []  # a cluster's capacity is checked once connected (orchestrator.driver)
+        return []  # a cluster's capacity is checked once connected (orchestrator.run.driver)
     cpus = spec.cluster.num_cpus or os.cpu_count() or 1
     gpus = spec.cluster.num_gpus if spec.cluster.num_gpus is not None else _local_gpus()
     problems = []

@@ -51,7 +51,7 @@ def submit_pipeline(spec, source: dict, address: str, registry: Registry, workin
     """Submit the driver of a new run as a Ray job; returns the (pending) run record.
 
     Before anything is submitted the cluster must be able to use the storage
-    (``probe_storage``), and every local input is shipped (``orchestrator.inputs``): the
+    (``probe_storage``), and every local input is shipped (``orchestrator.operate.inputs``): the
     driver reads the rewritten paths, so the client may go away once this returns.
     """
     from branchout.orchestrator.operate.inputs import ship_inputs

@@ -185,7 +185,7 @@ def job_metadata(pipeline: str, run_id: str) -> dict[str, str]:
 
 def forwarded_env() -> dict[str, str]:
     """Settings the driver needs from this client, never credentials or the Ray token: the
-    registry URL goes without its password (see ``orchestrator.secrets``)."""
+    registry URL goes without its password (see ``orchestrator.operate.secrets``)."""
     from branchout.orchestrator.operate.secrets import without_password
 
     env = {}

@@ -4,7 +4,7 @@ branchout writes what it knows about a run into many places: spec.yaml, state.js
 registry, driver logs, the Ray job's runtime_env (visible to anyone who can list jobs),
 and the terminal. None of them may hold a secret. So:
 
-- URIs with embedded credentials are refused at validate time (``orchestrator.checks``);
+- URIs with embedded credentials are refused at validate time (``orchestrator.config.checks``);
 - the registry URL forwarded to a submitted driver has its password removed: the cluster's
   drivers read it from their own environment (``PGPASSWORD``, a mounted ``~/.pgpass`` or
   ``BRANCHOUT_REGISTRY_PASSWORD_FILE``), which the operator provides once (deploy/README.md);

@@ -2,7 +2,7 @@
 
 ``run_pipeline`` reads top to bottom as the pipeline does. Each stage is a handful of
 jobs (the tokenizer, one data job per dataset, the pretrain, a fine-tune and a baseline
-per domain, an evaluation per domain); ``orchestrator.fanout.run_jobs`` runs a stage's
+per domain, an evaluation per domain); ``orchestrator.run.fanout.run_jobs`` runs a stage's
 jobs concurrently and records their states. The driver is the only writer of the run
 record. The same code runs under ``branchout run`` (embedded Ray) and as a submitted
 Ray job (``RAY_ADDRESS`` set by Ray).

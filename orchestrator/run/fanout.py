@@ -30,7 +30,7 @@ class WorkItem:
     on_success: Callable[[Any], dict[str, Any]] = dict  # result → outputs kept in the record
     rerun: bool = False  # run even if the record says it already succeeded
     resources: dict[str, float] | None = None  # one worker's bundle, for "waiting for capacity"
-    key: str | None = None  # stage-cache key (orchestrator.cache)
+    key: str | None = None  # stage-cache key (orchestrator.run.cache)
     accept: Callable[[dict[str, Any]], bool] | None = None  # may these cached outputs stand in?
 
 
@@ -69,7 +69,7 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
     ``rerun`` is set; their recorded outputs are returned as they are. An item queued for
     longer than ``patience_s`` is reported through ``on_wait`` (and again every
     ``patience_s``), so a run waiting for capacity says what it waits for. With a ``cache``
-    (``orchestrator.cache.StageCache``) an item whose key has verified outputs is marked
+    (``orchestrator.run.cache.StageCache``) an item whose key has verified outputs is marked
     ``cached`` instead of run, and every item that succeeds is recorded there.
 
     A Ray Train job whose worker group restarts inside one attempt (a worker died; Ray

@@ -45,7 +45,7 @@ class JobState(str, Enum):
     SUCCEEDED = "succeeded"  # outputs published and verified
     FAILED = "failed"  # gave up after its retries; `error` holds the cause
     SKIPPED = "skipped"  # not run because something it needs failed
-    CACHED = "cached"  # not run: a verified output for the same inputs exists (orchestrator.cache)
+    CACHED = "cached"  # not run: a verified output for the same inputs exists (orchestrator.run.cache)
 
     def is_terminal(self) -> bool:
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.SKIPPED, JobState.CACHED)
@@ -141,7 +141,7 @@ class RunRecord:
     ended: float | None = None
     error: str | None = None
     jobs: dict[str, JobRecord] = field(default_factory=dict)  # stages and domain jobs by name
-    tracking: dict[str, Any] = field(default_factory=dict)  # MLflow run ids (orchestrator.tracking)
+    tracking: dict[str, Any] = field(default_factory=dict)  # MLflow run ids (orchestrator.run.tracking)
 
     # ---- transitions -------------------------------------------------------------
 

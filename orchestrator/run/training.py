@@ -3,7 +3,7 @@
 Ray Train owns the worker group, the process group and restarts after a worker dies.
 Each launch is a new Ray Train run, ``<job dir>/ray/train-<time>``: branchout, not Ray's
 run snapshot, decides which checkpoint to continue from (the newest that verifies, across
-every earlier run of the job; see ``stages.pretrain``). Re-using one run name would make
+every earlier run of the job; see ``stages.distributed``). Re-using one run name would make
 Ray restore its own bookkeeping, which lists checkpoints branchout's retention removed.
 """
 
