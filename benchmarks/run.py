@@ -133,6 +133,21 @@ def matmul_peak_flops(threads: int = 2) -> float:
     return n * 2 * 2048**3 / (time.perf_counter() - start)
 
 
+def runner_pids(count: int, timeout_s: float = 300) -> list[int]:
+    """Process ids of the ``count`` live warm runners, from Ray's state API."""
+    from ray.util.state import list_actors
+
+    deadline = time.time() + timeout_s
+    while True:
+        alive = list_actors(filters=[("class_name", "=", "JobRunner"), ("state", "=", "ALIVE")], detail=True)
+        pids = [a.pid for a in alive if a.pid]
+        if len(pids) >= count:
+            return pids
+        if time.time() > deadline:
+            raise RuntimeError(f"{len(pids)} of {count} warm runners came up in {timeout_s:.0f} s")
+        time.sleep(1)
+
+
 def finetune_job(work: Path, data_uri: str, name: str, steps: int, method: str = "full", base: str | None = None,
                  model: dict | None = None, activation_checkpointing: bool = False):
     from branchout.core.spec import FinetuneOptions
@@ -264,7 +279,7 @@ def main() -> int:
             futures = [pools.submit(finetune_job(work, legal, f"lora{k}{ckpt}-{i}", 10_000, "lora",
                                                  str(work / "bigbase"), big, activation_checkpointing=ckpt),
                                     {"CPU": 0.5}, k) for i in range(k)]
-            pids = [ray.get(a.ready.remote()) for a in next(iter(pools.pools.values()))._all]
+            pids = runner_pids(k)  # not runner.ready(): it would queue behind the job the runner runs
             peak = {"total": 0}
             for _ in range(25):  # the peak over ~50 s of training (steps take seconds)
                 time.sleep(2)
