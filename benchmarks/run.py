@@ -134,13 +134,18 @@ def matmul_peak_flops(threads: int = 2) -> float:
 
 
 def runner_pids(count: int, timeout_s: float = 300) -> list[int]:
-    """Process ids of the ``count`` live warm runners, from Ray's state API."""
-    from ray.util.state import list_actors
+    """Process ids of the ``count`` live warm runners: Ray titles an actor's process
+    ``ray::JobRunner`` (``ray::JobRunner.run`` while it runs a job). This embedded Ray has
+    no dashboard, so the state API is not there to ask."""
+    import psutil
 
     deadline = time.time() + timeout_s
     while True:
-        alive = list_actors(filters=[("class_name", "=", "JobRunner"), ("state", "=", "ALIVE")], detail=True)
-        pids = [a.pid for a in alive if a.pid]
+        pids = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if cmd and cmd[0].startswith("ray::JobRunner"):
+                pids.append(proc.pid)
         if len(pids) >= count:
             return pids
         if time.time() > deadline:
