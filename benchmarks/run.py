@@ -338,11 +338,13 @@ def notes() -> list[str]:
    step. A TorchTrainer pays a placement group, a worker process, imports and the process
    group for every job.
 4. Jobs submitted at once; a runner that finishes takes the next queued job at once.
-5. The base is held once, in the object store (counted in the raylet's PSS); every runner
-   maps it read-only, and PSS splits those shared pages among their users instead of
-   counting them once per process. What grows with the number of jobs is each runner's own
-   memory: its interpreter and libraries, activations, adapters, optimizer state and
-   allocator slack. Activation checkpointing shrinks the activations.
+5. The base is held once, in the object store's shared memory; every runner maps it
+   read-only, and PSS splits those shared pages among the processes that map them, so the
+   sum counts the base once (the raylet's own PSS shows the store's pages are not charged
+   to it). What grows with the number of jobs is each runner's private memory: its
+   interpreter and libraries, activations, adapters, optimizer state and allocator slack.
+   On this base that private part per job is a large fraction of the base itself, which is
+   why the ratio misses the target; activation checkpointing shrinks only the activations.
 6. Two workers on two cores split the cores: one torch thread each instead of two in one
    process. gloo's reduce-scatter/all-gather of the gradients costs some of what that gains;
    ZeRO-3 also all-gathers parameters in every forward and backward. More workers only pay
