@@ -261,3 +261,18 @@ def s3_bucket():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(corpus_dir, tmp_path_factory):
+    """A small BPE tokenizer trained on the test corpus and published as a run would."""
+    import json
+
+    from branchout.stages.checkpoint import publish_dir
+    from branchout.stages.tokenizer import train_tokenizer
+
+    texts = [json.loads(line)["text"] for line in (corpus_dir / "general.jsonl").read_text().splitlines()]
+    work, out = tmp_path_factory.mktemp("tok-work"), tmp_path_factory.mktemp("tok") / "published"
+    train_tokenizer(texts, vocab_size=400, min_frequency=2, out_dir=str(work))
+    publish_dir(str(work), str(out))
+    return str(out)

@@ -13,17 +13,7 @@ import pytest
 
 from branchout.core.spec import DatasetSpec
 from branchout.stages import data
-from branchout.stages.checkpoint import publish_dir
-from branchout.stages.tokenizer import tokenizer_hash, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(corpus_dir, tmp_path_factory):
-    texts = [json.loads(line)["text"] for line in (corpus_dir / "general.jsonl").read_text().splitlines()]
-    work, out = tmp_path_factory.mktemp("tok-work"), tmp_path_factory.mktemp("tok") / "published"
-    train_tokenizer(texts, vocab_size=400, min_frequency=2, out_dir=str(work))
-    publish_dir(str(work), str(out))
-    return str(out)
+from branchout.stages.tokenizer import tokenizer_hash
 
 
 @pytest.fixture(scope="module")

@@ -12,21 +12,11 @@ import pytest
 
 from branchout.core.spec import DatasetSpec
 from branchout.stages import data
-from branchout.stages.checkpoint import publish_dir
 from branchout.stages.split import SAMPLE_BITS, is_heldout, shingles
-from branchout.stages.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+from branchout.stages.tokenizer import load_tokenizer, tokenizer_hash
 
 FRACTION, SEQ = 0.25, 16
 MARKER = re.compile(r"doc-(\d{4})")
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(corpus_dir, tmp_path_factory):
-    texts = [json.loads(line)["text"] for line in (corpus_dir / "general.jsonl").read_text().splitlines()]
-    work, out = tmp_path_factory.mktemp("tok-work"), tmp_path_factory.mktemp("tok") / "published"
-    train_tokenizer(texts, vocab_size=400, min_frequency=2, out_dir=str(work))
-    publish_dir(str(work), str(out))
-    return str(out)
 
 
 def _prose(corpus_dir, *names: str) -> list[str]:

@@ -11,18 +11,9 @@ import pytest
 from branchout.core.spec import DatasetSpec
 from branchout.stages import data, packing
 from branchout.stages.batches import BlockOrder, step_micro_batches
-from branchout.stages.checkpoint import CorruptCheckpointError, publish_dir
+from branchout.stages.checkpoint import CorruptCheckpointError
 from branchout.stages.documents import iter_documents, split_paragraphs
-from branchout.stages.tokenizer import tokenizer_hash, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(corpus_dir, tmp_path_factory):
-    texts = [json.loads(line)["text"] for line in (corpus_dir / "general.jsonl").read_text().splitlines()]
-    work, out = tmp_path_factory.mktemp("tok-work"), tmp_path_factory.mktemp("tok") / "published"
-    train_tokenizer(texts, vocab_size=400, min_frequency=2, out_dir=str(work))
-    publish_dir(str(work), str(out))
-    return str(out)
+from branchout.stages.tokenizer import tokenizer_hash
 
 
 def test_documents_do_not_depend_on_the_unit_size(tmp_path):
