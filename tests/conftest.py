@@ -86,7 +86,13 @@ def isolated_state(tmp_path, monkeypatch):
     """Every test (and every CLI process it starts) has its own registry and local caches."""
     monkeypatch.setenv("BRANCHOUT_REGISTRY", f"sqlite:///{tmp_path / 'registry.db'}")
     monkeypatch.setenv("BRANCHOUT_CACHE_DIR", str(tmp_path / "branchout-cache"))
+    saved = dict(os.environ)
     yield
+    # Product code may set variables in-process (e.g. RAY_AUTH_MODE when a token file exists);
+    # they must not reach the next test's subprocesses.
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(autouse=True)
@@ -161,10 +167,15 @@ def write_pipeline(corpus_dir, tmp_path):
     return write
 
 
-def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the installed ``branchout`` entry point exactly as a user would."""
-    return subprocess.run(["branchout", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None,
+            unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run the installed ``branchout`` entry point exactly as a user would: the test process's
+    environment, ``env`` on top, the ``unset`` names removed (a merge alone cannot take a
+    variable away, such as a token a client must not have)."""
+    full = {**os.environ, **(env or {})}
+    for key in unset:
+        full.pop(key, None)
+    return subprocess.run(["branchout", *args], capture_output=True, text=True, timeout=timeout, env=full)
 
 
 def job_parts(root: Path, corpus_dir: Path):

@@ -17,6 +17,9 @@ import uuid
 from pathlib import Path
 
 
+TOKEN_VARIABLES = ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,7 +48,7 @@ class LocalRayCluster:
         if with_token:
             env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
         else:  # a client with no token anywhere, not even in ~/.ray/auth_token
-            for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+            for key in TOKEN_VARIABLES:
                 env.pop(key, None)
             env["HOME"] = str(self.workdir / "home")
         return env

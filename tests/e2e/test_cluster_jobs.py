@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from raycluster import LocalRayCluster
+from raycluster import TOKEN_VARIABLES, LocalRayCluster
 
 from branchout.orchestrator.run.state import RunRecord, RunState
 
@@ -43,7 +43,7 @@ def pipeline_file(corpus_dir, tmp_path, **changes) -> str:
 
 
 def cli(cluster, *args, token=True, timeout=600):
-    return run_cli(*args, env=cluster.env(with_token=token), timeout=timeout)
+    return run_cli(*args, env=cluster.env(with_token=token), unset=() if token else TOKEN_VARIABLES, timeout=timeout)
 
 
 def submitted_run_id(out) -> str:
