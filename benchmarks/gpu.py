@@ -1,6 +1,7 @@
 """The GPU rows: the product's training, fan-out, evaluation and export paths on one GPU machine.
 
-    python benchmarks/gpu.py            # ~10 minutes on one H100; replaces its section of RESULTS.md
+    python benchmarks/gpu.py            # ~4 minutes on one H100; replaces its section of RESULTS.md
+    python benchmarks/gpu.py --after-pretrain   # rows 2-4 only (the ZeRO-3 run is their base): ~2.5 minutes
     python benchmarks/gpu.py --smoke    # the same code, tiny, on the CPU: checks the script, measures nothing
 
 1. pretrain of a 171M-parameter Llama in bf16 (seq 1024, micro-batch 8) under Ray Train on
@@ -35,7 +36,7 @@ from results import write_section  # noqa: E402
 
 FULL = {"model": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 16,
                   "num_key_value_heads": 16, "max_position_embeddings": 1024},
-        "vocab": 8192, "seq": 1024, "micro": 8, "steps": 60, "lora_steps": 40, "text": 3_000_000}
+        "vocab": 8192, "seq": 1024, "micro": 8, "steps": 100, "lora_steps": 40, "text": 3_000_000}
 SMOKE = {"model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
                    "num_key_value_heads": 2, "max_position_embeddings": 128},
          "vocab": 512, "seq": 64, "micro": 2, "steps": 8, "lora_steps": 3, "text": 200_000}
@@ -192,6 +193,7 @@ def lora_jobs(work: Path, parts: dict, size: dict, base_uri: str, n: int) -> lis
 
     o = FinetuneOptions(method="lora", steps=size["lora_steps"], seq_len=size["seq"], global_batch_size=size["micro"],
                         micro_batch_size=size["micro"], schedule={"warmup_steps": 1}, checkpoint_every=10**6,
+                        resources_per_worker={"cpu": 2, "gpu": 0.25 if _has_gpu() else 0},
                         deepspeed={"zero_stage": 0, "precision": "bf16"}, lora={"rank": 16, "alpha": 32})
     return [TrainJob(name=f"finetune/lora{i}", kind="finetune", training=o.model_dump(mode="json"), steps=o.steps,
                      model_type="llama", model_overrides=size["model"], tokenizer_uri=parts["tokenizer"],
@@ -206,6 +208,22 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+T0 = time.time()
+
+
+def note(what: str) -> None:
+    print(f"[{time.time() - T0:6.1f} s] {what}", flush=True)
+
+
+class Rows(list):
+    """The table so far; each row is printed as it is measured, so a later failure keeps it."""
+
+    def append(self, row: tuple[str, str, str, str]) -> None:
+        super().append(row)
+        name, ratio, raw, target = row
+        print(f"{name}: {ratio}   ({raw})   target {target}", flush=True)
+
+
 def measure(size: dict) -> list[tuple[str, str, str, str]]:
     import ray
     from transformers import AutoModelForCausalLM
@@ -218,16 +236,21 @@ def measure(size: dict) -> list[tuple[str, str, str, str]]:
 
     work = Path(tempfile.mkdtemp(prefix="branchout-gpu-"))
     parts = prepare_parts(work, size)
+    note("corpus, tokenizer and packed data ready")
     gpu = _has_gpu()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, namespace="bench-gpu")
     params, non_emb = parameter_counts(build_config("llama", size["model"], size["vocab"]))
     m = size["model"]
     flops = 6 * non_emb + 12 * m["num_hidden_layers"] * m["hidden_size"] * size["seq"]
     peak = matmul_peak()
-    rows = []
+    note(f"bf16 matmul peak {peak / 1e12:.0f} TFLOP/s")
+    rows = Rows()
     raw = raw_loop(m, size["vocab"], parts["general"], size["seq"], size["micro"], size["steps"])
-    runs = {label: run_training(pretrain_job(work, parts, size, label, zero), engine)
-            for label, engine, zero in (("torch", "torch", 0), ("zero2", "deepspeed", 2), ("zero3", "deepspeed", 3))}
+    note(f"raw torch loop {raw:,.0f} tok/s")
+    engines = (("torch", "torch", 0), ("zero2", "deepspeed", 2), ("zero3", "deepspeed", 3))
+    if "--after-pretrain" in sys.argv:  # rows 2-4 only: the ZeRO-3 run is their base model
+        engines = engines[2:]
+    runs = {label: run_training(pretrain_job(work, parts, size, label, zero), engine) for label, engine, zero in engines}
     for label, r in runs.items():
         rows.append((f"1. pretrain {label} vs raw torch loop (tokens/s, bf16)", f"{r['tokens_per_s'] / raw:.3f}",
                      f"{r['tokens_per_s']:,.0f} vs {raw:,.0f} tok/s; MFU {r['tokens_per_s'] * flops / peak:.1%} vs "
@@ -236,10 +259,15 @@ def measure(size: dict) -> list[tuple[str, str, str, str]]:
                      f"{size['seq']}", "report"))
     base = str(work / "zero3" / "model")
 
+    note("pretrain runs done")
     jobs = lora_jobs(work, parts, size, base, 5)
     bundle = {"CPU": 2.0, "GPU": 0.25} if gpu else {"CPU": 0.5}
+    # Each side in its own PoolSet, cold as a fan-out starts: a pool's width is set by its
+    # first submission, so one shared with the lone job would run the four one at a time.
     pools = PoolSet(base, max_concurrent=None, fixed_cluster=True)
     alone = pools.submit(jobs[0], bundle, 1).result()
+    pools.shutdown()
+    pools = PoolSet(base, max_concurrent=None, fixed_cluster=True)
     started = time.time()
     packed = [f.result() for f in [pools.submit(j, bundle, 4 - i) for i, j in enumerate(jobs[1:])]]
     makespan = time.time() - started
@@ -280,8 +308,6 @@ def main() -> int:
         return 0
     started = time.time()
     rows = measure(SMOKE if smoke else FULL)
-    for name, ratio, raw, target in rows:
-        print(f"{name}: {ratio}   ({raw})   target {target}", flush=True)
     if smoke:
         print("--smoke: the script ran end to end on the CPU; nothing was written")
         return 0
