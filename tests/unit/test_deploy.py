@@ -4,7 +4,7 @@
   `ray up` does before touching the cloud); GPU types from zero, token auth, dashboard on
   localhost, a storage identity per node type that deploy/README.md creates, the token where
   Ray is pointed.
-- KubeRay manifests: the real KubeRay v1.7.0 CRD schemas (../shared/kuberay-crds/) made strict:
+- KubeRay manifests: the real KubeRay v1.7.0 CRD schemas (tests/data/kuberay-crds/) made strict:
   wherever a schema declares `properties` (and does not preserve unknown fields) any other key
   is an error, at every depth, since the API server would prune it and a typo would deploy as
   a missing setting; types, enums, required fields too. CEL rules cannot run offline, so
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
 import json
 import posixpath
 import re
@@ -34,7 +35,8 @@ from conftest import REPO
 
 DEPLOY = REPO / "deploy"
 README = (DEPLOY / "README.md").read_text().replace("\\\n", " ")  # one command per line
-CRDS = REPO.parent / "shared" / "kuberay-crds"
+CRDS = REPO / "tests" / "data" / "kuberay-crds"  # gzipped copies: a fresh clone needs nothing beside it
+SHARED_CRDS = REPO.parent / "shared" / "kuberay-crds"  # the workplace's copy, where there is one
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayCronJob": "ray.io_raycronjobs.yaml"}
 K8S_VERSION = "1.30.0"
@@ -131,11 +133,19 @@ def _openapi_validator():
     return validators.extend(Draft7Validator, {"type": type_, "x-kubernetes-validations": cel})
 
 
+def _crd_text(name: str) -> str:
+    return gzip.decompress((CRDS / f"{name}.gz").read_bytes()).decode()
+
+
+@pytest.mark.skipif(not SHARED_CRDS.is_dir(), reason="no ../shared/kuberay-crds beside this checkout")
+@pytest.mark.parametrize("name", sorted(CRD_FILES.values()))
+def test_vendored_crds_are_the_shared_ones(name):
+    assert _crd_text(name) == (SHARED_CRDS / name).read_text(), f"tests/data/kuberay-crds/{name}.gz is stale"
+
+
 @functools.cache
 def _crd_validator(kind: str):
-    path = CRDS / CRD_FILES[kind]
-    assert path.is_file(), f"the KubeRay v1.7.0 CRDs are expected in {CRDS} (shared/kuberay-crds)"
-    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    crd = yaml.load(_crd_text(CRD_FILES[kind]), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     assert crd["spec"]["names"]["kind"] == kind
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1" and v["served"]]
     return _openapi_validator()(_strict(version["schema"]["openAPIV3Schema"]))
