@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
               "(largest process) | peak private memory, plain loop | nodes that tokenized | targets |",
               "|---|---|---|---|---|---|---|"]
     write_section("Data stage at scale", [
-        f"`python benchmarks/data_scale.py --sizes {args.sizes}` on {time.strftime('%Y-%m-%d')}, "
+        f"`python benchmarks/data_scale.py --sizes {args.sizes}{f' --rounds {args.rounds}' if args.rounds else ''}` "
+        f"on {time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} cores; {nodes}-node Ray cluster on this machine (1 CPU each); took "
         f"{(time.time() - started) / 60:.0f} minutes. Quickstart tokenizer (4,096 tokens), JSONL of real text, "
         f"128-token uint16 blocks; plain loop = `json.loads` + `encode_batch_fast` 1,000 documents at a time + "
