@@ -48,7 +48,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "tests"))
-RESULTS = REPO / "benchmarks" / "RESULTS.md"
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from results import write_section  # noqa: E402  (the README's tables follow RESULTS.md)
+
 SEQ_LEN = 128
 
 PLAIN_LOOP = r'''
@@ -230,15 +233,6 @@ def run_stage(corpus_path: Path, tokenizer: str, tok_hash: str, work: Path, samp
     shutil.rmtree(cache, ignore_errors=True)
     return {"tokens": info.tokens, "seconds": seconds, "uss": uss, "uss_process": where, "nodes": info.nodes,
             "moved": info.heldout_moved_near_duplicates, "heldout_docs": info.heldout_docs}
-
-
-def write_section(title: str, lines: list[str]) -> None:
-    """Replace (or append) the ``## title`` section of benchmarks/RESULTS.md."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = "\n".join([f"## {title}", "", *lines, ""]) + "\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
 
 
 class TwoNodeCluster:

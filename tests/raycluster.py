@@ -16,7 +16,6 @@ import time
 import uuid
 from pathlib import Path
 
-
 TOKEN_VARIABLES = ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
 
 
