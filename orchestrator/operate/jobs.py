@@ -77,11 +77,9 @@ class JobsClient:
         try:
             return fn(*args, **kwargs)
         except AuthenticationError as e:
-            # 401 from the server, or Ray's own client finding RAY_AUTH_MODE=token and no token
-            # anywhere: both mean "no token was presented", not "a wrong token was presented".
-            message = str(e).lower()
-            missing = ("401", "required", "no authentication token", "find an authentication token")
-            if any(m in message for m in missing):
+            # No token anywhere here (Ray's own client then refuses before any request), or the
+            # server's 401: no token was presented, which is not a wrong token presented.
+            if not token_available() or "401" in str(e) or "required" in str(e).lower():
                 raise JobsError(
                     f"the Ray cluster at {self.address} requires an authentication token: set "
                     "RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it, or put it in "
