@@ -4,9 +4,12 @@ Work is split in two, by what can run in parallel and what must run in order:
 
 - ``encode_unit`` (parallel, one read unit per call): read the unit's documents, decide
   each one's side by its hash, tokenize with the Rust tokenizer, append EOS, and hash the
-  sampled shingles the decontamination needs. Under Ray, Ray Data runs it as ``map_batches``
-  tasks spread over every node; each worker process builds the tokenizer once and reuses it.
-  Without Ray (unit tests, a laptop) the same function runs in this process.
+  sampled shingles the decontamination needs. Under Ray, Ray Data runs it in a pool of
+  ``map_batches`` actors, one per CPU of the cluster, each holding its tokenizer; Ray Data
+  keeps a second unit queued at every actor, so a core starts its next unit the moment one
+  ends (with plain tasks each unit waited ~0.2 s for Ray Data to notice the last one had
+  finished and dispatch the next). Without Ray (unit tests, a laptop) the same function
+  runs in this process.
 - ``pack_stream`` (in order, in the calling process): cut the training side into blocks as
   they fill, stage the held-out side on local disk, spill training shingles. This is
   memcpy-level work on arrays; text never reaches it.
@@ -149,12 +152,17 @@ def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return values, np.diff(offsets)
 
 
-def _encode_batch(batch: pa.Table, **kwargs) -> pa.Table:
-    """Ray Data ``map_batches`` entry: a batch is one unit."""
-    # One CPU per task, so one tokenizer thread per task, not one per core of the node.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    (unit,) = batch.column("unit").to_pylist()
-    return encode_unit(ReadUnit(**json.loads(unit)), **kwargs)
+class UnitEncoder:
+    """Ray Data ``map_batches`` actor: ``encode_unit`` of one unit per batch."""
+
+    def __init__(self, **kwargs):
+        # One CPU per actor, so one tokenizer thread per actor, not one per core of the node.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        self.kwargs = kwargs
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        (unit,) = batch.column("unit").to_pylist()
+        return encode_unit(ReadUnit(**json.loads(unit)), **self.kwargs)
 
 
 def encoded_tables(units: list[ReadUnit], **kwargs) -> Iterator[pa.Table]:
@@ -175,8 +183,21 @@ def encoded_tables(units: list[ReadUnit], **kwargs) -> Iterator[pa.Table]:
     ctx.execution_options.preserve_order = True  # packing order = document order
     ctx.enable_progress_bars = False  # progress goes to the run's hub instead
     ds = ray.data.from_items([{"unit": json.dumps(asdict(u))} for u in units], override_num_blocks=len(units))
-    ds = ds.map_batches(_encode_batch, batch_size=1, batch_format="pyarrow", fn_kwargs=kwargs, num_cpus=1)
+    ds = ds.map_batches(UnitEncoder, batch_size=1, batch_format="pyarrow", fn_constructor_kwargs=kwargs, num_cpus=1,
+                        compute=_pool(len(units)))
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+
+
+def _pool(units: int):
+    """One actor per CPU the cluster has now (at most one per unit). The pool starts that
+    many and needs only one: actors that find no free CPU (other stages hold them) stay
+    pending while the ready ones work, as tasks would queue. Two units in flight per actor
+    (Ray Data's default, set here because the no-gap hand-over above depends on it)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    size = max(1, min(units, int(ray.cluster_resources().get("CPU", 1))))
+    return ActorPoolStrategy(min_size=1, max_size=size, initial_size=size, max_tasks_in_flight_per_actor=2)
 
 
 class Staging:
