@@ -49,6 +49,7 @@ from branchout.stages.documents import (
     load_documents,
     plan_units,
     resolve_source,
+    taper,
 )
 from branchout.stages.fingerprints import diagnose, fingerprint
 from branchout.stages.packing import Progress, Staging, encoded_tables, pack_stream
@@ -134,7 +135,7 @@ def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, he
         return cached
     tokenizer, eos, vocab = rust_tokenizer(checkpoint.fetch_verified(tokenizer_uri))
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
-    units = plan_units(ds, unit_bytes or unit_size(resolve_source(ds)))
+    units = taper(plan_units(ds, unit_bytes or unit_size(resolve_source(ds))), _cluster_cpus())
     progress = Progress(hub, job, sum(u.size for u in units))
     with tempfile.TemporaryDirectory(prefix="branchout-pack-") as tmp:
         out = os.path.join(tmp, "out")
@@ -212,6 +213,13 @@ def unit_size(src: Source) -> int:
     cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else os.cpu_count() or 1
     total = sum(map(file_size, src.files))
     return int(min(4 * UNIT_BYTES, max(UNIT_BYTES, total / (8 * cpus))))
+
+
+def _cluster_cpus() -> int:
+    """Workers that tokenize at once: the cluster's CPUs under Ray, else one (this process)."""
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
 
 
 def _reference(uri: str | None) -> np.ndarray | None:

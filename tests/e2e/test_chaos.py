@@ -55,6 +55,7 @@ def test_worker_killed_mid_pretrain(write_pipeline, tmp_path):
     spec = copy.deepcopy(TINY)
     spec["pretrain"].update(steps=40, checkpoint_every=10, log_every=1)
     spec["finetune"]["defaults"]["steps"] = 2
+    spec["finetune"]["domains"] = spec["finetune"]["domains"][:1]  # the kill is in pretrain; one domain ends the run
     spec["evaluate"]["models"] = ["base"]
 
     baseline = run_cli("run", str(write_pipeline(spec, name="baseline.yaml", storage=str(tmp_path / "a"))))

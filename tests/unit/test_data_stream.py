@@ -43,6 +43,33 @@ def test_packing_is_identical_across_unit_sizes_batch_sizes_and_runs(corpus_dir,
     assert runs[0] == runs[1] == runs[2]
 
 
+def test_the_last_units_are_cut_small_and_the_output_does_not_change(corpus_dir, tokenizer_dir, tmp_path,
+                                                                     monkeypatch):
+    from branchout.stages.documents import plan_units, taper
+
+    big = tmp_path / "big.jsonl"  # ~2 MB: pieces of a quarter unit are above taper's 64 KB floor
+    big.write_text((corpus_dir / "legal.jsonl").read_text() * -(-2_000_000 // (corpus_dir / "legal.jsonl").stat().st_size))
+    ds = DatasetSpec(path=str(big))
+    units = plan_units(ds, 300_000)
+    cut = taper(units, workers=2)
+    head = len(units) - 4  # the last 2 × 2 units are cut in four, but one under 4 × 64 KB stays whole
+    whole = sum(u.stop - u.start < 4 * (64 << 10) for u in units[head:])
+    assert len(units) > 5 and whole == 1  # the file's last unit is its remainder
+    assert cut[:head] == units[:head] and len(cut) == head + 4 * (4 - whole) + whole
+    assert [(u.start, u.stop) for u in cut] == sorted((u.start, u.stop) for u in cut)
+    assert all(a.stop == b.start for a, b in zip(cut, cut[1:], strict=False))  # contiguous, every byte once
+    assert cut[0].start == 0 and cut[-1].stop == big.stat().st_size
+    assert taper(units, workers=1) == units  # one worker: no last wave to balance
+
+    h = tokenizer_hash(tokenizer_dir)
+    digests = []
+    for i, workers in enumerate((1, 2)):
+        monkeypatch.setattr(data, "_cluster_cpus", lambda w=workers: w)  # taper as on a 2-CPU cluster, in process
+        info = data.prepare(ds, tokenizer_dir, h, 16, 0.2, 0, str(tmp_path / f"c{i}"), unit_bytes=300_000)
+        digests.append(json.loads((tmp_path / f"c{i}" / info.uri.rsplit("/", 1)[1] / "MANIFEST.json").read_text()))
+    assert digests[0]["files"] == digests[1]["files"]
+
+
 @pytest.fixture(scope="module")
 def sharded(corpus_dir, tokenizer_dir, tmp_path_factory):
     """The general corpus packed into 8-token blocks, 32 blocks a shard: ~200 shards."""
