@@ -189,15 +189,17 @@ def encoded_tables(units: list[ReadUnit], **kwargs) -> Iterator[pa.Table]:
 
 
 def _pool(units: int):
-    """One actor per CPU the cluster has now (at most one per unit). The pool starts that
-    many and needs only one: actors that find no free CPU (other stages hold them) stay
-    pending while the ready ones work, as tasks would queue. Two units in flight per actor
-    (Ray Data's default, set here because the no-gap hand-over above depends on it)."""
+    """Starts with one actor per CPU the cluster has now (at most one per unit) and needs
+    only one: actors that find no free CPU (other stages hold them) stay pending while the
+    ready ones work, as tasks would queue. It may grow to one actor per unit: Ray Data adds
+    actors only within the CPUs the cluster has, so on an autoscaling cluster that starts
+    small the pool grows with its nodes. Two units in flight per actor (Ray Data's default,
+    set here because the no-gap hand-over above depends on it)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     size = max(1, min(units, int(ray.cluster_resources().get("CPU", 1))))
-    return ActorPoolStrategy(min_size=1, max_size=size, initial_size=size, max_tasks_in_flight_per_actor=2)
+    return ActorPoolStrategy(min_size=1, max_size=max(size, units), initial_size=size, max_tasks_in_flight_per_actor=2)
 
 
 class Staging:

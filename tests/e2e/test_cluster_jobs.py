@@ -80,7 +80,7 @@ def test_unreachable_address(cluster, corpus_dir, tmp_path):
 def test_stop_then_resume_continues_from_checkpoints(cluster, corpus_dir, tmp_path):
     path = pipeline_file(corpus_dir, tmp_path)
     out = cli(cluster, "submit", path, "--address", cluster.address,
-              "--set", "pretrain.steps=400", "--set", "pretrain.checkpoint_every=20")
+              "--set", "pretrain.steps=240", "--set", "pretrain.checkpoint_every=20")
     assert out.returncode == 0, out.stderr
     run_id = submitted_run_id(out)
     run_dir = f"{tmp_path}/runs/tiny/{run_id}"
