@@ -52,7 +52,7 @@ from branchout.stages.documents import (
     taper,
 )
 from branchout.stages.fingerprints import diagnose, fingerprint
-from branchout.stages.packing import Progress, Staging, encoded_tables, pack_stream
+from branchout.stages.packing import Progress, Staging, cluster_cpus, encoded_tables, pack_stream
 from branchout.stages.split import Decontaminator, is_heldout
 
 __all__ = ["DataError", "PackedBlocks", "PackedInfo", "Source", "diagnose", "fingerprint", "is_heldout",
@@ -135,7 +135,9 @@ def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, he
         return cached
     tokenizer, eos, vocab = rust_tokenizer(checkpoint.fetch_verified(tokenizer_uri))
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
-    units = taper(plan_units(ds, unit_bytes or unit_size(resolve_source(ds))), _cluster_cpus())
+    cpus = cluster_cpus()  # None: no Ray, this process tokenizes alone
+    workers = max(1, int(cpus or 1))
+    units = taper(plan_units(ds, unit_bytes or unit_size(resolve_source(ds), cpus or os.cpu_count() or 1)), workers)
     progress = Progress(hub, job, sum(u.size for u in units))
     with tempfile.TemporaryDirectory(prefix="branchout-pack-") as tmp:
         out = os.path.join(tmp, "out")
@@ -143,7 +145,7 @@ def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, he
         train = BlockWriter(out, "train", seq_len, dtype, shard_blocks)
         staging = Staging(os.path.join(tmp, "heldout.staged"), dtype)
         decon = Decontaminator(os.path.join(tmp, "shingles"), enabled=decontaminate)
-        tables = encoded_tables(units, column=ds.text_column, tokenizer=tokenizer, eos=eos,
+        tables = encoded_tables(units, workers, column=ds.text_column, tokenizer=tokenizer, eos=eos,
                                 dtype=np.dtype(dtype).name, seed=split_seed, fraction=heldout_fraction)
         hashed_train = pack_stream(tables, train.write, staging, decon, progress)
         progress.push()
@@ -204,22 +206,12 @@ def _check_sides(label: str, train_blocks: int, heldout_blocks: int, seq_len: in
                         f"one {seq_len}-token block; add data or raise evaluate.heldout_fraction")
 
 
-def unit_size(src: Source) -> int:
-    """About 8 read units per CPU of the cluster, so the last wave of tasks is short, but
+def unit_size(src: Source, cpus: float) -> int:
+    """About 8 read units per CPU that tokenizes, so the last wave of tasks is short, but
     ``UNIT_BYTES`` to 4× that each: tasks cost tens of milliseconds to schedule, and a
     worker holds one unit's text and tokens."""
-    import ray
-
-    cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else os.cpu_count() or 1
     total = sum(map(file_size, src.files))
     return int(min(4 * UNIT_BYTES, max(UNIT_BYTES, total / (8 * cpus))))
-
-
-def _cluster_cpus() -> int:
-    """Workers that tokenize at once: the cluster's CPUs under Ray, else one (this process)."""
-    import ray
-
-    return int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
 
 
 def _reference(uri: str | None) -> np.ndarray | None:

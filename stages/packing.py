@@ -165,9 +165,17 @@ class UnitEncoder:
         return encode_unit(ReadUnit(**json.loads(unit)), **self.kwargs)
 
 
-def encoded_tables(units: list[ReadUnit], **kwargs) -> Iterator[pa.Table]:
+def cluster_cpus() -> float | None:
+    """CPUs of the connected Ray cluster (1 if it reports none), or None without Ray."""
+    import ray
+
+    return ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else None
+
+
+def encoded_tables(units: list[ReadUnit], workers: int, **kwargs) -> Iterator[pa.Table]:
     """``encode_unit`` of every unit, in unit order: on the Ray cluster when one is connected
-    and there is more than one unit, else in this process."""
+    and there is more than one unit (a pool of ``workers`` actors to start), else in this
+    process."""
     import ray
 
     if len(units) < 2 or not ray.is_initialized():
@@ -184,21 +192,20 @@ def encoded_tables(units: list[ReadUnit], **kwargs) -> Iterator[pa.Table]:
     ctx.enable_progress_bars = False  # progress goes to the run's hub instead
     ds = ray.data.from_items([{"unit": json.dumps(asdict(u))} for u in units], override_num_blocks=len(units))
     ds = ds.map_batches(UnitEncoder, batch_size=1, batch_format="pyarrow", fn_constructor_kwargs=kwargs, num_cpus=1,
-                        compute=_pool(len(units)))
+                        compute=_pool(len(units), workers))
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
 
 
-def _pool(units: int):
+def _pool(units: int, cpus: int):
     """Starts with one actor per CPU the cluster has now (at most one per unit) and needs
     only one: actors that find no free CPU (other stages hold them) stay pending while the
     ready ones work, as tasks would queue. It may grow to one actor per unit: Ray Data adds
     actors only within the CPUs the cluster has, so on an autoscaling cluster that starts
     small the pool grows with its nodes. Two units in flight per actor (Ray Data's default,
     set here because the no-gap hand-over above depends on it)."""
-    import ray
     from ray.data import ActorPoolStrategy
 
-    size = max(1, min(units, int(ray.cluster_resources().get("CPU", 1))))
+    size = max(1, min(units, cpus))
     return ActorPoolStrategy(min_size=1, max_size=max(size, units), initial_size=size, max_tasks_in_flight_per_actor=2)
 
 

@@ -64,7 +64,7 @@ def test_the_last_units_are_cut_small_and_the_output_does_not_change(corpus_dir,
     h = tokenizer_hash(tokenizer_dir)
     digests = []
     for i, workers in enumerate((1, 2)):
-        monkeypatch.setattr(data, "_cluster_cpus", lambda w=workers: w)  # taper as on a 2-CPU cluster, in process
+        monkeypatch.setattr(data, "cluster_cpus", lambda w=workers: w)  # taper as on a 2-CPU cluster, in process
         info = data.prepare(ds, tokenizer_dir, h, 16, 0.2, 0, str(tmp_path / f"c{i}"), unit_bytes=300_000)
         digests.append(json.loads((tmp_path / f"c{i}" / info.uri.rsplit("/", 1)[1] / "MANIFEST.json").read_text()))
     assert digests[0]["files"] == digests[1]["files"]
