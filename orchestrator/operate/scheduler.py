@@ -247,7 +247,7 @@ class Scheduler:
 
 def pipeline_fingerprints(s: Schedule) -> dict[str, str]:
     from branchout.orchestrator.config.loader import load_spec
-    from branchout.orchestrator.run.driver import data_fingerprints
+    from branchout.orchestrator.run.cache import data_fingerprints
 
     return data_fingerprints(load_spec(s.pipeline, s.overrides))
 

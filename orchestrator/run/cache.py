@@ -103,6 +103,15 @@ def _training(t: TrainingSpec) -> dict:
     return values
 
 
+def data_fingerprints(spec: PipelineSpec) -> dict[str, str]:
+    """Fingerprint of every dataset, by the name the stage cache uses (pretrain, domains)."""
+    from branchout.stages.data import fingerprint
+
+    fps = {"pretrain": fingerprint(spec.pretrain.dataset)}
+    fps.update({d.name: fingerprint(d.dataset) for d in spec.finetune.domains})
+    return fps
+
+
 def job_keys(spec: PipelineSpec, fingerprints: dict[str, str]) -> dict[str, str]:
     """Keys of every job of ``spec``; ``fingerprints`` maps dataset name → data fingerprint."""
     from branchout.orchestrator.config.plan import build_plan

@@ -29,9 +29,10 @@ from branchout.cluster.connect import ClusterInfo, connect
 from branchout.core.progress import hub_name, start_hub
 from branchout.core.spec import DatasetSpec, PipelineSpec
 from branchout.orchestrator.config.plan import Plan, build_plan
-from branchout.orchestrator.run.cache import StageCache, expand_rerun, job_keys
+from branchout.orchestrator.run.cache import StageCache, data_fingerprints, expand_rerun, job_keys
 from branchout.orchestrator.run.display import ProgressView, print_plan, print_results
 from branchout.orchestrator.run.fanout import WorkItem, run_jobs, submit_task
+from branchout.orchestrator.run.report import metrics_row, read_run_metrics, write_report
 from branchout.orchestrator.run.state import (
     JobRecord,
     JobState,
@@ -135,10 +136,11 @@ def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None 
             log.print(f"{'resuming' if resuming else 'run'} {record.run_id} → {record.run_uri}")
             tracker = Tracker(spec, record, view.note)
             _run_stages(spec, plan, record, cluster, view, cache, keys, fingerprints, tracker)
-            report_path = write_report(record)
-            tracker.finish(_read_metrics(record), record.run_uri if report_path else None)
+            metrics = read_run_metrics(record)
+            report_path = write_report(record, metrics) if metrics else None
+            tracker.finish(metrics, record.run_uri if report_path else None)
             for out in (console, log):
-                print_results(out, record, _read_metrics(record), report_path)
+                print_results(out, record, metrics, report_path)
     return record
 
 
@@ -216,15 +218,6 @@ def stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def data_fingerprints(spec: PipelineSpec) -> dict[str, str]:
-    """Fingerprint of every dataset, by the name the stage cache uses (pretrain, domains)."""
-    from branchout.stages.data import fingerprint
-
-    fps = {"pretrain": fingerprint(spec.pretrain.dataset)}
-    fps.update({d.name: fingerprint(d.dataset) for d in spec.finetune.domains})
-    return fps
 
 
 def check_shared_storage(spec: PipelineSpec, cluster: ClusterInfo) -> None:
@@ -503,41 +496,5 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, 
     storage.write_text(ctx.uri("eval", "samples.json"), json.dumps(samples, indent=1, ensure_ascii=False))
 
 
-MODELS = ("base", "finetuned", "scratch")
-
-
-def metrics_row(r: dict[str, Any], method: str, data_kind: str) -> dict[str, Any]:
-    """One domain's row of ``eval/metrics.json`` from its evaluation job's outputs.
-
-    ``exact_match`` and ``rouge_l`` (instruction domains) map each scored model to its score.
-    """
-    row: dict[str, Any] = {f"{m}_ppl": r[f"{m}_ppl"] for m in MODELS if f"{m}_ppl" in r}
-    if "heldout_tokens" in r:
-        row["heldout_tokens"] = r["heldout_tokens"]
-    if "base_ppl" in row and "finetuned_ppl" in row:
-        row["transfer_gain"] = 1 - row["finetuned_ppl"] / row["base_ppl"]
-    if "scratch_ppl" in row and "finetuned_ppl" in row:
-        row["gain_vs_scratch"] = 1 - row["finetuned_ppl"] / row["scratch_ppl"]
-    for metric in ("exact_match", "rouge_l"):
-        scores = {m: r[f"{m}_{metric}"] for m in MODELS if f"{m}_{metric}" in r}
-        if scores:
-            row[metric] = scores
-    row["method"] = method
-    row["data"] = "instruction" if data_kind == "instruct" else "text"
-    return row
-
-
 def _as_lists(candidates: dict) -> dict:
     return {k: list(v) for k, v in candidates.items()}
-
-
-def _read_metrics(record: RunRecord) -> dict | None:
-    uri = storage.join(record.run_uri, "eval", "metrics.json")
-    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
-
-
-def write_report(record: RunRecord) -> str | None:
-    from branchout.orchestrator.run.report import write_report as _write
-
-    metrics = _read_metrics(record)
-    return _write(record, metrics) if metrics else None

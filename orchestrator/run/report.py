@@ -23,6 +23,33 @@ from branchout.stages import storage
 from branchout.stages.metrics import read_metrics
 
 
+def metrics_row(r: dict[str, Any], method: str, data_kind: str) -> dict[str, Any]:
+    """One domain's row of ``eval/metrics.json`` from its evaluation job's outputs.
+
+    ``exact_match`` and ``rouge_l`` (instruction domains) map each scored model to its score.
+    """
+    row: dict[str, Any] = {f"{m}_ppl": r[f"{m}_ppl"] for m in MODELS if f"{m}_ppl" in r}
+    if "heldout_tokens" in r:
+        row["heldout_tokens"] = r["heldout_tokens"]
+    if "base_ppl" in row and "finetuned_ppl" in row:
+        row["transfer_gain"] = 1 - row["finetuned_ppl"] / row["base_ppl"]
+    if "scratch_ppl" in row and "finetuned_ppl" in row:
+        row["gain_vs_scratch"] = 1 - row["finetuned_ppl"] / row["scratch_ppl"]
+    for metric in ("exact_match", "rouge_l"):
+        scores = {m: r[f"{m}_{metric}"] for m in MODELS if f"{m}_{metric}" in r}
+        if scores:
+            row[metric] = scores
+    row["method"] = method
+    row["data"] = "instruction" if data_kind == "instruct" else "text"
+    return row
+
+
+def read_run_metrics(record: RunRecord) -> dict | None:
+    """The run's ``eval/metrics.json``, or None before any evaluation wrote it."""
+    uri = storage.join(record.run_uri, "eval", "metrics.json")
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
 def write_report(record: RunRecord, metrics: dict[str, Any]) -> str:
     """Write both reports into the run directory; returns the HTML report's URI."""
     plots = {"loss_curves.png": _loss_plot(record), "perplexity.png": _ppl_plot(metrics)}

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from branchout.orchestrator.run.driver import metrics_row
-from branchout.orchestrator.run.report import findings, write_report
+from branchout.orchestrator.run.report import findings, metrics_row, write_report
 from branchout.orchestrator.run.state import JobRecord, RunRecord
 
 
