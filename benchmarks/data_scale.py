@@ -289,7 +289,8 @@ class TwoNodeCluster:
 
         found = set()
         for p in psutil.process_iter(["cmdline"]):
-            if any(f":{self.port}" in part and ("gcs" in part or "address" in part)
+            if any((f":{self.port}" in part and ("gcs" in part or "address" in part))
+                   or part == f"--gcs_server_port={self.port}"  # the GCS itself names only its port
                    for part in p.info["cmdline"] or []):
                 found.add(p.pid)
                 try:

@@ -45,20 +45,27 @@ def test_packing_is_identical_across_unit_sizes_batch_sizes_and_runs(corpus_dir,
 
 def test_the_last_units_are_cut_small_and_the_output_does_not_change(corpus_dir, tokenizer_dir, tmp_path,
                                                                      monkeypatch):
+    from branchout.stages import documents
     from branchout.stages.documents import plan_units, taper
 
-    big = tmp_path / "big.jsonl"  # ~2 MB: pieces of a quarter unit are above taper's 64 KB floor
+    monkeypatch.setattr(documents, "TAPER_MIN_BYTES", 16 << 10)  # the real floor (256 KB) needs a ~10 MB file
+    small = documents.TAPER_MIN_BYTES
+    big = tmp_path / "big.jsonl"  # ~2 MB
     big.write_text((corpus_dir / "legal.jsonl").read_text() * -(-2_000_000 // (corpus_dir / "legal.jsonl").stat().st_size))
     ds = DatasetSpec(path=str(big))
     units = plan_units(ds, 300_000)
     cut = taper(units, workers=2)
-    head = len(units) - 4  # the last 2 × 2 units are cut in four, but one under 4 × 64 KB stays whole
-    whole = sum(u.stop - u.start < 4 * (64 << 10) for u in units[head:])
-    assert len(units) > 5 and whole == 1  # the file's last unit is its remainder
-    assert cut[:head] == units[:head] and len(cut) == head + 4 * (4 - whole) + whole
-    assert [(u.start, u.stop) for u in cut] == sorted((u.start, u.stop) for u in cut)
+    head = len(units) - 4  # the last 2 × 2 units are cut
+    tail = cut[head:]
+    assert len(units) > 5 and cut[:head] == units[:head] and len(tail) > 12
     assert all(a.stop == b.start for a, b in zip(cut, cut[1:], strict=False))  # contiguous, every byte once
     assert cut[0].start == 0 and cut[-1].stop == big.stat().st_size
+    # guided: the first piece is an eighth of the tail's work (1 / (4 × workers)), the last ones the floor
+    assert tail[0].size <= sum(u.size for u in units[head:]) // 8 + small
+    assert all(p.size <= 2 * small for p in tail[-4:])
+    ends = {u.stop for u in units}  # a unit's last piece is its remainder; the others only shrink
+    inner = [p.size for p in tail if p.stop not in ends]
+    assert inner == sorted(inner, reverse=True)
     assert taper(units, workers=1) == units  # one worker: no last wave to balance
 
     h = tokenizer_hash(tokenizer_dir)
