@@ -23,12 +23,15 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from branchout.core.spec import DatasetSpec
 from branchout.stages import storage
 from branchout.stages.units import DataError, ReadUnit  # noqa: F401  (re-exported: the data stage's errors)
+
+if TYPE_CHECKING:  # the tokenizing actors import this module and never a spec: pydantic costs them ~0.12 s each
+    from branchout.core.spec import DatasetSpec
 
 UNIT_BYTES = 4 << 20  # the smallest read unit: ~2 s of tokenization on one core
 TAPER_MIN_BYTES = 256 << 10  # the smallest tail piece (``taper``): ~0.1 s, ten times a unit's hand-over
