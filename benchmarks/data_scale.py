@@ -1,6 +1,6 @@
 """The data stage at scale vs a plain streaming tokenizer loop, side by side in one run.
 
-    python benchmarks/data_scale.py                  # 100 MB and 1 GB; ~45 minutes on 2 cores
+    python benchmarks/data_scale.py                  # 100 MB and 1 GB; ~25 minutes on 2 cores
     python benchmarks/data_scale.py --sizes 100      # 100 MB only (~7 minutes)
 
 Corpora: real text from this machine (Debian copyright files, common licences, man pages
@@ -17,7 +17,7 @@ uint16 blocks of 128 tokens:
   documents at a time, EOS appended, blocks written as they fill. No split, no shards.
 - data stage: ``stages.data.prepare`` submitted as a zero-CPU Ray task, exactly as the
   driver does, on a two-node Ray cluster started here (two ``ray start`` on 127.0.0.1, one
-  CPU each, token auth): read units tokenized by Ray Data tasks on both nodes, the
+  CPU each, token auth): read units tokenized by a pool of Ray Data actors on both nodes, the
   decontaminated held-out split, shards, manifest.
 
 Both sides are timed as users run them, cold starts included: the plain loop from the moment
