@@ -1,7 +1,7 @@
 """The data stage at scale vs a plain streaming tokenizer loop, side by side in one run.
 
-    python benchmarks/data_scale.py                  # 100 MB and 1 GB; ~25 minutes on 2 cores
-    python benchmarks/data_scale.py --sizes 100      # 100 MB only (~7 minutes)
+    python benchmarks/data_scale.py                  # 100 MB and 1 GB; ~35 minutes on 2 cores
+    python benchmarks/data_scale.py --sizes 100      # 100 MB only (~13 minutes)
 
 Corpora: real text from this machine (Debian copyright files, common licences, man pages
 and package changelogs, Python sources of the standard library and installed packages, C
@@ -344,7 +344,7 @@ def gib(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,1000", help="Corpus sizes in MB.")
-    parser.add_argument("--rounds", type=int, default=0, help="Rounds per size (default: 5 up to 200 MB, else 2).")
+    parser.add_argument("--rounds", type=int, default=0, help="Rounds per size (default: 8 up to 200 MB, else 2).")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "branchout-data-scale"))
     args = parser.parse_args(argv)
     work = Path(args.work)
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                     notes.append(f"{mb} MB: this machine holds {stats['distinct']:,} distinct documents, not {mb} MB "
                                  f"of them; {stats['repeated']:,} of the {stats['documents']:,} documents are "
                                  "repeats, each with a marker line `[copy N]` on top.")
-                rounds = args.rounds or (5 if mb <= 200 else 2)
+                rounds = args.rounds or (8 if mb <= 200 else 2)
                 tok_file = str(Path(tokenizer) / "tokenizer.json")
                 plain, stage = [], []
                 for r in range(rounds):
