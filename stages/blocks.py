@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 
@@ -37,12 +38,16 @@ def shard_name(index: int, side: str) -> str:
 
 
 class BlockWriter:
-    """Cuts a token stream into ``seq_len`` blocks, written to shard files as they fill."""
+    """Cuts a token stream into ``seq_len`` blocks, written to shard files as they fill;
+    ``on_shard(path)`` is called with each shard the moment it is complete (``Publisher.add``
+    sends it to storage, so finished shards do not pile up on local disk)."""
 
-    def __init__(self, out_dir: str, side: str, seq_len: int, dtype, shard_blocks: int = SHARD_BLOCKS):
+    def __init__(self, out_dir: str, side: str, seq_len: int, dtype, shard_blocks: int = SHARD_BLOCKS,
+                 on_shard: Callable[[str], None] | None = None):
         self.dir, self.side, self.seq_len = out_dir, side, seq_len
         self.dtype = np.dtype(dtype)
         self.shard_blocks = shard_blocks
+        self.on_shard = on_shard
         self.shards: list[str] = []
         self.blocks = 0
         self._carry = np.empty(0, self.dtype)
@@ -62,14 +67,18 @@ class BlockWriter:
             self.blocks += min(room, len(rows))
             rows = rows[room:]
             if self.blocks % self.shard_blocks == 0:
-                self._file.close()
-                self._file = None
+                self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        self._file.close()
+        self._file = None
+        if self.on_shard is not None:
+            self.on_shard(os.path.join(self.dir, self.shards[-1]))
 
     def close(self) -> list[str]:
         """The shard names; the tail shorter than a block is dropped."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            self._finish_shard()
         return self.shards
 
 

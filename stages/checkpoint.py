@@ -73,26 +73,33 @@ def publish_dir(local_dir: str, uri: str, extra: dict | None = None) -> dict:
 
 
 def _publish_remote(local_dir: str, uri: str, manifest: dict, payload: str) -> None:
-    """Object stores: upload the new copy beside the old one (``<uri>.staging-<id>``), check
-    that every file arrived whole, and only then replace the old copy by a server-side copy
-    with the manifest last. An upload that fails (worker killed, network gone) leaves the old
-    copy untouched; from the moment the old copy is deleted a verified new one exists.
-    """
-    staging = f"{uri.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
+    """Object stores: upload the new copy beside the old one (``<uri>.staging-<id>``), then
+    ``_replace_remote``. An upload that fails (worker killed, network gone) leaves the old
+    copy untouched."""
+    staging = _remote_staging(uri)
     try:
         storage.upload_dir(local_dir, staging)
-        storage.write_text(storage.join(staging, MANIFEST), payload)
-        problems = _remote_size_problems(staging, manifest)
-        if problems:
-            raise CorruptCheckpointError(staging, [f"upload incomplete: {p}" for p in problems])
-        if not storage.exists(uri):
-            storage.copy_dir(staging, uri, last=MANIFEST)
-        else:
-            storage.remove_file(storage.join(uri, MANIFEST))  # the old copy stops verifying first
-            storage.remove_dir(uri)
-            storage.copy_dir(staging, uri, last=MANIFEST)
+        _replace_remote(staging, uri, manifest, payload)
     finally:
         storage.remove_dir(staging)
+
+
+def _remote_staging(uri: str) -> str:
+    return f"{uri.rstrip('/')}.staging-{uuid.uuid4().hex[:8]}"
+
+
+def _replace_remote(staging: str, uri: str, manifest: dict, payload: str) -> None:
+    """Check that every file of ``staging`` arrived whole, and only then replace the old copy
+    at ``uri`` by a server-side copy with the manifest last: from the moment the old copy is
+    deleted a verified new one exists."""
+    storage.write_text(storage.join(staging, MANIFEST), payload)
+    problems = _remote_size_problems(staging, manifest)
+    if problems:
+        raise CorruptCheckpointError(staging, [f"upload incomplete: {p}" for p in problems])
+    if storage.exists(uri):
+        storage.remove_file(storage.join(uri, MANIFEST))  # the old copy stops verifying first
+        storage.remove_dir(uri)
+    storage.copy_dir(staging, uri, last=MANIFEST)
 
 
 def _remote_size_problems(uri: str, manifest: dict) -> list[str]:
@@ -102,13 +109,25 @@ def _remote_size_problems(uri: str, manifest: dict) -> list[str]:
 
 
 def _publish_local(src: str, dst: str, manifest: str) -> None:
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".tmp-{os.path.basename(dst)}-{uuid.uuid4().hex[:8]}")
+    staging = _local_staging(dst)
     shutil.copytree(src, staging)
     for root, _, names in os.walk(staging):
         for name in names:
             _fsync_path(os.path.join(root, name))
+    _replace_local(staging, dst, manifest)
+
+
+def _local_staging(dst: str) -> str:
+    """A fresh name beside ``dst`` (same filesystem, so it can be renamed into place)."""
+    parent = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(parent, exist_ok=True)
+    return os.path.join(parent, f".tmp-{os.path.basename(dst)}-{uuid.uuid4().hex[:8]}")
+
+
+def _replace_local(staging: str, dst: str, manifest: str) -> None:
+    """Write the manifest into ``staging`` (its files already fsynced), then rename it to
+    ``dst``, replacing an old copy only now."""
+    parent = os.path.dirname(os.path.abspath(dst))
     with open(os.path.join(staging, MANIFEST), "w") as f:
         f.write(manifest)
         f.flush()
@@ -122,6 +141,84 @@ def _publish_local(src: str, dst: str, manifest: str) -> None:
     else:
         os.replace(staging, dst)
     _fsync_path(parent)
+
+
+class Publisher:
+    """Publishes a directory whose files are finished one at a time (the data stage's shards).
+
+    ``add`` hands each finished file over at once to a staging copy beside ``uri``: a
+    rename when ``uri`` is on the same local filesystem, an upload to ``<uri>.staging-<id>``
+    on object stores. So the writer's local disk holds the files being written and at most
+    ``pending`` finished ones, never the whole directory (a 1 TB corpus packs on a node with
+    little scratch space), and nothing is copied twice. ``commit`` then publishes exactly as
+    ``publish_dir`` does: manifest last, an old copy replaced only by a complete new one.
+    Leaving the ``with`` block without ``commit`` (an error, a killed job) removes the
+    staging copy and leaves an old copy as it was.
+    """
+
+    def __init__(self, uri: str, pending: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.uri, self.local, self.pending = uri, storage.is_local(uri), pending
+        self.staging = _local_staging(storage.local_path(uri)) if self.local else _remote_staging(uri)
+        if self.local:
+            os.makedirs(self.staging)
+        self.files: dict[str, dict] = {}
+        # one thread: hashing, fsync and uploads overlap the writer, not each other
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="publish")
+        self._inflight: list = []
+        self._committed = False
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if not self._committed:
+            storage.remove_dir(self.staging)
+
+    def add(self, path: str, name: str | None = None) -> None:
+        """Hand over the finished local file ``path`` (moved: it is gone afterwards) as ``name``.
+
+        Raises:
+            OSError: an earlier file could not be handed over.
+        """
+        self._inflight.append(self._pool.submit(self._transfer, path, name or os.path.basename(path)))
+        while len(self._inflight) > self.pending:  # bound the finished files still on local disk
+            self._inflight.pop(0).result()
+
+    def _transfer(self, path: str, name: str) -> None:
+        entry = {"size": os.path.getsize(path), "sha256": _sha256_uncached(path)}
+        if self.local:
+            target = os.path.join(self.staging, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                os.replace(path, target)
+            except OSError:  # another filesystem: copy, then free the local copy
+                shutil.copyfile(path, target)
+                os.remove(path)
+            _fsync_path(target)
+        else:
+            storage.upload_file(path, storage.join(self.staging, name))
+            os.remove(path)
+        self.files[name] = entry
+
+    def commit(self, extra: dict | None = None) -> dict:
+        """Publish at ``uri`` every file added; returns the manifest."""
+        for future in self._inflight:
+            future.result()
+        self._inflight = []
+        manifest = {"version": 1, "created": time.time(), "files": dict(sorted(self.files.items()))}
+        if extra:
+            manifest["extra"] = extra
+        payload = json.dumps(manifest, indent=1, sort_keys=True)
+        if self.local:
+            _replace_local(self.staging, storage.local_path(self.uri), payload)
+        else:
+            _replace_remote(self.staging, self.uri, manifest, payload)
+            storage.remove_dir(self.staging)
+        self._committed = True
+        return manifest
 
 
 def read_manifest(uri: str, name: str = MANIFEST) -> dict | None:

@@ -139,10 +139,12 @@ def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, he
     workers = max(1, int(cpus or 1))
     units = taper(plan_units(ds, unit_bytes or unit_size(resolve_source(ds), cpus or os.cpu_count() or 1)), workers)
     progress = Progress(hub, job, sum(u.size for u in units))
-    with tempfile.TemporaryDirectory(prefix="branchout-pack-") as tmp:
+    # Each shard goes to storage the moment it is full (Publisher): local scratch holds a few
+    # shards, the held-out candidates and the shingle spill, never the packed corpus.
+    with tempfile.TemporaryDirectory(prefix="branchout-pack-") as tmp, checkpoint.Publisher(uri) as publisher:
         out = os.path.join(tmp, "out")
         os.makedirs(out)
-        train = BlockWriter(out, "train", seq_len, dtype, shard_blocks)
+        train = BlockWriter(out, "train", seq_len, dtype, shard_blocks, on_shard=publisher.add)
         staging = Staging(os.path.join(tmp, "heldout.staged"), dtype)
         decon = Decontaminator(os.path.join(tmp, "shingles"), enabled=decontaminate)
         tables = encoded_tables(units, workers, column=ds.text_column, tokenizer=tokenizer, eos=eos,
@@ -150,7 +152,8 @@ def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, he
         hashed_train = pack_stream(tables, train.write, staging, decon, progress)
         progress.push()
         decisions = decon.finish(os.path.join(out, "train.shingles"), _reference(reference_uri))
-        heldout = BlockWriter(out, "heldout", seq_len, dtype, shard_blocks)
+        publisher.add(os.path.join(out, "train.shingles"))
+        heldout = BlockWriter(out, "heldout", seq_len, dtype, shard_blocks, on_shard=publisher.add)
         staging.route(decisions.fate == 0, heldout.write, train.write)  # moved documents train last
         shards = {"train": train.close(), "heldout": heldout.close()}
         kept = int((decisions.fate == 0).sum())
@@ -164,7 +167,8 @@ def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, he
         meta = {k: v for k, v in asdict(info).items() if k not in ("uri", "cached", "nodes")}
         with open(os.path.join(out, "meta.json"), "w") as f:
             json.dump({**meta, "shard_blocks": shard_blocks, "shards": shards}, f, indent=1)
-        checkpoint.publish_dir(out, uri)
+        publisher.add(os.path.join(out, "meta.json"))
+        publisher.commit()
     return info
 
 

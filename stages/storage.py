@@ -126,6 +126,18 @@ def upload_dir(local_dir: str, uri: str) -> None:
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+def upload_file(local_file: str, uri: str) -> None:
+    """Copy one local file to ``uri`` (its folder created if needed), streamed."""
+    if is_local(uri):
+        dst = local_path(uri)
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        shutil.copyfile(local_file, dst)
+        return
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pafs.copy_files(local_file, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
 def sizes(uri: str) -> dict[str, int]:
     """Every file under ``uri`` by its path relative to ``uri``, with its size in bytes."""
     if is_local(uri):

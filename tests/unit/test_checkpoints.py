@@ -168,3 +168,48 @@ def test_writer_killed_while_publishing_leaves_nothing_loadable(tmp_path):
         checkpoint.fetch_verified(str(target))
     names = sorted(p for p in os.listdir(parent) if p.startswith("step_"))
     assert checkpoint.newest_good(str(parent), names)[0] == "step_010"
+
+
+def _streamed(publisher, scratch, files: dict[str, bytes]) -> list[int]:
+    """Write ``files`` one at a time into ``scratch`` and add each as it is finished; returns
+    how many finished files were still on local disk after each add."""
+    on_disk = []
+    for name, body in files.items():
+        with open(os.path.join(scratch, name), "wb") as f:
+            f.write(body)
+        publisher.add(os.path.join(scratch, name))
+        on_disk.append(len(os.listdir(scratch)))
+    return on_disk
+
+
+def test_a_publisher_moves_each_file_as_it_is_added_and_replaces_the_old_copy_last(tmp_path):
+    parent = tmp_path / "cache"
+    _publish(tmp_path, parent, "packed", payload=b"old" * 100)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    files = {f"{i:05d}-train.bin": bytes([i]) * 4096 for i in range(12)}
+    with checkpoint.Publisher(str(parent / "packed"), pending=2) as pub:
+        on_disk = _streamed(pub, scratch, files)
+        # still the old copy, verifying, until commit
+        assert (parent / "packed" / "state.pt").read_bytes() == b"old" * 100
+        assert checkpoint.full_problems(str(parent / "packed")) == []
+        manifest = pub.commit()
+    assert max(on_disk) <= 2  # finished files leave local disk as they are added, not at the end
+    assert os.listdir(scratch) == []
+    assert sorted(manifest["files"]) == sorted(files)
+    assert checkpoint.full_problems(str(parent / "packed")) == []
+    assert (parent / "packed" / "00007-train.bin").read_bytes() == bytes([7]) * 4096
+    assert sorted(os.listdir(parent)) == ["packed"]  # no staging copy or old copy left beside it
+
+
+def test_a_publisher_left_without_commit_leaves_the_old_copy_and_nothing_beside_it(tmp_path):
+    parent = tmp_path / "cache"
+    _publish(tmp_path, parent, "packed", payload=b"old" * 100)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(RuntimeError, match="worker failed"), checkpoint.Publisher(str(parent / "packed")) as pub:
+        _streamed(pub, scratch, {"00000-train.bin": b"new" * 100, "00001-train.bin": b"new" * 100})
+        raise RuntimeError("worker failed mid-way")
+    assert sorted(os.listdir(parent)) == ["packed"]
+    assert (parent / "packed" / "state.pt").read_bytes() == b"old" * 100
+    assert checkpoint.full_problems(str(parent / "packed")) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -68,6 +69,29 @@ def test_prepare_packs_both_sides_and_reuses_cache(corpus_dir, tokenizer_dir, tm
     assert again.cached and again.uri == info.uri
     other = data.prepare(ds, tokenizer_dir, h, 16, 0.2, 0, str(tmp_path / "cache"))
     assert other.uri != info.uri  # the block length is part of the key
+
+
+def test_prepare_sends_each_shard_to_storage_as_it_fills(corpus_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """Local scratch holds a few finished shards at a time, never the packed set, so a corpus
+    larger than a node's disk still packs; the published copy is complete and verifies."""
+    from branchout.stages import checkpoint
+
+    on_disk = []
+    add = checkpoint.Publisher.add
+
+    def counting_add(self, path, name=None):
+        on_disk.append(sum(n.endswith(".bin") for n in os.listdir(os.path.dirname(path))))
+        add(self, path, name)
+
+    monkeypatch.setattr(checkpoint.Publisher, "add", counting_add)
+    ds = DatasetSpec(path=str(corpus_dir / "legal.jsonl"))
+    info = data.prepare(ds, tokenizer_dir, tokenizer_hash(tokenizer_dir), 32, 0.2, 0, str(tmp_path / "cache"),
+                        shard_blocks=1)
+    assert len(on_disk) == info.train_blocks + info.heldout_blocks + 2 > 12  # one add per shard, shingles, meta
+    # at each add: up to 2 still in flight, the one just finished, the other side's open shard
+    assert max(on_disk) <= 4
+    assert checkpoint.full_problems(info.uri) == []
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [info.uri.rsplit("/", 1)[-1]]
 
 
 def test_prepare_rejects_data_smaller_than_a_block(tokenizer_dir, tmp_path):

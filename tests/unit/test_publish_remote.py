@@ -4,6 +4,7 @@ only once the new one is complete, so a failed upload loses nothing."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,34 @@ def test_an_incomplete_upload_is_refused_before_the_old_copy_goes(s3_bucket, tmp
         publish_dir(_model(tmp_path / "v2", "new"), uri)
     monkeypatch.setattr(storage, "sizes", real_sizes)
     assert _read(uri, tmp_path, "a") == "old"
+
+
+def test_a_publisher_uploads_files_as_they_are_added_and_publishes_on_commit(s3_bucket, tmp_path):
+    """The data stage's path: shards go to the store as they fill, so the writer's disk never
+    holds the packed set; the old copy verifies until commit, and a failure leaves it so."""
+    uri = f"{s3_bucket}/cache/data/key"
+    publish_dir(_model(tmp_path / "v1", "old"), uri)
+
+    def stream(pub, names, scratch):
+        scratch.mkdir()
+        for name in names:
+            (scratch / name).write_bytes(name.encode() * 500)
+            pub.add(str(scratch / name))
+            assert len(os.listdir(scratch)) <= pub.pending
+
+    with pytest.raises(RuntimeError), checkpoint.Publisher(uri) as pub:
+        stream(pub, ["00000-train.bin", "00001-train.bin", "00002-train.bin"], tmp_path / "scratch-1")
+        raise RuntimeError("worker failed mid-way")
+    assert _read(uri, tmp_path, "a") == "old"
+    staged = [s for s in storage.listdir(f"{s3_bucket}/cache/data") if "staging" in s]
+    assert staged == []  # the partial upload is removed
+
+    with checkpoint.Publisher(uri) as pub:
+        stream(pub, [f"{i:05d}-train.bin" for i in range(6)], tmp_path / "scratch-2")
+        assert _read(uri, tmp_path, "b") == "old"
+        pub.commit()
+    assert sorted(storage.sizes(uri)) == [*[f"{i:05d}-train.bin" for i in range(6)], "MANIFEST.json"]
+    local = fetch_verified(uri, str(tmp_path / "c"))
+    assert Path(local, "00004-train.bin").read_bytes() == b"00004-train.bin" * 500
+    assert [s for s in storage.listdir(f"{s3_bucket}/cache/data") if "staging" in s] == []
+    assert os.listdir(tmp_path / "scratch-2") == []
