@@ -10,6 +10,7 @@ reader that verifies the manifest never loads a truncated or bit-flipped file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -189,18 +190,12 @@ class Publisher:
 
     def _transfer(self, path: str, name: str) -> None:
         entry = {"size": os.path.getsize(path), "sha256": _sha256_uncached(path)}
-        if self.local:
-            target = os.path.join(self.staging, name)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            try:
-                os.replace(path, target)
-            except OSError:  # another filesystem: copy, then free the local copy
-                shutil.copyfile(path, target)
-                os.remove(path)
-            _fsync_path(target)
-        else:
-            storage.upload_file(path, storage.join(self.staging, name))
+        target = storage.join(self.staging, name)
+        if not (self.local and _renamed(path, target)):
+            storage.upload_file(path, target)  # an object store, or another local filesystem
             os.remove(path)
+        if self.local:
+            _fsync_path(target)
         self.files[name] = entry
 
     def commit(self, extra: dict | None = None) -> dict:
@@ -219,6 +214,18 @@ class Publisher:
             storage.remove_dir(self.staging)
         self._committed = True
         return manifest
+
+
+def _renamed(src: str, dst: str) -> bool:
+    """Rename ``src`` to ``dst``; False when they are on different filesystems."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    try:
+        os.replace(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        return False
+    return True
 
 
 def read_manifest(uri: str, name: str = MANIFEST) -> dict | None:

@@ -160,8 +160,8 @@ def taper(units: list[ReadUnit], workers: int) -> list[ReadUnit]:
     here is 1/(4 × workers) of the work left from its start (guided self-scheduling), at least
     ``TAPER_MIN_BYTES``, so what is still queued when a worker runs dry is a few of the
     smallest pieces. Ray timeline, 100 MB on 2 CPUs: the two workers' last units ended
-    0.25-1.06 s apart with the tail cut in quarters, 0.07-0.36 s apart with these pieces. A document belongs to the unit its record starts in,
-    so the output does not change.
+    0.25-1.06 s apart with the tail cut in quarters, 0.07-0.36 s apart with these pieces.
+    A document belongs to the unit its record starts in, so the output does not change.
     """
     tail = 2 * workers
     if workers < 2 or len(units) <= workers:

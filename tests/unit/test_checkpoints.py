@@ -213,3 +213,22 @@ def test_a_publisher_left_without_commit_leaves_the_old_copy_and_nothing_beside_
     assert sorted(os.listdir(parent)) == ["packed"]
     assert (parent / "packed" / "state.pt").read_bytes() == b"old" * 100
     assert checkpoint.full_problems(str(parent / "packed")) == []
+
+
+def test_a_publisher_copies_when_the_scratch_is_on_another_filesystem(tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    replace = os.replace
+
+    def cross_device(src, dst):  # what rename(2) says across filesystems
+        if str(src).startswith(str(scratch)):
+            raise OSError(18, "Invalid cross-device link")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    with checkpoint.Publisher(str(tmp_path / "cache" / "packed")) as pub:
+        on_disk = _streamed(pub, scratch, {f"{i:05d}-train.bin": bytes([i]) * 512 for i in range(5)})
+        pub.commit()
+    assert max(on_disk) <= 2 and os.listdir(scratch) == []
+    assert checkpoint.full_problems(str(tmp_path / "cache" / "packed")) == []
+    assert (tmp_path / "cache" / "packed" / "00003-train.bin").read_bytes() == bytes([3]) * 512
