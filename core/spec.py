@@ -184,9 +184,13 @@ class DeepSpeedSpec(StrictModel):
     )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload optimizer states to CPU.")
     offload_params: bool = Field(False, description="Offload parameters to CPU (ZeRO-3 only).")
-    precision: Literal["bf16", "fp32", "fp16"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32", "fp16"] = Field(
+        "auto", description="'auto': bf16 where the job's hardware does bf16 natively (GPUs from Ampere on; "
+        "CPUs with AVX512-BF16 or AMX), else fp16 with loss scaling on a GPU, fp32 on a CPU; decided on the "
+        "job's workers (core/precision.py)."
+    )
     engine: Literal["auto", "deepspeed"] = Field(
-        "auto", description="'auto': DeepSpeed where it has work (several workers, offload, fp16), the plain "
+        "auto", description="'auto': DeepSpeed where it has work (several workers, offload), the plain "
         "torch engine for one worker otherwise; 'deepspeed': always DeepSpeed."
     )
     config: dict[str, Any] = Field(
@@ -219,12 +223,16 @@ class TrainingSpec(StrictModel):
 
 
     def uses_deepspeed(self) -> bool:
-        """DeepSpeed when it has something to do: ZeRO across several workers, offload, or
-        fp16 loss scaling. One worker otherwise trains with the plain torch engine, which
-        does the same arithmetic without DeepSpeed's per-step overhead."""
+        """DeepSpeed when it has something to do: ZeRO across several workers, or offload.
+        One worker otherwise trains with the plain torch engine, which does the same
+        arithmetic (fp16 with torch's loss scaler) without DeepSpeed's per-step overhead.
+        Precision does not enter: ``auto`` is decided on the workers, after this choice."""
         ds = self.deepspeed
-        return (ds.engine == "deepspeed" or self.num_workers > 1 or ds.offload_optimizer or ds.offload_params
-                or ds.precision == "fp16")
+        return ds.engine == "deepspeed" or self.num_workers > 1 or ds.offload_optimizer or ds.offload_params
+
+    def with_precision(self, precision: str):
+        """A copy of this spec with ``deepspeed.precision`` set to a decided one (bf16/fp16/fp32)."""
+        return self.model_copy(update={"deepspeed": self.deepspeed.model_copy(update={"precision": precision})})
 
 
 class PretrainSpec(TrainingSpec):

@@ -16,8 +16,9 @@ Under ZeRO-3 the model is built (or the parent loaded) already partitioned, unde
 ``deepspeed.zero.Init``. At the end every rank takes part in DeepSpeed's layer-by-layer
 16-bit consolidation onto rank 0, which writes it, in the training dtype, as a sharded
 safetensors HF model directory with the tokenizer. A single worker
-without offload or fp16 has nothing for DeepSpeed to do and trains with the plain torch
-engine (``TrainingSpec.uses_deepspeed``).
+without offload has nothing for DeepSpeed to do and trains with the plain torch
+engine (``TrainingSpec.uses_deepspeed``). ``precision: auto`` is decided first, on the
+workers' hardware (``stages.engine.decide_precision``), and recorded in the job's result.
 """
 
 from __future__ import annotations
@@ -39,7 +40,12 @@ def train_worker(config: dict) -> None:
     from branchout.stages import storage
     from branchout.stages.checkpoint import fetch_verified, write_rank_manifest
     from branchout.stages.data import open_blocks
-    from branchout.stages.engine import DeepSpeedEngine, TorchEngine, training_dtype
+    from branchout.stages.engine import (
+        DeepSpeedEngine,
+        TorchEngine,
+        decide_precision,
+        training_dtype,
+    )
     from branchout.stages.faults import killer
     from branchout.stages.instruct import open_roles, with_chat_template
     from branchout.stages.loop import rng_state, run_steps, set_rng_state
@@ -48,13 +54,14 @@ def train_worker(config: dict) -> None:
     from branchout.stages.tokenizer import load_tokenizer
 
     job = TrainJob(**config["job"])
-    t = job.spec()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = job.spec().resources_per_worker.uses_gpu and torch.cuda.is_available()
+    job, precision = decide_precision(job, use_gpu, world)  # `auto` decided here, the same on every rank
+    t = job.spec()
     torch.set_num_threads(max(1, int(t.resources_per_worker.cpu)))
 
     tokenizer = load_tokenizer(fetch_verified(job.tokenizer_uri))
-    use_gpu = t.resources_per_worker.uses_gpu and torch.cuda.is_available()
     if t.uses_deepspeed():
         # ZeRO-3: built in shards, never whole on any rank
         model = prepare_model(job, tokenizer, zero3_config=zero3_config(job, tokenizer, world, use_gpu))
@@ -76,7 +83,10 @@ def train_worker(config: dict) -> None:
         start_step = int(client_state.get("step", 0))
         set_rng_state(client_state.get("rng"))
     if logger:
-        logger.state("running", resumed_from=start_step, workers=world, pid=os.getpid(), started=time.time())
+        logger.state("running", resumed_from=start_step, workers=world, pid=os.getpid(), started=time.time(),
+                     precision=precision.as_dict())
+        if precision.warning:
+            print(f"[branchout] {job.name}: {precision.warning}", flush=True)
     blocks = open_blocks(job.data_uri, "train")
     roles = open_roles(job.data_uri, "train")
     if roles is not None:  # instruction data: the model is saved with the template it learned
@@ -106,7 +116,8 @@ def train_worker(config: dict) -> None:
         else:
             export_model(engine.model, tokenizer, job.model_uri, extra=extra,
                          dtype=training_dtype(t.deepspeed.precision))
-        storage.write_text(storage.join(job.out_uri, "result.json"), json.dumps(asdict(result)))
+        storage.write_text(storage.join(job.out_uri, "result.json"),
+                           json.dumps({**asdict(result), "precision": precision.as_dict()}))
         logger.close()
 
 

@@ -38,8 +38,35 @@ class Engine(Protocol):
     def state_dict_for_export(self) -> dict | None: ...
 
 
+def decide_precision(job, use_gpu: bool, world: int = 1):
+    """The job's precision on this worker's hardware, the same on every rank; returns
+    ``(job with that precision, core.precision.Precision)``.
+
+    ``auto`` is decided here, where the job runs (``core.precision``), not on the driver:
+    a cluster can mix node types. Ranks of one job must agree (DeepSpeed's bf16 and fp32
+    optimizers do not mix), so a multi-rank job takes bf16 only if every rank has it
+    natively: one MIN all-reduce of a flag, on this rank's GPU under NCCL.
+    """
+    import torch
+
+    from branchout.core.precision import agreed, decide, this_worker
+
+    requested = job.spec().deepspeed.precision
+    hw = this_worker(use_gpu)
+    if requested == "auto" and world > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+            flag = torch.tensor(int(hw.bf16), dtype=torch.int32, device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            hw = agreed(hw, bool(flag.item()))
+    decision = decide(requested, hw)
+    return job.with_precision(decision.used), decision
+
+
 def training_dtype(precision: str):
-    """The dtype a model trained at ``precision`` is exported and scored in."""
+    """The dtype a model trained at ``precision`` (a decided one: bf16, fp16, fp32) is exported in."""
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -199,7 +226,8 @@ class DeepSpeedEngine:
 
 
 class TorchEngine:
-    """A single process: AdamW, warmup-cosine, optional bf16 autocast, gradient accumulation."""
+    """A single process: AdamW, warmup-cosine, bf16 or fp16 autocast (fp16 with a loss
+    scaler), gradient accumulation. ``t.deepspeed.precision`` is a decided one, never auto."""
 
     def __init__(self, model, t: TrainingSpec, total_steps: int, device: str = "cpu"):
         import torch
@@ -217,6 +245,10 @@ class TorchEngine:
         self.grad_clip = t.optimizer.grad_clip
         self.autocast = t.deepspeed.precision in ("bf16", "fp16")
         self.dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(t.deepspeed.precision)
+        # fp16's narrow range underflows small gradients: scale the loss (what DeepSpeed's
+        # fp16 engine does). bf16 has fp32's range and needs none; disabled, it is a no-op.
+        self.scaler = torch.amp.GradScaler("cuda" if device.startswith("cuda") else "cpu",
+                                           enabled=t.deepspeed.precision == "fp16")
 
     def train_step(self, micro_batches: list):
         import torch
@@ -228,11 +260,13 @@ class TorchEngine:
             inputs = model_inputs(batch, self.device)
             with torch.autocast(device_type, dtype=getattr(torch, self.dtype or "bfloat16"), enabled=self.autocast):
                 loss = self.model(**inputs).loss
-            (loss / len(micro_batches)).backward()
+            self.scaler.scale(loss / len(micro_batches)).backward()
             total += loss.detach().float()
         if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped (and the scale lowered) when fp16 overflowed
+        self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total / len(micro_batches)
@@ -249,7 +283,8 @@ class TorchEngine:
 
         os.makedirs(path, exist_ok=True)
         torch.save({"model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "client_state": client_state},
+                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                    "client_state": client_state},
                    os.path.join(path, "state.pt"))
 
     def load(self, path: str) -> dict[str, Any]:
@@ -258,6 +293,8 @@ class TorchEngine:
         self.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # empty unless the job trains in fp16
+            self.scaler.load_state_dict(state["scaler"])
         return state["client_state"]
 
     def state_dict_for_export(self) -> dict | None:

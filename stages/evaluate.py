@@ -8,7 +8,8 @@ greedily (``stages.generation``): scored by exact match and ROUGE-L on instructi
 shown in the report for every domain.
 
 The job runs where the domain's fine-tune ran (its resources: GPUs, accelerator type,
-CPUs; the driver places it) and scores in the domain's training precision: a 7B model is
+CPUs; the driver places it) and scores in the domain's training precision (``auto``
+decided on this worker as it is on the fine-tune's, ``core.precision``): a 7B model is
 13.5 GB in bf16 and would be 27 GB in fp32, and a bf16 model's fp32 scores are not what
 it was trained to produce. The base, fine-tuned and scratch models of a domain are scored
 one after another in the one job, each released before the next is loaded, so the job
@@ -24,7 +25,8 @@ import time
 
 
 def scoring_dtype(precision: str, device: str):
-    """bf16 and fp32 score as they trained; fp16 only on a GPU (CPUs have no fast fp16)."""
+    """bf16 and fp32 score as they trained; fp16 only on a GPU (CPUs have no fast fp16).
+    ``precision`` is a decided one (``core.precision.decide``), never auto."""
     import torch
 
     if precision == "bf16":
@@ -105,19 +107,23 @@ def evaluate_domain(domain: str, data_uri: str, candidates: dict[str, tuple[str,
     """
     import torch
 
+    from branchout.core.precision import decide, this_worker
     from branchout.stages.data import open_blocks
     from branchout.stages.generation import Generations
     from branchout.stages.instruct import open_roles
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    dtype = scoring_dtype(precision, device)
+    decision = decide(precision, this_worker(device == "cuda"))  # `auto` decided on this worker
+    if decision.warning:
+        print(f"[branchout] evaluate/{domain}: {decision.warning}", flush=True)
+    dtype = scoring_dtype(decision.used, device)
     started = time.time()
     blocks = open_blocks(data_uri, "heldout")
     roles = open_roles(data_uri, "heldout")
     gen = (Generations(data_uri, tokenizer_uri, blocks, roles is not None, generation_samples, max_new_tokens)
            if generation_samples and tokenizer_uri else None)
-    out: dict = {"domain": domain, "started": started}
+    out: dict = {"domain": domain, "started": started, "precision": decision.as_dict()}
 
     def score(name: str, model) -> None:
         out[f"{name}_ppl"], out["heldout_tokens"] = perplexity(model, blocks, batch_size, max_blocks, roles)

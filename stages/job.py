@@ -59,6 +59,16 @@ class TrainJob:
         """The name as a file name (``finetune/legal`` → ``finetune-legal``)."""
         return self.name.replace("/", "-")
 
+    def with_precision(self, precision: str) -> TrainJob:
+        """This job with its ``precision: auto`` replaced by the one its workers decided
+        (``stages.engine.decide_precision``): everything after reads a concrete one."""
+        import copy
+        import dataclasses
+
+        training = copy.deepcopy(self.training)
+        training.setdefault("deepspeed", {})["precision"] = precision
+        return dataclasses.replace(self, training=training)
+
     def spec(self):
         """The training section, validated back into its pydantic model."""
         from branchout.core.spec import FinetuneOptions, PretrainSpec

@@ -33,7 +33,7 @@ def run_single_worker(job: TrainJob, shared_base: dict | None = None, tokenizer=
         retain,
     )
     from branchout.stages.data import open_blocks
-    from branchout.stages.engine import TorchEngine, training_dtype
+    from branchout.stages.engine import TorchEngine, decide_precision, training_dtype
     from branchout.stages.faults import killer
     from branchout.stages.instruct import open_roles, with_chat_template
     from branchout.stages.loop import rng_state, run_steps, set_rng_state
@@ -42,11 +42,15 @@ def run_single_worker(job: TrainJob, shared_base: dict | None = None, tokenizer=
     from branchout.stages.tokenizer import load_tokenizer
 
     started = time.time()
+    use_gpu = job.spec().resources_per_worker.uses_gpu and torch.cuda.is_available()
+    job, precision = decide_precision(job, use_gpu)  # `auto` decided on this worker's hardware
     t = job.spec()
     torch.set_num_threads(max(1, int(t.resources_per_worker.cpu)))
-    device = "cuda" if t.resources_per_worker.uses_gpu and torch.cuda.is_available() else "cpu"
+    device = "cuda" if use_gpu else "cpu"
     logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps, job.tracking)
-    logger.state("running", started=started)
+    logger.state("running", started=started, precision=precision.as_dict())
+    if precision.warning:
+        print(f"[branchout] {job.name}: {precision.warning}", flush=True)
 
     tokenizer = tokenizer or load_tokenizer(fetch_verified(job.tokenizer_uri))
     model = prepare_model(job, tokenizer, shared_base)  # a baseline (scratch) ignores the parent
@@ -90,7 +94,7 @@ def run_single_worker(job: TrainJob, shared_base: dict | None = None, tokenizer=
     # nothing to resume from.
     ended = time.time()
     out = {**asdict(result), "started": started, "ended": ended, "model_uri": job.model_uri,
-           "pid": os.getpid()}
+           "pid": os.getpid(), "precision": precision.as_dict()}
     storage.write_text(storage.join(job.out_uri, "result.json"), json.dumps(out))
     logger.state("succeeded", ended=ended)
     logger.close()

@@ -33,7 +33,7 @@ TINY = {
         "global_batch_size": 8, "micro_batch_size": 2, "num_workers": 2,
         "resources_per_worker": {"cpu": 1}, "optimizer": {"lr": 3.0e-3},
         "schedule": {"warmup_steps": 2}, "checkpoint_every": 6, "log_every": 2,
-        "deepspeed": {"zero_stage": 2, "precision": "fp32"}},
+        "deepspeed": {"zero_stage": 2}},  # precision: auto
     "finetune": {
         "defaults": {"steps": 8, "global_batch_size": 4, "micro_batch_size": 4, "seq_len": 32,
                      "resources_per_worker": {"cpu": 0.5}, "schedule": {"warmup_steps": 1},
@@ -47,6 +47,19 @@ TINY = {
     "evaluate": {"heldout_fraction": 0.2, "max_blocks": 16, "batch_size": 8},
 }
 
+
+def _emulated_bf16() -> str:
+    """Why this machine cannot test bf16 arithmetic at speed, or "" where it can."""
+    from branchout.core.precision import cpu_hardware
+
+    hw = cpu_hardware()
+    return "" if hw.bf16 else (f"tests bf16 arithmetic on purpose, and this CPU ({hw.name}) {hw.why}: torch would "
+                               "emulate it, many times slower (core/precision.py)")
+
+
+# Tests rely on `precision: auto`; the few that need bf16 arithmetic itself run only where
+# it is native, never silently slow.
+requires_native_bf16 = pytest.mark.skipif(bool(_emulated_bf16()), reason=_emulated_bf16() or "-")
 
 TIERS = ("unit", "integration", "e2e")
 
@@ -214,6 +227,7 @@ def job_for(parts, name: str, method: str, **training):
     root, data_uri, overrides = parts
     values = dict(method=method, steps=6, seq_len=32, global_batch_size=4, micro_batch_size=2,
                   resources_per_worker={"cpu": 1}, schedule={"warmup_steps": 1}, optimizer={"lr": 3e-3},
+                  # fp32 on purpose: tests compare weights trained two ways to 1e-4 (and read them as numpy)
                   deepspeed={"zero_stage": 0, "precision": "fp32"}, lora={"rank": 4, "alpha": 8})
     options = FinetuneOptions(**{**values, **training})
     return TrainJob(name=f"finetune/{name}", kind="finetune", training=options.model_dump(mode="json"),

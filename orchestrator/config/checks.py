@@ -104,7 +104,7 @@ def _check_training(where: str, t: TrainingSpec, steps: int | None) -> list[str]
     if ds.precision == "fp16" and not t.resources_per_worker.uses_gpu:
         problems.append(
             f"{where}.deepspeed.precision: fp16 needs a GPU (resources_per_worker.gpu > 0); "
-            "use bf16 or fp32 on the CPU"
+            "use auto, bf16 or fp32 on the CPU"
         )
     problems += _check_passthrough(where, t)
     if steps and t.schedule.warmup_steps >= steps:  # 0 steps: nothing to warm up

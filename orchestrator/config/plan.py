@@ -30,9 +30,15 @@ class TrainingPlan:
     steps: int
     checkpoint_every: int
     zero_stage: int | None  # None: the plain torch engine (one worker, no offload)
-    precision: str
+    precision: str  # as its workers will decide it, or "auto" where the plan cannot know
     resources: dict[str, float]
     memory_gib: float
+    precision_why: str = ""  # "auto: CPU AMD EPYC has no AVX512-BF16 or AMX: …" (core.precision)
+    precision_warning: str | None = None  # an explicit setting the hardware will emulate
+
+    def precision_text(self) -> str:
+        """``fp32 (auto: CPU … has no AVX512-BF16 or AMX: bf16 would be emulated, …)``."""
+        return f"{self.precision} ({self.precision_why})" if self.precision_why else self.precision
 
     @property
     def tokens_per_step(self) -> int:
@@ -202,28 +208,40 @@ def build_plan(spec: PipelineSpec) -> Plan:
     """Compute the plan of a validated spec (no Ray, no data access)."""
     shape = model_shape(spec)
     p = spec.pretrain
+    embedded = spec.cluster.address is None
     pre_steps = p.steps if p.steps is not None else math.ceil(p.tokens / (p.global_batch_size * p.seq_len))
     plan = Plan(
         pipeline=spec.name, model_type=shape.model_type, params=shape.params,
         non_embedding_params=shape.non_embedding, vocab_size=shape.vocab, layers=shape.layers,
-        hidden=shape.hidden, pretrain=_training_plan("pretrain", p, p.seq_len, pre_steps, shape),
+        hidden=shape.hidden, pretrain=_training_plan("pretrain", p, p.seq_len, pre_steps, shape, embedded=embedded),
         eval_models=list(spec.evaluate.models), cluster=spec.cluster.address or "embedded local Ray",
     )
     for d in spec.finetune.domains:
         seq_len = spec.domain_seq_len(d)
         trainable = shape.params if d.method == "full" else max(1, shape.params // 100)
-        plan.domains[d.name] = _training_plan(d.name, d, seq_len, d.steps, shape, trainable)
+        plan.domains[d.name] = _training_plan(d.name, d, seq_len, d.steps, shape, trainable, embedded)
         plan.domain_methods[d.name] = d.method
         kinds = [("finetune", d.method)] + ([("scratch", "full")] if "scratch" in spec.evaluate.models else [])
         for kind, method in kinds:
-            tp = _training_plan(d.name, d, seq_len, d.steps, shape, shape.params if method == "full" else trainable)
+            tp = _training_plan(d.name, d, seq_len, d.steps, shape, shape.params if method == "full" else trainable,
+                                embedded)
             engine = (f"ZeRO-{tp.zero_stage} × {tp.workers}" if tp.zero_stage is not None else "torch") + \
-                (", LoRA" if method == "lora" else ", from scratch" if kind == "scratch" else ", full")
+                (", LoRA" if method == "lora" else ", from scratch" if kind == "scratch" else ", full") + \
+                f", {tp.precision}"
             plan.jobs.append(JobPlan(f"{kind}/{d.name}", d.name, kind, d.num_workers, tp.resources, engine,
                                      tp.memory_gib * GiB, tp.steps, tp.total_tokens))
     for d in spec.finetune.domains:
         plan.jobs.append(evaluation_plan(spec, d, shape))
     return plan
+
+
+def planned_precision(t: TrainingSpec, embedded: bool):
+    """``core.precision.predict`` for a job of this spec: the decided precision, or None
+    where only the workers can tell (a remote cluster's CPUs, an unnamed GPU type)."""
+    from branchout.core.precision import predict
+
+    r = t.resources_per_worker
+    return predict(t.deepspeed.precision, r.uses_gpu, r.accelerator, embedded)
 
 
 def evaluation_plan(spec: PipelineSpec, d, shape: ModelShape) -> JobPlan:
@@ -235,14 +253,16 @@ def evaluation_plan(spec: PipelineSpec, d, shape: ModelShape) -> JobPlan:
     from branchout.cluster.memory import inference_bytes
 
     r = d.resources_per_worker
-    precision = d.deepspeed.precision
+    known = planned_precision(d, spec.cluster.address is None)
+    # not known: a GPU scores in 16 bits either way (bf16 or fp16); a CPU is counted at 4 bytes
+    precision = known.used if known else ("bf16" if r.uses_gpu else "fp32")
     sixteen = precision == "bf16" or (precision == "fp16" and r.uses_gpu)
     ev = spec.evaluate
     memory = inference_bytes(shape.params, spec.domain_seq_len(d), ev.batch_size, shape.hidden, shape.vocab,
                              2 if sixteen else 4)
     if d.method == "lora":
         memory += 4 * max(1, shape.params // 100)  # the adapter, in fp32
-    label = {"bf16": "bf16", "fp16": "fp16" if r.uses_gpu else "fp32"}.get(precision, "fp32")
+    label = {"bf16": "bf16", "fp16": "fp16" if r.uses_gpu else "fp32"}.get(precision, "fp32") if known else "auto"
     blocks = ev.max_blocks * len(ev.models)
     return JobPlan(f"evaluate/{d.name}", d.name, "evaluate", 1, r.ray_bundle(),
                    f"score {', '.join(ev.models)} in {label}", memory, 0, blocks * spec.domain_seq_len(d))
@@ -270,13 +290,16 @@ def job_state_bytes(option, params: int, trainable: int, largest_layer: int, wor
 
 
 def _training_plan(name: str, t: TrainingSpec, seq_len: int, steps: int, shape: ModelShape,
-                   trainable: int | None = None) -> TrainingPlan:
+                   trainable: int | None = None, embedded: bool = True) -> TrainingPlan:
     from branchout.cluster.memory import ZeroOption, activation_bytes
+    from branchout.core.precision import UNDECIDED
 
     accum = t.global_batch_size // (t.num_workers * t.micro_batch_size)
     zero = int(t.deepspeed.zero_stage) if t.uses_deepspeed() else None
     option = ZeroOption(zero or 0, t.deepspeed.offload_optimizer, t.deepspeed.offload_params)
-    mixed = t.deepspeed.precision != "fp32"
+    known = planned_precision(t, embedded)
+    # not known yet: count 16-bit copies too, the larger of the two for the plain engine and ZeRO
+    mixed = known.used != "fp32" if known else True
     states = job_state_bytes(option, shape.params, trainable or shape.params, shape.largest_layer,
                              t.num_workers, mixed, zero is not None, t.resources_per_worker.uses_gpu)
     acts = activation_bytes(seq_len, t.micro_batch_size, shape.hidden, shape.layers, shape.vocab, mixed,
@@ -284,8 +307,11 @@ def _training_plan(name: str, t: TrainingSpec, seq_len: int, steps: int, shape: 
     return TrainingPlan(
         name=name, workers=t.num_workers, micro_batch=t.micro_batch_size, grad_accum=accum,
         seq_len=seq_len, steps=steps, checkpoint_every=t.checkpoint_every, zero_stage=zero,
-        precision=t.deepspeed.precision, resources=t.resources_per_worker.ray_bundle(),
+        precision=known.used if known else "auto", resources=t.resources_per_worker.ray_bundle(),
         memory_gib=(states + acts) / GiB,
+        precision_why=(("auto: " if known.requested == "auto" else "") + known.reason
+                       if known and known.reason != "as configured" else "" if known else UNDECIDED),
+        precision_warning=known.warning if known else None,
     )
 
 

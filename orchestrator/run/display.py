@@ -31,14 +31,17 @@ def print_plan(console: Console, plan: Plan, notes: list[str] | None = None) -> 
     console.print(f"  model: {plan.model_type}, {plan.params / 1e6:.2f}M parameters "
                   f"({plan.non_embedding_params / 1e6:.2f}M non-embedding), vocab {plan.vocab_size:,}")
     p = plan.pretrain
-    # One worker without offload or fp16 gives DeepSpeed nothing to do; say so rather than
+    # One worker without offload gives DeepSpeed nothing to do; say so rather than
     # let a configured zero_stage look as if it applied.
     zero = ("plain torch (1 worker: ZeRO has nothing to partition)" if p.zero_stage is None
             else f"DeepSpeed ZeRO-{p.zero_stage}")
     console.print(f"  pretrain: {p.arithmetic()}")
     console.print(f"            {p.steps:,} steps = {p.total_tokens:,} tokens; {p.checkpoints} checkpoint(s); "
-                  f"{zero}, {p.precision}; ~{p.memory_gib:.2f} GiB/worker; "
-                  f"{plan.flops_per_token(p.seq_len) / 1e6:.1f} MFLOP/token")
+                  f"{zero}, {p.precision_text()}; ~{p.memory_gib:.2f} GiB/worker; "
+                  f"{plan.flops_per_token(p.seq_len) / 1e6:.1f} MFLOP/token", highlight=False, markup=False)
+    for name, tp in [("pretrain", p), *plan.domains.items()]:
+        if tp.precision_warning:
+            console.print(f"  warning: {name}: {tp.precision_warning}", highlight=False, markup=False)
     console.print("  held-out split: decontaminated (near-duplicates of training text move to training; "
                   "domain documents that are mostly pretraining text are not scored); the counts are "
                   "printed with the results and in the report", highlight=False)
@@ -74,6 +77,7 @@ class ProgressView:
         self.quiet_interval = quiet_interval
         self._last_quiet = 0.0
         self._seen: dict[str, JobState] = {}
+        self._precision_told: set[str] = set()
 
     def __enter__(self) -> ProgressView:
         if self.live:
@@ -102,6 +106,8 @@ class ProgressView:
                 extra = f": {rec.error}" if rec.error and rec.state is JobState.FAILED else ""
                 for c in plain:
                     c.print(f"{time.strftime('%H:%M:%S')} {name}: {rec.state.value}{extra}", highlight=False)
+        for name, live in snapshot.items():
+            self._tell_precision(name, live.get("precision"))
         if now - self._last_quiet >= self.quiet_interval:
             self._last_quiet = now
             for name, live in snapshot.items():
@@ -110,6 +116,16 @@ class ProgressView:
                     for c in plain:
                         c.print(f"{time.strftime('%H:%M:%S')} {name}: {self._progress_text(rec, live)}",
                                 highlight=False)
+
+    def _tell_precision(self, name: str, decided: Any) -> None:
+        """Once per job: the precision its workers decided, and a warning if it will be slow."""
+        if not isinstance(decided, dict) or name in self._precision_told:
+            return
+        self._precision_told.add(name)
+        head = f"auto → {decided.get('used')}" if decided.get("requested") == "auto" else decided.get("used")
+        self.note(f"{name}: precision {head} ({decided.get('reason', '')})")
+        if decided.get("warning"):
+            self.note(f"warning: {name}: {decided['warning']}")
 
     @staticmethod
     def _progress_text(rec, live: dict[str, Any]) -> str:
@@ -254,13 +270,14 @@ def print_memory_plan(console: Console, spec, shape, gpu_memory_gb: float | None
     for name, t, seq_len in jobs:
         memory = gpu_memory_gb or _gpu_memory(t)
         label = gpu_label or t.resources_per_worker.accelerator or (f"{memory:g} GB" if memory else None)
+        precision = _precision_line(console, name, t, spec.cluster.address is None, gpu_label)
         if memory is None:
             console.print(f"{name}: no GPU type: pass --gpu or --gpu-mem, or set resources_per_worker.accelerator")
             continue
         options = memory_options(shape, t, seq_len, memory)
         best = pick(options)
         table = Table(title=f"{name}: {t.num_workers} × {label}, micro-batch {t.micro_batch_size} × {seq_len} "
-                      f"tokens, {t.deepspeed.precision}", title_justify="left")
+                      f"tokens, {precision.used if precision else 'bf16 or fp16'}", title_justify="left")
         for col in ("setting", "model states", "activations", "total / GPU", "usable / GPU", "host / node", "fits"):
             table.add_column(col, justify="left" if col in ("setting", "fits") else "right")
         for e in options:
@@ -272,6 +289,20 @@ def print_memory_plan(console: Console, spec, shape, gpu_memory_gb: float | None
         console.print(f"{name} pick: {best.option.label}" if best else
                       f"{name} pick: none fits; lower micro_batch_size or seq_len, or use bigger GPUs")
     _print_job_fits(console, spec, gpu_memory_gb, gpu_label)
+
+
+def _precision_line(console: Console, name: str, t, embedded: bool, gpu_label: str | None):
+    """``pretrain: precision auto → fp32 (CPU … has no AVX512-BF16 or AMX: …)``; returns the
+    prediction (None where the workers decide). ``--gpu`` plans for that GPU type."""
+    from branchout.core.precision import UNDECIDED, predict
+
+    r = t.resources_per_worker
+    named = gpu_label if gpu_label and not gpu_label.endswith("GiB") else None  # --gpu-mem names no type
+    known = predict(t.deepspeed.precision, r.uses_gpu or bool(gpu_label), named or r.accelerator, embedded)
+    console.print(f"{name}: precision {known.line() if known else UNDECIDED}", highlight=False, markup=False)
+    if known and known.warning:
+        console.print(f"warning: {name}: {known.warning}", highlight=False, markup=False)
+    return known
 
 
 def _print_job_fits(console: Console, spec, gpu_memory_gb: float | None, gpu_label: str | None) -> None:

@@ -32,7 +32,12 @@ from branchout.orchestrator.config.plan import Plan, build_plan
 from branchout.orchestrator.run.cache import StageCache, data_fingerprints, expand_rerun, job_keys
 from branchout.orchestrator.run.display import ProgressView, print_plan, print_results
 from branchout.orchestrator.run.fanout import WorkItem, run_jobs, submit_task
-from branchout.orchestrator.run.report import metrics_row, read_run_metrics, write_report
+from branchout.orchestrator.run.report import (
+    metrics_row,
+    precisions,
+    read_run_metrics,
+    write_report,
+)
 from branchout.orchestrator.run.state import (
     JobRecord,
     JobState,
@@ -353,7 +358,8 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo)
     )
     item = WorkItem("pretrain", ctx.claiming(job, lambda: ctx.threads.submit(run_distributed, job, spec.pretrain.max_failures)),
                     on_success=lambda r: {"model_uri": job.model_uri, "final_loss": r["final_loss"],
-                                          "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"]},
+                                          "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"],
+                                          "precision": r.get("precision")},
                     resources=spec.pretrain.resources_per_worker.ray_bundle())
     bundles = stage_bundles(spec)
     ctx.hints.request(bundles["pretrain"], "pretrain")
@@ -418,7 +424,7 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
                                   on_success=lambda r, job=job: {
                                       "model_uri": job.model_uri, "final_loss": r["final_loss"],
                                       "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"],
-                                      "parent": job.base_model_uri}))
+                                      "parent": job.base_model_uri, "precision": r.get("precision")}))
     try:
         ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
     finally:
@@ -448,8 +454,9 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, 
     greedy answers to held-out prompts (scored by exact match and ROUGE-L on instruction data).
 
     One job per domain, placed like the domain's fine-tune (one worker's bundle: its GPU
-    share, accelerator type and CPUs, from the plan) and scoring in its precision; the
-    driver (often on a small head node) loads no model.
+    share, accelerator type and CPUs, from the plan) and scoring in its precision (``auto``
+    decided on the evaluation's worker, like the fine-tune's); the driver (often on a
+    small head node) loads no model.
     """
     from branchout.stages.evaluate import evaluate_domain
 
@@ -491,7 +498,7 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, 
         if r.get("samples"):
             samples[d.name] = r["samples"]
     metrics = {"run_id": ctx.record.run_id, "pipeline": spec.name, "domains": domains,
-               "pretrain": ctx.record.job("pretrain").outputs}
+               "pretrain": ctx.record.job("pretrain").outputs, "precision": precisions(ctx.record)}
     storage.write_text(ctx.uri("eval", "metrics.json"), json.dumps(metrics, indent=1))
     storage.write_text(ctx.uri("eval", "samples.json"), json.dumps(samples, indent=1, ensure_ascii=False))
 

@@ -41,7 +41,25 @@ def metrics_row(r: dict[str, Any], method: str, data_kind: str) -> dict[str, Any
             row[metric] = scores
     row["method"] = method
     row["data"] = "instruction" if data_kind == "instruct" else "text"
+    if isinstance(r.get("precision"), dict):
+        row["scored_in"] = r["precision"].get("used")
     return row
+
+
+def precisions(record: RunRecord) -> dict[str, dict]:
+    """Job → the precision its workers decided (``core.precision.Precision`` as a dict)."""
+    return {name: job.outputs["precision"] for name, job in record.jobs.items()
+            if isinstance(job.outputs.get("precision"), dict)}
+
+
+PRECISION_HEADER = ["job", "precision", "set to", "why"]
+
+
+def precision_rows(record: RunRecord) -> list[list[str]]:
+    """What each training and evaluation job computed in, and why (``precision: auto``)."""
+    return [[name, p.get("used", "?"), p.get("requested", "?"),
+             p.get("reason", "") + (f". Warning: {p['warning']}" if p.get("warning") else "")]
+            for name, p in precisions(record).items()]
 
 
 def read_run_metrics(record: RunRecord) -> dict | None:
@@ -183,6 +201,10 @@ def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes],
     if split:
         lines += ["## Held-out split", "", SPLIT_NOTE, "", "| " + " | ".join(SPLIT_HEADER) + " |",
                   "|" + "---|" * len(SPLIT_HEADER), *("| " + " | ".join(r) + " |" for r in split), ""]
+    precision = precision_rows(record)
+    if precision:
+        lines += ["## Precision", "", PRECISION_NOTE, "", "| " + " | ".join(PRECISION_HEADER) + " |",
+                  "|" + "---|" * len(PRECISION_HEADER), *("| " + " | ".join(r) + " |" for r in precision), ""]
     lines += [f"![{name}](eval/{name})" for name in plots]
     if samples:
         lines += ["", "## Generation samples", "",
@@ -226,6 +248,21 @@ def _split_html(record: RunRecord) -> str:
     return f"<h2>Held-out split</h2><p>{esc(SPLIT_NOTE)}</p><table><tr>{head}</tr>{body}</table>"
 
 
+PRECISION_NOTE = ("`precision: auto` is decided where each job runs: bf16 on hardware that does it "
+                  "natively, fp32 on CPUs that would emulate it, fp16 on GPUs without bf16.")
+
+
+def _precision_html(record: RunRecord) -> str:
+    rows = precision_rows(record)
+    if not rows:
+        return ""
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in PRECISION_HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return (f"<h2>Precision</h2><p>{esc(PRECISION_NOTE).replace('`', '')}</p>"
+            f"<table class='sample'><tr>{head}</tr>{body}</table>")
+
+
 def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[str],
           samples: dict[str, list[dict]]) -> str:
     esc = html.escape
@@ -243,7 +280,8 @@ def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], not
             ".sample td,.sample th{text-align:left;vertical-align:top}.sample pre{margin:0;white-space:pre-wrap}"
             "</style></head><body>"
             f"<h1>branchout report: {esc(record.pipeline)}</h1>{summary}"
-            f"<table><tr>{head}</tr>{body}</table>{found}{_split_html(record)}{imgs}{_samples_html(samples)}"
+            f"<table><tr>{head}</tr>{body}</table>{found}{_split_html(record)}{_precision_html(record)}{imgs}"
+            f"{_samples_html(samples)}"
             f"<h2>Lineage</h2><pre>{esc(lineage_text(record))}</pre></body></html>")
 
 

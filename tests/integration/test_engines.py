@@ -72,3 +72,43 @@ def _train_none(parts) -> dict[str, np.ndarray]:
     tok = load_tokenizer(str(root / "tokenizer"))
     model = build_model(build_config("llama", overrides, len(tok), special_token_ids(tok)), seed=7)
     return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def test_the_plain_engine_scales_fp16_losses_and_checkpoints_its_scaler(parts, tmp_path):
+    """``precision: auto`` picks fp16 on GPUs without bf16 (V100, T4), for one-worker jobs too,
+    which train with the plain engine: its loss scaler must run, clip the unscaled
+    gradients, and resume with the scale it had. fp16 arithmetic runs on the CPU here (slow
+    but tiny); the GPU path is the same code with another device string."""
+    import torch
+
+    from branchout.core.spec import PretrainSpec
+    from branchout.stages.data import open_blocks
+    from branchout.stages.engine import TorchEngine
+    from branchout.stages.loop import run_steps
+    from branchout.stages.model import build_config, build_model
+    from branchout.stages.tokenizer import load_tokenizer, special_token_ids
+
+    root, data_uri, overrides = parts
+    tok = load_tokenizer(str(root / "tokenizer"))
+
+    def engine(precision: str) -> TorchEngine:
+        t = PretrainSpec(dataset={"path": "unused"}, steps=4, seq_len=32, global_batch_size=4, micro_batch_size=2,
+                         optimizer={"lr": 3e-3, "grad_clip": 0.5}, schedule={"warmup_steps": 1},
+                         deepspeed={"zero_stage": 0, "precision": precision}, checkpoint_every=100)
+        model = build_model(build_config("llama", overrides, len(tok), special_token_ids(tok)), seed=7)
+        return TorchEngine(model, t, 4), t
+
+    (half, t), (full, _) = engine("fp16"), engine("fp32")
+    assert half.scaler.is_enabled() and not full.scaler.is_enabled()
+    blocks = open_blocks(data_uri, "train")
+    a = run_steps(half, blocks, t, 4, 0, 0, 1, None, lambda step, loss: None)
+    b = run_steps(full, blocks, t, 4, 0, 0, 1, None, lambda step, loss: None)
+    assert np.isfinite(a.final_loss) and abs(a.final_loss - b.final_loss) < 0.05 * b.final_loss
+    moved = [n for n, p in half.model.named_parameters()
+             if not torch.equal(p, dict(engine("fp32")[0].model.named_parameters())[n])]
+    assert moved  # the scaled steps were taken, not all skipped as overflows
+    half.scaler.update(1234.0)  # a scale of its own, which the checkpoint must carry
+    half.save(str(tmp_path / "ckpt"), {"step": 4})
+    again, _ = engine("fp16")
+    assert again.load(str(tmp_path / "ckpt")) == {"step": 4}
+    assert again.scaler.get_scale() == 1234.0

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import job_for, job_parts
+from conftest import job_for, job_parts, requires_native_bf16
 
 H100_NODE = {"accelerator_type:H100": 1.0}
 
@@ -52,9 +52,14 @@ def test_an_evaluation_is_placed_on_its_gpu_type_and_keeps_its_outputs(trained):
     bundle = {"CPU": 1.0, "GPU": 1.0, "accelerator_type:H100": 0.001}
     candidates = {"base": (str(parts[0] / "base"), None), "finetuned": (lora.model_uri, str(parts[0] / "base")),
                   "scratch": (full.model_uri, None)}
-    args = ("legal", parts[1], candidates, 4, 8, 1, "bf16", True)
+    args = ("legal", parts[1], candidates, 4, 8, 1, "auto", True)
     result = submit_task(evaluate_domain, args, bundle, "evaluate/legal", None).result(timeout=300)
-    assert set(result) == {"domain", "base_ppl", "finetuned_ppl", "scratch_ppl", "heldout_tokens", "started", "ended"}
+    assert set(result) == {"domain", "base_ppl", "finetuned_ppl", "scratch_ppl", "heldout_tokens", "started", "ended",
+                           "precision"}
+    # decided on the worker: no CUDA here, so this CPU's answer
+    from branchout.core.precision import cpu_hardware, decide
+
+    assert result["precision"] == decide("auto", cpu_hardware()).as_dict()
     assert all(result[f"{m}_ppl"] > 1 for m in ("base", "finetuned", "scratch"))
 
     def assigned():
@@ -74,8 +79,7 @@ def test_an_evaluation_is_placed_on_its_gpu_type_and_keeps_its_outputs(trained):
 
 
 def test_one_job_scores_every_model_as_separate_loads_would(trained):
-    """Reusing the loaded base for the LoRA fine-tune changes nothing; bf16 scores are close
-    to fp32 ones (the model trained in fp32 here, so they differ by bf16 rounding only)."""
+    """Reusing the loaded base for the LoRA fine-tune changes nothing."""
     from branchout.stages.data import open_blocks
     from branchout.stages.evaluate import evaluate_domain, load_for_scoring, perplexity
 
@@ -89,6 +93,18 @@ def test_one_job_scores_every_model_as_separate_loads_would(trained):
         assert one_job[f"{name}_ppl"] == pytest.approx(alone, rel=1e-6), name
         assert one_job["heldout_tokens"] == tokens
     assert one_job["finetuned_ppl"] != one_job["base_ppl"]  # the adapter was applied
+
+
+@requires_native_bf16
+def test_bf16_scores_are_close_to_fp32_ones(trained):
+    """The models trained in fp32 here, so bf16 and fp32 scores differ by bf16 rounding only."""
+    from branchout.stages.evaluate import evaluate_domain
+
+    parts, lora, full = trained
+    base = str(parts[0] / "base")
+    candidates = {"base": (base, None), "finetuned": (lora.model_uri, base), "scratch": (full.model_uri, None)}
+    in_fp32 = evaluate_domain("legal", parts[1], candidates, 4, 8, 1, "fp32", False)
     in_bf16 = evaluate_domain("legal", parts[1], candidates, 4, 8, 1, "bf16", False)
+    assert in_bf16["precision"]["used"] == "bf16" and in_bf16["precision"]["warning"] is None
     for name in candidates:
-        assert math.isclose(in_bf16[f"{name}_ppl"], one_job[f"{name}_ppl"], rel_tol=0.03), name
+        assert math.isclose(in_bf16[f"{name}_ppl"], in_fp32[f"{name}_ppl"], rel_tol=0.03), name
