@@ -44,4 +44,14 @@ def test_quickstart_transfers_to_every_domain(tmp_path):
         assert row["scratch_ppl"] > 0 and row["heldout_tokens"] > 0
     report = (run_dir / "report.md").read_text()
     assert "base ppl" in report and "scratch ppl" in report and "transfer gain" in report
+    # precision: auto, decided on the workers (here, this machine's CPU) for every job, and said
+    from branchout.core.precision import cpu_hardware, decide
+
+    expected = decide("auto", cpu_hardware())
+    jobs = ["pretrain", *[f"{k}/{d}" for k in ("finetune", "scratch", "evaluate") for d in ("legal", "code", "docs")]]
+    assert metrics["precision"] == {job: expected.as_dict() for job in jobs}
+    assert f"| pretrain | {expected.used} | auto | {expected.reason} |" in report
+    assert f"pretrain: precision auto → {expected.used} (" in out.stdout
+    plan_line = " ".join(out.stdout.split())
+    assert f"DeepSpeed ZeRO-2, {expected.used} (auto: {expected.reason})" in plan_line
     # how long it takes is a benchmark (benchmarks/quickstart.py), not a pass/fail here
