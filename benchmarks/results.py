@@ -79,3 +79,34 @@ def _trim(lines: list[str]) -> list[str]:
     while lines and not lines[-1].strip():
         lines = lines[:-1]
     return lines
+
+
+def stamp() -> str:
+    """What a measurement ran on: the commit (``+dirty`` when the tree had changes), the CPU,
+    and the versions of the libraries that set the numbers."""
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    repo = RESULTS.parent.parent
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    from branchout.core.precision import cpu_hardware
+
+    cpu = cpu_hardware()
+    libs = []
+    for name in ("torch", "deepspeed", "ray", "transformers"):
+        try:
+            libs.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    import os
+
+    return (f"commit {commit}; {cpu.name}, {os.cpu_count()} cores, {cpu.why} "
+            f"(native bf16: {'yes' if cpu.bf16 else 'no'}); Python {platform.python_version()}, {', '.join(libs)}")
