@@ -84,6 +84,8 @@ def _trim(lines: list[str]) -> list[str]:
 def stamp() -> str:
     """What a measurement ran on: the commit (``+dirty`` when the tree had changes), the CPU,
     and the versions of the libraries that set the numbers."""
+    import contextlib
+    import os
     import platform
     import subprocess
     from importlib.metadata import PackageNotFoundError, version
@@ -102,11 +104,8 @@ def stamp() -> str:
     cpu = cpu_hardware()
     libs = []
     for name in ("torch", "deepspeed", "ray", "transformers"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             libs.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            pass
-    import os
 
     return (f"commit {commit}; {cpu.name}, {os.cpu_count()} cores, {cpu.why} "
             f"(native bf16: {'yes' if cpu.bf16 else 'no'}); Python {platform.python_version()}, {', '.join(libs)}")
