@@ -230,10 +230,6 @@ class TrainingSpec(StrictModel):
         ds = self.deepspeed
         return ds.engine == "deepspeed" or self.num_workers > 1 or ds.offload_optimizer or ds.offload_params
 
-    def with_precision(self, precision: str):
-        """A copy of this spec with ``deepspeed.precision`` set to a decided one (bf16/fp16/fp32)."""
-        return self.model_copy(update={"deepspeed": self.deepspeed.model_copy(update={"precision": precision})})
-
 
 class PretrainSpec(TrainingSpec):
     """The one expensive stage: a model trained from scratch with DeepSpeed on Ray Train."""

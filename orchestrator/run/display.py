@@ -121,11 +121,13 @@ class ProgressView:
         """Once per job: the precision its workers decided, and a warning if it will be slow."""
         if not isinstance(decided, dict) or name in self._precision_told:
             return
+        from branchout.core.precision import Precision
+
         self._precision_told.add(name)
-        head = f"auto → {decided.get('used')}" if decided.get("requested") == "auto" else decided.get("used")
-        self.note(f"{name}: precision {head} ({decided.get('reason', '')})")
-        if decided.get("warning"):
-            self.note(f"warning: {name}: {decided['warning']}")
+        precision = Precision(**decided)
+        self.note(f"{name}: precision {precision.line()}")
+        if precision.warning:
+            self.note(f"warning: {name}: {precision.warning}")
 
     @staticmethod
     def _progress_text(rec, live: dict[str, Any]) -> str:

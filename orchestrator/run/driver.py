@@ -357,9 +357,7 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo)
         model_path=spec.model.path, model_revision=spec.model.revision,
     )
     item = WorkItem("pretrain", ctx.claiming(job, lambda: ctx.threads.submit(run_distributed, job, spec.pretrain.max_failures)),
-                    on_success=lambda r: {"model_uri": job.model_uri, "final_loss": r["final_loss"],
-                                          "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"],
-                                          "precision": r.get("precision")},
+                    on_success=lambda r: training_outputs(job, r),
                     resources=spec.pretrain.resources_per_worker.ray_bundle())
     bundles = stage_bundles(spec)
     ctx.hints.request(bundles["pretrain"], "pretrain")
@@ -375,6 +373,12 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo)
     outputs = _require(ctx.run([item], on_tick=fanout_ahead), ctx.record, ["pretrain"])["pretrain"]
     ctx.hints.request(bundles["fanout"], "fan-out")
     return outputs["model_uri"]
+
+
+def training_outputs(job: TrainJob, r: dict[str, Any]) -> dict[str, Any]:
+    """What the run record keeps of a training job's result (pretrain, fine-tune, baseline)."""
+    return {"model_uri": job.model_uri, "final_loss": r["final_loss"], "tokens_per_s": r["tokens_per_s"],
+            "resumed_from": r["first_step"], "precision": r.get("precision")}
 
 
 def import_base(ctx: RunContext, tokenizer: dict[str, str]) -> str:
@@ -421,10 +425,8 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
             group.append(job.name)
             submit = ctx.claiming(job, _submitter(ctx, job, deepspeed, bundle, d.max_failures, pools, group))
             items.append(WorkItem(job.name, submit, max_retries=d.max_retries, resources=bundle,
-                                  on_success=lambda r, job=job: {
-                                      "model_uri": job.model_uri, "final_loss": r["final_loss"],
-                                      "tokens_per_s": r["tokens_per_s"], "resumed_from": r["first_step"],
-                                      "parent": job.base_model_uri, "precision": r.get("precision")}))
+                                  on_success=lambda r, job=job: {**training_outputs(job, r),
+                                                                 "parent": job.base_model_uri}))
     try:
         ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
     finally:
@@ -454,9 +456,8 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, 
     greedy answers to held-out prompts (scored by exact match and ROUGE-L on instruction data).
 
     One job per domain, placed like the domain's fine-tune (one worker's bundle: its GPU
-    share, accelerator type and CPUs, from the plan) and scoring in its precision (``auto``
-    decided on the evaluation's worker, like the fine-tune's); the driver (often on a
-    small head node) loads no model.
+    share, accelerator type and CPUs, from the plan) and scoring in its precision (``auto``:
+    decided on its worker); the driver (often on a small head node) loads no model.
     """
     from branchout.stages.evaluate import evaluate_domain
 

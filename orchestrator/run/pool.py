@@ -160,9 +160,14 @@ class PoolSet:
 
     def _shared_base(self, resources: dict[str, float], job: TrainJob):
         """The parent's weights in the dtype this pool's jobs read them in, loaded once per dtype."""
+        from branchout.orchestrator.config.plan import planned_precision
+
         if not self.base_uri:
             return None
-        dtype = shared_base_dtype(resources, planned_precision(job))
+        # the precision the workers will decide, where the driver can know it (the GPU type);
+        # fp32 otherwise: a full-width base serves any precision, a 16-bit one of the wrong kind not
+        known = planned_precision(job.spec(), embedded=False)
+        dtype = shared_base_dtype(resources, known.used if known else "fp32")
         if dtype not in self._bases:
             import ray
 
@@ -177,18 +182,6 @@ class PoolSet:
         for pool in self.pools.values():
             pool.shutdown()
         self._bases.clear()  # the last references: Ray frees the weights
-
-
-def planned_precision(job: TrainJob) -> str:
-    """The precision the pool's jobs will decide on their GPU type, where the driver can know
-    it (``resources_per_worker.accelerator``); fp32 otherwise: a full-width base serves any
-    precision the workers pick, a 16-bit one of the wrong kind would not."""
-    from branchout.core.precision import predict
-
-    t = job.spec()
-    r = t.resources_per_worker
-    known = predict(t.deepspeed.precision, r.uses_gpu, r.accelerator, embedded=False)
-    return known.used if known else "fp32"
 
 
 def shared_base_dtype(resources: dict[str, float], precision: str) -> str:

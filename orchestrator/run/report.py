@@ -53,6 +53,8 @@ def precisions(record: RunRecord) -> dict[str, dict]:
 
 
 PRECISION_HEADER = ["job", "precision", "set to", "why"]
+PRECISION_NOTE = ("`precision: auto` is decided where each job runs: bf16 on hardware that does it "
+                  "natively, fp32 on CPUs that would emulate it, fp16 on GPUs without bf16.")
 
 
 def precision_rows(record: RunRecord) -> list[list[str]]:
@@ -197,14 +199,8 @@ def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes],
     lines.append("")
     if notes:
         lines += ["## Findings", ""] + [f"- **Worse than a baseline.** {n}" for n in notes] + [""]
-    split = split_rows(record)
-    if split:
-        lines += ["## Held-out split", "", SPLIT_NOTE, "", "| " + " | ".join(SPLIT_HEADER) + " |",
-                  "|" + "---|" * len(SPLIT_HEADER), *("| " + " | ".join(r) + " |" for r in split), ""]
-    precision = precision_rows(record)
-    if precision:
-        lines += ["## Precision", "", PRECISION_NOTE, "", "| " + " | ".join(PRECISION_HEADER) + " |",
-                  "|" + "---|" * len(PRECISION_HEADER), *("| " + " | ".join(r) + " |" for r in precision), ""]
+    lines += _section_md("Held-out split", SPLIT_NOTE, SPLIT_HEADER, split_rows(record))
+    lines += _section_md("Precision", PRECISION_NOTE, PRECISION_HEADER, precision_rows(record))
     lines += [f"![{name}](eval/{name})" for name in plots]
     if samples:
         lines += ["", "## Generation samples", "",
@@ -238,29 +234,23 @@ def _samples_html(samples: dict[str, list[dict]]) -> str:
     return "<h2>Generation samples</h2>" + "".join(parts) if parts else ""
 
 
-def _split_html(record: RunRecord) -> str:
-    rows = split_rows(record)
+def _section_md(title: str, note: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A titled table of the report, in Markdown; nothing when it has no rows."""
+    if not rows:
+        return []
+    return [f"## {title}", "", note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
+def _section_html(title: str, note: str, header: list[str], rows: list[list[str]], css: str = "") -> str:
+    """The same table in HTML (``css``: the table's class, "sample" for left-aligned text)."""
     if not rows:
         return ""
     esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for h in SPLIT_HEADER)
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<h2>Held-out split</h2><p>{esc(SPLIT_NOTE)}</p><table><tr>{head}</tr>{body}</table>"
-
-
-PRECISION_NOTE = ("`precision: auto` is decided where each job runs: bf16 on hardware that does it "
-                  "natively, fp32 on CPUs that would emulate it, fp16 on GPUs without bf16.")
-
-
-def _precision_html(record: RunRecord) -> str:
-    rows = precision_rows(record)
-    if not rows:
-        return ""
-    esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for h in PRECISION_HEADER)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return (f"<h2>Precision</h2><p>{esc(PRECISION_NOTE).replace('`', '')}</p>"
-            f"<table class='sample'><tr>{head}</tr>{body}</table>")
+    table = f"<table class='{css}'>" if css else "<table>"
+    return f"<h2>{esc(title)}</h2><p>{esc(note).replace('`', '')}</p>{table}<tr>{head}</tr>{body}</table>"
 
 
 def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[str],
@@ -280,7 +270,9 @@ def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], not
             ".sample td,.sample th{text-align:left;vertical-align:top}.sample pre{margin:0;white-space:pre-wrap}"
             "</style></head><body>"
             f"<h1>branchout report: {esc(record.pipeline)}</h1>{summary}"
-            f"<table><tr>{head}</tr>{body}</table>{found}{_split_html(record)}{_precision_html(record)}{imgs}"
+            f"<table><tr>{head}</tr>{body}</table>{found}"
+            f"{_section_html('Held-out split', SPLIT_NOTE, SPLIT_HEADER, split_rows(record))}"
+            f"{_section_html('Precision', PRECISION_NOTE, PRECISION_HEADER, precision_rows(record), 'sample')}{imgs}"
             f"{_samples_html(samples)}"
             f"<h2>Lineage</h2><pre>{esc(lineage_text(record))}</pre></body></html>")
 
