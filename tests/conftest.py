@@ -36,7 +36,7 @@ TINY = {
         "deepspeed": {"zero_stage": 2}},  # precision: auto
     "finetune": {
         "defaults": {"steps": 8, "global_batch_size": 4, "micro_batch_size": 4, "seq_len": 32,
-                     "resources_per_worker": {"cpu": 0.5}, "schedule": {"warmup_steps": 1},
+                     "resources_per_worker": {"cpu": 1}, "schedule": {"warmup_steps": 1},
                      "checkpoint_every": 4, "log_every": 2, "optimizer": {"lr": 2.0e-3}},
         "domains": [
             {"name": "legal", "dataset": {"path": "legal.jsonl"}},

@@ -52,29 +52,27 @@ def test_second_run_is_all_cached_then_only_changes_rerun(write_pipeline, corpus
     assert metrics1["domains"] == metrics2["domains"]
     assert "cached" in (run2 / "report.md").read_text()
 
-    with open(data / "legal.jsonl", "a") as f:  # new legal data arrives
+    # One more run (each costs a Ray start and a pretrain check) with three changes that each
+    # select their own jobs: new legal data arrives; a cached output of code's fine-tune is
+    # damaged, so it is not reused; --rerun names docs.
+    with open(data / "legal.jsonl", "a") as f:
         f.write(json.dumps({"text": "This licence is granted for the new contract. " * 40}) + "\n")
-    _, run3 = _run(path, tmp_path)
-    states = _states(run3)
-    computed = {k for k, v in states.items() if v == "succeeded"}
-    assert computed == {"data/legal", "finetune/legal", "scratch/legal", "evaluate/legal"}, states
-    assert {v for k, v in states.items() if k not in computed} == {"cached"}
-
-    # in one more run (each run costs a Ray start and a pretrain check): a damaged cached
-    # output is not reused, so that job is computed again; --rerun computes the one named
     victim = run1 / "finetune" / "code" / "model" / "model.safetensors"
     with open(victim, "r+b") as f:
         f.seek(200)
         f.write(b"\xff\xff\xff\xff")
-    _, run5 = _run(path, tmp_path, "--rerun", "docs")
-    states = _states(run5)
-    assert states["finetune/code"] == "succeeded" and states["evaluate/code"] == "succeeded"
-    assert states["finetune/docs"] == "succeeded" and states["evaluate/docs"] == "succeeded"
-    assert {states[k] for k in ("pretrain", "finetune/legal", "scratch/legal", "data/legal")} == {"cached"}
-    record = RunRecord.load(str(run5))
+    _, run3 = _run(path, tmp_path, "--rerun", "docs")
+    states = _states(run3)
+    computed = {k for k, v in states.items() if v == "succeeded"}
+    assert computed == {"data/legal", "finetune/legal", "scratch/legal", "evaluate/legal",  # new data
+                        "finetune/code", "evaluate/code",  # damaged output, and the score that read it
+                        "finetune/docs", "scratch/docs", "evaluate/docs"}, states  # --rerun docs
+    assert {v for k, v in states.items() if k not in computed} == {"cached"}, states  # pretrain, scratch/code...
+    record = RunRecord.load(str(run3))
     assert record.state is RunState.SUCCEEDED
     assert record.job("pretrain").state is JobState.CACHED
     assert record.job("pretrain").outputs["cached_from"] == run1.name
+    assert record.job("scratch/code").outputs["cached_from"] == run1.name
 
     # lineage of the last run: computed and cached jobs, and a model's own chain
     tree = run_cli("lineage", record.run_id)
@@ -85,4 +83,4 @@ def test_second_run_is_all_cached_then_only_changes_rerun(write_pipeline, corpus
     chain = run_cli("lineage", model)
     assert chain.returncode == 0, chain.stderr
     assert "finetune/docs" in chain.stdout and "finetune/legal" not in chain.stdout
-    assert "## Lineage" in (run5 / "report.md").read_text()
+    assert "## Lineage" in (run3 / "report.md").read_text()

@@ -35,6 +35,9 @@ def finished_run(corpus_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero2")
     spec = yaml.safe_load(yaml.safe_dump(TINY))
     spec["storage"] = str(tmp / "runs")
+    # half a CPU per fine-tune: 6 jobs packed 4 at a time on 2 CPUs (test_fanout_runs_domains_concurrently);
+    # TINY itself gives each job a whole CPU, which starts half the processes
+    spec["finetune"]["defaults"]["resources_per_worker"] = {"cpu": 0.5}
     spec["pretrain"]["dataset"]["path"] = str(corpus_dir / "general.jsonl")
     for d in spec["finetune"]["domains"]:
         d["dataset"]["path"] = str(corpus_dir / d["dataset"]["path"])

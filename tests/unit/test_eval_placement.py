@@ -19,7 +19,7 @@ def test_evaluation_jobs_carry_the_domains_resources():
 
     for example, bundle in (("llama-1b.yaml", {"CPU": 4.0, "GPU": 1.0, "accelerator_type:H100": 0.001}),
                             ("llama-7b.yaml", {"CPU": 2.0, "GPU": 0.5, "accelerator_type:H100": 0.001}),
-                            ("quickstart.yaml", {"CPU": 0.5})):
+                            ("quickstart.yaml", {"CPU": 1.0})):
         spec = load_spec(REPO / "examples" / example)
         plan = build_plan(spec)
         for d in spec.finetune.domains:

@@ -48,6 +48,7 @@ def test_tiny_spec_is_valid(write_pipeline):
 def test_domains_inherit_defaults_and_merge_nested_sections(write_pipeline):
     data = yaml.safe_load(yaml.safe_dump(TINY))
     data["finetune"]["defaults"]["lora"] = {"rank": 4, "alpha": 12}
+    data["finetune"]["defaults"]["resources_per_worker"] = {"cpu": 0.5}  # not the field's default
     data["finetune"]["domains"][2]["lora"] = {"rank": 16}
     spec = load_spec(write_pipeline(data))
     legal, _, docs = spec.finetune.domains
