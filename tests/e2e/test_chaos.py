@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -47,24 +46,44 @@ def _run_dir(storage: Path) -> Path | None:
     return found[0].parent if found else None
 
 
-def _run_with_faults(path, faults: str) -> subprocess.CompletedProcess:
-    return run_cli("run", str(path), env={"BRANCHOUT_FAULTS": faults})
+def _write(spec: dict, corpus_dir: Path, folder: Path) -> Path:
+    import yaml
+
+    spec = copy.deepcopy(spec)
+    spec["storage"] = str(folder / "runs")
+    spec["pretrain"]["dataset"]["path"] = str(corpus_dir / spec["pretrain"]["dataset"]["path"])
+    for d in spec["finetune"]["domains"]:
+        d["dataset"]["path"] = str(corpus_dir / d["dataset"]["path"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pipeline.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return folder / "pipeline.yaml"
 
 
-def test_worker_killed_mid_pretrain(write_pipeline, tmp_path):
+@pytest.fixture(scope="module")
+def chaos(corpus_dir, tmp_path_factory):
+    """One pipeline run left alone (the baseline) and the same pipeline with kills in both
+    stages: a pretrain rank at step 25; code's fine-tune at 50 (one retry left), docs' at 30
+    (none). Two runs serve both tests: each run costs a Ray start and every stage's workers."""
     spec = copy.deepcopy(TINY)
     spec["pretrain"].update(steps=40, checkpoint_every=10, log_every=1)
-    spec["finetune"]["defaults"]["steps"] = 2
-    spec["finetune"]["domains"] = spec["finetune"]["domains"][:1]  # the kill is in pretrain; one domain ends the run
-    spec["evaluate"]["models"] = ["base"]
-
-    baseline = run_cli("run", str(write_pipeline(spec, name="baseline.yaml", storage=str(tmp_path / "a"))))
+    spec["evaluate"]["models"] = ["base", "finetuned"]
+    legal, code, docs = spec["finetune"]["domains"]
+    code.update(steps=60, checkpoint_every=20, max_retries=1)
+    docs.update(steps=60, checkpoint_every=20, max_retries=0)
+    legal.update(max_retries=0)
+    tmp = tmp_path_factory.mktemp("chaos")
+    # the module's own registry and caches: each test's (conftest.isolated_state) ends with it
+    env = {"BRANCHOUT_REGISTRY": f"sqlite:///{tmp / 'registry.db'}", "BRANCHOUT_CACHE_DIR": str(tmp / "cache")}
+    baseline = run_cli("run", str(_write(spec, corpus_dir, tmp / "a")), env=env)
     assert baseline.returncode == 0, baseline.stdout[-3000:]
+    out = run_cli("run", str(_write(spec, corpus_dir, tmp / "b")),
+                  env={**env, "BRANCHOUT_FAULTS": "pretrain@25,finetune/code@50,finetune/docs@30"})
+    assert out.returncode == 1, out.stdout[-3000:]  # docs had no retries left
+    return _run_dir(tmp / "a" / "runs"), _run_dir(tmp / "b" / "runs"), out, env
 
-    out = _run_with_faults(write_pipeline(spec, name="chaos.yaml", storage=str(tmp_path / "b")), "pretrain@25")
-    assert out.returncode == 0, out.stdout[-3000:]
 
-    run_dir = _run_dir(tmp_path / "b")
+def test_worker_killed_mid_pretrain(chaos):
+    baseline_dir, run_dir, out, _ = chaos
     assert (run_dir / "pretrain" / "FAULT-25").exists()  # the kill happened
     steps = _steps(run_dir, "pretrain")
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
@@ -80,10 +99,10 @@ def test_worker_killed_mid_pretrain(write_pipeline, tmp_path):
     assert "pretrain: worker died at step ~" in out.stdout
 
     final = RunRecord.load(str(run_dir)).job("pretrain").outputs["final_loss"]
-    expected = RunRecord.load(str(_run_dir(tmp_path / "a"))).job("pretrain").outputs["final_loss"]
+    expected = RunRecord.load(str(baseline_dir)).job("pretrain").outputs["final_loss"]
     assert abs(final - expected) / expected < 0.01, (final, expected)
     # the resumed trajectory is the uninterrupted one, step by step
-    a, b = _losses(_run_dir(tmp_path / "a"), "pretrain"), _losses(run_dir, "pretrain")
+    a, b = _losses(baseline_dir, "pretrain"), _losses(run_dir, "pretrain")
     assert all(abs(a[s] - b[s]) / a[s] < 0.01 for s in range(resumed_at + 1, 41))
 
     # every Ray Train checkpoint carries both ranks' manifests and verifies
@@ -101,17 +120,8 @@ def test_worker_killed_mid_pretrain(write_pipeline, tmp_path):
     assert name == names[0] and victim.name in skipped[0]
 
 
-def test_domain_workers_killed(write_pipeline, tmp_path):
-    spec = copy.deepcopy(TINY)
-    spec["evaluate"]["models"] = ["base", "finetuned"]
-    legal, code, docs = spec["finetune"]["domains"]
-    code.update(steps=60, checkpoint_every=20, max_retries=1)
-    docs.update(steps=60, checkpoint_every=20, max_retries=0)
-    legal.update(max_retries=0)
-    out = _run_with_faults(write_pipeline(spec), "finetune/code@50,finetune/docs@30")
-    assert out.returncode == 1, out.stdout[-3000:]  # docs had no retries left
-
-    run_dir = _run_dir(tmp_path / "runs")
+def test_domain_workers_killed(chaos):
+    _, run_dir, _, env = chaos
     record = RunRecord.load(str(run_dir))
     assert record.state is RunState.FAILED and record.error == "failed: finetune/docs"
     code_job = record.job("finetune/code")
@@ -128,5 +138,5 @@ def test_domain_workers_killed(write_pipeline, tmp_path):
     # the succeeded job's resume points are removed once recorded; the failed one keeps its own
     assert not (run_dir / "finetune" / "code" / "checkpoints").exists()
     assert [p.name for p in (run_dir / "finetune" / "docs" / "checkpoints").iterdir()] == ["step_00000020"]
-    status = run_cli("status", record.run_id)
+    status = run_cli("status", record.run_id, env=env)
     assert "attempt 1" in status.stdout and "died" in status.stdout.lower()
