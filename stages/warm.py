@@ -1,4 +1,5 @@
-"""The warm-pool worker: a long-lived Ray actor that runs fan-out jobs one after another.
+"""The warm-pool worker: a long-lived Ray actor that runs fan-out jobs (and then their
+evaluations) one after another.
 
 Launching every small fine-tune as its own Ray Train run costs ~12 s before its first
 step on 2 cores, and importing torch/transformers in a fresh worker another ~3 s. A
@@ -29,16 +30,11 @@ class JobRunner:
         return os.getpid()
 
     def run(self, job: TrainJob, shared_base: dict | None, dispatched: float) -> dict:
-        from branchout.core.progress import connect_hub
         from branchout.stages.checkpoint import fetch_verified
         from branchout.stages.single_worker import run_single_worker
         from branchout.stages.tokenizer import load_tokenizer
 
-        started = time.time()
-        hub = connect_hub(job.hub_name)
-        if hub is not None:
-            hub.update.remote(job.name, {"state": "running", "started": started, "pid": os.getpid(),
-                                         "node": socket.gethostname()})
+        _announce(job.hub_name, job.name)
         if job.tokenizer_uri not in self._tokenizers:
             self._tokenizers[job.tokenizer_uri] = load_tokenizer(fetch_verified(job.tokenizer_uri))
         try:
@@ -46,6 +42,25 @@ class JobRunner:
         finally:
             _release_device_memory()
         return {**result, "dispatched": dispatched, "pool_pid": os.getpid()}
+
+    def call(self, fn, args: tuple, name: str, hub_name: str | None) -> dict:
+        """Run ``fn(*args)`` (an evaluation) here, where torch, transformers and the model
+        classes are already imported (and CUDA initialised): a cold task pays all of that."""
+        _announce(hub_name, name)
+        try:
+            return {**fn(*args), "pool_pid": os.getpid()}
+        finally:
+            _release_device_memory()
+
+
+def _announce(hub_name: str | None, job: str) -> None:
+    """Tell the progress hub that ``job`` runs in this process now."""
+    from branchout.core.progress import connect_hub
+
+    hub = connect_hub(hub_name)
+    if hub is not None:
+        hub.update.remote(job, {"state": "running", "started": time.time(), "pid": os.getpid(),
+                                "node": socket.gethostname()})
 
 
 def _release_device_memory() -> None:

@@ -32,6 +32,7 @@ from branchout.orchestrator.config.plan import Plan, build_plan
 from branchout.orchestrator.run.cache import StageCache, data_fingerprints, expand_rerun, job_keys
 from branchout.orchestrator.run.display import ProgressView, print_plan, print_results
 from branchout.orchestrator.run.fanout import WorkItem, run_jobs, submit_task
+from branchout.orchestrator.run.pool import PoolSet
 from branchout.orchestrator.run.report import (
     metrics_row,
     precisions,
@@ -184,8 +185,13 @@ def _run_stages(spec: PipelineSpec, plan: Plan, record: RunRecord, cluster: Clus
         tokenizer = stage_tokenizer(ctx)
         data = stage_data(ctx, tokenizer)
         base_uri = stage_pretrain(ctx, tokenizer, data["pretrain"])
-        stage_finetune(ctx, tokenizer, data, base_uri)
-        stage_evaluate(ctx, data, base_uri, tokenizer["uri"])
+        # one set of warm runners for the fan-out and then its evaluations
+        pools = PoolSet(base_uri, spec.finetune.max_concurrent, fixed_cluster=not spec.cluster.autoscaling)
+        try:
+            stage_finetune(ctx, tokenizer, data, base_uri, pools)
+            stage_evaluate(ctx, data, base_uri, tokenizer["uri"], pools)
+        finally:
+            pools.shutdown()
         failed = [n for n, r in record.jobs.items() if r.state is JobState.FAILED]
         if failed:
             record.set_run_state(RunState.FAILED, error=f"failed: {', '.join(failed)}")
@@ -395,14 +401,11 @@ def import_base(ctx: RunContext, tokenizer: dict[str, str]) -> str:
 
 
 def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, PackedInfo],
-                   base_uri: str) -> None:
+                   base_uri: str, pools: PoolSet) -> None:
     """One fine-tune per domain from the shared base, plus from-scratch baselines, concurrently."""
-    from branchout.orchestrator.run.pool import PoolSet
-
     spec = ctx.spec
     items = []
     kinds = ["finetune"] + (["scratch"] if "scratch" in spec.evaluate.models else [])
-    pools = PoolSet(base_uri, spec.finetune.max_concurrent, fixed_cluster=not spec.cluster.autoscaling)
     singles: dict[tuple, list[str]] = {}  # bundle → names of its single-worker jobs
     for kind in kinds:
         for d in spec.finetune.domains:
@@ -427,10 +430,7 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
             items.append(WorkItem(job.name, submit, max_retries=d.max_retries, resources=bundle,
                                   on_success=lambda r, job=job: {**training_outputs(job, r),
                                                                  "parent": job.base_model_uri}))
-    try:
-        ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
-    finally:
-        pools.shutdown()
+    ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
     for item in items:  # recorded as succeeded: its resume points are no longer needed
         if ctx.record.job(item.name).state is JobState.SUCCEEDED:
             storage.remove_dir(ctx.uri(*item.name.split("/"), "checkpoints"))
@@ -451,7 +451,8 @@ def _submitter(ctx: RunContext, job: TrainJob, deepspeed: bool, resources: dict[
     return lambda: pools.submit(job, resources, sum(not ctx.record.job(n).state.done for n in group))
 
 
-def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, tokenizer_uri: str) -> None:
+def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, tokenizer_uri: str,
+                   pools: PoolSet) -> None:
     """Held-out perplexity per domain of base, fine-tuned and scratch models, and their
     greedy answers to held-out prompts (scored by exact match and ROUGE-L on instruction data).
 
@@ -464,8 +465,17 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, 
     spec = ctx.spec
     ev = spec.evaluate
     items = []
+    bundles = {d.name: ctx.plan.job(f"evaluate/{d.name}").resources for d in spec.finetune.domains}
+
+    def submit(args: tuple, bundle: dict[str, float]) -> cf.Future:
+        name = f"evaluate/{args[0]}"
+        if not spec.finetune.warm_pool:
+            return submit_task(evaluate_domain, args, bundle, name, ctx.hub_name)
+        left = sum(not ctx.record.job(f"evaluate/{n}").state.done for n, b in bundles.items() if b == bundle)
+        return pools.submit_call(evaluate_domain, args, name, ctx.hub_name, bundle, left)
+
     for d in spec.finetune.domains:
-        bundle = ctx.plan.job(f"evaluate/{d.name}").resources
+        bundle = bundles[d.name]
         candidates: dict[str, tuple[str, str | None]] = {}
         if "base" in ev.models:
             candidates["base"] = (base_uri, None)
@@ -480,8 +490,7 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, 
                 tokenizer_uri, ev.generation_samples, ev.max_new_tokens)
         previous = ctx.record.job(f"evaluate/{d.name}").outputs.get("scored")
         items.append(WorkItem(f"evaluate/{d.name}",
-                              lambda args=args, bundle=bundle: submit_task(evaluate_domain, args, bundle,
-                                                                           f"evaluate/{args[0]}", ctx.hub_name),
+                              lambda args=args, bundle=bundle: submit(args, bundle),
                               resources=bundle,
                               on_success=lambda r, c=candidates: {**r, "scored": c},
                               # a cached score stands only if it scored the same models

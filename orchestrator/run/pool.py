@@ -14,6 +14,7 @@ import concurrent.futures as cf
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from branchout.stages.job import TrainJob
 
@@ -44,17 +45,26 @@ class WarmPool:
         # started warm: their imports overlap with the wait for the first jobs
         self._idle: deque = deque(self._actor_class.remote() for _ in range(self.width))
         self._all = list(self._idle)
-        self._queue: deque[tuple[TrainJob, cf.Future]] = deque()
+        # what to start on the next idle runner: actor → ObjectRef of its result
+        self._queue: deque[tuple[Callable, cf.Future]] = deque()
         self._closed = False
         self.replaced = 0  # runners that died mid-job
         self.retired = 0  # runners that gave their resources back when there was no work
 
     def submit(self, job: TrainJob) -> cf.Future:
+        """Train ``job`` on the next idle runner."""
+        return self._enqueue(lambda actor: actor.run.remote(job, self.shared_base, time.time()))
+
+    def submit_call(self, fn: Callable, args: tuple, name: str, hub_name: str | None) -> cf.Future:
+        """Run ``fn(*args)`` (an evaluation, announced as ``name``) on the next idle runner."""
+        return self._enqueue(lambda actor: actor.call.remote(fn, args, name, hub_name))
+
+    def _enqueue(self, start: Callable) -> cf.Future:
         outer: cf.Future = cf.Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("submit to a warm pool that was shut down")
-            self._queue.append((job, outer))
+            self._queue.append((start, outer))
         self._dispatch()
         return outer
 
@@ -66,9 +76,9 @@ class WarmPool:
                     actor = self._actor_class.remote()
                     self._all.append(actor)
                     self._idle.append(actor)
-                job, outer = self._queue.popleft()
+                start, outer = self._queue.popleft()
                 actor = self._idle.popleft()
-                ref = actor.run.remote(job, self.shared_base, time.time())
+                ref = start(actor)
                 started.append((actor, ref, outer))
         for actor, ref, outer in started:
             ref.future().add_done_callback(lambda f, a=actor, o=outer: self._finished(a, f, o))
@@ -145,6 +155,15 @@ class PoolSet:
         self._lock = threading.Lock()
 
     def submit(self, job: TrainJob, resources: dict[str, float], jobs_left: int) -> cf.Future:
+        return self._pool(resources, jobs_left, job).submit(job)
+
+    def submit_call(self, fn: Callable, args: tuple, name: str, hub_name: str | None,
+                    resources: dict[str, float], jobs_left: int) -> cf.Future:
+        """An evaluation on the runners its domain's fine-tunes warmed (same bundle), when
+        they are still there; on new runners otherwise."""
+        return self._pool(resources, jobs_left, None).submit_call(fn, args, name, hub_name)
+
+    def _pool(self, resources: dict[str, float], jobs_left: int, job: TrainJob | None) -> WarmPool:
         key = tuple(sorted(resources.items()))
         with self._lock:
             if key not in self.pools:
@@ -155,8 +174,9 @@ class PoolSet:
                     from branchout.cluster.capacity import slots
 
                     width = min(width, max(1, slots(resources)))
-                self.pools[key] = WarmPool(resources, width, self._shared_base(resources, job))
-        return self.pools[key].submit(job)
+                base = self._shared_base(resources, job) if job is not None else None
+                self.pools[key] = WarmPool(resources, width, base)
+            return self.pools[key]
 
     def _shared_base(self, resources: dict[str, float], job: TrainJob):
         """The parent's weights in the dtype this pool's jobs read them in, loaded once per dtype."""

@@ -201,3 +201,24 @@ def test_a_16_bit_shared_base_is_used_in_place_or_copied_to_fp32(parts, tmp_path
     export_model(full, tok, str(tmp_path / "bf16-base"), dtype=torch.bfloat16)
     again = shared_base_weights(str(tmp_path / "bf16-base"), "bfloat16")
     assert all(np.array_equal(again[k], bf16[k]) for k in bf16 if k in again)
+
+
+def test_an_evaluation_runs_on_the_runner_that_trained_and_scores_as_a_cold_task(parts):
+    """Evaluations follow the fan-out onto its warm runners (torch, transformers and the model
+    classes already imported): same process, and the same numbers as a task of its own."""
+    from branchout.orchestrator.run.fanout import submit_task
+    from branchout.orchestrator.run.pool import WarmPool
+    from branchout.stages.evaluate import evaluate_domain
+
+    pool = WarmPool({"CPU": 1.0}, 1)
+    job = job_for(parts, "then-scored", "full")
+    trained = pool.submit(job).result(timeout=300)
+    candidates = {"base": (str(parts[0] / "base"), None), "finetuned": (job.model_uri, None)}
+    args = ("legal", parts[1], candidates, 4, 8, 1, "fp32", False)
+    warm = pool.submit_call(evaluate_domain, args, "evaluate/legal", None).result(timeout=300)
+    pool.shutdown()
+    assert warm["pool_pid"] == trained["pool_pid"]  # submitted within the linger: the same runner
+    cold = submit_task(evaluate_domain, args, {"CPU": 1.0}, "evaluate/legal", None).result(timeout=300)
+    for key in ("base_ppl", "finetuned_ppl", "heldout_tokens"):
+        assert warm[key] == cold[key], key
+    assert warm["finetuned_ppl"] != warm["base_ppl"]
