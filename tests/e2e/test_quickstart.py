@@ -1,5 +1,5 @@
 """The quickstart as the README runs it: its own corpus builder, its pipeline file, real text,
-~3M-parameter Llama, 3 domains. Steps are cut to a quarter (pretrain 150, fine-tunes 40) to
+~3M-parameter Llama, 3 domains. Steps are cut (pretrain 100 of 450, fine-tunes 40 of 60) to
 keep the suite's budget; everything else is the shipped file. The full-length run and its
 numbers are benchmarks/quickstart.py's."""
 
@@ -25,7 +25,7 @@ def test_quickstart_transfers_to_every_domain(tmp_path):
                            capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
     sets = [f"storage={tmp_path / 'runs'}", f"pretrain.dataset.path={data / 'general.jsonl'}",
-            "pretrain.steps=150", "finetune.defaults.steps=40"]
+            "pretrain.steps=100", "finetune.defaults.steps=40"]
     for i, name in enumerate(("legal", "code", "docs")):
         sets.append(f"finetune.domains.{i}.dataset.path={data / name}.jsonl")
     args = [a for s in sets for a in ("--set", s)]
