@@ -47,3 +47,14 @@ def connect_hub(name: str | None):
         return ray.get_actor(name, namespace=HUB_NAMESPACE)
     except ValueError:
         return None
+
+
+def announce(name: str | None, job: str) -> None:
+    """Tell the hub (if any) that ``job`` started in this process: its "running" entry."""
+    import os
+    import socket
+
+    hub = connect_hub(name)
+    if hub is not None:
+        hub.update.remote(job, {"state": "running", "started": time.time(), "pid": os.getpid(),
+                                "node": socket.gethostname()})

@@ -12,9 +12,8 @@ construction on those weights and its own steps.
 from __future__ import annotations
 
 import os
-import socket
-import time
 
+from branchout.core.progress import announce
 from branchout.stages.job import TrainJob
 
 
@@ -34,7 +33,7 @@ class JobRunner:
         from branchout.stages.single_worker import run_single_worker
         from branchout.stages.tokenizer import load_tokenizer
 
-        _announce(job.hub_name, job.name)
+        announce(job.hub_name, job.name)
         if job.tokenizer_uri not in self._tokenizers:
             self._tokenizers[job.tokenizer_uri] = load_tokenizer(fetch_verified(job.tokenizer_uri))
         try:
@@ -46,21 +45,11 @@ class JobRunner:
     def call(self, fn, args: tuple, name: str, hub_name: str | None) -> dict:
         """Run ``fn(*args)`` (an evaluation) here, where torch, transformers and the model
         classes are already imported (and CUDA initialised): a cold task pays all of that."""
-        _announce(hub_name, name)
+        announce(hub_name, name)
         try:
             return {**fn(*args), "pool_pid": os.getpid()}
         finally:
             _release_device_memory()
-
-
-def _announce(hub_name: str | None, job: str) -> None:
-    """Tell the progress hub that ``job`` runs in this process now."""
-    from branchout.core.progress import connect_hub
-
-    hub = connect_hub(hub_name)
-    if hub is not None:
-        hub.update.remote(job, {"state": "running", "started": time.time(), "pid": os.getpid(),
-                                "node": socket.gethostname()})
 
 
 def _release_device_memory() -> None:

@@ -30,6 +30,7 @@ from branchout.core.progress import hub_name, start_hub
 from branchout.core.spec import DatasetSpec, PipelineSpec
 from branchout.orchestrator.config.plan import Plan, build_plan
 from branchout.orchestrator.run.cache import StageCache, data_fingerprints, expand_rerun, job_keys
+from branchout.orchestrator.run.checks import check_capacity, check_shared_storage
 from branchout.orchestrator.run.display import ProgressView, print_plan, print_results
 from branchout.orchestrator.run.fanout import WorkItem, run_jobs, submit_task
 from branchout.orchestrator.run.pool import PoolSet
@@ -229,41 +230,6 @@ def stop_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def check_shared_storage(spec: PipelineSpec, cluster: ClusterInfo) -> None:
-    """Refuse storage the cluster's nodes cannot all reach, before any job starts.
-
-    Raises:
-        StorageError: a plain local path on a multi-node cluster.
-    """
-    if cluster.nodes > 1 and storage.is_local(spec.storage) and not spec.storage.startswith("file://"):
-        raise storage.StorageError(
-            f"storage: {spec.storage} is a local directory but the cluster has {cluster.nodes} nodes; "
-            "use storage every node shares (s3://…, gs://…), or write a shared mount as file:///path")
-
-
-def check_capacity(spec: PipelineSpec, cluster: ClusterInfo) -> None:
-    """Refuse, before any job, work this cluster can never hold (unless it autoscales).
-
-    Raises:
-        ClusterError: naming each request and what the cluster holds.
-    """
-    from branchout.cluster.capacity import impossible_requests
-    from branchout.cluster.connect import ClusterError
-
-    if spec.cluster.autoscaling:
-        return
-    p = spec.pretrain
-    requests = [("pretrain", p.resources_per_worker.ray_bundle(), p.num_workers)]
-    requests += [(f"finetune.domains.{d.name}", d.resources_per_worker.ray_bundle(), d.num_workers)
-                 for d in spec.finetune.domains]
-    problems = impossible_requests(requests)
-    if problems:
-        raise ClusterError("; ".join(problems) + " (set cluster.autoscaling: true if nodes are added on demand)")
-
-
-# ---- run creation ------------------------------------------------------------------
 
 
 def create_run(spec: PipelineSpec, run_id: str | None = None) -> RunRecord:

@@ -47,15 +47,9 @@ def submit_task(fn: Callable, args: tuple, resources: dict[str, float], job: str
 
 
 def _announce_and_call(fn: Callable, job: str, hub: str | None, *args: Any) -> Any:
-    import os
-    import socket
+    from branchout.core.progress import announce
 
-    from branchout.core.progress import connect_hub
-
-    handle = connect_hub(hub)
-    if handle is not None:
-        handle.update.remote(job, {"state": "running", "started": time.time(), "pid": os.getpid(),
-                                   "node": socket.gethostname()})
+    announce(hub, job)
     return fn(*args)
 
 
