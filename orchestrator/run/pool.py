@@ -48,6 +48,11 @@ class WarmPool:
         # what to start on the next idle runner: actor → ObjectRef of its result
         self._queue: deque[tuple[Callable, cf.Future]] = deque()
         self._closed = False
+        # linger timers still pending: cancelled and joined at shutdown. A timer thread holds
+        # a runner's handle; one that outlives ray.shutdown() drops it into a core worker that
+        # is gone, and Ray then ends the whole driver process with exit code 1 (a run that
+        # succeeded reported as a failed Ray job)
+        self._timers: set[threading.Timer] = set()
         self.replaced = 0  # runners that died mid-job
         self.retired = 0  # runners that gave their resources back when there was no work
 
@@ -94,8 +99,10 @@ class WarmPool:
             elif not self._closed:
                 self._idle.append(actor)
                 if not self._queue:
-                    timer = threading.Timer(self.linger_s, self._retire, (actor,))
+                    timer = threading.Timer(self.linger_s, self._retire)
+                    timer.args = (actor, timer)
                     timer.daemon = True
+                    self._timers.add(timer)
                     timer.start()
         if error is None:
             outer.set_result(inner.result())
@@ -103,11 +110,12 @@ class WarmPool:
             outer.set_exception(error)
         self._dispatch()
 
-    def _retire(self, actor) -> None:
+    def _retire(self, actor, timer: threading.Timer) -> None:
         """Give an idle runner's resources back, unless it took a job in the meantime."""
         import ray
 
         with self._lock:
+            self._timers.discard(timer)
             if self._closed or actor not in self._idle or self._queue:
                 return
             self._idle.remove(actor)
@@ -124,6 +132,11 @@ class WarmPool:
             actors, self._all = self._all, []
             self._idle.clear()
             queued, self._queue = list(self._queue), deque()
+            timers, self._timers = list(self._timers), set()
+        for timer in timers:
+            timer.cancel()
+        for timer in timers:
+            timer.join(timeout=30)  # one already in _retire finishes its ray.kill first
         # Outside the lock: a killed runner's future calls back into _finished (on Ray's
         # thread), and ray.kill may wait for that thread.
         for actor in actors:

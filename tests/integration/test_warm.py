@@ -145,6 +145,23 @@ def test_idle_runners_give_their_resources_back(parts):
     pool.shutdown()
 
 
+def test_shutdown_leaves_no_linger_timer_holding_a_runner(parts):
+    """A linger timer that outlived the pool dropped its runner's handle while the driver's
+    ray.shutdown() ran; Ray then ended the driver with exit code 1 and a run that succeeded
+    was a failed Ray job (CI, test_s3). Shutdown cancels and joins every timer."""
+    import threading
+
+    from branchout.orchestrator.run.pool import WarmPool
+
+    pool = WarmPool({"CPU": 1.0}, 1, linger_s=600.0)
+    pool.submit(job_for(parts, "lingers", "full", steps=2)).result(timeout=300)
+    lingering = [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
+    assert lingering, "the idle runner should linger before giving its CPU back"
+    pool.shutdown()
+    assert not [t for t in lingering if t.is_alive()]
+    assert not pool._timers
+
+
 def test_shutdown_with_jobs_running_and_queued_returns_and_fails_them(parts):
     import time
 
