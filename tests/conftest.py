@@ -81,6 +81,10 @@ def pytest_configure(config):
     os.environ["BRANCHOUT_REGISTRY"] = f"sqlite:///{home / 'registry.db'}"
     os.environ["BRANCHOUT_CACHE_DIR"] = str(home / "cache")
     os.environ.pop("RAY_ADDRESS", None)  # an embedded run must not join someone's cluster
+    # Ray Train's controller polls its workers every 2 s by default: each start and end of a
+    # seconds-long test run waits on that poll (~4 s a run). Users' runs keep Ray's default;
+    # CLI processes and `ray start` nodes inherit this from the test process.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     _become_subreaper()
 
 
@@ -238,8 +242,10 @@ def job_for(parts, name: str, method: str, **training):
 
 
 # The quickstart as a client submits it, minutes shortened: same file, model and data kinds.
-QUICK = ["pretrain.steps=30", "pretrain.checkpoint_every=10", "finetune.defaults.steps=8",
-         "finetune.defaults.checkpoint_every=4", "evaluate.models=[base,finetuned]", "evaluate.max_blocks=16"]
+# the quickstart's own model and data, cut to a few steps: what is tested with it is where
+# things go (storage, checkpoints, secrets), not how well it learns (tests/e2e/test_quickstart.py)
+QUICK = ["pretrain.steps=12", "pretrain.checkpoint_every=6", "finetune.defaults.steps=4",
+         "finetune.defaults.checkpoint_every=2", "evaluate.models=[base,finetuned]", "evaluate.max_blocks=8"]
 
 
 def quickstart_client(folder: Path) -> Path:
