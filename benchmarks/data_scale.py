@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import write_section  # noqa: E402  (the README's tables follow RESULTS.md)
+from results import write_section  # noqa: E402
 
 SEQ_LEN = 128
 

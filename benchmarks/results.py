@@ -1,11 +1,9 @@
 """benchmarks/RESULTS.md is a set of ``## <title>`` sections, each written whole by the
-benchmark that measured it; README's performance tables are generated from them.
+benchmark that measured it, and the only place measured numbers live (README links to it
+and copies none: a copy is one more place to go stale).
 
 A benchmark replaces only its own section (``write_section``), so running one does not
-erase another's numbers, and each section says when and on what it was measured. The
-README block between ``README_BEGIN`` and ``README_END`` is every section's first table
-under its title (``readme_block``); ``write_section`` refreshes it, and a test checks that
-README holds exactly that, so no number in README is typed by hand.
+erase another's numbers, and each section says when and on what it was measured.
 """
 
 from __future__ import annotations
@@ -13,10 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-README = Path(__file__).resolve().parent.parent / "README.md"
 TITLE = "# Benchmark results"
-README_BEGIN = "<!-- generated from benchmarks/RESULTS.md by benchmarks/results.py: do not edit -->"
-README_END = "<!-- end of generated benchmark tables -->"
 
 
 def sections(text: str | None = None) -> dict[str, list[str]]:
@@ -35,42 +30,11 @@ def sections(text: str | None = None) -> dict[str, list[str]]:
 
 
 def write_section(title: str, body: list[str]) -> None:
-    """Replace (or append) section ``title`` of RESULTS.md; the others stay; README follows."""
+    """Replace (or append) section ``title`` of RESULTS.md; the others stay."""
     found = sections()
     found[title] = _trim(body)
     text = "\n".join([TITLE, *(f"\n## {t}\n\n" + "\n".join(lines) for t, lines in found.items())])
     RESULTS.write_text(text.rstrip() + "\n")
-    sync_readme()
-
-
-def first_table(lines: list[str]) -> list[str]:
-    start = next((i for i, ln in enumerate(lines) if ln.startswith("|")), None)
-    if start is None:
-        return []
-    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
-    return lines[start:end]
-
-
-def readme_block(text: str | None = None) -> str:
-    """Every section's first table under its title, as README shows them."""
-    parts = []
-    for title, lines in sections(text).items():
-        table = first_table(lines)
-        if table:
-            parts += [f"**{title}**", "", *table, ""]
-    return "\n".join(parts).rstrip()
-
-
-def readme_generated_part(readme: str | None = None) -> str:
-    readme = README.read_text() if readme is None else readme
-    start, end = readme.index(README_BEGIN) + len(README_BEGIN), readme.index(README_END)
-    return readme[start:end].strip()
-
-
-def sync_readme() -> None:
-    readme = README.read_text()
-    start, end = readme.index(README_BEGIN) + len(README_BEGIN), readme.index(README_END)
-    README.write_text(readme[:start] + "\n" + readme_block() + "\n" + readme[end:])
 
 
 def _trim(lines: list[str]) -> list[str]:
