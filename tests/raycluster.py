@@ -16,6 +16,8 @@ import time
 import uuid
 from pathlib import Path
 
+from branchout.cluster.fake import stop_local_cluster
+
 TOKEN_VARIABLES = ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
 
 
@@ -76,7 +78,7 @@ class LocalRayCluster:
         raise RuntimeError(f"Ray Jobs API did not come up: {out.stderr[-2000:]}")
 
     def stop(self) -> None:
-        subprocess.run(["ray", "stop", "--force"], env=self.env(), capture_output=True, timeout=120)
+        stop_local_cluster(self.gcs_port)
 
     def job_state(self, submission_id: str) -> str:
         """What Ray's own CLI (`ray job status`) says of a job: SUCCEEDED, FAILED, STOPPED,
