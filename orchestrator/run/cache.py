@@ -53,14 +53,22 @@ def code_version() -> str:
 
     root = Path(__file__).resolve().parents[2]  # the package root
     h = hashlib.sha256(__version__.encode())
-    for entry in OUTPUT_CODE:
-        files = sorted((root / entry).glob("*.py")) if (root / entry).is_dir() else [root / entry]
-        for path in files:
-            h.update(path.relative_to(root).as_posix().encode())
-            h.update(path.read_bytes())
+    h.update(code_hash(root, OUTPUT_CODE).encode())
     for name, version in library_versions().items():
         h.update(f"{name}=={version}".encode())
     return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+def code_hash(root: Path, entries: tuple[str, ...]) -> str:
+    """Paths and bytes of every ``.py`` file under ``entries`` (folders at any depth, so code
+    moved into a subfolder keeps invalidating the cache)."""
+    h = hashlib.sha256()
+    for entry in entries:
+        files = sorted((root / entry).rglob("*.py")) if (root / entry).is_dir() else [root / entry]
+        for path in files:
+            h.update(path.relative_to(root).as_posix().encode() + b"\0")
+            h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

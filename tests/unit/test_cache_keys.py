@@ -62,6 +62,27 @@ def test_a_library_upgrade_changes_every_key(write_pipeline, monkeypatch, librar
     assert _changed(before, after) == set(before)
 
 
+def test_code_that_changes_changes_the_key_at_any_depth(tmp_path):
+    """Each edit of worker code, moved code or a renamed file must change the hash."""
+    from branchout.orchestrator.run.cache import code_hash
+
+    (tmp_path / "stages" / "training").mkdir(parents=True)
+    (tmp_path / "stages" / "data.py").write_text("STEPS = 1\n")
+    (tmp_path / "stages" / "training" / "recipe.py").write_text("LR = 0.1\n")
+    (tmp_path / "core.py").write_text("X = 1\n")
+    entries = ("stages", "core.py")
+    seen = {code_hash(tmp_path, entries)}
+    for edit in (lambda: (tmp_path / "stages" / "data.py").write_text("STEPS = 2\n"),
+                 lambda: (tmp_path / "stages" / "training" / "recipe.py").write_text("LR = 0.2\n"),  # a subfolder
+                 lambda: (tmp_path / "core.py").write_text("X = 2\n"),
+                 lambda: (tmp_path / "stages" / "training" / "recipe.py").rename(tmp_path / "stages" / "recipe.py")):
+        edit()
+        seen.add(code_hash(tmp_path, entries))
+    assert len(seen) == 5
+    (tmp_path / "stages" / "notes.txt").write_text("not code")
+    assert code_hash(tmp_path, entries) in seen  # only Python files count
+
+
 def test_orchestrator_code_that_shapes_outputs_is_in_the_key():
     from branchout.orchestrator.run.cache import OUTPUT_CODE
 
