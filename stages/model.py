@@ -153,7 +153,7 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None, zero3_config:
 
     from branchout.stages.checkpoint import fetch_verified
 
-    seed = job.training.get("seed", 0)
+    seed = job.spec().seed  # the spec's own default, not one restated here
     partitioned = zero3_construction(zero3_config) if zero3_config else contextlib.nullcontext()
     if job.kind == "pretrain" and job.model_path:  # continued pretraining of an existing model
         with partitioned:
@@ -174,11 +174,13 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None, zero3_config:
     if job.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = job.lora or {}
+        from branchout.core.spec import LoraSpec
+
+        lora = LoraSpec.model_validate(job.lora or {})  # defaults stated once, in core/spec.py
         torch.manual_seed(seed)
         model = get_peft_model(model, LoraConfig(
-            r=lora.get("rank", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
-            target_modules=lora.get("target_modules") or default_lora_targets(model.config.model_type),
+            r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules or default_lora_targets(model.config.model_type),
             task_type="CAUSAL_LM"))
     return model
 
