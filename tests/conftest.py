@@ -241,9 +241,9 @@ def job_for(parts, name: str, method: str, **training):
                     base_model_uri=str(root / "base"))
 
 
-# The quickstart as a client submits it, minutes shortened: same file, model and data kinds.
-# the quickstart's own model and data, cut to a few steps: what is tested with it is where
-# things go (storage, checkpoints, secrets), not how well it learns (tests/e2e/test_quickstart.py)
+# The quickstart as a client submits it: same file, model and data, cut to a few steps. What is
+# tested with it is where things go (storage, checkpoints, secrets), not how well it learns
+# (tests/e2e/test_quickstart.py).
 QUICK = ["pretrain.steps=12", "pretrain.checkpoint_every=6", "pretrain.schedule.warmup_steps=2",
          "finetune.defaults.steps=4", "finetune.defaults.checkpoint_every=2", "finetune.defaults.schedule.warmup_steps=1",
          "evaluate.models=[base,finetuned]", "evaluate.max_blocks=8"]

@@ -38,6 +38,3 @@ def check_capacity(spec: PipelineSpec, cluster: ClusterInfo) -> None:
     problems = impossible_requests(requests)
     if problems:
         raise ClusterError("; ".join(problems) + " (set cluster.autoscaling: true if nodes are added on demand)")
-
-
-# ---- run creation ------------------------------------------------------------------

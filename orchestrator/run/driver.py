@@ -232,6 +232,9 @@ def stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# ---- run creation ------------------------------------------------------------------
+
+
 def create_run(spec: PipelineSpec, run_id: str | None = None) -> RunRecord:
     """Make the run directory with the resolved spec, and a record listing every job."""
     run_id = run_id or new_run_id()

@@ -39,10 +39,11 @@ class Seed:
     data: Path  # the corpora the seeded run read (the cache test edits legal.jsonl here)
     env: dict[str, str]  # its registry
     path: Path  # its pipeline file
-    run: Path  # its run directory
+    run: Path | None = None  # its run directory
 
     def runs(self) -> set[Path]:
-        return set((self.root / "runs" / "tiny").iterdir())
+        folder = self.root / "runs" / "tiny"
+        return set(folder.iterdir()) if folder.exists() else set()
 
 
 def _write(spec: dict, data: Path, storage: Path, path: Path, general: Path | None = None) -> Path:
@@ -61,15 +62,14 @@ def seeded(corpus_dir, tmp_path_factory) -> Seed:
     data = root / "data"  # a private copy: the cache test edits a domain's file
     shutil.copytree(corpus_dir, data)
     seed = Seed(root, data, {"BRANCHOUT_REGISTRY": f"sqlite:///{root / 'registry.db'}"},
-                _write(TINY, data, root / "runs", root / "pipeline.yaml"), Path())
-    seed.run, = _run(seed, seed.path)[1:]
+                _write(TINY, data, root / "runs", root / "pipeline.yaml"))
+    _, seed.run = _run(seed, seed.path)
     return seed
 
 
 def _run(seed: Seed, path: Path, *args: str):
     """``branchout run`` once; returns its output and the run directory it created."""
-    root = seed.root / "runs" / "tiny"
-    before = seed.runs() if root.exists() else set()
+    before = seed.runs()
     out = run_cli("run", str(path), *args, env=seed.env)
     assert out.returncode == 0, out.stdout[-3000:]
     (created,) = seed.runs() - before
