@@ -32,7 +32,7 @@ from branchout.orchestrator.config.plan import Plan, build_plan
 from branchout.orchestrator.run.cache import StageCache, data_fingerprints, expand_rerun, job_keys
 from branchout.orchestrator.run.checks import check_capacity, check_shared_storage
 from branchout.orchestrator.run.display import ProgressView, print_plan, print_results
-from branchout.orchestrator.run.fanout import WorkItem, run_jobs, submit_task
+from branchout.orchestrator.run.fanout import Hooks, WorkItem, run_jobs, submit_task
 from branchout.orchestrator.run.pool import PoolSet
 from branchout.orchestrator.run.report import (
     metrics_row,
@@ -97,9 +97,9 @@ class RunContext:
 
         for item in items:
             item.key = item.key or self.keys.get(item.name)
-        return run_jobs(self.record, items, self.hub, tick, max_in_flight, waiting,
-                        self.spec.cluster.capacity_timeout_s, self.cache, on_note=self.view.note,
-                        on_done=self.tracker.job_ended)
+        hooks = Hooks(tick=tick, waiting=waiting, note=self.view.note, done=self.tracker.job_ended)
+        return run_jobs(self.record, items, self.hub, hooks, max_in_flight,
+                        self.spec.cluster.capacity_timeout_s, self.cache)
 
     def claiming(self, job: TrainJob, submit: Callable[[], cf.Future]) -> Callable[[], cf.Future]:
         """``submit`` preceded by what each attempt needs: ownership of the job's directory

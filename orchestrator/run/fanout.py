@@ -3,23 +3,55 @@
 Every job is submitted to Ray at once (up to ``max_in_flight``); Ray's scheduler runs
 as many as fit and queues the rest, which is exactly "packed onto the cluster". A job
 is QUEUED until its worker reports that it started, then RUNNING. One job failing never
-stops the others; a failed job is resubmitted up to its ``max_retries``.
+stops the others; whether a failed job is tried again is its ``RetryPolicy``'s decision.
 
 Single-worker jobs are Ray tasks. Multi-worker jobs (a domain with ``num_workers > 1``)
 are Ray Train runs driven from a driver thread. Both are waited on as futures.
+
+Three parts, each testable alone: ``RetryPolicy`` decides what a failure means (modelled
+on Ray Train's ``FailurePolicy``: it sees the failure and says retry or fail, the loop
+only carries the decision out); ``Tracked`` is everything the loop knows about one job
+(attempts, when it was submitted, the starts it has seen, the newest step); ``FanOut``
+is the loop that submits, watches the progress hub and records.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import enum
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from branchout.orchestrator.run.state import JobState, RunRecord
+
+
+class Decision(enum.Enum):
+    RETRY = "retry"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """What a failed attempt leads to.
+
+    A job is tried again while it has retries left (each attempt resumes from the job's
+    newest good checkpoint), except after a failure that would repeat: a NaN or infinite
+    loss (``FloatingPointError`` from the training loop) recurs from the same checkpoint,
+    data order and learning rate, so retrying it only spends the cluster's time.
+    """
+
+    max_retries: int = 0
+    repeats: tuple[type[BaseException], ...] = (FloatingPointError,)
+
+    def decide(self, attempt: int, error: BaseException) -> Decision:
+        """``attempt``: the number of the attempt that failed (1 for the first)."""
+        if isinstance(root_error(error), self.repeats):
+            return Decision.FAIL
+        return Decision.RETRY if attempt <= self.max_retries else Decision.FAIL
 
 
 @dataclass
@@ -32,6 +64,48 @@ class WorkItem:
     resources: dict[str, float] | None = None  # one worker's bundle, for "waiting for capacity"
     key: str | None = None  # stage-cache key (orchestrator.run.cache)
     accept: Callable[[dict[str, Any]], bool] | None = None  # may these cached outputs stand in?
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(self.max_retries)
+
+
+@dataclass
+class Hooks:
+    """What the caller hears from the loop (each optional)."""
+
+    tick: Callable[[dict], None] = lambda snapshot: None  # every ~0.5 s, with the hub's snapshot
+    waiting: Callable[[WorkItem, float], None] | None = None  # queued for patience_s (and again)
+    note: Callable[[str], None] | None = None  # a line for the progress display
+    done: Callable[[str, Any], None] = lambda name, rec: None  # a job ended for good
+
+
+@dataclass
+class Tracked:
+    """One job as the loop sees it across its attempts in this driver (a resumed job
+    starts afresh: its retries are counted again)."""
+
+    item: WorkItem
+    attempts: int = 0
+    submitted: float = 0.0
+    warned: int = 0  # "waiting for capacity" lines so far
+    last_step: int = 0  # the newest step seen, for "died at step ~N"
+    # start times of processes already recorded: after a quick failure the hub still shows
+    # the dead attempt's "running" for a moment, and it must not pass for the retry
+    seen_starts: set[float] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.item.name
+
+    def submit(self) -> cf.Future:
+        self.attempts += 1
+        self.submitted = time.time()
+        return self.item.submit()
+
+    def is_new_start(self, live: dict[str, Any]) -> bool:
+        """Whether the hub's entry is a process of the current attempt not yet recorded."""
+        return live.get("started", 0) >= self.submitted - 1 and live.get("started") not in self.seen_starts
 
 
 def submit_task(fn: Callable, args: tuple, resources: dict[str, float], job: str,
@@ -53,15 +127,13 @@ def _announce_and_call(fn: Callable, job: str, hub: str | None, *args: Any) -> A
     return fn(*args)
 
 
-def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[dict], None],
-             max_in_flight: int | None = None, on_wait: Callable[[WorkItem, float], None] | None = None,
-             patience_s: float = 300.0, cache=None, on_note: Callable[[str], None] | None = None,
-             on_done: Callable[[str, Any], None] | None = None) -> dict[str, dict[str, Any]]:
+def run_jobs(record: RunRecord, items: list[WorkItem], hub, hooks: Hooks | None = None,
+             max_in_flight: int | None = None, patience_s: float = 300.0, cache=None) -> dict[str, dict[str, Any]]:
     """Run ``items`` to completion; returns the recorded outputs of every succeeded item.
 
     Items the record already shows as succeeded (a resumed run) are not run again unless
     ``rerun`` is set; their recorded outputs are returned as they are. An item queued for
-    longer than ``patience_s`` is reported through ``on_wait`` (and again every
+    longer than ``patience_s`` is reported through ``hooks.waiting`` (and again every
     ``patience_s``), so a run waiting for capacity says what it waits for. With a ``cache``
     (``orchestrator.run.cache.StageCache``) an item whose key has verified outputs is marked
     ``cached`` instead of run, and every item that succeeds is recorded there.
@@ -69,95 +141,102 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, on_tick: Callable[[d
     A Ray Train job whose worker group restarts inside one attempt (a worker died; Ray
     Train restarted the group from the newest checkpoint) reports a new rank-0 process: the
     attempt is recorded as failed ("worker died at step ~N; restarted from step S"), a new
-    attempt begins, and ``on_note`` says so on the progress display. ``on_done(name,
-    record)`` hears of every job that ends for good: succeeded, cached, or failed after
-    its last retry.
+    attempt begins, and ``hooks.note`` says so on the progress display. ``hooks.done(name,
+    record)`` hears of every job that ends for good: succeeded, cached, or failed for good.
     """
-    on_done = on_done or (lambda name, rec: None)
-    outputs: dict[str, dict[str, Any]] = {}
-    pending: deque[WorkItem] = deque()
-    for item in items:
-        rec = record.job(item.name)
+    return FanOut(record, hub, hooks or Hooks(), max_in_flight, patience_s, cache).run(items)
+
+
+class FanOut:
+    """The loop behind ``run_jobs``: submit, watch, record, until every job has ended."""
+
+    def __init__(self, record: RunRecord, hub, hooks: Hooks, max_in_flight: int | None,
+                 patience_s: float, cache) -> None:
+        self.record, self.hub, self.hooks = record, hub, hooks
+        self.max_in_flight, self.patience_s, self.cache = max_in_flight, patience_s, cache
+        self.outputs: dict[str, dict[str, Any]] = {}
+        self.pending: deque[Tracked] = deque()
+        self.running: dict[cf.Future, Tracked] = {}
+
+    def run(self, items: list[WorkItem]) -> dict[str, dict[str, Any]]:
+        self.pending.extend(Tracked(item) for item in items if not self._already_done(item))
+        limit = self.max_in_flight or len(self.pending) or 1
+        while self.pending or self.running:
+            while self.pending and len(self.running) < limit:
+                job = self.pending.popleft()
+                self.record.set_job(job.name, JobState.QUEUED)
+                self.running[job.submit()] = job
+            finished, _ = cf.wait(list(self.running), timeout=0.5, return_when=cf.FIRST_COMPLETED)
+            snapshot = _snapshot(self.hub)
+            now = time.time()
+            for job in self.running.values():
+                self._observe(job, snapshot.get(job.name, {}), now)
+            for future in finished:
+                self._finish(self.running.pop(future), future, snapshot)
+            self.hooks.tick(snapshot)
+        return self.outputs
+
+    def _already_done(self, item: WorkItem) -> bool:
+        """Succeeded earlier in this run (resume) or cached: its outputs stand, nothing runs."""
+        rec = self.record.job(item.name)
         if rec.state.done and not item.rerun:
-            outputs[item.name] = rec.outputs
-            continue
-        hit = cache.lookup(item.name, item.key) if cache is not None and item.key else None
+            self.outputs[item.name] = rec.outputs
+            return True
+        hit = self.cache.lookup(item.name, item.key) if self.cache is not None and item.key else None
         if hit is not None and (item.accept is None or item.accept(hit)):
-            outputs[item.name] = record.set_job(item.name, JobState.CACHED, outputs=hit).outputs
-            on_done(item.name, record.job(item.name))
-            continue
-        pending.append(item)
-    running: dict[cf.Future, WorkItem] = {}
-    tries: dict[str, int] = {}  # attempts in this driver; a resumed job gets its retries afresh
-    submitted: dict[str, float] = {}
-    warned: dict[str, int] = {}
-    last_step: dict[str, int] = {}  # the newest step seen per job, for "died at step ~N"
-    # start times of processes already recorded per job: after a quick failure the hub still
-    # shows the dead attempt's "running" for a moment, and it must not pass for the retry
-    seen_starts: dict[str, set[float]] = {}
-    limit = max_in_flight or len(pending) or 1
-    while pending or running:
-        while pending and len(running) < limit:
-            item = pending.popleft()
-            record.set_job(item.name, JobState.QUEUED)
-            tries[item.name] = tries.get(item.name, 0) + 1
-            submitted[item.name] = time.time()
-            running[item.submit()] = item
-        done, _ = cf.wait(list(running), timeout=0.5, return_when=cf.FIRST_COMPLETED)
-        snapshot = _snapshot(hub)
-        now = time.time()
-        for item in running.values():
-            waited = now - submitted[item.name]
-            if (on_wait and record.job(item.name).state is JobState.QUEUED
-                    and waited >= patience_s * (1 + warned.get(item.name, 0))):
-                warned[item.name] = warned.get(item.name, 0) + 1
-                on_wait(item, waited)
-            live = snapshot.get(item.name, {})
-            # the hub still holds a failed attempt's "running"; only a newer start counts
-            fresh = (live.get("started", 0) >= submitted[item.name] - 1
-                     and live.get("started") not in seen_starts.get(item.name, ()))
-            if live.get("state") == "running" and fresh and record.job(item.name).state is JobState.QUEUED:
-                seen_starts.setdefault(item.name, set()).add(live["started"])
-                record.set_job(item.name, JobState.RUNNING, when=live.get("started"),
-                                 outputs={k: live[k] for k in ("pid", "node") if k in live})
-            elif _restarted(record.job(item.name), live) and live.get("started") not in seen_starts.get(item.name, ()):
-                seen_starts.setdefault(item.name, set()).add(live["started"])
-                note = (f"worker died at step ~{last_step.get(item.name, 0)}; "
-                        f"restarted from step {live.get('resumed_from', 0)}")
-                record.set_job(item.name, JobState.FAILED, error=note)
-                record.set_job(item.name, JobState.RUNNING, when=live.get("started"),
-                                 outputs={k: live[k] for k in ("pid", "node") if k in live})
-                if on_note:
-                    on_note(f"{item.name}: {note}")
-            if record.job(item.name).state is JobState.RUNNING and "step" in live:
-                last_step[item.name] = live["step"]
-        for future in done:
-            item = running.pop(future)
-            try:
-                result = future.result()
-            except Exception as e:  # any job error is recorded, never propagated
-                if "started" in snapshot.get(item.name, {}):
-                    seen_starts.setdefault(item.name, set()).add(snapshot[item.name]["started"])
-                if record.job(item.name).state is JobState.QUEUED:
-                    record.set_job(item.name, JobState.RUNNING)
-                record.set_job(item.name, JobState.FAILED, error=describe_error(e))
-                if tries[item.name] <= item.max_retries:
-                    pending.append(item)
-                else:
-                    on_done(item.name, record.job(item.name))
-                continue
-            if record.job(item.name).state is JobState.QUEUED:
-                record.set_job(item.name, JobState.RUNNING, when=_started(result))
-            produced = item.on_success(result)
-            if item.key:
-                produced["key"] = item.key
-            rec = record.set_job(item.name, JobState.SUCCEEDED, when=_ended(result), outputs=produced)
-            outputs[item.name] = rec.outputs
-            if cache is not None and item.key:
-                cache.store(item.name, item.key, record.run_id, produced)
-            on_done(item.name, rec)
-        on_tick(snapshot)
-    return outputs
+            self.outputs[item.name] = self.record.set_job(item.name, JobState.CACHED, outputs=hit).outputs
+            self.hooks.done(item.name, self.record.job(item.name))
+            return True
+        return False
+
+    def _observe(self, job: Tracked, live: dict[str, Any], now: float) -> None:
+        """What the hub says of a job in flight: still waiting, started, or restarted."""
+        state = self.record.job(job.name).state
+        waited = now - job.submitted
+        if self.hooks.waiting and state is JobState.QUEUED and waited >= self.patience_s * (1 + job.warned):
+            job.warned += 1
+            self.hooks.waiting(job.item, waited)
+        process = {k: live[k] for k in ("pid", "node") if k in live}
+        if live.get("state") == "running" and job.is_new_start(live) and state is JobState.QUEUED:
+            job.seen_starts.add(live["started"])
+            self.record.set_job(job.name, JobState.RUNNING, when=live.get("started"), outputs=process)
+        elif _restarted(self.record.job(job.name), live) and live.get("started") not in job.seen_starts:
+            job.seen_starts.add(live["started"])
+            note = f"worker died at step ~{job.last_step}; restarted from step {live.get('resumed_from', 0)}"
+            self.record.set_job(job.name, JobState.FAILED, error=note)
+            self.record.set_job(job.name, JobState.RUNNING, when=live.get("started"), outputs=process)
+            if self.hooks.note:
+                self.hooks.note(f"{job.name}: {note}")
+        if self.record.job(job.name).state is JobState.RUNNING and "step" in live:
+            job.last_step = live["step"]
+
+    def _finish(self, job: Tracked, future: cf.Future, snapshot: dict) -> None:
+        try:
+            result = future.result()
+        except Exception as e:  # any job error is recorded, never propagated
+            self._failed(job, e, snapshot.get(job.name, {}))
+            return
+        if self.record.job(job.name).state is JobState.QUEUED:
+            self.record.set_job(job.name, JobState.RUNNING, when=_started(result))
+        produced = job.item.on_success(result)
+        if job.item.key:
+            produced["key"] = job.item.key
+        rec = self.record.set_job(job.name, JobState.SUCCEEDED, when=_ended(result), outputs=produced)
+        self.outputs[job.name] = rec.outputs
+        if self.cache is not None and job.item.key:
+            self.cache.store(job.name, job.item.key, self.record.run_id, produced)
+        self.hooks.done(job.name, rec)
+
+    def _failed(self, job: Tracked, error: Exception, live: dict[str, Any]) -> None:
+        if "started" in live:  # the dead attempt's hub entry must not pass for the retry's start
+            job.seen_starts.add(live["started"])
+        if self.record.job(job.name).state is JobState.QUEUED:
+            self.record.set_job(job.name, JobState.RUNNING)
+        self.record.set_job(job.name, JobState.FAILED, error=describe_error(error))
+        if job.item.policy.decide(job.attempts, error) is Decision.RETRY:
+            self.pending.append(job)
+        else:
+            self.hooks.done(job.name, self.record.job(job.name))
 
 
 def _restarted(rec, live: dict[str, Any]) -> bool:
@@ -185,6 +264,18 @@ def _started(result: Any) -> float | None:
 
 def _ended(result: Any) -> float | None:
     return result.get("ended") if isinstance(result, dict) else None
+
+
+def root_error(error: BaseException) -> BaseException:
+    """The worker's own exception inside Ray's wrappers (``RayTaskError.cause``, chained causes)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error
 
 
 def describe_error(error: BaseException) -> str:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from branchout.orchestrator.run.fanout import WorkItem, run_jobs
+from branchout.orchestrator.run.fanout import Decision, Hooks, RetryPolicy, WorkItem, run_jobs
 from branchout.orchestrator.run.state import JobRecord, JobState, RunRecord
 
 
@@ -60,7 +60,7 @@ def _items(jobs, retries=0):
 
 def test_failed_attempts_are_retried_and_recorded(record, pool):
     flaky, fine = Job(pool, "flaky", failures=2), Job(pool, "fine")
-    out = run_jobs(record, _items([flaky, fine], retries=2), None, lambda s: None)
+    out = run_jobs(record, _items([flaky, fine], retries=2), None)
     assert out == {"flaky": {"value": 3}, "fine": {"value": 1}}
     rec = record.job("flaky")
     assert rec.state is JobState.SUCCEEDED and rec.attempts == 3
@@ -70,7 +70,7 @@ def test_failed_attempts_are_retried_and_recorded(record, pool):
 
 def test_a_job_out_of_retries_fails_alone(record, pool):
     broken, fine = Job(pool, "broken", failures=5), Job(pool, "fine")
-    out = run_jobs(record, _items([broken, fine], retries=1), None, lambda s: None)
+    out = run_jobs(record, _items([broken, fine], retries=1), None)
     assert set(out) == {"fine"}
     assert record.job("broken").state is JobState.FAILED and broken.attempts == 2
     assert record.job("fine").state is JobState.SUCCEEDED
@@ -79,14 +79,14 @@ def test_a_job_out_of_retries_fails_alone(record, pool):
 def test_in_flight_limit_holds(record, pool):
     Job.most = 0
     jobs = [Job(pool, f"j{i}", seconds=0.2) for i in range(6)]
-    run_jobs(record, _items(jobs), None, lambda s: None, max_in_flight=2)
+    run_jobs(record, _items(jobs), None, max_in_flight=2)
     assert Job.most == 2 and all(record.job(j.name).state is JobState.SUCCEEDED for j in jobs)
 
 
 def test_finished_jobs_are_not_run_again(record, pool):
     record.jobs["done"] = JobRecord("done", state=JobState.SUCCEEDED, outputs={"value": "earlier"})
     done = Job(pool, "done")
-    out = run_jobs(record, _items([done]), None, lambda s: None)
+    out = run_jobs(record, _items([done]), None)
     assert out == {"done": {"value": "earlier"}} and done.attempts == 0
 
 
@@ -103,7 +103,7 @@ def test_a_stop_request_leaves_unfinished_jobs_for_the_driver_to_record(record, 
 
     slow = Job(pool, "slow", seconds=5)
     with pytest.raises(Stop):
-        run_jobs(record, _items([slow]), None, tick)
+        run_jobs(record, _items([slow]), None, Hooks(tick=tick))
     assert record.job("slow").state is JobState.QUEUED  # the driver's interrupted() records the end
     record.interrupted("stopped before it finished")
     assert record.job("slow").state is JobState.FAILED
@@ -133,8 +133,45 @@ def test_a_quick_retry_is_not_mistaken_for_a_restart(record, pool, monkeypatch):
 
     notes: list[str] = []
     item = WorkItem("quick", submit, max_retries=2, on_success=lambda r: {"value": r["value"]})
-    out = run_jobs(record, [item], object(), lambda s: None, on_note=notes.append)
+    out = run_jobs(record, [item], object(), Hooks(note=notes.append))
     rec = record.job("quick")
     assert out["quick"]["value"] == 2
     assert rec.attempts == 2 and [h["state"] for h in rec.history] == ["failed", "succeeded"], rec.history
     assert rec.outputs["pid"] == 1002 and not notes
+
+
+def test_retry_policy_alone():
+    """Retries while attempts are left; never after a failure that would repeat (a NaN loss),
+    however deeply Ray wrapped it."""
+    from ray.exceptions import RayTaskError
+
+    policy = RetryPolicy(max_retries=2)
+    broke = RuntimeError("worker process died")
+    assert [policy.decide(n, broke) for n in (1, 2, 3)] == [Decision.RETRY, Decision.RETRY, Decision.FAIL]
+    assert RetryPolicy(0).decide(1, broke) is Decision.FAIL
+    nan = FloatingPointError("loss is nan in steps 3-4; lower the learning rate")
+    assert policy.decide(1, nan) is Decision.FAIL
+    wrapped = RayTaskError("train", "Traceback ...", nan).as_instanceof_cause()  # as a Ray task raises it
+    assert policy.decide(1, wrapped) is Decision.FAIL
+    try:
+        try:
+            raise wrapped
+        except Exception as e:
+            raise RuntimeError("training failed") from e  # as the Ray Train launcher re-raises
+    except RuntimeError as chained:
+        assert policy.decide(1, chained) is Decision.FAIL
+    assert policy.decide(1, RayTaskError("train", "tb", broke).as_instanceof_cause()) is Decision.RETRY
+
+
+def test_a_failure_that_would_repeat_is_not_retried(record, pool):
+    class Diverges(Job):
+        def _run(self, attempt: int) -> dict:
+            raise FloatingPointError("loss is nan in steps 1-2; lower the learning rate")
+
+    nan, flaky = Diverges(pool, "nan"), Job(pool, "flaky", failures=1)
+    ended: list[str] = []
+    out = run_jobs(record, _items([nan, flaky], retries=3), None, Hooks(done=lambda name, rec: ended.append(name)))
+    assert nan.attempts == 1 and record.job("nan").state is JobState.FAILED
+    assert "lower the learning rate" in record.job("nan").history[-1]["error"]
+    assert flaky.attempts == 2 and out == {"flaky": {"value": 2}}
+    assert sorted(ended) == ["flaky", "nan"]  # each heard of once, when it ended for good
