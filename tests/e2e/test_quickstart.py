@@ -1,5 +1,5 @@
 """The quickstart as the README runs it: its own corpus builder, its pipeline file, real text,
-~3M-parameter Llama, 3 domains. Steps are cut (pretrain 100 of 450, fine-tunes 40 of 60) to
+~3M-parameter Llama, 3 domains. Steps are cut (pretrain 100 of 400, fine-tunes 40 of 60) to
 keep the suite's budget; everything else is the shipped file. The full-length run and its
 numbers are benchmarks/quickstart.py's."""
 
