@@ -99,8 +99,9 @@ def run_dir_packed(run_dir: str) -> tuple[dict[str, str], str]:
 def quickstart_packs(work: Path, data_dir: Path | None = None) -> tuple[dict[str, dict[str, str]], str, dict]:
     """Quickstart data (built here unless ``data_dir`` holds it) packed with the split plain
     and decontaminated; the tokenizer's path."""
-    from branchout.core.spec import DatasetSpec
+    from branchout.core.spec import DatasetSpec, TokenizerSpec
     from branchout.stages.data import prepare
+    from branchout.stages.job import DataJob, TokenizerJob
     from branchout.stages.tokenizer import tokenizer_job
 
     import corpus
@@ -109,8 +110,9 @@ def quickstart_packs(work: Path, data_dir: Path | None = None) -> tuple[dict[str
         data_dir = work / "data"
         corpus.build(str(data_dir))
     tok_uri = str(work / "tokenizer")
-    general = {"path": str(data_dir / "general.jsonl")}
-    tok_hash = tokenizer_job({"vocab_size": 4096, "min_frequency": 2}, general, FRACTION, SEED, tok_uri)
+    general = DatasetSpec(path=str(data_dir / "general.jsonl"))
+    tok_hash = tokenizer_job(TokenizerJob(TokenizerSpec(vocab_size=4096, min_frequency=2), general, FRACTION, SEED,
+                                          tok_uri))
     packs: dict[str, dict[str, str]] = {}
     infos = {}
     for mode in ("off", "on"):
@@ -118,8 +120,10 @@ def quickstart_packs(work: Path, data_dir: Path | None = None) -> tuple[dict[str
         packs[mode] = {}
         for name, stem in DATASETS.items():
             ref = None if name == "pretrain" else packs[mode]["pretrain"]
-            info = prepare(DatasetSpec(path=str(data_dir / f"{stem}.jsonl")), tok_uri, tok_hash, SEQ_LEN,
-                           FRACTION, SEED, cache, reference_uri=ref, decontaminate=mode == "on")
+            info = prepare(DataJob(dataset=DatasetSpec(path=str(data_dir / f"{stem}.jsonl")),
+                                   tokenizer_uri=tok_uri, tokenizer_hash=tok_hash, seq_len=SEQ_LEN,
+                                   heldout_fraction=FRACTION, split_seed=SEED, cache_root=cache,
+                                   reference_uri=ref), decontaminate=mode == "on")
             packs[mode][name] = info.uri
             infos[(mode, name)] = info
     return packs, tok_uri, infos

@@ -233,6 +233,7 @@ def run_stage(corpus_path: Path, tokenizer: str, tok_hash: str, work: Path, samp
 
     from branchout.core.spec import DatasetSpec
     from branchout.stages.data import prepare
+    from branchout.stages.job import DataJob
 
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
@@ -240,8 +241,9 @@ def run_stage(corpus_path: Path, tokenizer: str, tok_hash: str, work: Path, samp
         sampler.reset({os.getpid(), *ray_pids})
     start = time.perf_counter()
     task = ray.remote(prepare).options(num_cpus=0)  # as orchestrator/run/driver.py submits it
-    info = ray.get(task.remote(DatasetSpec(path=str(corpus_path)), tokenizer, tok_hash, SEQ_LEN, 0.1, 0,
-                               str(cache)))
+    info = ray.get(task.remote(DataJob(dataset=DatasetSpec(path=str(corpus_path)), tokenizer_uri=tokenizer,
+                                       tokenizer_hash=tok_hash, seq_len=SEQ_LEN, heldout_fraction=0.1, split_seed=0,
+                                       cache_root=str(cache))))
     seconds = time.perf_counter() - start
     result = {"tokens": info.tokens, "seconds": seconds, "nodes": info.nodes,
               "moved": info.heldout_moved_near_duplicates, "heldout_docs": info.heldout_docs}
@@ -326,6 +328,8 @@ class TwoNodeCluster:
 
 def quickstart_tokenizer(work: Path) -> tuple[str, str]:
     """The quickstart's tokenizer (4,096 tokens, trained on its pretraining corpus)."""
+    from branchout.core.spec import DatasetSpec, TokenizerSpec
+    from branchout.stages.job import TokenizerJob
     from branchout.stages.tokenizer import tokenizer_hash, tokenizer_job
 
     import corpus
@@ -333,7 +337,8 @@ def quickstart_tokenizer(work: Path) -> tuple[str, str]:
     uri = work / "tokenizer"
     if not (uri / "MANIFEST.json").exists():
         corpus.build(str(work / "quickstart"))
-        tokenizer_job({"vocab_size": 4096}, {"path": str(work / "quickstart" / "general.jsonl")}, 0.1, 0, str(uri))
+        general = DatasetSpec(path=str(work / "quickstart" / "general.jsonl"))
+        tokenizer_job(TokenizerJob(TokenizerSpec(vocab_size=4096), general, 0.1, 0, str(uri)))
     return str(uri), tokenizer_hash(str(uri))
 
 

@@ -50,12 +50,11 @@ def train_loop(config: dict) -> None:
 
     from branchout.stages.data import open_blocks
     from branchout.stages.engine import DeepSpeedEngine, TorchEngine
-    from branchout.stages.job import TrainJob
     from branchout.stages.loop import run_steps
     from branchout.stages.model import export_model, prepare_model, zero3_config
     from branchout.stages.tokenizer import load_tokenizer
 
-    job = TrainJob(**config["job"])
+    job = config["job"]
     t = job.spec()
     use_gpu = torch.cuda.is_available()
     tok = load_tokenizer(job.tokenizer_uri)
@@ -141,6 +140,7 @@ def prepare_parts(work: Path, size: dict) -> dict:
     from branchout.core.spec import DatasetSpec
     from branchout.stages.checkpoint import publish_dir
     from branchout.stages.data import prepare
+    from branchout.stages.job import DataJob
     from branchout.stages.tokenizer import tokenizer_hash, train_tokenizer
 
     import corpus
@@ -151,8 +151,10 @@ def prepare_parts(work: Path, size: dict) -> dict:
     train_tokenizer(texts, size["vocab"], 2, str(work / "tok"))
     publish_dir(str(work / "tok"), str(work / "tokenizer"))
     h = tokenizer_hash(str(work / "tokenizer"))
-    packed = {name: prepare(DatasetSpec(path=str(work / "data" / f"{name}.jsonl")), str(work / "tokenizer"), h,
-                            size["seq"], 0.05, 0, str(work / "cache")).uri for name in ("general", "legal")}
+    packed = {name: prepare(DataJob(dataset=DatasetSpec(path=str(work / "data" / f"{name}.jsonl")),
+                                    tokenizer_uri=str(work / "tokenizer"), tokenizer_hash=h,
+                                    seq_len=size["seq"], heldout_fraction=0.05, split_seed=0,
+                                    cache_root=str(work / "cache"))).uri for name in ("general", "legal")}
     return {"tokenizer": str(work / "tokenizer"), **packed}
 
 
@@ -165,13 +167,12 @@ def pretrain_job(work: Path, parts: dict, size: dict, name: str, zero: int):
                      global_batch_size=size["micro"], micro_batch_size=size["micro"], num_workers=1,
                      resources_per_worker={"cpu": 2, "gpu": gpu}, schedule={"warmup_steps": 5},
                      checkpoint_every=10**6, log_every=10**6, deepspeed={"zero_stage": zero, "precision": "bf16"})
-    return TrainJob(name=name, kind="pretrain", training=t.model_dump(mode="json"), steps=size["steps"],
+    return TrainJob(name=name, kind="pretrain", training=t, steps=size["steps"],
                     model_type="llama", model_overrides=size["model"], tokenizer_uri=parts["tokenizer"],
                     data_uri=parts["general"], out_uri=str(work / name), logs_uri=str(work / "logs"), run_id="bench")
 
 
 def run_training(job, engine: str) -> dict:
-    from dataclasses import asdict
 
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -179,7 +180,7 @@ def run_training(job, engine: str) -> dict:
     from branchout.orchestrator.run.training import process_group_backend
 
     gpu = _has_gpu()
-    trainer = TorchTrainer(train_loop, train_loop_config={"job": asdict(job), "engine": engine},
+    trainer = TorchTrainer(train_loop, train_loop_config={"job": job, "engine": engine},
                            torch_config=TorchConfig(backend=process_group_backend(gpu)),
                            scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker={"CPU": 2}),
                            run_config=RunConfig(name=job.name, storage_path=str(Path(job.out_uri).parent / "ray")))
@@ -195,10 +196,10 @@ def lora_jobs(work: Path, parts: dict, size: dict, base_uri: str, n: int) -> lis
                         micro_batch_size=size["micro"], schedule={"warmup_steps": 1}, checkpoint_every=10**6,
                         resources_per_worker={"cpu": 2, "gpu": 0.25 if _has_gpu() else 0},
                         deepspeed={"zero_stage": 0, "precision": "bf16"}, lora={"rank": 16, "alpha": 32})
-    return [TrainJob(name=f"finetune/lora{i}", kind="finetune", training=o.model_dump(mode="json"), steps=o.steps,
+    return [TrainJob(name=f"finetune/lora{i}", kind="finetune", training=o, steps=o.steps,
                      model_type="llama", model_overrides=size["model"], tokenizer_uri=parts["tokenizer"],
                      data_uri=parts["legal"], out_uri=str(work / f"lora{i}"), logs_uri=str(work / "logs"),
-                     run_id="bench", method="lora", lora=o.lora.model_dump(), base_model_uri=base_uri)
+                     run_id="bench", method="lora", base_model_uri=base_uri)
             for i in range(n)]
 
 

@@ -54,6 +54,7 @@ def build_parts(work: Path):
     from branchout.core.spec import DatasetSpec
     from branchout.stages.checkpoint import publish_dir
     from branchout.stages.data import prepare
+    from branchout.stages.job import DataJob
     from branchout.stages.tokenizer import tokenizer_hash, train_tokenizer
 
     corpus.build(str(work / "data"), {"general": 1_600_000, "legal": 300_000, "code": 300_000, "docs": 300_000})
@@ -61,10 +62,12 @@ def build_parts(work: Path):
     train_tokenizer(texts, 4096, 2, str(work / "tok"))
     publish_dir(str(work / "tok"), str(work / "tokenizer"))
     h = tokenizer_hash(str(work / "tokenizer"))
-    general = prepare(DatasetSpec(path=str(work / "data" / "general.jsonl")), str(work / "tokenizer"), h, SEQ,
-                      0.1, 0, str(work / "cache"))
-    legal = prepare(DatasetSpec(path=str(work / "data" / "legal.jsonl")), str(work / "tokenizer"), h, 32,
-                    0.1, 0, str(work / "cache"))
+    general = prepare(DataJob(dataset=DatasetSpec(path=str(work / "data" / "general.jsonl")),
+                              tokenizer_uri=str(work / "tokenizer"), tokenizer_hash=h, seq_len=SEQ,
+                              heldout_fraction=0.1, split_seed=0, cache_root=str(work / "cache")))
+    legal = prepare(DataJob(dataset=DatasetSpec(path=str(work / "data" / "legal.jsonl")),
+                            tokenizer_uri=str(work / "tokenizer"), tokenizer_hash=h, seq_len=32,
+                            heldout_fraction=0.1, split_seed=0, cache_root=str(work / "cache")))
     return general.uri, legal.uri
 
 
@@ -79,7 +82,7 @@ def pretrain_job(work: Path, data_uri: str, name: str, workers: int, zero: int, 
                         schedule={"warmup_steps": 5},
                         deepspeed={"zero_stage": zero, "precision": "fp32", "engine": engine},
                         max_failures=0)
-    return TrainJob(name=name, kind="pretrain", training=spec.model_dump(mode="json"), steps=steps,
+    return TrainJob(name=name, kind="pretrain", training=spec, steps=steps,
                     model_type="llama", model_overrides=MODEL, tokenizer_uri=str(work / "tokenizer"),
                     data_uri=data_uri, out_uri=str(work / name), logs_uri=str(work / "logs"), run_id="bench")
 
@@ -162,10 +165,10 @@ def finetune_job(work: Path, data_uri: str, name: str, steps: int, method: str =
                               resources_per_worker={"cpu": 1}, schedule={"warmup_steps": 1},
                               checkpoint_every=10**6, deepspeed={"zero_stage": 0, "precision": "fp32"},
                               lora={"rank": 8, "alpha": 16}, activation_checkpointing=activation_checkpointing)
-    return TrainJob(name=f"finetune/{name}", kind="finetune", training=options.model_dump(mode="json"),
+    return TrainJob(name=f"finetune/{name}", kind="finetune", training=options,
                     steps=steps, model_type="llama", model_overrides=model or MODEL,
                     tokenizer_uri=str(work / "tokenizer"), data_uri=data_uri, out_uri=str(work / "ft" / name),
-                    logs_uri=str(work / "logs"), run_id="bench", method=method, lora=options.lora.model_dump(),
+                    logs_uri=str(work / "logs"), run_id="bench", method=method,
                     base_model_uri=base or str(work / "base"))
 
 

@@ -60,7 +60,7 @@ def rank_main(rank: int, port: int, stage: int, work: str) -> None:
     torch.set_num_threads(1)
     t = PretrainSpec(dataset={"path": "unused"}, steps=2, seq_len=SEQ, global_batch_size=4, micro_batch_size=2,
                      num_workers=WORLD, deepspeed={"zero_stage": stage, "precision": "bf16"})
-    job = TrainJob(name="pretrain", kind="pretrain", training=t.model_dump(mode="json"), steps=2,
+    job = TrainJob(name="pretrain", kind="pretrain", training=t, steps=2,
                    model_type="llama", model_overrides=MODEL, tokenizer_uri=f"{work}/tokenizer", data_uri="unused",
                    out_uri=f"{work}/zero{stage}", logs_uri=f"{work}/logs", run_id="bench")
     tok = load_tokenizer(f"{work}/tokenizer")

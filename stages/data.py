@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from branchout.core.spec import DatasetSpec
 from branchout.stages import checkpoint, storage
 from branchout.stages.blocks import (
     SHARD_BLOCKS,
@@ -52,6 +51,7 @@ from branchout.stages.documents import (
     taper,
 )
 from branchout.stages.fingerprints import diagnose, fingerprint
+from branchout.stages.job import DataJob
 from branchout.stages.packing import Progress, Staging, cluster_cpus, encoded_tables, pack_stream
 from branchout.stages.split import Decontaminator, is_heldout
 
@@ -101,18 +101,14 @@ def cache_key(fp: str, tok_hash: str, seq_len: int, fraction: float, seed: int,
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, heldout_fraction: float,
-            split_seed: int, cache_root: str, reference_uri: str | None = None, hub: str | None = None,
-            job: str = "data", data_fingerprint: str | None = None, *, decontaminate: bool = True,
-            unit_bytes: int | None = None, shard_blocks: int = SHARD_BLOCKS) -> PackedInfo:
-    """Tokenize and pack one dataset (or reuse the cache) and return where it is.
+def prepare(job: DataJob, *, decontaminate: bool = True, unit_bytes: int | None = None,
+            shard_blocks: int = SHARD_BLOCKS) -> PackedInfo:
+    """Tokenize and pack ``job.dataset`` (or reuse the cache) and return where it is.
+
+    Progress is posted to ``job.hub_name`` under ``job.name``. The keyword options are for
+    benchmarks and tests, never set by a pipeline:
 
     Args:
-        reference_uri: the pretraining corpus's packed data; this dataset's held-out
-            documents that are mostly its training text are not scored.
-        hub: the run's progress hub name; progress is posted under ``job``.
-        data_fingerprint: ``fingerprint(ds)`` when the caller has it (the driver computes
-            every dataset's before the run), so this node does not hash the files again.
         decontaminate: off only to measure what decontamination removes.
         unit_bytes: input bytes per read unit (the output does not depend on it); by
             default ``unit_size`` of the dataset and the cluster.
@@ -123,22 +119,23 @@ def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, he
     """
     from branchout.stages.tokenizer import rust_tokenizer
 
+    ds, seq_len, split_seed, heldout_fraction = job.dataset, job.seq_len, job.split_seed, job.heldout_fraction
+    data_fingerprint = job.fingerprint or fingerprint(ds)  # the driver's, so this node does not hash again
     if ds.is_instruction:
-        return _prepare_instruct(ds, tokenizer_uri, tok_hash, seq_len, heldout_fraction, split_seed, cache_root,
-                                 hub, job, data_fingerprint or fingerprint(ds), shard_blocks)
-    ref_key = reference_uri.rstrip("/").rsplit("/", 1)[-1] if reference_uri else None
-    key = cache_key(data_fingerprint or fingerprint(ds), tok_hash, seq_len, heldout_fraction, split_seed, ref_key,
+        return _prepare_instruct(job, data_fingerprint, shard_blocks)
+    ref_key = job.reference_uri.rstrip("/").rsplit("/", 1)[-1] if job.reference_uri else None
+    key = cache_key(data_fingerprint, job.tokenizer_hash, seq_len, heldout_fraction, split_seed, ref_key,
                     decontaminate, shard_blocks)
-    uri = storage.join(cache_root, key)
+    uri = storage.join(job.cache_root, key)
     cached = _cached(uri)
     if cached is not None:
         return cached
-    tokenizer, eos, vocab = rust_tokenizer(checkpoint.fetch_verified(tokenizer_uri))
+    tokenizer, eos, vocab = rust_tokenizer(checkpoint.fetch_verified(job.tokenizer_uri))
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max else np.uint32
     cpus = cluster_cpus()  # None: no Ray, this process tokenizes alone
     workers = max(1, int(cpus or 1))
     units = taper(plan_units(ds, unit_bytes or unit_size(resolve_source(ds), cpus or os.cpu_count() or 1)), workers)
-    progress = Progress(hub, job, sum(u.size for u in units))
+    progress = Progress(job.hub_name, job.name, sum(u.size for u in units))
     # Each shard goes to storage the moment it is full (Publisher): local scratch holds a few
     # shards, the held-out candidates and the shingle spill, never the packed corpus.
     with tempfile.TemporaryDirectory(prefix="branchout-pack-") as tmp, checkpoint.Publisher(uri) as publisher:
@@ -151,7 +148,7 @@ def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, he
                                 dtype=np.dtype(dtype).name, seed=split_seed, fraction=heldout_fraction)
         hashed_train = pack_stream(tables, train.write, staging, decon, progress)
         progress.push()
-        decisions = decon.finish(os.path.join(out, "train.shingles"), _reference(reference_uri))
+        decisions = decon.finish(os.path.join(out, "train.shingles"), _reference(job.reference_uri))
         publisher.add(os.path.join(out, "train.shingles"))
         heldout = BlockWriter(out, "heldout", seq_len, dtype, shard_blocks, on_shard=publisher.add)
         staging.route(decisions.fate == 0, heldout.write, train.write)  # moved documents train last
@@ -172,17 +169,16 @@ def prepare(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, he
     return info
 
 
-def _prepare_instruct(ds: DatasetSpec, tokenizer_uri: str, tok_hash: str, seq_len: int, fraction: float,
-                      seed: int, cache_root: str, hub: str | None, job: str, fp: str,
-                      shard_blocks: int) -> PackedInfo:
+def _prepare_instruct(job: DataJob, fp: str, shard_blocks: int) -> PackedInfo:
     """Instruction data: one example per row (``stages/instruct.py``), cached and published
     like packed blocks. It is not decontaminated against the pretraining corpus (see there)."""
     from branchout.stages.documents import plan_units
     from branchout.stages.instruct import prepare_examples
 
-    progress = Progress(hub, job, sum(u.size for u in plan_units(ds)))
-    uri, meta, cached = prepare_examples(ds, checkpoint.fetch_verified(tokenizer_uri), tok_hash, seq_len, fraction,
-                                         seed, cache_root, fp, progress, shard_blocks)
+    progress = Progress(job.hub_name, job.name, sum(u.size for u in plan_units(job.dataset)))
+    uri, meta, cached = prepare_examples(job.dataset, checkpoint.fetch_verified(job.tokenizer_uri), job.tokenizer_hash,
+                                         job.seq_len, job.heldout_fraction, job.split_seed, job.cache_root, fp,
+                                         progress, shard_blocks)
     progress.push()
     return PackedInfo.from_dict({**meta, "uri": uri, "cached": cached, "nodes": 0 if cached else 1})
 

@@ -53,7 +53,7 @@ def train_worker(config: dict) -> None:
     from branchout.stages.model import export_model, prepare_model, zero3_config
     from branchout.stages.tokenizer import load_tokenizer
 
-    job = TrainJob(**config["job"])
+    job: TrainJob = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = job.spec().resources_per_worker.uses_gpu and torch.cuda.is_available()

@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 import time
 
+from branchout.stages.job import EvalJob
+
 
 def scoring_dtype(precision: str, device: str):
     """bf16 and fp32 score as they trained; fp16 only on a GPU (CPUs have no fast fp16).
@@ -90,11 +92,8 @@ def load_for_scoring(model_uri: str, adapter_base_uri: str | None = None, dtype=
     return PeftModel.from_pretrained(base, fetch_verified(model_uri))
 
 
-def evaluate_domain(domain: str, data_uri: str, candidates: dict[str, tuple[str, str | None]],
-                    batch_size: int, max_blocks: int, threads: int = 1, precision: str = "fp32",
-                    use_gpu: bool = False, tokenizer_uri: str | None = None, generation_samples: int = 0,
-                    max_new_tokens: int = 32) -> dict:
-    """Score every candidate (name → (model uri, adapter base uri or None)) on one domain.
+def evaluate_domain(job: EvalJob) -> dict:
+    """Score every candidate of ``job`` (a full model, or adapters over a base) on its domain.
 
     Candidates are scored in their order; a LoRA candidate whose base is the model just
     scored reuses it. With ``generation_samples`` (and the run's ``tokenizer_uri``) every
@@ -112,26 +111,28 @@ def evaluate_domain(domain: str, data_uri: str, candidates: dict[str, tuple[str,
     from branchout.stages.generation import Generations
     from branchout.stages.instruct import open_roles
 
-    torch.set_num_threads(max(1, threads))
-    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    decision = decide(precision, this_worker(device == "cuda"))  # `auto` decided on this worker
+    torch.set_num_threads(max(1, job.threads))
+    device = "cuda" if job.use_gpu and torch.cuda.is_available() else "cpu"
+    decision = decide(job.precision, this_worker(device == "cuda"))  # `auto` decided on this worker
     if decision.warning:
-        print(f"[branchout] evaluate/{domain}: {decision.warning}", flush=True)
+        print(f"[branchout] evaluate/{job.domain}: {decision.warning}", flush=True)
     dtype = scoring_dtype(decision.used, device)
     started = time.time()
-    blocks = open_blocks(data_uri, "heldout")
-    roles = open_roles(data_uri, "heldout")
-    gen = (Generations(data_uri, tokenizer_uri, blocks, roles is not None, generation_samples, max_new_tokens)
-           if generation_samples and tokenizer_uri else None)
-    out: dict = {"domain": domain, "started": started, "precision": decision.as_dict()}
+    blocks = open_blocks(job.data_uri, "heldout")
+    roles = open_roles(job.data_uri, "heldout")
+    gen = (Generations(job.data_uri, job.tokenizer_uri, blocks, roles is not None, job.generation_samples,
+                       job.max_new_tokens)
+           if job.generation_samples and job.tokenizer_uri else None)
+    out: dict = {"domain": job.domain, "started": started, "precision": decision.as_dict()}
 
     def score(name: str, model) -> None:
-        out[f"{name}_ppl"], out["heldout_tokens"] = perplexity(model, blocks, batch_size, max_blocks, roles)
+        out[f"{name}_ppl"], out["heldout_tokens"] = perplexity(model, blocks, job.batch_size, job.max_blocks, roles)
         if gen is not None:
             out.update({f"{name}_{k}": v for k, v in gen.answer(name, model).items()})
 
     loaded_uri, model = None, None  # the plain model in memory, if any
-    for name, (uri, adapter_base) in candidates.items():
+    for name, candidate in job.candidates.items():
+        uri, adapter_base = candidate.model_uri, candidate.adapter_base_uri
         if adapter_base is not None and adapter_base == loaded_uri:
             from peft import PeftModel
 

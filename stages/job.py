@@ -1,17 +1,29 @@
-"""The description of one training job, as the driver hands it to workers.
+"""The jobs the driver hands to workers, as typed, picklable objects.
 
-A job is plain data (picklable, JSON-able): what to train (``kind``, ``method``), on
-which packed data, from which parent, for how many steps, and where to write. The same
-object drives the Ray Train path (pretrain, multi-worker fine-tunes) and the
-single-worker fan-out path, so both read it the same way.
+Each kind of job is one frozen description carrying the spec's own models (``TrainingSpec``,
+``DatasetSpec``, ``TokenizerSpec``...), never a ``model_dump()`` dict or a positional tuple,
+so a worker reads every option, and every default, from ``core/spec.py``:
+
+- ``TokenizerJob`` → ``stages.tokenizer.tokenizer_job``
+- ``DataJob`` → ``stages.data.prepare``
+- ``TrainJob`` → ``stages.distributed.train_worker`` (Ray Train) or
+  ``stages.single_worker.run_single_worker`` (one process): pretrain, fine-tunes, baselines
+- ``ImportJob`` → ``stages.model.import_model`` (``pretrain.steps: 0``)
+- ``EvalJob`` → ``stages.evaluate.evaluate_domain``
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from branchout.core.spec import (
+    DatasetSpec,
+    FinetuneOptions,
+    PretrainSpec,
+    TokenizerSpec,
+)
 from branchout.stages import storage
 
 LEASE = "LEASE"
@@ -27,7 +39,7 @@ JobKind = Literal["pretrain", "finetune", "scratch"]
 class TrainJob:
     name: str  # "pretrain", "finetune/legal", "scratch/legal"
     kind: JobKind
-    training: dict[str, Any]  # a TrainingSpec (PretrainSpec / DomainSpec) as a dict
+    training: PretrainSpec | FinetuneOptions  # the section it trains by (a domain's, with its seq_len)
     steps: int
     model_type: str | None  # None when the model comes from model_path
     model_overrides: dict[str, Any]
@@ -37,8 +49,7 @@ class TrainJob:
     logs_uri: str  # the run's logs/ directory
     run_id: str
     hub_name: str | None = None
-    method: Literal["full", "lora"] = "full"
-    lora: dict[str, Any] | None = None
+    method: Literal["full", "lora"] = "full"  # "full" for a baseline, whatever its domain's method
     base_model_uri: str | None = None  # the parent checkpoint of a fine-tune
     extra: dict[str, Any] = field(default_factory=dict)
     lease: str | None = None  # this attempt's token; see claim() / check_lease()
@@ -62,19 +73,13 @@ class TrainJob:
     def with_precision(self, precision: str) -> TrainJob:
         """This job with its ``precision: auto`` replaced by the one its workers decided
         (``stages.engine.decide_precision``): everything after reads a concrete one."""
-        import copy
-        import dataclasses
+        t = self.training
+        return replace(self, training=t.model_copy(update={"deepspeed": t.deepspeed.model_copy(
+            update={"precision": precision})}))
 
-        training = copy.deepcopy(self.training)
-        training.setdefault("deepspeed", {})["precision"] = precision
-        return dataclasses.replace(self, training=training)
-
-    def spec(self):
-        """The training section, validated back into its pydantic model."""
-        from branchout.core.spec import FinetuneOptions, PretrainSpec
-
-        model = PretrainSpec if self.kind == "pretrain" else FinetuneOptions
-        return model.model_validate(self.training)
+    def spec(self) -> PretrainSpec | FinetuneOptions:
+        """The training section (options, engine, resources) this job trains by."""
+        return self.training
 
     def claim(self) -> None:
         """Driver side, before each attempt is submitted: make this attempt the job's owner.
@@ -100,3 +105,68 @@ class TrainJob:
         if current != self.lease:
             raise LeaseLostError(f"{self.name}: a newer attempt owns {self.out_uri}; "
                                  "this worker stops without writing")
+
+
+@dataclass(frozen=True)
+class TokenizerJob:
+    """Train a tokenizer on the pretraining corpus's training documents (or copy one in)."""
+
+    tokenizer: TokenizerSpec
+    dataset: DatasetSpec  # the pretraining corpus
+    heldout_fraction: float  # held-out documents never shape the vocabulary they are scored with
+    split_seed: int
+    out_uri: str
+
+
+@dataclass(frozen=True)
+class DataJob:
+    """Tokenize and pack one dataset into blocks of ``seq_len`` (or reuse the data cache)."""
+
+    dataset: DatasetSpec
+    tokenizer_uri: str
+    tokenizer_hash: str
+    seq_len: int
+    heldout_fraction: float
+    split_seed: int
+    cache_root: str  # packed data lives here, keyed by content: runs share it
+    # the pretraining corpus's packed data: a domain's held-out documents that are mostly its
+    # training text are not scored
+    reference_uri: str | None = None
+    fingerprint: str | None = None  # the dataset's, when the driver has it (no second hashing)
+    name: str = "data"  # the record's job name, e.g. "data/legal"
+    hub_name: str | None = None  # the run's progress hub
+
+
+@dataclass(frozen=True)
+class ImportJob:
+    """``pretrain.steps: 0``: publish an existing model (``model.path``) as the run's base."""
+
+    path: str
+    revision: str | None
+    tokenizer_uri: str
+    out_uri: str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model an evaluation scores: a full model, or LoRA adapters over a base."""
+
+    model_uri: str
+    adapter_base_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """Score a domain's held-out blocks with every candidate (name → model), in order."""
+
+    domain: str
+    data_uri: str
+    candidates: dict[str, Candidate]
+    batch_size: int
+    max_blocks: int
+    threads: int  # torch threads: the CPUs of the bundle it is placed on
+    precision: str  # the domain's deepspeed.precision (auto: decided on the worker)
+    use_gpu: bool
+    tokenizer_uri: str | None  # needed only to generate answers
+    generation_samples: int  # held-out prompts each candidate answers (0: none)
+    max_new_tokens: int

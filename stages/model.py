@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from branchout.stages.job import ImportJob
 
 # Set by the tokenizer; a spec that sets them would silently disagree with it.
 TOKENIZER_OWNED_KEYS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
@@ -174,9 +177,7 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None, zero3_config:
     if job.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        from branchout.core.spec import LoraSpec
-
-        lora = LoraSpec.model_validate(job.lora or {})  # defaults stated once, in core/spec.py
+        lora = job.spec().lora
         torch.manual_seed(seed)
         model = get_peft_model(model, LoraConfig(
             r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -282,7 +283,7 @@ def zero3_construction(ds_config: dict):
 def _checkpointed(model, job):
     """Activation checkpointing when the job asks for it. Non-reentrant checkpointing
     needs no input that requires grad, so it works on a frozen (LoRA) base too."""
-    if job.training.get("activation_checkpointing"):
+    if job.spec().activation_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x renamed it
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -392,10 +393,10 @@ def export_model(model, tokenizer, model_uri: str, state_dict: dict | None = Non
         publish_dir(tmp, model_uri, extra=extra)
 
 
-def import_model(path: str, revision: str | None, tokenizer_uri: str, out_uri: str) -> dict:
+def import_model(job: ImportJob) -> dict:
     """``pretrain.steps: 0``: the given model becomes the run's base as it is.
 
-    Its files are published under ``out_uri`` (with a manifest, like every export), with
+    Its files are published under ``job.out_uri`` (with a manifest, like every export), with
     the run's tokenizer beside them, so the fan-out branches from a verified copy inside
     the run whatever happens to the original. Nothing is loaded: files are copied.
     """
@@ -404,6 +405,7 @@ def import_model(path: str, revision: str | None, tokenizer_uri: str, out_uri: s
 
     from branchout.stages.checkpoint import MANIFEST, fetch_verified, publish_dir
 
+    path, revision, tokenizer_uri, out_uri = job.path, job.revision, job.tokenizer_uri, job.out_uri
     started = time.time()
     if "://" not in path and not os.path.isdir(path):  # a hub id: its files, pinned by revision
         from huggingface_hub import snapshot_download

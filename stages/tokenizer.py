@@ -12,6 +12,10 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from branchout.stages.job import TokenizerJob
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -175,24 +179,21 @@ def _sampled(text: str, seed: int, rate: float) -> bool:
     return rate >= 1.0 or int.from_bytes(digest, "big") / 2**64 < rate
 
 
-def tokenizer_job(tokenizer: dict, dataset: dict, heldout_fraction: float, split_seed: int,
-                  out_uri: str) -> str:
+def tokenizer_job(job: TokenizerJob) -> str:
     """The tokenizer stage as one task: train on a seeded sample (``tokenizer.sample_bytes``)
     of the pretraining corpus's *training* documents (held-out text must not shape the
     vocabulary it is scored with), or copy an existing tokenizer in, so the run directory
     is self-contained. Returns the hash."""
     import tempfile
 
-    from branchout.core.spec import DatasetSpec, TokenizerSpec
     from branchout.stages.checkpoint import publish_dir
 
-    options = TokenizerSpec.model_validate(tokenizer)
+    options = job.tokenizer
     with tempfile.TemporaryDirectory(prefix="branchout-tok-") as tmp:
         if options.path:
             load_tokenizer(options.path).save_pretrained(tmp)
         else:
-            texts = sample_texts(DatasetSpec.model_validate(dataset), options.sample_bytes,
-                                 heldout_fraction, split_seed)
+            texts = sample_texts(job.dataset, options.sample_bytes, job.heldout_fraction, job.split_seed)
             train_tokenizer(texts, options.vocab_size, options.min_frequency, tmp)
-        publish_dir(tmp, out_uri)
+        publish_dir(tmp, job.out_uri)
         return tokenizer_hash(tmp)

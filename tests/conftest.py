@@ -203,6 +203,7 @@ def job_parts(root: Path, corpus_dir: Path):
     from branchout.core.spec import DatasetSpec
     from branchout.stages.checkpoint import publish_dir
     from branchout.stages.data import prepare
+    from branchout.stages.job import DataJob
     from branchout.stages.model import build_config, build_model, export_model
     from branchout.stages.tokenizer import (
         load_tokenizer,
@@ -215,8 +216,10 @@ def job_parts(root: Path, corpus_dir: Path):
     train_tokenizer(texts, 512, 2, str(root / "tok-work"))
     publish_dir(str(root / "tok-work"), str(root / "tokenizer"))
     tok = load_tokenizer(str(root / "tokenizer"))
-    data = prepare(DatasetSpec(path=str(corpus_dir / "legal.jsonl")), str(root / "tokenizer"),
-                   tokenizer_hash(str(root / "tokenizer")), 32, 0.2, 0, str(root / "cache"))
+    data = prepare(DataJob(dataset=DatasetSpec(path=str(corpus_dir / "legal.jsonl")),
+                           tokenizer_uri=str(root / "tokenizer"),
+                           tokenizer_hash=tokenizer_hash(str(root / "tokenizer")), seq_len=32,
+                           heldout_fraction=0.2, split_seed=0, cache_root=str(root / "cache")))
     overrides = TINY["model"]["config"]
     base = build_model(build_config("llama", overrides, len(tok), special_token_ids(tok)), seed=1)
     export_model(base, tok, str(root / "base"))
@@ -234,11 +237,21 @@ def job_for(parts, name: str, method: str, **training):
                   # fp32 on purpose: tests compare weights trained two ways to 1e-4 (and read them as numpy)
                   deepspeed={"zero_stage": 0, "precision": "fp32"}, lora={"rank": 4, "alpha": 8})
     options = FinetuneOptions(**{**values, **training})
-    return TrainJob(name=f"finetune/{name}", kind="finetune", training=options.model_dump(mode="json"),
+    return TrainJob(name=f"finetune/{name}", kind="finetune", training=options,
                     steps=options.steps, model_type="llama", model_overrides=overrides,
                     tokenizer_uri=str(root / "tokenizer"), data_uri=data_uri, out_uri=str(root / name),
-                    logs_uri=str(root / "logs"), run_id="test", method=method, lora=options.lora.model_dump(),
+                    logs_uri=str(root / "logs"), run_id="test", method=method,
                     base_model_uri=str(root / "base"))
+
+
+def eval_job(parts, candidates: dict, precision: str, use_gpu: bool = False):
+    """The evaluation of ``job_parts``' legal data: ``candidates`` (name → (model uri,
+    adapter base uri or None)) on 8 held-out blocks in batches of 4, one thread, no generation."""
+    from branchout.stages.job import Candidate, EvalJob
+
+    return EvalJob(domain="legal", data_uri=parts[1], candidates={k: Candidate(*c) for k, c in candidates.items()},
+                   batch_size=4, max_blocks=8, threads=1, precision=precision, use_gpu=use_gpu,
+                   tokenizer_uri=None, generation_samples=0, max_new_tokens=0)
 
 
 # The quickstart as a client submits it: same file, model and data, cut to a few steps. What is

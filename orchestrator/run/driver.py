@@ -27,7 +27,7 @@ from rich.console import Console
 from branchout.cluster.autoscale import CapacityHints, stage_bundles, waiting_message
 from branchout.cluster.connect import ClusterInfo, connect
 from branchout.core.progress import hub_name, start_hub
-from branchout.core.spec import DatasetSpec, PipelineSpec
+from branchout.core.spec import DatasetSpec, FinetuneOptions, PipelineSpec
 from branchout.orchestrator.config.plan import Plan, build_plan
 from branchout.orchestrator.run.cache import StageCache, data_fingerprints, expand_rerun, job_keys
 from branchout.orchestrator.run.checks import check_capacity, check_shared_storage
@@ -50,7 +50,7 @@ from branchout.orchestrator.run.state import (
 from branchout.orchestrator.run.tracking import Tracker
 from branchout.stages import storage
 from branchout.stages.data import PackedInfo
-from branchout.stages.job import TrainJob
+from branchout.stages.job import Candidate, DataJob, EvalJob, ImportJob, TokenizerJob, TrainJob
 
 
 class StageFailedError(RuntimeError):
@@ -282,9 +282,9 @@ def stage_tokenizer(ctx: RunContext) -> dict[str, str]:
 
     spec = ctx.spec
     uri = ctx.uri("tokenizer")
-    args = (spec.tokenizer.model_dump(), spec.pretrain.dataset.model_dump(),
-            spec.evaluate.heldout_fraction, spec.evaluate.split_seed, uri)
-    item = WorkItem("tokenizer", lambda: submit_task(tokenizer_job, args, {"CPU": 1}, "tokenizer", ctx.hub_name),
+    job = TokenizerJob(spec.tokenizer, spec.pretrain.dataset, spec.evaluate.heldout_fraction,
+                       spec.evaluate.split_seed, uri)
+    item = WorkItem("tokenizer", lambda: submit_task(tokenizer_job, (job,), {"CPU": 1}, "tokenizer", ctx.hub_name),
                     on_success=lambda h: {"uri": uri, "hash": h})
     return _require(ctx.run([item]), ctx.record, ["tokenizer"])["tokenizer"]
 
@@ -301,12 +301,13 @@ def stage_data(ctx: RunContext, tokenizer: dict[str, str]) -> dict[str, PackedIn
     ev = spec.evaluate
 
     def item(name: str, ds: DatasetSpec, seq_len: int, reference: str | None) -> WorkItem:
-        job = f"data/{name}"
-        args = (ds, tokenizer["uri"], tokenizer["hash"], seq_len, ev.heldout_fraction, ev.split_seed, cache_root,
-                reference, ctx.hub_name, job, ctx.fingerprints[name])
+        job = DataJob(dataset=ds, tokenizer_uri=tokenizer["uri"], tokenizer_hash=tokenizer["hash"], seq_len=seq_len,
+                      heldout_fraction=ev.heldout_fraction, split_seed=ev.split_seed, cache_root=cache_root,
+                      reference_uri=reference, fingerprint=ctx.fingerprints[name], name=f"data/{name}",
+                      hub_name=ctx.hub_name)
         # 0 CPUs: prepare only drives a Ray Data pipeline whose tasks take the CPUs; holding
         # one would starve its own tasks on a small cluster, with several datasets at once.
-        return WorkItem(job, lambda: submit_task(prepare, args, {"CPU": 0}, job, ctx.hub_name),
+        return WorkItem(job.name, lambda: submit_task(prepare, (job,), {"CPU": 0}, job.name, ctx.hub_name),
                         on_success=lambda info: {**asdict(info), "fingerprint": ctx.fingerprints[name]})
 
     first = item("pretrain", spec.pretrain.dataset, spec.pretrain.seq_len, None)
@@ -325,7 +326,7 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo)
     if ctx.plan.pretrain.steps == 0:  # branch straight from the given model
         return import_base(ctx, tokenizer)
     job = TrainJob(
-        name="pretrain", kind="pretrain", training=spec.pretrain.model_dump(mode="json"),
+        name="pretrain", kind="pretrain", training=spec.pretrain,
         steps=ctx.plan.pretrain.steps, model_type=spec.model.type, model_overrides=spec.model.config,
         tokenizer_uri=tokenizer["uri"], data_uri=data.uri, out_uri=ctx.uri("pretrain"),
         logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id, hub_name=ctx.hub_name,
@@ -361,9 +362,8 @@ def import_base(ctx: RunContext, tokenizer: dict[str, str]) -> str:
     from branchout.stages.model import import_model
 
     spec = ctx.spec
-    uri = ctx.uri("pretrain", "model")
-    args = (spec.model.path, spec.model.revision, tokenizer["uri"], uri)
-    item = WorkItem("pretrain", lambda: submit_task(import_model, args, {"CPU": 1}, "pretrain", ctx.hub_name),
+    job = ImportJob(spec.model.path, spec.model.revision, tokenizer["uri"], ctx.uri("pretrain", "model"))
+    item = WorkItem("pretrain", lambda: submit_task(import_model, (job,), {"CPU": 1}, "pretrain", ctx.hub_name),
                     on_success=lambda r: {"model_uri": r["model_uri"], "imported_from": r["imported_from"],
                                           "resumed_from": 0})
     return _require(ctx.run([item]), ctx.record, ["pretrain"])["pretrain"]["model_uri"]
@@ -378,8 +378,8 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
     singles: dict[tuple, list[str]] = {}  # bundle → names of its single-worker jobs
     for kind in kinds:
         for d in spec.finetune.domains:
-            training = d.model_dump(mode="json", exclude={"name", "dataset"})
-            training["seq_len"] = spec.domain_seq_len(d)
+            training = FinetuneOptions.model_validate(
+                {k: getattr(d, k) for k in FinetuneOptions.model_fields} | {"seq_len": spec.domain_seq_len(d)})
             job = TrainJob(
                 name=f"{kind}/{d.name}", kind=kind, training=training, steps=d.steps,
                 model_type=spec.model.type, model_overrides=spec.model.config,
@@ -389,7 +389,7 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
                 hub_name=ctx.hub_name,
                 # the baseline trains every weight from scratch whatever the domain's method
                 method=d.method if kind == "finetune" else "full",
-                lora=d.lora.model_dump(), base_model_uri=base_uri if kind == "finetune" else None,
+                base_model_uri=base_uri if kind == "finetune" else None,
             )
             bundle = d.resources_per_worker.ray_bundle()
             deepspeed = d.uses_deepspeed()
@@ -436,12 +436,12 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, 
     items = []
     bundles = {d.name: ctx.plan.job(f"evaluate/{d.name}").resources for d in spec.finetune.domains}
 
-    def submit(args: tuple, bundle: dict[str, float]) -> cf.Future:
-        name = f"evaluate/{args[0]}"
+    def submit(job: EvalJob, bundle: dict[str, float]) -> cf.Future:
+        name = f"evaluate/{job.domain}"
         if not spec.finetune.warm_pool:
-            return submit_task(evaluate_domain, args, bundle, name, ctx.hub_name)
+            return submit_task(evaluate_domain, (job,), bundle, name, ctx.hub_name)
         left = sum(not ctx.record.job(f"evaluate/{n}").state.done for n, b in bundles.items() if b == bundle)
-        return pools.submit_call(evaluate_domain, args, name, ctx.hub_name, bundle, left)
+        return pools.submit_call(evaluate_domain, (job,), name, ctx.hub_name, bundle, left)
 
     for d in spec.finetune.domains:
         bundle = bundles[d.name]
@@ -454,12 +454,15 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, 
         sc = ctx.record.job(f"scratch/{d.name}")
         if "scratch" in ev.models and sc.state.done:
             candidates["scratch"] = (sc.outputs["model_uri"], None)
-        args = (d.name, data[d.name].uri, candidates, ev.batch_size, ev.max_blocks,
-                max(1, int(bundle["CPU"])), d.deepspeed.precision, d.resources_per_worker.uses_gpu,
-                tokenizer_uri, ev.generation_samples, ev.max_new_tokens)
+        job = EvalJob(domain=d.name, data_uri=data[d.name].uri,
+                      candidates={name: Candidate(*c) for name, c in candidates.items()},
+                      batch_size=ev.batch_size, max_blocks=ev.max_blocks, threads=max(1, int(bundle["CPU"])),
+                      precision=d.deepspeed.precision, use_gpu=d.resources_per_worker.uses_gpu,
+                      tokenizer_uri=tokenizer_uri, generation_samples=ev.generation_samples,
+                      max_new_tokens=ev.max_new_tokens)
         previous = ctx.record.job(f"evaluate/{d.name}").outputs.get("scored")
         items.append(WorkItem(f"evaluate/{d.name}",
-                              lambda args=args, bundle=bundle: submit(args, bundle),
+                              lambda job=job, bundle=bundle: submit(job, bundle),
                               resources=bundle,
                               on_success=lambda r, c=candidates: {**r, "scored": c},
                               # a cached score stands only if it scored the same models

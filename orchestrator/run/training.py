@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
 
 from branchout.stages import storage
 from branchout.stages.job import TrainJob
@@ -33,7 +32,7 @@ def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
     fs, path = storage.filesystem(storage.join(job.out_uri, "ray"))
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": asdict(job)},
+        train_loop_config={"job": job},  # pickled to every worker as it is
         torch_config=TorchConfig(backend=process_group_backend(r.uses_gpu)),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=r.uses_gpu,
                                      resources_per_worker=r.ray_bundle()),

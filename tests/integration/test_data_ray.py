@@ -13,6 +13,7 @@ import pytest
 
 from branchout.core.spec import DatasetSpec
 from branchout.stages import data
+from branchout.stages.job import DataJob
 from branchout.stages.tokenizer import tokenizer_hash
 
 
@@ -38,14 +39,17 @@ def test_ray_data_path_is_byte_identical_and_datasets_run_at_once(ray_local, cor
     hub = start_hub("test-data")
     task = ray.remote(data.prepare).options(num_cpus=0)  # as the driver submits it
     names = ("general", "legal", "code")
-    refs = [task.remote(DatasetSpec(path=str(corpus_dir / f"{n}.jsonl")), tokenizer_dir, h, 16, 0.2, 0,
-                        str(tmp_path / "ray"), None, hub_name("test-data"), f"data/{n}", unit_bytes=8_000)
+    refs = [task.remote(DataJob(dataset=DatasetSpec(path=str(corpus_dir / f"{n}.jsonl")), tokenizer_uri=tokenizer_dir,
+                                tokenizer_hash=h, seq_len=16, heldout_fraction=0.2, split_seed=0,
+                                cache_root=str(tmp_path / "ray"), name=f"data/{n}", hub_name=hub_name("test-data")),
+                        unit_bytes=8_000)
             for n in names]
     infos = ray.get(refs, timeout=300)  # three pipelines on 2 CPUs: all finish
     assert all(info.nodes == 1 for info in infos)
     for name, info in zip(names, infos, strict=True):
-        local = data.prepare(DatasetSpec(path=str(corpus_dir / f"{name}.jsonl")), tokenizer_dir, h, 16, 0.2, 0,
-                             str(tmp_path / "local"))
+        local = data.prepare(DataJob(dataset=DatasetSpec(path=str(corpus_dir / f"{name}.jsonl")),
+                                     tokenizer_uri=tokenizer_dir, tokenizer_hash=h, seq_len=16,
+                                     heldout_fraction=0.2, split_seed=0, cache_root=str(tmp_path / "local")))
         assert _digests(info.uri) == _digests(local.uri), name
     time.sleep(1.5)  # the hub is updated fire-and-forget
     progress = ray.get(hub.snapshot.remote())["data/general"]
@@ -58,8 +62,9 @@ def test_bad_input_in_a_ray_task_is_one_line(ray_local, tokenizer_dir, tmp_path)
     bad.write_text("".join(json.dumps({"text": f"line {i} " * 30}) + "\n" for i in range(300)) + "[1, 2]\n")
     task = ray_local.remote(data.prepare).options(num_cpus=0, max_retries=0)
     with pytest.raises(data.DataError) as e:
-        ray_local.get(task.remote(DatasetSpec(path=str(bad)), tokenizer_dir, "h", 16, 0.2, 0, str(tmp_path / "c"),
-                                  unit_bytes=4096))
+        ray_local.get(task.remote(DataJob(dataset=DatasetSpec(path=str(bad)), tokenizer_uri=tokenizer_dir,
+                                          tokenizer_hash="h", seq_len=16, heldout_fraction=0.2, split_seed=0,
+                                          cache_root=str(tmp_path / "c")), unit_bytes=4096))
     assert f"{bad}: line 301 is a JSON list, expected an object" in str(e.value)
 
 
@@ -67,8 +72,10 @@ def test_a_reader_on_object_storage_downloads_only_the_shards_it_reads(s3_bucket
                                                                     tmp_path):
     import numpy as np
 
-    info = data.prepare(DatasetSpec(path=str(corpus_dir / "general.jsonl")), tokenizer_dir,
-                        tokenizer_hash(tokenizer_dir), 8, 0.1, 0, f"{s3_bucket}/cache", shard_blocks=64)
+    info = data.prepare(DataJob(dataset=DatasetSpec(path=str(corpus_dir / "general.jsonl")),
+                                tokenizer_uri=tokenizer_dir, tokenizer_hash=tokenizer_hash(tokenizer_dir),
+                                seq_len=8, heldout_fraction=0.1, split_seed=0, cache_root=f"{s3_bucket}/cache"),
+                        shard_blocks=64)
     assert info.uri.startswith("s3://")
     cache = tmp_path / "shards"
     blocks = data.open_blocks(info.uri, "train", local_dir=str(cache))
@@ -76,6 +83,8 @@ def test_a_reader_on_object_storage_downloads_only_the_shards_it_reads(s3_bucket
     picked = blocks[np.array([3, 64 * 5 + 1, 2])]
     assert picked.shape == (3, 8) and n_shards > 10
     assert sorted(os.listdir(cache)) == ["00000-train.bin", "00005-train.bin"]
-    local = data.prepare(DatasetSpec(path=str(corpus_dir / "general.jsonl")), tokenizer_dir,
-                         tokenizer_hash(tokenizer_dir), 8, 0.1, 0, str(tmp_path / "local"), shard_blocks=64)
+    local = data.prepare(DataJob(dataset=DatasetSpec(path=str(corpus_dir / "general.jsonl")),
+                                 tokenizer_uri=tokenizer_dir, tokenizer_hash=tokenizer_hash(tokenizer_dir),
+                                 seq_len=8, heldout_fraction=0.1, split_seed=0,
+                                 cache_root=str(tmp_path / "local")), shard_blocks=64)
     assert (picked == np.asarray(data.open_blocks(local.uri, "train"))[[3, 64 * 5 + 1, 2]]).all()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import job_for, job_parts, requires_native_bf16
+from conftest import eval_job, job_for, job_parts, requires_native_bf16
 
 H100_NODE = {"accelerator_type:H100": 1.0}
 
@@ -40,8 +40,6 @@ def trained(ray_gpu_node, corpus_dir, tmp_path_factory):
     return parts, lora, full
 
 
-
-
 def test_an_evaluation_is_placed_on_its_gpu_type_and_keeps_its_outputs(trained):
     import ray
 
@@ -52,8 +50,8 @@ def test_an_evaluation_is_placed_on_its_gpu_type_and_keeps_its_outputs(trained):
     bundle = {"CPU": 1.0, "GPU": 1.0, "accelerator_type:H100": 0.001}
     candidates = {"base": (str(parts[0] / "base"), None), "finetuned": (lora.model_uri, str(parts[0] / "base")),
                   "scratch": (full.model_uri, None)}
-    args = ("legal", parts[1], candidates, 4, 8, 1, "auto", True)
-    result = submit_task(evaluate_domain, args, bundle, "evaluate/legal", None).result(timeout=300)
+    job = eval_job(parts, candidates, "auto", use_gpu=True)
+    result = submit_task(evaluate_domain, (job,), bundle, "evaluate/legal", None).result(timeout=300)
     assert set(result) == {"domain", "base_ppl", "finetuned_ppl", "scratch_ppl", "heldout_tokens", "started", "ended",
                            "precision"}
     # decided on the worker: no CUDA here, so this CPU's answer
@@ -86,7 +84,7 @@ def test_one_job_scores_every_model_as_separate_loads_would(trained):
     parts, lora, full = trained
     base = str(parts[0] / "base")
     candidates = {"base": (base, None), "finetuned": (lora.model_uri, base), "scratch": (full.model_uri, None)}
-    one_job = evaluate_domain("legal", parts[1], candidates, 4, 8, 1, "fp32", False)
+    one_job = evaluate_domain(eval_job(parts, candidates, "fp32"))
     blocks = open_blocks(parts[1], "heldout")
     for name, (uri, adapter_base) in candidates.items():
         alone, tokens = perplexity(load_for_scoring(uri, adapter_base), blocks, 4, 8)
@@ -103,8 +101,8 @@ def test_bf16_scores_are_close_to_fp32_ones(trained):
     parts, lora, full = trained
     base = str(parts[0] / "base")
     candidates = {"base": (base, None), "finetuned": (lora.model_uri, base), "scratch": (full.model_uri, None)}
-    in_fp32 = evaluate_domain("legal", parts[1], candidates, 4, 8, 1, "fp32", False)
-    in_bf16 = evaluate_domain("legal", parts[1], candidates, 4, 8, 1, "bf16", False)
+    in_fp32 = evaluate_domain(eval_job(parts, candidates, "fp32"))
+    in_bf16 = evaluate_domain(eval_job(parts, candidates, "bf16"))
     assert in_bf16["precision"]["used"] == "bf16" and in_bf16["precision"]["warning"] is None
     for name in candidates:
         assert math.isclose(in_bf16[f"{name}_ppl"], in_fp32[f"{name}_ppl"], rel_tol=0.03), name

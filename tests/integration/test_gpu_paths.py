@@ -96,7 +96,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, data_uri: str, overr
     t = PretrainSpec(dataset={"path": "unused"}, steps=STEPS, seq_len=32, global_batch_size=4, micro_batch_size=2,
                      num_workers=world, optimizer={"lr": 3e-3}, schedule={"warmup_steps": 2}, log_every=4,
                      checkpoint_every=100, deepspeed={"zero_stage": zero})  # precision: auto
-    job = TrainJob(name="pretrain", kind="pretrain", training=t.model_dump(mode="json"), steps=STEPS,
+    job = TrainJob(name="pretrain", kind="pretrain", training=t, steps=STEPS,
                    model_type="llama", model_overrides=overrides, tokenizer_uri=f"{root}/tokenizer",
                    data_uri=data_uri, out_uri=f"{root}/zero{zero}", logs_uri=f"{root}/logs", run_id="test")
     # as train_worker does: the ranks agree on one precision (a collective, checked like the rest)

@@ -9,7 +9,7 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import job_for, job_parts
+from conftest import eval_job, job_for, job_parts
 
 pytestmark = pytest.mark.slow
 
@@ -231,7 +231,7 @@ def test_an_evaluation_runs_on_the_runner_that_trained_and_scores_as_a_cold_task
     job = job_for(parts, "then-scored", "full")
     trained = pool.submit(job).result(timeout=300)
     candidates = {"base": (str(parts[0] / "base"), None), "finetuned": (job.model_uri, None)}
-    args = ("legal", parts[1], candidates, 4, 8, 1, "fp32", False)
+    args = (eval_job(parts, candidates, "fp32"),)
     warm = pool.submit_call(evaluate_domain, args, "evaluate/legal", None).result(timeout=300)
     pool.shutdown()
     assert warm["pool_pid"] == trained["pool_pid"]  # submitted within the linger: the same runner

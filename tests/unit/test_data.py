@@ -11,6 +11,7 @@ import pytest
 from branchout.core.spec import DatasetSpec
 from branchout.stages import data
 from branchout.stages.checkpoint import publish_dir
+from branchout.stages.job import DataJob
 from branchout.stages.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer
 
 
@@ -58,16 +59,19 @@ def test_blocks_carry_across_documents_fill_shards_and_drop_the_tail(tmp_path):
 def test_prepare_packs_both_sides_and_reuses_cache(corpus_dir, tokenizer_dir, tmp_path):
     ds = DatasetSpec(path=str(corpus_dir / "legal.jsonl"))
     h = tokenizer_hash(tokenizer_dir)
-    info = data.prepare(ds, tokenizer_dir, h, 32, 0.2, 0, str(tmp_path / "cache"))
+    info = data.prepare(DataJob(dataset=ds, tokenizer_uri=tokenizer_dir, tokenizer_hash=h, seq_len=32,
+                                heldout_fraction=0.2, split_seed=0, cache_root=str(tmp_path / "cache")))
     assert not info.cached and info.train_blocks > 10 and info.heldout_blocks > 0
     train = data.open_blocks(info.uri, "train")
     held = data.open_blocks(info.uri, "heldout")
     assert train.shape == (info.train_blocks, 32) and held.shape == (info.heldout_blocks, 32)
     eos = load_tokenizer(tokenizer_dir).eos_token_id
     assert (np.asarray(train) == eos).sum() > 0  # documents are separated by EOS
-    again = data.prepare(ds, tokenizer_dir, h, 32, 0.2, 0, str(tmp_path / "cache"))
+    again = data.prepare(DataJob(dataset=ds, tokenizer_uri=tokenizer_dir, tokenizer_hash=h, seq_len=32,
+                                 heldout_fraction=0.2, split_seed=0, cache_root=str(tmp_path / "cache")))
     assert again.cached and again.uri == info.uri
-    other = data.prepare(ds, tokenizer_dir, h, 16, 0.2, 0, str(tmp_path / "cache"))
+    other = data.prepare(DataJob(dataset=ds, tokenizer_uri=tokenizer_dir, tokenizer_hash=h, seq_len=16,
+                                 heldout_fraction=0.2, split_seed=0, cache_root=str(tmp_path / "cache")))
     assert other.uri != info.uri  # the block length is part of the key
 
 
@@ -85,8 +89,9 @@ def test_prepare_sends_each_shard_to_storage_as_it_fills(corpus_dir, tokenizer_d
 
     monkeypatch.setattr(checkpoint.Publisher, "add", counting_add)
     ds = DatasetSpec(path=str(corpus_dir / "legal.jsonl"))
-    info = data.prepare(ds, tokenizer_dir, tokenizer_hash(tokenizer_dir), 32, 0.2, 0, str(tmp_path / "cache"),
-                        shard_blocks=1)
+    info = data.prepare(DataJob(dataset=ds, tokenizer_uri=tokenizer_dir,
+                                tokenizer_hash=tokenizer_hash(tokenizer_dir), seq_len=32, heldout_fraction=0.2,
+                                split_seed=0, cache_root=str(tmp_path / "cache")), shard_blocks=1)
     assert len(on_disk) == info.train_blocks + info.heldout_blocks + 2 > 12  # one add per shard, shingles, meta
     # at each add: up to 2 still in flight, the one just finished, the other side's open shard
     assert max(on_disk) <= 4
@@ -98,7 +103,9 @@ def test_prepare_rejects_data_smaller_than_a_block(tokenizer_dir, tmp_path):
     small = tmp_path / "small.jsonl"
     small.write_text(json.dumps({"text": "too short"}) + "\n")
     with pytest.raises(data.DataError, match="small.jsonl: too little text for one 32-token training block"):
-        data.prepare(DatasetSpec(path=str(small)), tokenizer_dir, "h", 32, 0.1, 0, str(tmp_path / "c"))
+        data.prepare(DataJob(dataset=DatasetSpec(path=str(small)), tokenizer_uri=tokenizer_dir,
+                             tokenizer_hash="h", seq_len=32, heldout_fraction=0.1, split_seed=0,
+                             cache_root=str(tmp_path / "c")))
 
 
 def test_resolve_source(tmp_path):

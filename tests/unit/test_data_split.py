@@ -12,6 +12,7 @@ import pytest
 
 from branchout.core.spec import DatasetSpec
 from branchout.stages import data
+from branchout.stages.job import DataJob
 from branchout.stages.split import SAMPLE_BITS, is_heldout, shingles
 from branchout.stages.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -64,10 +65,13 @@ def _straddling(info, tok, family_of) -> set[int]:
 def test_near_duplicates_never_straddle_the_split(families, tokenizer_dir, tmp_path):
     path, docs, family_of = families
     tok, h = load_tokenizer(tokenizer_dir), tokenizer_hash(tokenizer_dir)
-    plain = data.prepare(DatasetSpec(path=str(path)), tokenizer_dir, h, SEQ, FRACTION, 0, str(tmp_path),
-                         decontaminate=False)
+    plain = data.prepare(DataJob(dataset=DatasetSpec(path=str(path)), tokenizer_uri=tokenizer_dir,
+                                 tokenizer_hash=h, seq_len=SEQ, heldout_fraction=FRACTION, split_seed=0,
+                                 cache_root=str(tmp_path)), decontaminate=False)
     assert _straddling(plain, tok, family_of), "the check must fail without decontamination"
-    clean = data.prepare(DatasetSpec(path=str(path)), tokenizer_dir, h, SEQ, FRACTION, 0, str(tmp_path))
+    clean = data.prepare(DataJob(dataset=DatasetSpec(path=str(path)), tokenizer_uri=tokenizer_dir,
+                                 tokenizer_hash=h, seq_len=SEQ, heldout_fraction=FRACTION, split_seed=0,
+                                 cache_root=str(tmp_path)))
     assert not _straddling(clean, tok, family_of)
     assert clean.heldout_moved_near_duplicates > 0 and clean.heldout_blocks > 0
     # only held-out → training: every document the hash put in training (the tokenizer's) stays there
@@ -80,17 +84,22 @@ def test_domain_heldout_text_the_pretraining_corpus_holds_is_not_scored(corpus_d
     h = tokenizer_hash(tokenizer_dir)
     tok = load_tokenizer(tokenizer_dir)
     general = corpus_dir / "general.jsonl"
-    pretrain = data.prepare(DatasetSpec(path=str(general)), tokenizer_dir, h, SEQ, FRACTION, 0, str(tmp_path))
+    pretrain = data.prepare(DataJob(dataset=DatasetSpec(path=str(general)), tokenizer_uri=tokenizer_dir,
+                                    tokenizer_hash=h, seq_len=SEQ, heldout_fraction=FRACTION, split_seed=0,
+                                    cache_root=str(tmp_path)))
     pretraining_text = [t for t in (json.loads(x)["text"] for x in general.read_text().splitlines())
                         if not is_heldout(t, 0, FRACTION)]
     own = [json.loads(x)["text"] for x in (corpus_dir / "code.jsonl").read_text().splitlines()]
     copied = [f"# doc-{i:04d}\n{t}" for i, t in enumerate(pretraining_text[:40])]
     domain = tmp_path / "domain.jsonl"
     domain.write_text("".join(json.dumps({"text": t}) + "\n" for t in own + copied))
-    alone = data.prepare(DatasetSpec(path=str(domain)), tokenizer_dir, h, SEQ, FRACTION, 0, str(tmp_path))
+    alone = data.prepare(DataJob(dataset=DatasetSpec(path=str(domain)), tokenizer_uri=tokenizer_dir,
+                                 tokenizer_hash=h, seq_len=SEQ, heldout_fraction=FRACTION, split_seed=0,
+                                 cache_root=str(tmp_path)))
     assert _markers(alone, "heldout", tok), "copies of pretraining text are scored without the reference"
-    checked = data.prepare(DatasetSpec(path=str(domain)), tokenizer_dir, h, SEQ, FRACTION, 0, str(tmp_path),
-                           reference_uri=pretrain.uri)
+    checked = data.prepare(DataJob(dataset=DatasetSpec(path=str(domain)), tokenizer_uri=tokenizer_dir,
+                                   tokenizer_hash=h, seq_len=SEQ, heldout_fraction=FRACTION, split_seed=0,
+                                   cache_root=str(tmp_path), reference_uri=pretrain.uri))
     assert not _markers(checked, "heldout", tok)
     assert checked.heldout_dropped_pretraining_overlap >= len(_markers(alone, "heldout", tok))
     assert checked.uri != alone.uri  # the reference is part of the cache key

@@ -13,6 +13,7 @@ from branchout.stages import data, packing
 from branchout.stages.batches import BlockOrder, step_micro_batches
 from branchout.stages.checkpoint import CorruptCheckpointError
 from branchout.stages.documents import iter_documents, split_paragraphs
+from branchout.stages.job import DataJob
 from branchout.stages.tokenizer import tokenizer_hash
 
 
@@ -35,8 +36,8 @@ def test_packing_is_identical_across_unit_sizes_batch_sizes_and_runs(corpus_dir,
     runs = []
     for i, (unit_bytes, encode_docs) in enumerate([(1 << 30, 1000), (5_000, 7), (1 << 30, 1000)]):
         monkeypatch.setattr(packing, "ENCODE_DOCS", encode_docs)
-        info = data.prepare(ds, tokenizer_dir, h, 16, 0.2, 0, str(tmp_path / f"c{i}"), unit_bytes=unit_bytes,
-                            shard_blocks=64)
+        info = data.prepare(DataJob(dataset=ds, tokenizer_uri=tokenizer_dir, tokenizer_hash=h, seq_len=16,
+                                    heldout_fraction=0.2, split_seed=0, cache_root=str(tmp_path / f"c{i}")), unit_bytes=unit_bytes, shard_blocks=64)
         manifest = json.loads((tmp_path / f"c{i}" / info.uri.rsplit("/", 1)[1] / "MANIFEST.json").read_text())
         runs.append({k: v["sha256"] for k, v in manifest["files"].items()})
     assert len(runs[0]) > 4  # several shards per side, the shingle set, meta.json
@@ -72,7 +73,8 @@ def test_the_last_units_are_cut_small_and_the_output_does_not_change(corpus_dir,
     digests = []
     for i, workers in enumerate((1, 2)):
         monkeypatch.setattr(data, "cluster_cpus", lambda w=workers: w)  # taper as on a 2-CPU cluster, in process
-        info = data.prepare(ds, tokenizer_dir, h, 16, 0.2, 0, str(tmp_path / f"c{i}"), unit_bytes=300_000)
+        info = data.prepare(DataJob(dataset=ds, tokenizer_uri=tokenizer_dir, tokenizer_hash=h, seq_len=16,
+                                    heldout_fraction=0.2, split_seed=0, cache_root=str(tmp_path / f"c{i}")), unit_bytes=300_000)
         digests.append(json.loads((tmp_path / f"c{i}" / info.uri.rsplit("/", 1)[1] / "MANIFEST.json").read_text()))
     assert digests[0]["files"] == digests[1]["files"]
 
@@ -81,8 +83,9 @@ def test_the_last_units_are_cut_small_and_the_output_does_not_change(corpus_dir,
 def sharded(corpus_dir, tokenizer_dir, tmp_path_factory):
     """The general corpus packed into 8-token blocks, 32 blocks a shard: ~200 shards."""
     root = tmp_path_factory.mktemp("sharded")
-    info = data.prepare(DatasetSpec(path=str(corpus_dir / "general.jsonl")), tokenizer_dir,
-                        tokenizer_hash(tokenizer_dir), 8, 0.1, 0, str(root), shard_blocks=32)
+    info = data.prepare(DataJob(dataset=DatasetSpec(path=str(corpus_dir / "general.jsonl")),
+                                tokenizer_uri=tokenizer_dir, tokenizer_hash=tokenizer_hash(tokenizer_dir),
+                                seq_len=8, heldout_fraction=0.1, split_seed=0, cache_root=str(root)), shard_blocks=32)
     return info
 
 
@@ -149,8 +152,9 @@ def test_unreadable_input_is_one_line_naming_the_file_and_line(tokenizer_dir, tm
     bad.write_text("".join(json.dumps({"text": f"fine line {i} " * 20}) + "\n" for i in range(500))
                    + '{"text": "broken\n')
     with pytest.raises(data.DataError) as e:
-        data.prepare(DatasetSpec(path=str(bad)), tokenizer_dir, "h", 16, 0.2, 0, str(tmp_path / "c"),
-                     unit_bytes=4096)
+        data.prepare(DataJob(dataset=DatasetSpec(path=str(bad)), tokenizer_uri=tokenizer_dir,
+                             tokenizer_hash="h", seq_len=16, heldout_fraction=0.2, split_seed=0,
+                             cache_root=str(tmp_path / "c")), unit_bytes=4096)
     assert str(e.value).startswith(f"{bad}: line 501, column 10: not valid JSON") and "\n" not in str(e.value)
 
 

@@ -26,6 +26,7 @@ from branchout.stages.instruct import (
     prompt_key,
     with_chat_template,
 )
+from branchout.stages.job import DataJob
 from branchout.stages.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 
 from conftest import TINY
@@ -116,8 +117,9 @@ def test_the_same_prompt_is_always_on_the_same_side(qa, tmp_path):
     twice = rows + [{"prompt": r["prompt"], "response": r["response"] + " (again)"} for r in rows]
     data = tmp_path / "twice.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in twice))
-    info = prepare(DatasetSpec(path=str(data), prompt_column="prompt", response_column="response"), tok_dir,
-                   tokenizer_hash(tok_dir), 64, 0.2, 0, str(tmp_path / "cache"))
+    info = prepare(DataJob(dataset=DatasetSpec(path=str(data), prompt_column="prompt", response_column="response"),
+                           tokenizer_uri=tok_dir, tokenizer_hash=tokenizer_hash(tok_dir), seq_len=64,
+                           heldout_fraction=0.2, split_seed=0, cache_root=str(tmp_path / "cache")))
     tok = _tok(qa)
 
     def prompts(side):
@@ -133,8 +135,10 @@ def test_the_same_prompt_is_always_on_the_same_side(qa, tmp_path):
 def test_instruction_data_is_prepared_once_and_reused_from_the_cache(qa, tmp_path):
     path, tok_dir = qa
     ds = DatasetSpec(path=str(path), prompt_column="prompt", response_column="response")
-    first = prepare(ds, tok_dir, tokenizer_hash(tok_dir), 64, 0.2, 0, str(tmp_path / "cache"))
-    again = prepare(ds, tok_dir, tokenizer_hash(tok_dir), 64, 0.2, 0, str(tmp_path / "cache"))
+    first = prepare(DataJob(dataset=ds, tokenizer_uri=tok_dir, tokenizer_hash=tokenizer_hash(tok_dir),
+                            seq_len=64, heldout_fraction=0.2, split_seed=0, cache_root=str(tmp_path / "cache")))
+    again = prepare(DataJob(dataset=ds, tokenizer_uri=tok_dir, tokenizer_hash=tokenizer_hash(tok_dir),
+                            seq_len=64, heldout_fraction=0.2, split_seed=0, cache_root=str(tmp_path / "cache")))
     assert first.kind == "instruct" and not first.cached and again.cached and again.uri == first.uri
     roles = open_roles(first.uri, "train")
     assert roles.shape == (first.train_blocks, 64)
@@ -147,7 +151,9 @@ def test_instruction_data_is_prepared_once_and_reused_from_the_cache(qa, tmp_pat
     text = tmp_path / "text.jsonl"
     text.write_text("".join(json.dumps({"text": json.loads(x)["prompt"] + " " + json.loads(x)["response"]}) + "\n"
                             for x in path.read_text().splitlines()))
-    plain = prepare(DatasetSpec(path=str(text)), tok_dir, tokenizer_hash(tok_dir), 64, 0.2, 0, str(tmp_path / "cache"))
+    plain = prepare(DataJob(dataset=DatasetSpec(path=str(text)), tokenizer_uri=tok_dir,
+                            tokenizer_hash=tokenizer_hash(tok_dir), seq_len=64, heldout_fraction=0.2,
+                            split_seed=0, cache_root=str(tmp_path / "cache")))
     assert plain.kind == "text" and open_roles(plain.uri, "train") is None
 
 
@@ -156,8 +162,9 @@ def test_perplexity_of_instruction_data_counts_answer_tokens_only(qa, tmp_path):
     from branchout.stages.model import build_config, build_model
 
     path, tok_dir = qa
-    info = prepare(DatasetSpec(path=str(path), prompt_column="prompt", response_column="response"), tok_dir,
-                   tokenizer_hash(tok_dir), 64, 0.2, 0, str(tmp_path / "cache"))
+    info = prepare(DataJob(dataset=DatasetSpec(path=str(path), prompt_column="prompt", response_column="response"),
+                           tokenizer_uri=tok_dir, tokenizer_hash=tokenizer_hash(tok_dir), seq_len=64,
+                           heldout_fraction=0.2, split_seed=0, cache_root=str(tmp_path / "cache")))
     blocks, roles = open_blocks(info.uri, "heldout"), open_roles(info.uri, "heldout")
     model = build_model(build_config("llama", TINY["model"]["config"], len(_tok(qa))), seed=0)
     ppl, scored = perplexity(model, blocks, 4, 10, roles)
