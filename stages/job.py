@@ -6,8 +6,8 @@ so a worker reads every option, and every default, from ``core/spec.py``:
 
 - ``TokenizerJob`` → ``stages.tokenizer.tokenizer_job``
 - ``DataJob`` → ``stages.data.prepare``
-- ``TrainJob`` → ``stages.distributed.train_worker`` (Ray Train) or
-  ``stages.single_worker.run_single_worker`` (one process): pretrain, fine-tunes, baselines
+- ``TrainJob`` → ``stages.recipe.train``, entered from Ray Train (``stages.distributed.train_worker``)
+  or one process (``stages.single_worker.run_single_worker``): pretrain, fine-tunes, baselines
 - ``ImportJob`` → ``stages.model.import_model`` (``pretrain.steps: 0``)
 - ``EvalJob`` → ``stages.evaluate.evaluate_domain``
 """

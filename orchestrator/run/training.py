@@ -25,7 +25,8 @@ def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from branchout.stages.distributed import read_result, train_worker
+    from branchout.stages.distributed import train_worker
+    from branchout.stages.recipe import read_result
 
     t = job.spec()
     r = t.resources_per_worker
