@@ -61,9 +61,10 @@ def _write(spec: dict, corpus_dir: Path, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def chaos(corpus_dir, tmp_path_factory):
-    """One pipeline run left alone (the baseline) and the same pipeline with kills in both
-    stages: a pretrain rank at step 25; code's fine-tune at 50 (one retry left), docs' at 30
-    (none). Two runs serve both tests: each run costs a Ray start and every stage's workers."""
+    """One pipeline run left alone (the baseline: its pretrain, with a single domain after it)
+    and the same pipeline with kills in both stages: a pretrain rank at step 25; code's
+    fine-tune at 50 (one retry left), docs' at 30 (none). Two runs serve both tests: each run
+    costs a Ray start and every stage's workers."""
     spec = copy.deepcopy(TINY)
     spec["pretrain"].update(steps=40, checkpoint_every=10, log_every=1)
     spec["evaluate"]["models"] = ["base", "finetuned"]
@@ -74,7 +75,11 @@ def chaos(corpus_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chaos")
     # the module's own registry and caches: each test's (conftest.isolated_state) ends with it
     env = {"BRANCHOUT_REGISTRY": f"sqlite:///{tmp / 'registry.db'}", "BRANCHOUT_CACHE_DIR": str(tmp / "cache")}
-    baseline = run_cli("run", str(_write(spec, corpus_dir, tmp / "a")), env=env)
+    # the baseline serves the pretrain's trajectory only: the same pretrain (tokenizer and packed
+    # data come from the pretraining corpus alone), with one domain and only the base scored
+    alone = copy.deepcopy(spec)
+    alone["finetune"]["domains"], alone["evaluate"]["models"] = [copy.deepcopy(legal)], ["base"]
+    baseline = run_cli("run", str(_write(alone, corpus_dir, tmp / "a")), env=env)
     assert baseline.returncode == 0, baseline.stdout[-3000:]
     out = run_cli("run", str(_write(spec, corpus_dir, tmp / "b")),
                   env={**env, "BRANCHOUT_FAULTS": "pretrain@25,finetune/code@50,finetune/docs@30"})
