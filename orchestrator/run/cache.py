@@ -26,11 +26,14 @@ import json
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from branchout.core.spec import PipelineSpec, TrainingSpec
 from branchout.stages import storage
 from branchout.stages.checkpoint import CorruptCheckpointError, fetch_verified
+
+if TYPE_CHECKING:
+    from branchout.orchestrator.config.plan import Plan
 
 # Fields of a training section that do not change what it produces.
 OPERATIONAL = {"log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "max_retries"}
@@ -120,8 +123,10 @@ def data_fingerprints(spec: PipelineSpec) -> dict[str, str]:
     return fps
 
 
-def job_keys(spec: PipelineSpec, fingerprints: dict[str, str]) -> dict[str, str]:
-    """Keys of every job of ``spec``; ``fingerprints`` maps dataset name → data fingerprint."""
+def job_keys(spec: PipelineSpec, fingerprints: dict[str, str], plan: Plan | None = None) -> dict[str, str]:
+    """Keys of every job of ``spec``; ``fingerprints`` maps dataset name → data fingerprint.
+    ``plan``: the run's plan (its pretrain steps are part of the pretrain's key), built from
+    ``spec`` when not given."""
     from branchout.orchestrator.config.plan import build_plan
 
     ev = spec.evaluate
@@ -132,7 +137,7 @@ def job_keys(spec: PipelineSpec, fingerprints: dict[str, str]) -> dict[str, str]
     keys["tokenizer"] = _h("tokenizer", code, spec.tokenizer.model_dump(mode="json"),
                            fingerprints["pretrain"], split)
     keys["data/pretrain"] = _h("data", code, fingerprints["pretrain"], keys["tokenizer"], spec.pretrain.seq_len, split)
-    steps = build_plan(spec).pretrain.steps
+    steps = (plan or build_plan(spec)).pretrain.steps
     keys["pretrain"] = _h("pretrain", code, _training(spec.pretrain), steps, model, keys["tokenizer"],
                           keys["data/pretrain"])
     for d in spec.finetune.domains:

@@ -137,7 +137,7 @@ def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None 
         console.print(f"{'resuming' if resuming else 'run'} [bold]{record.run_id}[/] → {record.run_uri}")
         cache = StageCache(spec.storage, enabled=use_cache, skip=expand_rerun(spec, rerun or []))
         fingerprints = data_fingerprints(spec)
-        keys = job_keys(spec, fingerprints)
+        keys = job_keys(spec, fingerprints, plan)
         with driver_log(record) as log, ProgressView(console, log=log) as view:
             print_plan(log, plan, spec.notes)
             log.print(f"{'resuming' if resuming else 'run'} {record.run_id} → {record.run_uri}")
