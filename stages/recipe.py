@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from typing import Any, Protocol
 
 from branchout.stages.job import TrainJob
@@ -92,17 +92,13 @@ def train(job: TrainJob, sink: CheckpointSink, rank: int = 0, world: int = 1, sh
     if roles is not None:  # instruction data: the model is saved with the template it learned
         tokenizer = with_chat_template(tokenizer)
 
-    save: Callable[[int, float], None] = lambda step, loss: sink.save(engine, step, loss)  # noqa: E731
-    result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger, save,
+    result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger, partial(sink.save, engine),
                        after_step=killer(job.name, job.out_uri, rank), roles=roles)
 
     weights = None
     if t.uses_deepspeed():
         engine.release_optimizer_state()  # the last checkpoint holds them; the export needs the room
         weights = engine.state_dict_for_export()  # collective under ZeRO-3: every rank must call it
-    ended = time.time()
-    out = {**asdict(result), "started": started, "ended": ended, "model_uri": job.model_uri, "pid": os.getpid(),
-           "workers": world, "precision": precision.as_dict()}
     if rank == 0:
         job.check_lease()
         extra = {"job": job.name, "steps": job.steps}
@@ -115,7 +111,9 @@ def train(job: TrainJob, sink: CheckpointSink, rank: int = 0, world: int = 1, sh
         # Checkpoints stay until the driver has recorded this job as succeeded (it removes
         # them then): a worker that outlived its driver must not leave a resumed attempt
         # nothing to resume from.
-        out["ended"] = time.time()
+    out = {**asdict(result), "started": started, "ended": time.time(), "model_uri": job.model_uri,
+           "pid": os.getpid(), "workers": world, "precision": precision.as_dict()}
+    if rank == 0:
         storage.write_text(storage.join(job.out_uri, "result.json"), json.dumps(out))
         logger.state("succeeded", ended=out["ended"])
         logger.close()

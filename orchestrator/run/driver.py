@@ -27,7 +27,7 @@ from rich.console import Console
 from branchout.cluster.autoscale import CapacityHints, stage_bundles, waiting_message
 from branchout.cluster.connect import ClusterInfo, connect
 from branchout.core.progress import hub_name, start_hub
-from branchout.core.spec import DatasetSpec, FinetuneOptions, PipelineSpec
+from branchout.core.spec import DatasetSpec, PipelineSpec
 from branchout.orchestrator.config.plan import Plan, build_plan
 from branchout.orchestrator.run.cache import StageCache, data_fingerprints, expand_rerun, job_keys
 from branchout.orchestrator.run.checks import check_capacity, check_shared_storage
@@ -378,8 +378,7 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
     singles: dict[tuple, list[str]] = {}  # bundle → names of its single-worker jobs
     for kind in kinds:
         for d in spec.finetune.domains:
-            training = FinetuneOptions.model_validate(
-                {k: getattr(d, k) for k in FinetuneOptions.model_fields} | {"seq_len": spec.domain_seq_len(d)})
+            training = d.model_copy(update={"seq_len": spec.domain_seq_len(d)})  # a FinetuneOptions
             job = TrainJob(
                 name=f"{kind}/{d.name}", kind=kind, training=training, steps=d.steps,
                 model_type=spec.model.type, model_overrides=spec.model.config,

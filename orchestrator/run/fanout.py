@@ -49,6 +49,8 @@ class RetryPolicy:
 
     def decide(self, attempt: int, error: BaseException) -> Decision:
         """``attempt``: the number of the attempt that failed (1 for the first)."""
+        from branchout.orchestrator.run.training import root_error
+
         if isinstance(root_error(error), self.repeats):
             return Decision.FAIL
         return Decision.RETRY if attempt <= self.max_retries else Decision.FAIL
@@ -264,18 +266,6 @@ def _started(result: Any) -> float | None:
 
 def _ended(result: Any) -> float | None:
     return result.get("ended") if isinstance(result, dict) else None
-
-
-def root_error(error: BaseException) -> BaseException:
-    """The worker's own exception inside Ray's wrappers (``RayTaskError.cause``, chained causes)."""
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        inner = getattr(error, "cause", None) or error.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        error = inner
-    return error
 
 
 def describe_error(error: BaseException) -> str:

@@ -74,14 +74,20 @@ def simulate_gpus() -> bool:
     return os.environ.get("BRANCHOUT_SIMULATE_GPUS", "") not in ("", "0")
 
 
+def root_error(error: BaseException) -> BaseException:
+    """The worker's own exception inside Ray's wrappers (``RayTaskError.cause``, chained causes)."""
+    seen = {id(error)}
+    while True:
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            return error
+        seen.add(id(inner))
+        error = inner
+
+
 def root_cause(error: BaseException) -> str:
     """The innermost error's last line: what a user needs, without Ray's wrapping."""
-    seen = error
-    while True:
-        nxt = getattr(seen, "cause", None) or seen.__cause__
-        if nxt is None or nxt is seen:
-            break
-        seen = nxt
+    seen = root_error(error)
     # Collapse a multi-line message (pydantic, Ray) into one line a table can show.
     lines = [ln.strip() for ln in str(seen).splitlines()
              if ln.strip() and not ln.strip().startswith("For further information")]
