@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from branchout.core.graph import JobGraph, Kind
+
 EXPIRE_S = 1800.0  # a dead driver's hint lapses by itself; live ones are refreshed
 
 
@@ -116,21 +118,17 @@ def waiting_message(name: str, bundle: dict[str, float], waited_s: float) -> str
             f"(free now: {short}); {where}")
 
 
-def stage_bundles(spec) -> dict[str, list[dict[str, float]]]:
-    """The bundles each stage of ``spec`` holds at its widest: pretrain, fan-out, evaluate.
+def stage_bundles(graph: JobGraph) -> dict[str, list[dict[str, float]]]:
+    """The bundles each stage of the pipeline holds at its widest: pretrain, fan-out, evaluate.
 
-    An evaluation runs on one worker of its domain's fine-tune bundle (GPU share and
-    accelerator type included), so its nodes are the fan-out's kind.
+    The fan-out runs its jobs in the driver's order (fine-tunes, then baselines) up to
+    ``finetune.max_concurrent`` at a time. An evaluation runs on one worker of its domain's
+    fine-tune bundle (GPU share and accelerator type included), so its nodes are the fan-out's kind.
     """
-    p = spec.pretrain
-    fanout: list[dict[str, float]] = []
-    kinds = 1 + ("scratch" in spec.evaluate.models)
-    jobs = [d for _ in range(kinds) for d in spec.finetune.domains]
-    width = min(spec.finetune.max_concurrent or len(jobs), len(jobs))
-    for d in jobs[:width]:
-        fanout += [d.resources_per_worker.ray_bundle()] * d.num_workers
-    return {
-        "pretrain": [p.resources_per_worker.ray_bundle()] * p.num_workers,
-        "fanout": fanout,
-        "evaluate": [d.resources_per_worker.ray_bundle() for d in spec.finetune.domains],
-    }
+    out = {}
+    for stage in ("pretrain", "fanout", "evaluate"):
+        nodes = graph.of(*(k for k in Kind if k.stage == stage))  # kind by kind: fine-tunes first
+        if stage == "fanout":
+            nodes = nodes[:graph.spec.finetune.max_concurrent or len(nodes)]
+        out[stage] = [b for n in nodes for b in n.bundles]
+    return out

@@ -91,10 +91,10 @@ def user_errors():
 
 
 def check_rerun(spec, rerun: list[str] | None) -> None:
-    from branchout.orchestrator.run.cache import expand_rerun
+    from branchout.core.graph import build_graph
 
     try:
-        expand_rerun(spec, rerun or [])
+        build_graph(spec).select(rerun or [])
     except ValueError as e:
         fail([str(e)])
 

@@ -11,6 +11,7 @@ import os
 import re
 from typing import Any
 
+from branchout.core.graph import KINDS
 from branchout.core.spec import PipelineSpec, TrainingSpec
 
 
@@ -41,9 +42,9 @@ def _check_instruction_data(spec: PipelineSpec) -> list[str]:
     return []
 
 
-# Job names are "<stage>/<domain>" and data jobs "data/<dataset>", where the pretraining
-# corpus is "data/pretrain"; `--rerun` takes stage and domain names alike.
-RESERVED_NAMES = ("pretrain", "tokenizer", "data", "finetune", "scratch", "evaluate")
+# Job names are "<kind>/<domain>" and data jobs "data/<dataset>", where the pretraining
+# corpus is "data/pretrain" (core.graph); `--rerun` takes kind and domain names alike.
+RESERVED_NAMES = KINDS
 
 _SECRET_QUERY = re.compile(r"(access|secret|session)[_-]?key|token|password|passwd|credential|signature",
                            re.IGNORECASE)

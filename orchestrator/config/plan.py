@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from branchout.core.graph import JobGraph, Kind, Node, build_graph
 from branchout.core.spec import PipelineSpec, TrainingSpec
 
 GiB = 1024**3
@@ -204,12 +205,14 @@ def resolve_auto_zero(spec: PipelineSpec) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
-def build_plan(spec: PipelineSpec) -> Plan:
-    """Compute the plan of a validated spec (no Ray, no data access)."""
+def build_plan(spec: PipelineSpec, graph: JobGraph | None = None) -> Plan:
+    """Compute the plan of a validated spec (no Ray, no data access); ``graph``: its job
+    graph, built here when not given."""
+    graph = graph or build_graph(spec)
     shape = model_shape(spec)
     p = spec.pretrain
     embedded = spec.cluster.address is None
-    pre_steps = p.steps if p.steps is not None else math.ceil(p.tokens / (p.global_batch_size * p.seq_len))
+    pre_steps = graph.pretrain_steps
     plan = Plan(
         pipeline=spec.name, model_type=shape.model_type, params=shape.params,
         non_embedding_params=shape.non_embedding, vocab_size=shape.vocab, layers=shape.layers,
@@ -221,17 +224,20 @@ def build_plan(spec: PipelineSpec) -> Plan:
         trainable = shape.params if d.method == "full" else max(1, shape.params // 100)
         plan.domains[d.name] = _training_plan(d.name, d, seq_len, d.steps, shape, trainable, embedded)
         plan.domain_methods[d.name] = d.method
-        kinds = [("finetune", d.method)] + ([("scratch", "full")] if "scratch" in spec.evaluate.models else [])
-        for kind, method in kinds:
-            tp = _training_plan(d.name, d, seq_len, d.steps, shape, shape.params if method == "full" else trainable,
-                                embedded)
+    by_name = {d.name: d for d in spec.finetune.domains}
+    for node in graph:
+        if node.kind in (Kind.FINETUNE, Kind.SCRATCH):
+            t = node.section
+            lora = t.method == "lora"
+            tp = _training_plan(node.domain, t, node.seq_len, t.steps, shape,
+                                max(1, shape.params // 100) if lora else shape.params, embedded)
             engine = (f"ZeRO-{tp.zero_stage} × {tp.workers}" if tp.zero_stage is not None else "torch") + \
-                (", LoRA" if method == "lora" else ", from scratch" if kind == "scratch" else ", full") + \
+                (", LoRA" if lora else ", from scratch" if node.kind is Kind.SCRATCH else ", full") + \
                 f", {tp.precision}"
-            plan.jobs.append(JobPlan(f"{kind}/{d.name}", d.name, kind, d.num_workers, tp.resources, engine,
+            plan.jobs.append(JobPlan(node.name, node.domain, node.kind.value, node.workers, tp.resources, engine,
                                      tp.memory_gib * GiB, tp.steps, tp.total_tokens))
-    for d in spec.finetune.domains:
-        plan.jobs.append(evaluation_plan(spec, d, shape))
+    for node in graph.of(Kind.EVALUATE):
+        plan.jobs.append(evaluation_plan(spec, node, by_name[node.domain], shape))
     return plan
 
 
@@ -244,7 +250,7 @@ def planned_precision(t: TrainingSpec, embedded: bool):
     return predict(t.deepspeed.precision, r.uses_gpu, r.accelerator, embedded)
 
 
-def evaluation_plan(spec: PipelineSpec, d, shape: ModelShape) -> JobPlan:
+def evaluation_plan(spec: PipelineSpec, node: Node, d, shape: ModelShape) -> JobPlan:
     """The evaluation of domain ``d``: one worker of the domain's fine-tune, its precision.
 
     The job scores one model at a time, so it needs one model's weights in the scoring
@@ -264,7 +270,7 @@ def evaluation_plan(spec: PipelineSpec, d, shape: ModelShape) -> JobPlan:
         memory += 4 * max(1, shape.params // 100)  # the adapter, in fp32
     label = {"bf16": "bf16", "fp16": "fp16" if r.uses_gpu else "fp32"}.get(precision, "fp32") if known else "auto"
     blocks = ev.max_blocks * len(ev.models)
-    return JobPlan(f"evaluate/{d.name}", d.name, "evaluate", 1, r.ray_bundle(),
+    return JobPlan(node.name, d.name, node.kind.value, node.workers, node.resources,
                    f"score {', '.join(ev.models)} in {label}", memory, 0, blocks * spec.domain_seq_len(d))
 
 

@@ -246,10 +246,11 @@ class Scheduler:
 
 
 def pipeline_fingerprints(s: Schedule) -> dict[str, str]:
+    from branchout.core.graph import build_graph
     from branchout.orchestrator.config.loader import load_spec
     from branchout.orchestrator.run.cache import data_fingerprints
 
-    return data_fingerprints(load_spec(s.pipeline, s.overrides))
+    return data_fingerprints(build_graph(load_spec(s.pipeline, s.overrides)))
 
 
 def active_run_of(registry: Registry, s: Schedule, now: float) -> str | None:

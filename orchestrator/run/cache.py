@@ -4,14 +4,17 @@ Every job gets a key, a hash of exactly what decides its output:
 
     tokenizer          its spec section, the pretraining data's fingerprint, the split
     data/<name>        the dataset's fingerprint, the tokenizer key, block length, split
+                       (a domain's: also the pretraining data's key, its decontamination reference)
     pretrain           its training section, the model section, tokenizer and data keys
     finetune/<domain>  the domain's options, the *pretrain key* (its parent), its data key
     scratch/<domain>   the domain's options, the model section, tokenizer and data keys
     evaluate/<domain>  the evaluate section and the keys of the models it scores
 
 plus the code version (``code_version``: branchout's version, a hash of the code that
-shapes outputs, and the versions of the numerical libraries). Settings that cannot change an output (log and checkpoint intervals,
-retention, retries, resources other than the worker count) are left out.
+shapes outputs, and the versions of the numerical libraries). Settings that cannot change
+an output (log and checkpoint intervals, retention, retries, resources other than the
+worker count) are left out. ``core.graph`` states each job's inputs and parents;
+``job_keys`` hashes them.
 
 A job that succeeds records ``<storage>/cache/stages/<key>.json`` (the job, the run, its
 outputs). A later run finds the key, verifies the recorded outputs (manifests, SHA-256)
@@ -26,23 +29,16 @@ import json
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from branchout.core.spec import PipelineSpec, TrainingSpec
+from branchout.core.graph import JobGraph, Kind
 from branchout.stages import storage
 from branchout.stages.checkpoint import CorruptCheckpointError, fetch_verified
-
-if TYPE_CHECKING:
-    from branchout.orchestrator.config.plan import Plan
-
-# Fields of a training section that do not change what it produces.
-OPERATIONAL = {"log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "max_retries"}
-
 
 # What decides an output besides the spec and the data: the code that runs on workers,
 # the orchestrator modules that turn a spec into jobs (defaults, derived steps and batch
 # arithmetic, job options, the evaluation rows), and the libraries doing the numerics.
-OUTPUT_CODE = ("stages", "core/spec.py", "orchestrator/config/plan.py", "orchestrator/run/driver.py",
+OUTPUT_CODE = ("stages", "core/spec.py", "core/graph.py", "orchestrator/config/plan.py", "orchestrator/run/driver.py",
                "orchestrator/run/training.py", "cluster/memory.py")
 OUTPUT_LIBRARIES = ("torch", "transformers", "deepspeed", "peft", "tokenizers", "datasets", "numpy",
                     "safetensors", "pyarrow")
@@ -107,91 +103,30 @@ def _h(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _training(t: TrainingSpec) -> dict:
-    values = t.model_dump(mode="json", exclude=OPERATIONAL)
-    resources = values.pop("resources_per_worker")
-    values["uses_gpu"] = resources["gpu"] > 0  # where it runs changes numerics, how much does not
-    return values
-
-
-def data_fingerprints(spec: PipelineSpec) -> dict[str, str]:
-    """Fingerprint of every dataset, by the name the stage cache uses (pretrain, domains)."""
+def data_fingerprints(graph: JobGraph) -> dict[str, str]:
+    """Fingerprint of every dataset, by its data job's ``domain`` (pretrain, domains)."""
     from branchout.stages.data import fingerprint
 
-    fps = {"pretrain": fingerprint(spec.pretrain.dataset)}
-    fps.update({d.name: fingerprint(d.dataset) for d in spec.finetune.domains})
-    return fps
+    return {n.domain: fingerprint(n.section) for n in graph.of(Kind.DATA)}
 
 
-def job_keys(spec: PipelineSpec, fingerprints: dict[str, str], plan: Plan | None = None) -> dict[str, str]:
-    """Keys of every job of ``spec``; ``fingerprints`` maps dataset name → data fingerprint.
-    ``plan``: the run's plan (its pretrain steps are part of the pretrain's key), built from
-    ``spec`` when not given."""
-    from branchout.orchestrator.config.plan import build_plan
-
-    ev = spec.evaluate
-    split = (ev.heldout_fraction, ev.split_seed)
-    model = {**spec.model.model_dump(mode="json"), "content": model_fingerprint(spec.model.path, spec.model.revision)}
+def job_keys(graph: JobGraph, fingerprints: dict[str, str]) -> dict[str, str]:
+    """Keys of every job of ``graph``, parents first; ``fingerprints`` maps dataset name → data
+    fingerprint. A key hashes the job's kind, the code version, the settings that decide its
+    output (``Node.key_inputs``), its parents' keys by role, the fingerprint of the dataset it
+    reads and, where the model section's files shape it, their fingerprint."""
+    model = graph.spec.model
+    content = model_fingerprint(model.path, model.revision) if any(n.model_files for n in graph) else None
     code = code_version()
     keys: dict[str, str] = {}
-    keys["tokenizer"] = _h("tokenizer", code, spec.tokenizer.model_dump(mode="json"),
-                           fingerprints["pretrain"], split)
-    keys["data/pretrain"] = _h("data", code, fingerprints["pretrain"], keys["tokenizer"], spec.pretrain.seq_len, split)
-    steps = (plan or build_plan(spec)).pretrain.steps
-    keys["pretrain"] = _h("pretrain", code, _training(spec.pretrain), steps, model, keys["tokenizer"],
-                          keys["data/pretrain"])
-    for d in spec.finetune.domains:
-        data_key = keys[f"data/{d.name}"] = _h("data", code, fingerprints[d.name], keys["tokenizer"],
-                                                spec.domain_seq_len(d), split)
-        options = {**_training(d), "seq_len": spec.domain_seq_len(d), "method": d.method, "lora": d.lora.model_dump()}
-        keys[f"finetune/{d.name}"] = _h("finetune", code, options, keys["pretrain"], data_key)
-        scratch = {**options, "method": "full"}
-        keys[f"scratch/{d.name}"] = _h("scratch", code, scratch, model, keys["tokenizer"], data_key)
-        producer = {"base": "pretrain", "finetuned": f"finetune/{d.name}", "scratch": f"scratch/{d.name}"}
-        scored = {m: keys[producer[m]] for m in ev.models}
-        keys[f"evaluate/{d.name}"] = _h("evaluate", code, ev.model_dump(mode="json"), scored, data_key)
+    for node in graph:
+        parts = [node.kind.value, code, node.key_inputs, {role: keys[p] for role, p in node.parents.items()}]
+        if node.reads:
+            parts.append(fingerprints[node.reads])
+        if node.model_files:
+            parts.append(content)
+        keys[node.name] = _h(*parts)
     return keys
-
-
-def dependents(spec: PipelineSpec, jobs: set[str]) -> set[str]:
-    """``jobs`` and everything downstream of them."""
-    out = set(jobs)
-    names = [d.name for d in spec.finetune.domains]
-    if "tokenizer" in out:
-        out |= {"data/pretrain", *(f"data/{n}" for n in names)}
-    if "data/pretrain" in out:
-        out.add("pretrain")
-    if "pretrain" in out:
-        out |= {f"finetune/{n}" for n in names}
-    for n in names:
-        if f"data/{n}" in out:
-            out |= {f"finetune/{n}", f"scratch/{n}"}
-        if f"finetune/{n}" in out or f"scratch/{n}" in out or "pretrain" in out:
-            out.add(f"evaluate/{n}")
-    return out
-
-
-def expand_rerun(spec: PipelineSpec, names: list[str]) -> set[str]:
-    """``--rerun`` arguments (a job, a stage, or a domain) as job names, with dependents.
-
-    Raises:
-        ValueError: a name that is no job, stage or domain of this pipeline.
-    """
-    domains = [d.name for d in spec.finetune.domains]
-    all_jobs = {"tokenizer", "data/pretrain", "pretrain",
-                *(f"{k}/{n}" for k in ("data", "finetune", "scratch", "evaluate") for n in domains)}
-    chosen: set[str] = set()
-    for name in names:
-        if name in all_jobs:
-            chosen.add(name)
-        elif name in domains:
-            chosen |= {f"finetune/{name}", f"scratch/{name}", f"evaluate/{name}"}
-        elif name in ("data", "finetune", "scratch", "evaluate"):
-            chosen |= {j for j in all_jobs if j.startswith(f"{name}/")}
-        else:
-            raise ValueError(f"--rerun {name!r}: not a job, stage or domain of {spec.name} "
-                             f"(stages: tokenizer, data, pretrain, finetune, scratch, evaluate; domains: {', '.join(domains)})")
-    return dependents(spec, chosen)
 
 
 class StageCache:

@@ -14,6 +14,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from branchout.core.graph import Kind
 from branchout.orchestrator.config.plan import Plan
 from branchout.orchestrator.run.state import JobState, RunRecord
 
@@ -204,7 +205,8 @@ def print_run_list(console: Console, rows, title: str = "runs", registry=None) -
     for row in rows:
         domains = "-"
         if registry is not None:
-            fts = [j for j in registry.jobs_of(row.run_id) if j["name"].startswith("finetune/")]
+            # registry rows hold the job's name, "<kind>/<domain>" (core.graph)
+            fts = [j for j in registry.jobs_of(row.run_id) if j["name"].partition("/")[0] == Kind.FINETUNE]
             if fts:
                 domains = f"{sum(j['state'] == 'succeeded' for j in fts)}/{len(fts)}"
         state = JobState(row.state) if row.state in JobState._value2member_map_ else None
@@ -267,8 +269,11 @@ def print_memory_plan(console: Console, spec, shape, gpu_memory_gb: float | None
 
     console.print(f"[bold]{spec.name}[/]: {shape.model_type}, {shape.params / 1e9:.2f}B parameters "
                   f"(largest layer {shape.largest_layer / 1e6:.1f}M), {shape.layers} layers, hidden {shape.hidden}")
-    jobs = [("pretrain", spec.pretrain, spec.pretrain.seq_len)]
-    jobs += [(f"finetune/{d.name}", d, spec.domain_seq_len(d)) for d in spec.finetune.domains if d.num_workers > 1]
+    from branchout.core.graph import build_graph
+
+    # the pretrain and every multi-worker fine-tune (a single-worker one runs without DeepSpeed)
+    jobs = [(n.name, n.section, n.seq_len) for n in build_graph(spec).of(Kind.PRETRAIN, Kind.FINETUNE)
+            if n.kind is Kind.PRETRAIN or n.workers > 1]
     for name, t, seq_len in jobs:
         memory = gpu_memory_gb or _gpu_memory(t)
         label = gpu_label or t.resources_per_worker.accelerator or (f"{memory:g} GB" if memory else None)

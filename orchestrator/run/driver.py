@@ -26,10 +26,11 @@ from rich.console import Console
 
 from branchout.cluster.autoscale import CapacityHints, stage_bundles, waiting_message
 from branchout.cluster.connect import ClusterInfo, connect
+from branchout.core.graph import JobGraph, Kind, Node, build_graph
 from branchout.core.progress import hub_name, start_hub
-from branchout.core.spec import DatasetSpec, PipelineSpec
+from branchout.core.spec import PipelineSpec
 from branchout.orchestrator.config.plan import Plan, build_plan
-from branchout.orchestrator.run.cache import StageCache, data_fingerprints, expand_rerun, job_keys
+from branchout.orchestrator.run.cache import StageCache, data_fingerprints, job_keys
 from branchout.orchestrator.run.checks import check_capacity, check_shared_storage
 from branchout.orchestrator.run.display import ProgressView, print_plan, print_results
 from branchout.orchestrator.run.fanout import Hooks, WorkItem, run_jobs, submit_task
@@ -60,6 +61,7 @@ class StageFailedError(RuntimeError):
 @dataclass
 class RunContext:
     spec: PipelineSpec
+    graph: JobGraph
     plan: Plan
     record: RunRecord
     cluster: ClusterInfo
@@ -82,6 +84,10 @@ class RunContext:
 
     def uri(self, *parts: str) -> str:
         return storage.join(self.run_uri, *parts)
+
+    def out_uri(self, node: Node) -> str:
+        """The job's folder in the run: ``<run>/finetune/legal``."""
+        return self.uri(*node.path)
 
     def run(self, items: list[WorkItem], max_in_flight: int | None = None,
             on_tick: Callable[[dict], None] | None = None) -> dict[str, Any]:
@@ -123,26 +129,27 @@ def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None 
     """
     from branchout.orchestrator.operate.registry import Registry, driver_identity
 
-    plan = build_plan(spec)
+    graph = build_graph(spec)  # every job, once: the stages, cache keys, plan and bundles read it
+    plan = build_plan(spec, graph)
     print_plan(console, plan, spec.notes)
     storage.check_reachable(spec.storage)
     with connect(spec.cluster) as cluster, stop_on_sigterm():
         check_shared_storage(spec, cluster)
         check_capacity(spec, cluster)
         resuming = record is not None
-        record = record or create_run(spec, run_id)
+        record = record or create_run(spec, graph, run_id)
         record.attach(Registry(), source=source, **driver_identity())
         if resuming:
             record.interrupted("interrupted: its driver stopped before it finished")
         console.print(f"{'resuming' if resuming else 'run'} [bold]{record.run_id}[/] → {record.run_uri}")
-        cache = StageCache(spec.storage, enabled=use_cache, skip=expand_rerun(spec, rerun or []))
-        fingerprints = data_fingerprints(spec)
-        keys = job_keys(spec, fingerprints, plan)
+        cache = StageCache(spec.storage, enabled=use_cache, skip=graph.select(rerun or []))
+        fingerprints = data_fingerprints(graph)
+        keys = job_keys(graph, fingerprints)
         with driver_log(record) as log, ProgressView(console, log=log) as view:
             print_plan(log, plan, spec.notes)
             log.print(f"{'resuming' if resuming else 'run'} {record.run_id} → {record.run_uri}")
             tracker = Tracker(spec, record, view.note)
-            _run_stages(spec, plan, record, cluster, view, cache, keys, fingerprints, tracker)
+            _run_stages(spec, graph, plan, record, cluster, view, cache, keys, fingerprints, tracker)
             metrics = read_run_metrics(record)
             report_path = write_report(record, metrics) if metrics else None
             tracker.finish(metrics, record.run_uri if report_path else None)
@@ -170,7 +177,7 @@ def driver_log(record: RunRecord) -> Iterator[Console]:
             storage.write_bytes(uri, f.read())
 
 
-def _run_stages(spec: PipelineSpec, plan: Plan, record: RunRecord, cluster: ClusterInfo,
+def _run_stages(spec: PipelineSpec, graph: JobGraph, plan: Plan, record: RunRecord, cluster: ClusterInfo,
                 view: ProgressView, cache: StageCache, keys: dict[str, str],
                 fingerprints: dict[str, str], tracker: Tracker) -> None:
     registry = getattr(record, "_registry", None)
@@ -179,7 +186,7 @@ def _run_stages(spec: PipelineSpec, plan: Plan, record: RunRecord, cluster: Clus
         requester=f"branchout-{record.run_id}",
         on_request=(lambda reason, bundles: registry.log_event("capacity", record.run_id, reason, bundles=bundles))
         if registry else None)
-    ctx = RunContext(spec, plan, record, cluster, view, hints, cache, keys, fingerprints, tracker,
+    ctx = RunContext(spec, graph, plan, record, cluster, view, hints, cache, keys, fingerprints, tracker,
                      hub=start_hub(record.run_id))
     record.set_run_state(RunState.RUNNING)
     try:
@@ -235,21 +242,16 @@ def stop_on_sigterm() -> Iterator[None]:
 # ---- run creation ------------------------------------------------------------------
 
 
-def create_run(spec: PipelineSpec, run_id: str | None = None) -> RunRecord:
-    """Make the run directory with the resolved spec, and a record listing every job."""
+def create_run(spec: PipelineSpec, graph: JobGraph, run_id: str | None = None) -> RunRecord:
+    """Make the run directory with the resolved spec, and a record listing every job of ``graph``."""
     run_id = run_id or new_run_id()
     run_uri = storage.join(spec.storage, spec.name, run_id)
     resolved = spec.model_dump(mode="json")
     storage.write_text(storage.join(run_uri, "spec.yaml"), yaml.safe_dump(resolved, sort_keys=False))
     record = RunRecord(run_id=run_id, pipeline=spec.name, run_uri=run_uri, spec_hash=spec_hash(spec))
-    names = ["tokenizer", "data/pretrain", *[f"data/{d.name}" for d in spec.finetune.domains], "pretrain"]
-    for d in spec.finetune.domains:
-        names.append(f"finetune/{d.name}")
-        if "scratch" in spec.evaluate.models:
-            names.append(f"scratch/{d.name}")
-    names += [f"evaluate/{d.name}" for d in spec.finetune.domains]
-    for name in names:
-        record.jobs[name] = JobRecord(name)
+    for node in graph:
+        record.jobs[node.name] = JobRecord(node.name, kind=node.kind.value, domain=node.domain,
+                                           parents=list(node.parents.values()))
     record.save()
     return record
 
@@ -280,73 +282,71 @@ def stage_tokenizer(ctx: RunContext) -> dict[str, str]:
     """Train (or copy in) the tokenizer; returns its URI in the run and its content hash."""
     from branchout.stages.tokenizer import tokenizer_job
 
-    spec = ctx.spec
-    uri = ctx.uri("tokenizer")
-    job = TokenizerJob(spec.tokenizer, spec.pretrain.dataset, spec.evaluate.heldout_fraction,
-                       spec.evaluate.split_seed, uri)
-    item = WorkItem("tokenizer", lambda: submit_task(tokenizer_job, (job,), {"CPU": 1}, "tokenizer", ctx.hub_name),
+    node = ctx.graph.of(Kind.TOKENIZER)[0]
+    ev, uri = ctx.spec.evaluate, ctx.out_uri(node)
+    job = TokenizerJob(node.section, ctx.spec.pretrain.dataset, ev.heldout_fraction, ev.split_seed, uri)
+    item = WorkItem(node.name, lambda: submit_task(tokenizer_job, (job,), node.resources, node.name, ctx.hub_name),
                     on_success=lambda h: {"uri": uri, "hash": h})
-    return _require(ctx.run([item]), ctx.record, ["tokenizer"])["tokenizer"]
+    return _require(ctx.run([item]), ctx.record, [node.name])[node.name]
 
 
 def stage_data(ctx: RunContext, tokenizer: dict[str, str]) -> dict[str, PackedInfo]:
     """Tokenize and pack every dataset (once per distinct dataset and block length): the
     pretraining corpus first, then every domain at once, each decontaminated against the
     pretraining corpus's training text (a domain's held-out documents that are mostly that
-    text are not scored)."""
+    text are not scored). Returns each data job's output by its dataset's name."""
     from branchout.stages.data import prepare
 
-    spec = ctx.spec
-    cache_root = storage.join(spec.storage, "cache", "data")
-    ev = spec.evaluate
+    ev = ctx.spec.evaluate
+    cache_root = storage.join(ctx.spec.storage, "cache", "data")
+    done: dict[str, dict] = {}
 
-    def item(name: str, ds: DatasetSpec, seq_len: int, reference: str | None) -> WorkItem:
-        job = DataJob(dataset=ds, tokenizer_uri=tokenizer["uri"], tokenizer_hash=tokenizer["hash"], seq_len=seq_len,
-                      heldout_fraction=ev.heldout_fraction, split_seed=ev.split_seed, cache_root=cache_root,
-                      reference_uri=reference, fingerprint=ctx.fingerprints[name], name=f"data/{name}",
-                      hub_name=ctx.hub_name)
-        # 0 CPUs: prepare only drives a Ray Data pipeline whose tasks take the CPUs; holding
-        # one would starve its own tasks on a small cluster, with several datasets at once.
-        return WorkItem(job.name, lambda: submit_task(prepare, (job,), {"CPU": 0}, job.name, ctx.hub_name),
-                        on_success=lambda info: {**asdict(info), "fingerprint": ctx.fingerprints[name]})
+    def item(node: Node) -> WorkItem:
+        reference = node.parents.get("reference")
+        job = DataJob(dataset=node.section, tokenizer_uri=tokenizer["uri"], tokenizer_hash=tokenizer["hash"],
+                      seq_len=node.seq_len, heldout_fraction=ev.heldout_fraction, split_seed=ev.split_seed,
+                      cache_root=cache_root, reference_uri=done[reference]["uri"] if reference else None,
+                      fingerprint=ctx.fingerprints[node.reads], name=node.name, hub_name=ctx.hub_name)
+        return WorkItem(node.name, lambda: submit_task(prepare, (job,), node.resources, node.name, ctx.hub_name),
+                        on_success=lambda info: {**asdict(info), "fingerprint": job.fingerprint})
 
-    first = item("pretrain", spec.pretrain.dataset, spec.pretrain.seq_len, None)
-    pretrain = _require(ctx.run([first]), ctx.record, [first.name])[first.name]
-    items = [item(d.name, d.dataset, spec.domain_seq_len(d), pretrain["uri"]) for d in spec.finetune.domains]
-    results = _require(ctx.run(items), ctx.record, [i.name for i in items])
-    return {"pretrain": PackedInfo.from_dict(pretrain),
-            **{d.name: PackedInfo.from_dict(results[f"data/{d.name}"]) for d in spec.finetune.domains}}
+    nodes = ctx.graph.of(Kind.DATA)
+    # in waves: a dataset whose reference is not prepared yet waits for it
+    while len(done) < len(nodes):
+        wave = [item(n) for n in nodes if n.name not in done
+                and all(p in done for p in n.parents.values() if ctx.graph[p].kind is Kind.DATA)]
+        done.update(_require(ctx.run(wave), ctx.record, [i.name for i in wave]))
+    return {n.domain: PackedInfo.from_dict(done[n.name]) for n in nodes}
 
 
 def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo) -> str:
     """DeepSpeed pretrain on Ray Train; returns the URI of the exported base model."""
     from branchout.orchestrator.run.training import run_distributed
 
-    spec = ctx.spec
-    if ctx.plan.pretrain.steps == 0:  # branch straight from the given model
-        return import_base(ctx, tokenizer)
+    spec, node = ctx.spec, ctx.graph.of(Kind.PRETRAIN)[0]
+    if ctx.graph.pretrain_steps == 0:  # branch straight from the given model
+        return import_base(ctx, node, tokenizer)
     job = TrainJob(
-        name="pretrain", kind="pretrain", training=spec.pretrain,
-        steps=ctx.plan.pretrain.steps, model_type=spec.model.type, model_overrides=spec.model.config,
-        tokenizer_uri=tokenizer["uri"], data_uri=data.uri, out_uri=ctx.uri("pretrain"),
+        name=node.name, kind="pretrain", training=node.section,
+        steps=ctx.graph.pretrain_steps, model_type=spec.model.type, model_overrides=spec.model.config,
+        tokenizer_uri=tokenizer["uri"], data_uri=data.uri, out_uri=ctx.out_uri(node),
         logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id, hub_name=ctx.hub_name,
         model_path=spec.model.path, model_revision=spec.model.revision,
     )
-    item = WorkItem("pretrain", ctx.claiming(job, lambda: ctx.threads.submit(run_distributed, job, spec.pretrain.max_failures)),
-                    on_success=lambda r: training_outputs(job, r),
-                    resources=spec.pretrain.resources_per_worker.ray_bundle())
-    bundles = stage_bundles(spec)
+    item = WorkItem(node.name, ctx.claiming(job, lambda: ctx.threads.submit(run_distributed, job, node.section.max_failures)),
+                    on_success=lambda r: training_outputs(job, r), resources=node.resources)
+    bundles = stage_bundles(ctx.graph)
     ctx.hints.request(bundles["pretrain"], "pretrain")
-    last_interval = max(0, job.steps - spec.pretrain.checkpoint_every)
+    last_interval = max(0, job.steps - node.section.checkpoint_every)
     ahead: list[bool] = []
 
     def fanout_ahead(snapshot: dict) -> None:
         # the fan-out's nodes boot while the last checkpoint interval trains
-        if snapshot.get("pretrain", {}).get("step", 0) >= last_interval and not ahead:
+        if snapshot.get(node.name, {}).get("step", 0) >= last_interval and not ahead:
             ahead.append(True)
             ctx.hints.request(bundles["pretrain"] + bundles["fanout"], "pretrain in its last interval; fan-out ahead")
 
-    outputs = _require(ctx.run([item], on_tick=fanout_ahead), ctx.record, ["pretrain"])["pretrain"]
+    outputs = _require(ctx.run([item], on_tick=fanout_ahead), ctx.record, [node.name])[node.name]
     ctx.hints.request(bundles["fanout"], "fan-out")
     return outputs["model_uri"]
 
@@ -357,51 +357,47 @@ def training_outputs(job: TrainJob, r: dict[str, Any]) -> dict[str, Any]:
             "resumed_from": r["first_step"], "precision": r.get("precision")}
 
 
-def import_base(ctx: RunContext, tokenizer: dict[str, str]) -> str:
+def import_base(ctx: RunContext, node: Node, tokenizer: dict[str, str]) -> str:
     """``pretrain.steps: 0``: publish ``model.path`` as the run's base (a copy, no training)."""
     from branchout.stages.model import import_model
 
     spec = ctx.spec
-    job = ImportJob(spec.model.path, spec.model.revision, tokenizer["uri"], ctx.uri("pretrain", "model"))
-    item = WorkItem("pretrain", lambda: submit_task(import_model, (job,), {"CPU": 1}, "pretrain", ctx.hub_name),
+    job = ImportJob(spec.model.path, spec.model.revision, tokenizer["uri"], storage.join(ctx.out_uri(node), "model"))
+    item = WorkItem(node.name, lambda: submit_task(import_model, (job,), node.resources, node.name, ctx.hub_name),
                     on_success=lambda r: {"model_uri": r["model_uri"], "imported_from": r["imported_from"],
                                           "resumed_from": 0})
-    return _require(ctx.run([item]), ctx.record, ["pretrain"])["pretrain"]["model_uri"]
+    return _require(ctx.run([item]), ctx.record, [node.name])[node.name]["model_uri"]
 
 
 def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, PackedInfo],
                    base_uri: str, pools: PoolSet) -> None:
-    """One fine-tune per domain from the shared base, plus from-scratch baselines, concurrently."""
+    """One fine-tune per domain from the shared base, plus from-scratch baselines, concurrently
+    (every fine-tune is submitted before the first baseline)."""
     spec = ctx.spec
     items = []
-    kinds = ["finetune"] + (["scratch"] if "scratch" in spec.evaluate.models else [])
     singles: dict[tuple, list[str]] = {}  # bundle → names of its single-worker jobs
-    for kind in kinds:
-        for d in spec.finetune.domains:
-            training = d.model_copy(update={"seq_len": spec.domain_seq_len(d)})  # a FinetuneOptions
-            job = TrainJob(
-                name=f"{kind}/{d.name}", kind=kind, training=training, steps=d.steps,
-                model_type=spec.model.type, model_overrides=spec.model.config,
-                model_path=spec.model.path, model_revision=spec.model.revision,
-                tokenizer_uri=tokenizer["uri"], data_uri=data[d.name].uri,
-                out_uri=ctx.uri(kind, d.name), logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id,
-                hub_name=ctx.hub_name,
-                # the baseline trains every weight from scratch whatever the domain's method
-                method=d.method if kind == "finetune" else "full",
-                base_model_uri=base_uri if kind == "finetune" else None,
-            )
-            bundle = d.resources_per_worker.ray_bundle()
-            deepspeed = d.uses_deepspeed()
-            group = [] if deepspeed else singles.setdefault(tuple(sorted(bundle.items())), [])
-            group.append(job.name)
-            submit = ctx.claiming(job, _submitter(ctx, job, deepspeed, bundle, d.max_failures, pools, group))
-            items.append(WorkItem(job.name, submit, max_retries=d.max_retries, resources=bundle,
-                                  on_success=lambda r, job=job: {**training_outputs(job, r),
-                                                                 "parent": job.base_model_uri}))
+    for node in ctx.graph.of(Kind.FINETUNE, Kind.SCRATCH):
+        t = node.section  # the domain's options (a DomainSpec; a baseline's method is full)
+        from_base = "base" in node.parents
+        job = TrainJob(
+            name=node.name, kind=node.kind.value, training=t, steps=t.steps,
+            model_type=spec.model.type, model_overrides=spec.model.config,
+            model_path=spec.model.path, model_revision=spec.model.revision,
+            tokenizer_uri=tokenizer["uri"], data_uri=data[node.domain].uri,
+            out_uri=ctx.out_uri(node), logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id,
+            hub_name=ctx.hub_name, method=t.method, base_model_uri=base_uri if from_base else None,
+        )
+        deepspeed = t.uses_deepspeed()
+        group = [] if deepspeed else singles.setdefault(tuple(sorted(node.resources.items())), [])
+        group.append(job.name)
+        submit = ctx.claiming(job, _submitter(ctx, job, deepspeed, node.resources, t.max_failures, pools, group))
+        items.append(WorkItem(job.name, submit, max_retries=t.max_retries, resources=node.resources,
+                              on_success=lambda r, job=job: {**training_outputs(job, r),
+                                                             "parent": job.base_model_uri}))
     ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
     for item in items:  # recorded as succeeded: its resume points are no longer needed
         if ctx.record.job(item.name).state is JobState.SUCCEEDED:
-            storage.remove_dir(ctx.uri(*item.name.split("/"), "checkpoints"))
+            storage.remove_dir(ctx.uri(*ctx.graph[item.name].path, "checkpoints"))
 
 
 def _submitter(ctx: RunContext, job: TrainJob, deepspeed: bool, resources: dict[str, float],
@@ -425,61 +421,64 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, 
     greedy answers to held-out prompts (scored by exact match and ROUGE-L on instruction data).
 
     One job per domain, placed like the domain's fine-tune (one worker's bundle: its GPU
-    share, accelerator type and CPUs, from the plan) and scoring in its precision (``auto``:
-    decided on its worker); the driver (often on a small head node) loads no model.
+    share, accelerator type and CPUs) and scoring in its precision (``auto``: decided on its
+    worker); the driver (often on a small head node) loads no model. A model is scored
+    when its job succeeded (or was cached); the base, always.
     """
     from branchout.stages.evaluate import evaluate_domain
 
-    spec = ctx.spec
-    ev = spec.evaluate
+    spec, ev = ctx.spec, ctx.spec.evaluate
+    nodes = ctx.graph.of(Kind.EVALUATE)
+    by_name = {d.name: d for d in spec.finetune.domains}
     items = []
-    bundles = {d.name: ctx.plan.job(f"evaluate/{d.name}").resources for d in spec.finetune.domains}
 
-    def submit(job: EvalJob, bundle: dict[str, float]) -> cf.Future:
-        name = f"evaluate/{job.domain}"
+    def submit(job: EvalJob, node: Node) -> cf.Future:
         if not spec.finetune.warm_pool:
-            return submit_task(evaluate_domain, (job,), bundle, name, ctx.hub_name)
-        left = sum(not ctx.record.job(f"evaluate/{n}").state.done for n, b in bundles.items() if b == bundle)
-        return pools.submit_call(evaluate_domain, (job,), name, ctx.hub_name, bundle, left)
+            return submit_task(evaluate_domain, (job,), node.resources, node.name, ctx.hub_name)
+        left = sum(not ctx.record.job(n.name).state.done for n in nodes if n.resources == node.resources)
+        return pools.submit_call(evaluate_domain, (job,), node.name, ctx.hub_name, node.resources, left)
 
-    for d in spec.finetune.domains:
-        bundle = bundles[d.name]
+    for node in nodes:
+        domain = by_name[node.domain]
         candidates: dict[str, tuple[str, str | None]] = {}
-        if "base" in ev.models:
-            candidates["base"] = (base_uri, None)
-        ft = ctx.record.job(f"finetune/{d.name}")
-        if "finetuned" in ev.models and ft.state.done:
-            candidates["finetuned"] = (ft.outputs["model_uri"], base_uri if d.method == "lora" else None)
-        sc = ctx.record.job(f"scratch/{d.name}")
-        if "scratch" in ev.models and sc.state.done:
-            candidates["scratch"] = (sc.outputs["model_uri"], None)
-        job = EvalJob(domain=d.name, data_uri=data[d.name].uri,
+        for model in ("base", "finetuned", "scratch"):  # the scoring order
+            producer = node.parents.get(model)
+            if producer is None:
+                continue
+            if model == "base":
+                candidates[model] = (base_uri, None)
+            elif ctx.record.job(producer).state.done:
+                lora = model == "finetuned" and domain.method == "lora"  # an adapter on the base
+                candidates[model] = (ctx.record.job(producer).outputs["model_uri"], base_uri if lora else None)
+        job = EvalJob(domain=domain.name, data_uri=data[domain.name].uri,
                       candidates={name: Candidate(*c) for name, c in candidates.items()},
-                      batch_size=ev.batch_size, max_blocks=ev.max_blocks, threads=max(1, int(bundle["CPU"])),
-                      precision=d.deepspeed.precision, use_gpu=d.resources_per_worker.uses_gpu,
+                      batch_size=ev.batch_size, max_blocks=ev.max_blocks,
+                      threads=max(1, int(node.resources["CPU"])),
+                      precision=domain.deepspeed.precision, use_gpu=domain.resources_per_worker.uses_gpu,
                       tokenizer_uri=tokenizer_uri, generation_samples=ev.generation_samples,
                       max_new_tokens=ev.max_new_tokens)
-        previous = ctx.record.job(f"evaluate/{d.name}").outputs.get("scored")
-        items.append(WorkItem(f"evaluate/{d.name}",
-                              lambda job=job, bundle=bundle: submit(job, bundle),
-                              resources=bundle,
+        previous = ctx.record.job(node.name).outputs.get("scored")
+        items.append(WorkItem(node.name,
+                              lambda job=job, node=node: submit(job, node),
+                              resources=node.resources,
                               on_success=lambda r, c=candidates: {**r, "scored": c},
                               # a cached score stands only if it scored the same models
                               accept=lambda hit, c=candidates: _as_lists(hit.get("scored", {})) == _as_lists(c),
                               # a resume that redid a fine-tune must score it again
                               rerun=previous is not None and _as_lists(previous) != _as_lists(candidates)))
-    ctx.hints.request(stage_bundles(spec)["evaluate"], "evaluate")
+    ctx.hints.request(stage_bundles(ctx.graph)["evaluate"], "evaluate")
     results = ctx.run(items)
     domains, samples = {}, {}
-    for d in spec.finetune.domains:
-        r = results.get(f"evaluate/{d.name}")
+    for node in nodes:
+        r = results.get(node.name)
         if r is None:
             continue
-        domains[d.name] = metrics_row(r, d.method, data[d.name].kind)
+        domains[node.domain] = metrics_row(r, by_name[node.domain].method, data[node.domain].kind)
         if r.get("samples"):
-            samples[d.name] = r["samples"]
+            samples[node.domain] = r["samples"]
     metrics = {"run_id": ctx.record.run_id, "pipeline": spec.name, "domains": domains,
-               "pretrain": ctx.record.job("pretrain").outputs, "precision": precisions(ctx.record)}
+               "pretrain": ctx.record.job(ctx.graph.of(Kind.PRETRAIN)[0].name).outputs,
+               "precision": precisions(ctx.record)}
     storage.write_text(ctx.uri("eval", "metrics.json"), json.dumps(metrics, indent=1))
     storage.write_text(ctx.uri("eval", "samples.json"), json.dumps(samples, indent=1, ensure_ascii=False))
 

@@ -2,8 +2,9 @@
 
 The tree is built from a run's record alone: every job's outputs carry its cache key,
 whether it was computed in this run or reused (``cached_from``), its model URI and, for
-data jobs, the data fingerprint. A fine-tune's parent is the pretrain of the same run
-record (which may itself have been reused from an earlier run).
+data jobs, the data fingerprint; every job lists its parents (the job graph's edges). A
+fine-tune's parent is the pretrain of the same run record (which may itself have been
+reused from an earlier run).
 
     data: general.jsonl fp 3f2a…, legal.jsonl fp 81c0…
     └── tokenizer      computed  key 9d1e…
@@ -21,6 +22,7 @@ import time
 from rich.console import Console
 from rich.tree import Tree
 
+from branchout.core.graph import Kind
 from branchout.orchestrator.run.state import JobRecord, RunRecord
 
 
@@ -37,44 +39,56 @@ def _label(name: str, rec: JobRecord) -> str:
     uri = rec.outputs.get("model_uri")
     if uri:
         text += f"  → {uri}"
-    if name.startswith("evaluate/"):
-        parts = [f"{m} {rec.outputs[f'{m}_ppl']:.1f}" for m in ("base", "finetuned", "scratch")
-                 if isinstance(rec.outputs.get(f"{m}_ppl"), float)]
-        text += "  ppl: " + ", ".join(parts) if parts else ""
+    scores = [f"{m} {rec.outputs[f'{m}_ppl']:.1f}" for m in ("base", "finetuned", "scratch")
+              if isinstance(rec.outputs.get(f"{m}_ppl"), float)]  # an evaluation's
+    if scores:
+        text += "  ppl: " + ", ".join(scores)
     if rec.error:
         text += f"  [red]{rec.error}[/]"
     return text
 
 
 def lineage_tree(record: RunRecord, focus: str | None = None) -> Tree:
-    """The run's tree; with ``focus`` (a job name) only that job's ancestors and descendants."""
-    stages = record.jobs
-    domains = [n.split("/", 1)[1] for n in stages if n.startswith("finetune/")]
+    """The run's tree; with ``focus`` (a job name) only that job's ancestors and descendants.
 
-    def wanted(name: str) -> bool:
-        if focus is None:
-            return True
-        domain = focus.split("/", 1)[1] if "/" in focus else None
-        chain = {"tokenizer", "data/pretrain", "pretrain"} | ({f"data/{domain}"} if domain else set())
-        below = {focus} | ({f"evaluate/{domain}"} if domain else set())
-        if focus == "pretrain":
-            below |= {n for n in stages if n.startswith(("finetune/", "evaluate/"))}
-        return name in chain or name in below
+    Its shape is the job graph the run was created with (each job's ``parents``, recorded
+    from ``core.graph``): a job is drawn under its first parent that is not a data job, and
+    the data jobs are listed on the first line with their fingerprints.
+    """
+    jobs = record.jobs
 
-    data = [f"{n.split('/', 1)[1]} fp {stages[n].outputs.get('fingerprint', '?')[:12]}"
-            for n in stages if n.startswith("data/") and wanted(n)]
+    def drawn_under(name: str) -> str | None:
+        return next((p for p in jobs[name].parents if p in jobs and jobs[p].kind != Kind.DATA), None)
+
+    wanted = set(jobs)
+    if focus is not None:
+        wanted = {focus} | _related(record, focus, up=True) | _related(record, focus, up=False)
+    data = [f"{rec.domain} fp {rec.outputs.get('fingerprint', '?')[:12]}"
+            for name, rec in jobs.items() if rec.kind == Kind.DATA and name in wanted]
     root = Tree(f"run [bold]{record.run_id}[/] of {record.pipeline} ({record.state.value})  "
                 f"data: {', '.join(data) or '-'}")
-    tok = root.add(_label("tokenizer", stages["tokenizer"])) if "tokenizer" in stages else root
-    pre = tok.add(_label("pretrain", stages["pretrain"])) if "pretrain" in stages and wanted("pretrain") else tok
-    for d in domains:
-        if wanted(f"finetune/{d}"):
-            ft = pre.add(_label(f"finetune/{d}", stages[f"finetune/{d}"]))
-            if f"evaluate/{d}" in stages and wanted(f"evaluate/{d}"):
-                ft.add(_label(f"evaluate/{d}", stages[f"evaluate/{d}"]))
-        if f"scratch/{d}" in stages and wanted(f"scratch/{d}"):
-            tok.add(_label(f"scratch/{d}", stages[f"scratch/{d}"]))
+    branches: dict[str, Tree] = {}
+    for name, rec in jobs.items():  # parents before children: the record keeps the graph's order
+        if rec.kind == Kind.DATA or name not in wanted:
+            continue
+        under = drawn_under(name)
+        while under is not None and under not in wanted:  # a focus hides some ancestors
+            under = drawn_under(under)
+        branches[name] = branches.get(under, root).add(_label(name, rec))
     return root
+
+
+def _related(record: RunRecord, name: str, up: bool) -> set[str]:
+    """Every ancestor (``up``) or descendant of ``name`` in the run's recorded graph."""
+    edges = {n: set(rec.parents) for n, rec in record.jobs.items()} if up else \
+        {n: {c for c, rec in record.jobs.items() if n in rec.parents} for n in record.jobs}
+    out, todo = set(), [name]
+    while todo:
+        for nxt in edges.get(todo.pop(), ()):
+            if nxt not in out:
+                out.add(nxt)
+                todo.append(nxt)
+    return out
 
 
 def lineage_text(record: RunRecord) -> str:

@@ -17,6 +17,7 @@ import io
 import json
 from typing import Any
 
+from branchout.core.graph import Kind
 from branchout.orchestrator.run.lineage import lineage_text
 from branchout.orchestrator.run.state import RunRecord
 from branchout.stages import storage
@@ -93,7 +94,7 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 def _rows(record: RunRecord, metrics: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, m in metrics.get("domains", {}).items():
-        state = record.job(f"finetune/{name}").state.value
+        state = record.domain_job(Kind.FINETUNE, name).state.value
         rows.append([name, m.get("method", ""), state, _fmt(m.get("base_ppl")), _fmt(m.get("finetuned_ppl")),
                      _fmt(m.get("scratch_ppl")), _fmt(m.get("transfer_gain"), ".1%"),
                      _fmt(m.get("gain_vs_scratch"), ".1%"), _fmt(m.get("heldout_tokens"), ","),
@@ -293,7 +294,8 @@ def _loss_plot(record: RunRecord) -> bytes | None:
     import matplotlib.pyplot as plt
 
     series = {}
-    for name in ["pretrain", *[n for n in record.jobs if n.split("/")[0] in ("finetune", "scratch")]]:
+    trained = (Kind.PRETRAIN, Kind.FINETUNE, Kind.SCRATCH)
+    for name in [n for n, job in record.jobs.items() if job.kind in trained]:
         points = {r["step"]: r["loss"] for r in read_metrics(_logs_of(record, name), name) if "loss" in r}
         if points:  # a resumed job logs some steps twice; the later value wins
             series[name] = sorted(points.items())
@@ -303,7 +305,7 @@ def _loss_plot(record: RunRecord) -> bytes | None:
     for name, pts in series.items():
         ax = ax_pre if name == "pretrain" else ax_ft
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name,
-                linestyle="--" if name.startswith("scratch") else "-")
+                linestyle="--" if record.jobs[name].kind == Kind.SCRATCH else "-")
     ax_pre.set_title("pretrain loss")
     ax_ft.set_title("fine-tune (solid) and from-scratch (dashed) loss")
     for ax in (ax_pre, ax_ft):

@@ -123,6 +123,16 @@ class JobRecord:
     outputs: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per attempt
+    # from the job graph (core.graph) when the run was created
+    kind: str = ""  # tokenizer, data, pretrain, finetune, scratch, evaluate
+    domain: str | None = None  # a domain job's domain; a data job's dataset
+    parents: list[str] = field(default_factory=list)  # lineage order: the one it is drawn under first
+
+    def __post_init__(self) -> None:
+        # a record made without the graph (or saved before it existed): its name is "<kind>/<domain>"
+        if not self.kind:
+            kind, _, domain = self.name.partition("/")
+            self.kind, self.domain = kind, self.domain or domain or None
 
     @property
     def seconds(self) -> float | None:
@@ -190,9 +200,12 @@ class RunRecord:
         return self.jobs.get(name) or JobRecord(name)
 
     def of_kind(self, kind: str) -> dict[str, JobRecord]:
-        """Domain jobs of one kind (``finetune``, ``scratch``, ``evaluate``) by domain."""
-        prefix = f"{kind}/"
-        return {k[len(prefix):]: v for k, v in self.jobs.items() if k.startswith(prefix)}
+        """Jobs of one kind (``data``, ``finetune``, ``scratch``, ``evaluate``) by domain."""
+        return {v.domain: v for v in self.jobs.values() if v.kind == kind and v.domain is not None}
+
+    def domain_job(self, kind: str, domain: str) -> JobRecord:
+        """The ``kind`` job of ``domain``; a detached PENDING one when the run has none."""
+        return self.of_kind(kind).get(domain) or JobRecord(f"{kind}:{domain} (absent)")
 
     # ---- persistence -------------------------------------------------------------
 

@@ -6,8 +6,9 @@ import copy
 
 import pytest
 
+from branchout.core.graph import build_graph
 from branchout.orchestrator.config.loader import load_spec
-from branchout.orchestrator.run.cache import expand_rerun, job_keys
+from branchout.orchestrator.run.cache import job_keys
 
 from conftest import TINY
 
@@ -18,7 +19,7 @@ def _keys(write_pipeline, mutate=None, fps=None):
     spec = copy.deepcopy(TINY)
     if mutate:
         mutate(spec)
-    return job_keys(load_spec(write_pipeline(spec)), fps or FPS)
+    return job_keys(build_graph(load_spec(write_pipeline(spec))), fps or FPS)
 
 
 def _changed(a: dict, b: dict) -> set[str]:
@@ -91,10 +92,10 @@ def test_orchestrator_code_that_shapes_outputs_is_in_the_key():
 
 
 def test_rerun_names(write_pipeline):
-    spec = load_spec(write_pipeline())
-    assert expand_rerun(spec, ["legal"]) == {"finetune/legal", "scratch/legal", "evaluate/legal"}
-    assert expand_rerun(spec, ["pretrain"]) == {"pretrain", "finetune/legal", "finetune/code", "finetune/docs",
+    graph = build_graph(load_spec(write_pipeline()))
+    assert graph.select(["legal"]) == {"finetune/legal", "scratch/legal", "evaluate/legal"}
+    assert graph.select(["pretrain"]) == {"pretrain", "finetune/legal", "finetune/code", "finetune/docs",
                                                "evaluate/legal", "evaluate/code", "evaluate/docs"}
-    assert "data/code" in expand_rerun(spec, ["tokenizer"])
+    assert "data/code" in graph.select(["tokenizer"])
     with pytest.raises(ValueError, match="--rerun 'legl': not a job, stage or domain of tiny"):
-        expand_rerun(spec, ["legl"])
+        graph.select(["legl"])

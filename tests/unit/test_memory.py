@@ -167,10 +167,10 @@ def test_plan_command_lists_scratch_and_evaluation_jobs():
 
 def test_every_gpu_job_asks_ray_for_its_accelerator_type():
     from branchout.cluster.autoscale import stage_bundles
+    from branchout.core.graph import build_graph
 
-    spec = load_spec(REPO / "examples" / "llama-7b.yaml")
-    bundles = stage_bundles(spec)
+    bundles = stage_bundles(build_graph(load_spec(REPO / "examples" / "llama-7b.yaml")))
     for stage in ("pretrain", "fanout", "evaluate"):
         assert bundles[stage] and all(b.get("accelerator_type:H100") == 0.001 for b in bundles[stage]), stage
-    cpu = load_spec(REPO / "examples" / "quickstart.yaml")
+    cpu = build_graph(load_spec(REPO / "examples" / "quickstart.yaml"))
     assert all(set(b) == {"CPU"} for stage in stage_bundles(cpu).values() for b in stage)

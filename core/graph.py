@@ -1,0 +1,231 @@
+"""The pipeline's jobs as one graph, built once from a validated spec.
+
+Every job of a run is a ``Node``: its name (``finetune/legal``), its kind, its parents by
+role, the spec section it carries (the pydantic model itself), the resources of one of
+its workers and how many, and the settings that decide its output (its cache-key inputs).
+Run creation, the driver's stages, cache keys and ``--rerun``, lineage, the plan,
+autoscaling bundles, the display and the report read this graph; no other module spells
+a job's name.
+
+    tokenizer ─┬─ data/pretrain ─┬─ pretrain ───────── finetune/<d> ─┐
+               │                 └─ data/<d> ─┬─────── finetune/<d>  ├─ evaluate/<d>
+               └─────────────────────────────────────── scratch/<d> ─┘
+
+A data job of a domain has the pretraining data as a parent: its held-out split is
+decontaminated against that corpus's training text. Nodes are in the order the run
+record lists them; ``of(kind, ...)`` returns them in the order its kinds are given.
+
+Nothing here touches Ray, storage or the data (``core`` imports no other layer).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from branchout.core.spec import PipelineSpec, TrainingSpec
+
+
+class Kind(StrEnum):
+    TOKENIZER = "tokenizer"
+    DATA = "data"
+    PRETRAIN = "pretrain"
+    FINETUNE = "finetune"
+    SCRATCH = "scratch"
+    EVALUATE = "evaluate"
+
+    @property
+    def stage(self) -> str:
+        """The driver stage that runs this kind: fine-tunes and baselines are the fan-out."""
+        return "fanout" if self in (Kind.FINETUNE, Kind.SCRATCH) else self.value
+
+
+KINDS = tuple(k.value for k in Kind)
+
+# Fields of a training section that do not change what it produces.
+OPERATIONAL = {"log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "max_retries"}
+
+@dataclass(frozen=True)
+class Node:
+    """One job: what it is, what it needs and what decides its output."""
+
+    name: str  # the record's key and the job's folder in the run: "finetune/legal"
+    kind: Kind
+    parents: dict[str, str] = field(default_factory=dict)  # role → job name, in lineage order
+    domain: str | None = None  # domain jobs; a data job: the dataset's name ("pretrain" or a domain)
+    section: Any = None  # the spec model it carries (DomainSpec with its seq_len, PretrainSpec, ...)
+    seq_len: int | None = None  # the block length it packs (data) or trains at
+    workers: int = 1
+    resources: dict[str, float] = field(default_factory=dict)  # one worker's Ray bundle
+    key_inputs: Any = None  # settings (JSON-able) that decide its output, besides the parents'
+    reads: str | None = None  # the dataset whose fingerprint decides its output
+    model_files: bool = False  # whether `model.path`'s files decide its output
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        """Its folder under the run: ``("finetune", "legal")``."""
+        return tuple(self.name.split("/"))
+
+    @property
+    def bundles(self) -> list[dict[str, float]]:
+        """What it holds while it runs: one bundle per worker."""
+        return [self.resources] * self.workers
+
+    @property
+    def lineage_parent(self) -> str | None:
+        """The parent it is drawn under: its first parent that is not a data job."""
+        return next((p for p in self.parents.values() if not p.startswith(Kind.DATA.value + "/")), None)
+
+
+class JobGraph:
+    """The nodes of one pipeline, in record order."""
+
+    def __init__(self, spec: PipelineSpec, nodes: list[Node], pretrain_steps: int):
+        self.spec = spec
+        self.pretrain_steps = pretrain_steps
+        self.nodes: dict[str, Node] = {}
+        self._children: dict[str, list[str]] = {}
+        for n in nodes:  # parents first: the order every walk (cache keys, the record) relies on
+            missing = [p for p in n.parents.values() if p not in self.nodes]
+            if missing or n.name in self.nodes:
+                raise ValueError(f"job graph: {n.name} listed twice or before its parents {missing}")
+            self.nodes[n.name] = n
+            self._children[n.name] = []
+            for parent in n.parents.values():
+                self._children[parent].append(n.name)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes.values())
+
+    def __getitem__(self, name: str) -> Node:
+        return self.nodes[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.nodes
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.nodes)
+
+    @property
+    def domains(self) -> list[str]:
+        return [d.name for d in self.spec.finetune.domains]
+
+    def of(self, *kinds: Kind) -> list[Node]:
+        """Nodes of these kinds, kind by kind in the order given."""
+        return [n for kind in kinds for n in self.nodes.values() if n.kind is kind]
+
+    def job(self, kind: Kind, domain: str | None = None) -> Node | None:
+        """The node of ``kind`` for ``domain`` (a dataset's name for data jobs), if any."""
+        return next((n for n in self.nodes.values() if n.kind is kind and n.domain == domain), None)
+
+    def children(self, name: str) -> list[str]:
+        return list(self._children[name])
+
+    def descendants(self, names: set[str]) -> set[str]:
+        """``names`` and everything downstream of them."""
+        out, todo = set(names), list(names)
+        while todo:
+            for child in self._children[todo.pop()]:
+                if child not in out:
+                    out.add(child)
+                    todo.append(child)
+        return out
+
+    def ancestors(self, name: str) -> set[str]:
+        out, todo = set(), [name]
+        while todo:
+            for parent in self.nodes[todo.pop()].parents.values():
+                if parent not in out:
+                    out.add(parent)
+                    todo.append(parent)
+        return out
+
+    def select(self, names: list[str]) -> set[str]:
+        """``--rerun`` arguments (a job, a kind of job, or a domain) as job names, with
+        everything downstream of them.
+
+        Raises:
+            ValueError: a name that is no job, stage or domain of this pipeline.
+        """
+        chosen: set[str] = set()
+        for name in names:
+            if name in self.nodes:
+                chosen.add(name)
+            elif name in self.domains:  # the domain's training and scoring, not its data
+                chosen |= {n.name for n in self.nodes.values() if n.domain == name and n.kind is not Kind.DATA}
+            elif name in KINDS:
+                chosen |= {n.name for n in self.of(Kind(name))}
+            else:
+                raise ValueError(f"--rerun {name!r}: not a job, stage or domain of {self.spec.name} "
+                                 f"(stages: {', '.join(KINDS)}; domains: {', '.join(self.domains)})")
+        return self.descendants(chosen)
+
+
+def pretrain_steps(spec: PipelineSpec) -> int:
+    """The pretrain's optimizer steps: given, or derived from its token budget."""
+    p = spec.pretrain
+    return p.steps if p.steps is not None else math.ceil(p.tokens / (p.global_batch_size * p.seq_len))
+
+
+def output_settings(t: TrainingSpec) -> dict:
+    """A training section's settings that decide what it produces (not intervals, retries or
+    how much of a resource: only whether it trains on a GPU, which changes numerics)."""
+    values = t.model_dump(mode="json", exclude=OPERATIONAL)
+    resources = values.pop("resources_per_worker")
+    values["uses_gpu"] = resources["gpu"] > 0
+    return values
+
+
+def build_graph(spec: PipelineSpec) -> JobGraph:
+    """Every job of ``spec``, its parents, resources and cache-key inputs."""
+    ev = spec.evaluate
+    split = (ev.heldout_fraction, ev.split_seed)
+    model = spec.model.model_dump(mode="json")
+    p = spec.pretrain
+    steps = pretrain_steps(spec)
+    nodes = [
+        Node("tokenizer", Kind.TOKENIZER, section=spec.tokenizer, resources={"CPU": 1},
+             key_inputs=[spec.tokenizer.model_dump(mode="json"), split], reads="pretrain"),
+        # 0 CPUs: a data job only drives a Ray Data pipeline whose tasks take the CPUs;
+        # holding one would starve its own tasks on a small cluster
+        Node("data/pretrain", Kind.DATA, {"tokenizer": "tokenizer"}, domain="pretrain", section=p.dataset,
+             seq_len=p.seq_len, resources={"CPU": 0}, key_inputs=[p.seq_len, split], reads="pretrain"),
+    ]
+    for d in spec.finetune.domains:
+        nodes.append(Node(f"data/{d.name}", Kind.DATA, {"tokenizer": "tokenizer", "reference": "data/pretrain"},
+                          domain=d.name, section=d.dataset, seq_len=spec.domain_seq_len(d), resources={"CPU": 0},
+                          key_inputs=[spec.domain_seq_len(d), split], reads=d.name))
+    if steps == 0:  # branch straight from model.path: the pretrain is a copy of it
+        nodes.append(Node("pretrain", Kind.PRETRAIN, {"tokenizer": "tokenizer", "data": "data/pretrain"},
+                          section=p, resources={"CPU": 1}, key_inputs=[output_settings(p), steps, model],
+                          model_files=True))
+    else:
+        nodes.append(Node("pretrain", Kind.PRETRAIN, {"tokenizer": "tokenizer", "data": "data/pretrain"},
+                          section=p, seq_len=p.seq_len, workers=p.num_workers,
+                          resources=p.resources_per_worker.ray_bundle(),
+                          key_inputs=[output_settings(p), steps, model], model_files=True))
+    for d in spec.finetune.domains:
+        training = d.model_copy(update={"seq_len": spec.domain_seq_len(d)})  # its options, block length decided
+        options = {**output_settings(d), "seq_len": training.seq_len, "method": d.method, "lora": d.lora.model_dump()}
+        bundle = d.resources_per_worker.ray_bundle()
+        nodes.append(Node(f"finetune/{d.name}", Kind.FINETUNE, {"base": "pretrain", "data": f"data/{d.name}"},
+                          domain=d.name, section=training, seq_len=training.seq_len, workers=d.num_workers,
+                          resources=bundle, key_inputs=options))
+        if "scratch" in ev.models:
+            # the baseline trains every weight from scratch whatever the domain's method
+            nodes.append(Node(f"scratch/{d.name}", Kind.SCRATCH, {"tokenizer": "tokenizer", "data": f"data/{d.name}"},
+                              domain=d.name, section=training.model_copy(update={"method": "full"}),
+                              seq_len=training.seq_len, workers=d.num_workers, resources=bundle,
+                              key_inputs=[{**options, "method": "full"}, model], model_files=True))
+    for d in spec.finetune.domains:
+        # scored on one worker of the domain's fine-tune bundle (GPU share, accelerator type)
+        producer = {"finetuned": f"finetune/{d.name}", "scratch": f"scratch/{d.name}", "base": "pretrain"}
+        scored = {m: job for m, job in producer.items() if m in ev.models}
+        nodes.append(Node(f"evaluate/{d.name}", Kind.EVALUATE, {**scored, "data": f"data/{d.name}"},
+                          domain=d.name, section=ev, resources=d.resources_per_worker.ray_bundle(),
+                          key_inputs=[ev.model_dump(mode="json")]))
+    return JobGraph(spec, nodes, steps)

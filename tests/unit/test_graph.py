@@ -1,0 +1,107 @@
+"""The job graph is the one list of a pipeline's jobs: for every example pipeline, the run
+record, the plan, cache keys, ``--rerun``, lineage and autoscaling bundles agree with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rich.tree import Tree
+
+from branchout.cluster.autoscale import stage_bundles
+from branchout.core.graph import Kind, build_graph
+from branchout.orchestrator.config.loader import load_spec
+from branchout.orchestrator.config.plan import build_plan
+from branchout.orchestrator.run.cache import job_keys
+from branchout.orchestrator.run.driver import create_run
+from branchout.orchestrator.run.lineage import _related, lineage_tree
+
+from conftest import REPO
+
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+def _graph(path: Path, tmp_path: Path):
+    spec = load_spec(path)
+    spec.storage = str(tmp_path / "runs")
+    return spec, build_graph(spec)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_reader_agrees_with_the_graph(path: Path, tmp_path):
+    spec, graph = _graph(path, tmp_path)
+    domains = [d.name for d in spec.finetune.domains]
+    # every job once, parents first, each kind where the pipeline says
+    assert len(graph.of(Kind.TOKENIZER)) == len(graph.of(Kind.PRETRAIN)) == 1
+    assert [n.domain for n in graph.of(Kind.DATA)] == ["pretrain", *domains]
+    assert [n.domain for n in graph.of(Kind.FINETUNE)] == [n.domain for n in graph.of(Kind.EVALUATE)] == domains
+    assert len(graph.of(Kind.SCRATCH)) == (len(domains) if "scratch" in spec.evaluate.models else 0)
+    seen: set[str] = set()
+    for node in graph:
+        assert set(node.parents.values()) <= seen, node.name
+        seen.add(node.name)
+
+    # the run record lists exactly the graph's jobs, with their kinds, domains and parents
+    record = create_run(spec, graph, "r1")
+    assert list(record.jobs) == graph.names
+    for node in graph:
+        rec = record.jobs[node.name]
+        assert (rec.kind, rec.domain, rec.parents) == (node.kind, node.domain, list(node.parents.values()))
+    assert sorted(record.of_kind(Kind.FINETUNE)) == sorted(domains)
+
+    # the plan: one row per fan-out and evaluation job, on the graph's resources
+    plan = build_plan(spec, graph)
+    planned = {j.name: j for j in plan.jobs}
+    assert list(planned) == [n.name for n in graph if n.kind in (Kind.FINETUNE, Kind.SCRATCH, Kind.EVALUATE)]
+    for name, job in planned.items():
+        assert (job.workers, job.resources, job.kind) == (graph[name].workers, graph[name].resources, graph[name].kind)
+    assert plan.pretrain.steps == graph.pretrain_steps
+
+    # cache keys: one per job, and a dataset's change moves exactly what descends from its readers
+    fps = {n.domain: f"fp-{n.domain}" for n in graph.of(Kind.DATA)}
+    keys = job_keys(graph, fps)
+    assert list(keys) == graph.names and len(set(keys.values())) == len(keys)
+    for dataset in fps:
+        moved = job_keys(graph, {**fps, dataset: "changed"})
+        readers = {n.name for n in graph if n.reads == dataset}
+        assert {k for k in keys if keys[k] != moved[k]} == graph.descendants(readers), dataset
+
+    # --rerun: a kind, a domain, a job, each with what depends on it
+    assert graph.select([Kind.PRETRAIN]) == {"pretrain"} | {n.name for n in graph.of(Kind.FINETUNE)} | \
+        {n.name for n in graph.of(Kind.EVALUATE) if "base" in n.parents or "finetuned" in n.parents}
+    first = domains[0]
+    assert graph.select([first]) == {n.name for n in graph if n.domain == first and n.kind is not Kind.DATA}
+
+    # lineage: every job but the data jobs, each drawn under its first non-data parent
+    drawn: dict[str, str | None] = {}
+
+    def walk(tree: Tree, parent: str | None) -> None:
+        for child in tree.children:
+            name = str(child.label).split("[/]")[0].removeprefix("[bold]")
+            drawn[name] = parent
+            walk(child, name)
+
+    walk(lineage_tree(record), None)
+    assert drawn == {n.name: n.lineage_parent for n in graph if n.kind is not Kind.DATA}
+    for node in graph:
+        assert _related(record, node.name, up=True) == graph.ancestors(node.name)
+        assert _related(record, node.name, up=False) | {node.name} == graph.descendants({node.name})
+
+    # autoscaling: each stage's bundles are its jobs' bundles (the fan-out up to max_concurrent)
+    bundles = stage_bundles(graph)
+    assert bundles["pretrain"] == graph["pretrain"].bundles
+    assert bundles["evaluate"] == [b for n in graph.of(Kind.EVALUATE) for b in n.bundles]
+    fanout = graph.of(Kind.FINETUNE, Kind.SCRATCH)
+    width = min(spec.finetune.max_concurrent or len(fanout), len(fanout))
+    assert bundles["fanout"] == [b for n in fanout[:width] for b in n.bundles]
+
+
+def test_a_fine_tune_starts_from_the_pretrain_and_a_baseline_does_not(tmp_path):
+    spec, graph = _graph(REPO / "examples" / "quickstart.yaml", tmp_path)
+    d = spec.finetune.domains[0].name
+    assert graph[f"finetune/{d}"].parents == {"base": "pretrain", "data": f"data/{d}"}
+    assert graph[f"scratch/{d}"].parents == {"tokenizer": "tokenizer", "data": f"data/{d}"}
+    assert graph[f"scratch/{d}"].section.method == "full"
+    assert "pretrain" not in graph.ancestors(f"scratch/{d}")
+    with pytest.raises(ValueError, match="--rerun 'nope': not a job, stage or domain of quickstart"):
+        graph.select(["nope"])
