@@ -255,6 +255,23 @@ def write_rank_manifest(local_dir: str, rank: int, world: int, extra: dict | Non
         os.fsync(f.fileno())
 
 
+def upload_rank(local_dir: str, uri: str, rank: int) -> None:
+    """Put one rank's shards (``local_dir``, its rank manifest already written there) into
+    the checkpoint directory ``uri`` that every rank of the job writes: the shards first,
+    the rank manifest last, so a manifest that is there vouches for files that were
+    complete. On local (shared) disk each file is fsynced; object stores put whole objects.
+    """
+    manifest = rank_manifest_name(rank)
+    files = [os.path.relpath(os.path.join(root, f), local_dir) for root, _, names in os.walk(local_dir) for f in names]
+    for rel in sorted(files, key=lambda r: r == manifest):  # the manifest last
+        target = storage.join(uri, rel)
+        storage.upload_file(os.path.join(local_dir, rel), target)
+        if storage.is_local(target):
+            _fsync_path(storage.local_path(target))
+    if storage.is_local(uri):
+        _fsync_path(storage.local_path(uri))
+
+
 def _manifests(uri: str, world: int | None) -> tuple[list[dict], list[str]]:
     """The manifests of a published directory (one, or one per rank) and what is missing."""
     if world is None:

@@ -4,13 +4,10 @@ on one worker or many.
 ``train`` decides the precision on the workers' hardware, builds the model and its engine
 (DeepSpeed where ``TrainingSpec.uses_deepspeed``, else plain torch), resumes from the newest
 good checkpoint, runs the loop (``stages.loop``), exports the model and writes the job's
-``result.json``. What differs between one process and a Ray Train worker group is only
-where a step's checkpoint goes and where a resumed job finds it, a ``CheckpointSink``:
-
-- ``stages.single_worker.PublishedCheckpoints``: one process publishes ``checkpoints/step_N``
-  (fan-out jobs, on warm runners or as Ray tasks);
-- ``stages.distributed.RayTrainCheckpoints``: every rank writes its shards and a manifest,
-  and ``ray.train.report`` uploads them (pretrain, multi-worker fine-tunes).
+``result.json``. It runs as one process (``stages.single_worker``: fan-out jobs on warm
+runners or as Ray tasks) or on every rank of a Ray Train worker group
+(``stages.distributed``: the pretrain, multi-worker fine-tunes); both keep their
+checkpoints the same way (``Checkpoints``).
 
 Every rank runs ``train``; rank 0 alone logs, exports and writes the result.
 """
@@ -19,23 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 from branchout.stages.job import TrainJob
 
 
-class CheckpointSink(Protocol):
-    def resume(self, engine, logger) -> dict[str, Any] | None:
-        """Load the newest good checkpoint into ``engine``; its client state, or None."""
-
-    def save(self, engine, step: int, loss: float) -> None:
-        """Make step ``step``'s checkpoint durable (and apply retention)."""
-
-
-def train(job: TrainJob, sink: CheckpointSink, rank: int = 0, world: int = 1, shared_base: dict | None = None,
+def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None = None,
           tokenizer=None) -> dict[str, Any]:
     """Train ``job`` to completion and export it; returns the result (every rank) that rank 0
     also writes to ``<job>/result.json``.
@@ -77,6 +67,7 @@ def train(job: TrainJob, sink: CheckpointSink, rank: int = 0, world: int = 1, sh
         engine = TorchEngine(model, t, job.steps, device="cuda" if use_gpu else "cpu")
 
     logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps, job.tracking) if rank == 0 else None
+    sink = Checkpoints(job, rank, world, engine.device, final=t.uses_deepspeed())
     client_state = sink.resume(engine, logger)
     start_step = int(client_state.get("step", 0)) if client_state else 0
     if client_state:
@@ -126,3 +117,127 @@ def read_result(job: TrainJob) -> dict | None:
 
     uri = storage.join(job.out_uri, "result.json")
     return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+class Checkpoints:
+    """A training job's checkpoints, one layout for one process and for a worker group:
+    ``<job>/checkpoints/step_<N>/`` (zero-padded: name order is step order), into which
+    every rank writes its own files and then a manifest of them (``MANIFEST.rank<r>.json``).
+    A checkpoint is good when all ``world`` manifests are there and every file verifies.
+
+    On (re)start rank 0 picks the newest good checkpoint, falling back past damaged ones
+    and saying why, and every rank loads it: model, optimizer, scheduler, RNG and data
+    position (= step). This covers a retried fan-out job, a restart inside one Ray Train
+    run and a new run of the same job (``branchout resume``). After each save the newest
+    ``keep_checkpoints`` good ones stay (the newest good one always): every rank verifies
+    only its own files, the ranks agree by an all-reduce, rank 0 deletes; no process reads
+    the whole checkpoint, which for a large model on an object store would mean
+    downloading all of it at every save.
+
+    ``final``: the last step is checkpointed too. DeepSpeed releases its optimizer state
+    before the export gathers the weights, and a failed export resumes from there; the
+    plain torch engine exports straight from memory.
+    """
+
+    def __init__(self, job: TrainJob, rank: int = 0, world: int = 1, device: Any = "cpu", final: bool = False):
+        self.job, self.rank, self.world, self.device, self.final = job, rank, world, device, final
+
+    @property
+    def uri(self) -> str:
+        return self.job.checkpoints_uri
+
+    def names(self) -> list[str]:
+        from branchout.stages import storage
+
+        return sorted(n for n in storage.listdir(self.uri) if n.startswith("step_"))
+
+    def resume(self, engine, logger) -> dict[str, Any] | None:
+        """Load the newest good checkpoint into ``engine``; its client state, or None.
+
+        Raises:
+            CorruptCheckpointError: checkpoints exist but none verifies (never silently
+                restart a long job from step 0).
+        """
+        from branchout.stages import storage
+        from branchout.stages.checkpoint import CorruptCheckpointError, fetch_verified, newest_good
+
+        with tempfile.TemporaryDirectory(prefix="branchout-load-") as tmp:
+            choice: list = [None, [], None]  # name ("" when none verifies), skipped, rank 0's verified copy
+            if self.rank == 0:
+                names = self.names()
+                if names:
+                    name, path, skipped = newest_good(self.uri, names, self.world, local_dir=tmp)
+                    choice = [name or "", skipped, path]
+            self._broadcast(choice)
+            name, skipped, path = choice
+            if logger and skipped:
+                logger.state("running", checkpoint_warnings=skipped)
+            for line in skipped if self.rank == 0 else []:
+                print(f"[branchout] skipping damaged checkpoint: {line}", flush=True)
+            if name == "":
+                raise CorruptCheckpointError(self.uri, ["no checkpoint verifies: " + " | ".join(skipped)])
+            if name is None:
+                return None
+            uri = storage.join(self.uri, name)
+            if self.rank != 0:  # rank 0 verified it: shared disk is read in place, an object store downloaded
+                path = storage.local_path(uri) if storage.is_local(uri) else fetch_verified(uri, tmp, self.world)
+            return engine.load(path)
+
+    def save(self, engine, step: int, loss: float) -> None:
+        """Make step ``step``'s checkpoint durable, then apply retention."""
+        from branchout.stages import storage
+        from branchout.stages.checkpoint import upload_rank, write_rank_manifest
+        from branchout.stages.loop import rng_state
+
+        if step == self.job.steps and not self.final:
+            return  # the exported model is the final state
+        uri = storage.join(self.uri, f"step_{step:08d}")
+        if self.rank == 0 and storage.exists(uri):
+            storage.remove_dir(uri)  # left by an attempt that died writing it: never mix two attempts' files
+        self._barrier()
+        with tempfile.TemporaryDirectory(prefix="branchout-ckpt-") as path:
+            engine.save(path, {"step": step, "rng": rng_state()})
+            write_rank_manifest(path, self.rank, self.world, {"step": step, "job": self.job.name})
+            self.job.check_lease()
+            upload_rank(path, uri, self.rank)
+        self._barrier()  # every rank's files are there before anyone judges the set
+        self._retain()
+
+    def _retain(self) -> list[str]:
+        import torch
+
+        from branchout.stages.checkpoint import rank_problems, retain
+
+        keep = self.job.spec().keep_checkpoints
+        listing = [self.names() if self.rank == 0 else None]
+        self._broadcast(listing)  # every rank walks the same list
+
+        def agreed(uri: str) -> bool:
+            verdict = torch.tensor(0 if rank_problems(uri, self.rank, self.world) else 1, dtype=torch.int32,
+                                   device=self.device)
+            if self._distributed():
+                import torch.distributed as dist
+
+                dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+            return bool(verdict.item())
+
+        return retain(self.uri, listing[0], keep, self.world, verify=agreed, delete=self.rank == 0)
+
+    def _distributed(self) -> bool:
+        import torch.distributed as dist
+
+        return self.world > 1 and dist.is_initialized()
+
+    def _broadcast(self, objects: list) -> None:
+        # pickled into a tensor on the current CUDA device under NCCL (Ray Train made this
+        # worker's GPU current), on the CPU under gloo
+        if self._distributed():
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(objects, src=0)
+
+    def _barrier(self) -> None:
+        if self._distributed():
+            import torch.distributed as dist
+
+            dist.barrier()

@@ -1,10 +1,10 @@
 """Launch a distributed ``TrainJob`` as a Ray Train ``TorchTrainer`` and wait for it.
 
 Ray Train owns the worker group, the process group and restarts after a worker dies.
-Each launch is a new Ray Train run, ``<job dir>/ray/train-<time>``: branchout, not Ray's
-run snapshot, decides which checkpoint to continue from (the newest that verifies, across
-every earlier run of the job; see ``stages.distributed``). Re-using one run name would make
-Ray restore its own bookkeeping, which lists checkpoints branchout's retention removed.
+Each launch is a new Ray Train run whose bookkeeping goes to ``<job dir>/ray/train-<time>``;
+the checkpoints are the recipe's own (``<job dir>/checkpoints/step_N``, see
+``stages.recipe.Checkpoints``): branchout, not Ray's run snapshot, decides which one to
+continue from, across every earlier run of the job, and Ray Train is given none.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class TrainingFailedError(RuntimeError):
 
 def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
     """Run ``job`` on ``num_workers`` Ray Train workers; returns its result dict."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from branchout.stages.distributed import train_worker
@@ -40,9 +40,6 @@ def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
         run_config=RunConfig(
             name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=max_failures),
-            # retention is branchout's (stages/distributed.py): Ray cannot tell a damaged
-            # checkpoint from a good one and could delete the last good one
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
     )
     try:

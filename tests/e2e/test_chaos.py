@@ -110,18 +110,19 @@ def test_worker_killed_mid_pretrain(chaos):
     a, b = _losses(baseline_dir, "pretrain"), _losses(run_dir, "pretrain")
     assert all(abs(a[s] - b[s]) / a[s] < 0.01 for s in range(resumed_at + 1, 41))
 
-    # every Ray Train checkpoint carries both ranks' manifests and verifies
-    ray_dir = run_dir / "pretrain" / "ray"
-    names = sorted((p.relative_to(ray_dir).as_posix() for p in ray_dir.glob("train-*/checkpoint_2*")),
-                   key=lambda n: n.split("/")[-1])
-    assert len(names) == 2  # keep_checkpoints
-    assert newest_good(str(ray_dir), names, world=2)[0] == names[-1]
-    newest = ray_dir / names[-1]
+    # the pretrain's checkpoints, in the one layout every training job has, carry both ranks'
+    # manifests and verify; Ray Train's own run folder holds none
+    ckpt_dir = run_dir / "pretrain" / "checkpoints"
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    assert names == ["step_00000030", "step_00000040"]  # keep_checkpoints: 2, the last step included
+    assert not list((run_dir / "pretrain" / "ray").rglob("*.pt"))
+    assert newest_good(str(ckpt_dir), names, world=2)[0] == names[-1]
+    newest = ckpt_dir / names[-1]
     victim = next(p for p in newest.rglob("*optim_states.pt"))
     with open(victim, "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
-    name, _, skipped = newest_good(str(ray_dir), names, world=2)
+    name, _, skipped = newest_good(str(ckpt_dir), names, world=2)
     assert name == names[0] and victim.name in skipped[0]
 
 
