@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from branchout.stages.checkpoint import fetch_verified, publish_dir
+from branchout.storage.checkpoint import fetch_verified, publish_dir
 
 
 def _timed(fn) -> float:

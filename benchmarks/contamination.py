@@ -37,7 +37,7 @@ SEQ_LEN, FRACTION, SEED = 128, 0.1, 0  # the quickstart's
 
 def side_documents(uri: str, side: str, tok, chunk: int = 512):
     """Decoded documents (or their pieces at a block edge) of one side, in order."""
-    from branchout.stages.data import open_blocks
+    from branchout.stages.prepare.data import open_blocks
 
     blocks = open_blocks(uri, side)
     carry = np.empty(0, np.int64)
@@ -87,8 +87,8 @@ def measure(packed: dict[str, str], tok) -> dict[str, tuple[float, int]]:
 
 
 def run_dir_packed(run_dir: str) -> tuple[dict[str, str], str]:
+    from branchout import storage
     from branchout.orchestrator.run.state import RunRecord
-    from branchout.stages import storage
 
     record = RunRecord.load(run_dir)
     packed = {n.split("/", 1)[1]: r.outputs["uri"] for n, r in record.jobs.items()
@@ -100,9 +100,9 @@ def quickstart_packs(work: Path, data_dir: Path | None = None) -> tuple[dict[str
     """Quickstart data (built here unless ``data_dir`` holds it) packed with the split plain
     and decontaminated; the tokenizer's path."""
     from branchout.core.spec import DatasetSpec, TokenizerSpec
-    from branchout.stages.data import prepare
     from branchout.stages.job import DataJob, TokenizerJob
-    from branchout.stages.tokenizer import tokenizer_job
+    from branchout.stages.prepare.data import prepare
+    from branchout.stages.prepare.tokenizer import tokenizer_job
 
     import corpus
 
@@ -130,8 +130,8 @@ def quickstart_packs(work: Path, data_dir: Path | None = None) -> tuple[dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from branchout.stages.checkpoint import fetch_verified
-    from branchout.stages.tokenizer import load_tokenizer
+    from branchout.stages.prepare.tokenizer import load_tokenizer
+    from branchout.storage.checkpoint import fetch_verified
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", nargs="?")
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(rows))
     from data_scale import write_section
 
-    from branchout.stages.split import NGRAM, SAMPLE_BITS, THRESHOLD
+    from branchout.stages.prepare.split import NGRAM, SAMPLE_BITS, THRESHOLD
 
     if args.data:
         return 0 if all(after[n][0] <= 0.25 for n in DATASETS) else 1

@@ -15,7 +15,7 @@ uint16 blocks of 128 tokens:
 
 - plain loop (a fresh process): ``json.loads`` per line, ``encode_batch_fast`` 1,000
   documents at a time, EOS appended, blocks written as they fill. No split, no shards.
-- data stage: ``stages.data.prepare`` submitted as a zero-CPU Ray task, exactly as the
+- data stage: ``stages.prepare.data.prepare`` submitted as a zero-CPU Ray task, exactly as the
   driver does, on a two-node Ray cluster started here (two ``ray start`` on 127.0.0.1, one
   CPU each, token auth): read units tokenized by a pool of Ray Data actors on both nodes, the
   decontaminated held-out split, shards, manifest.
@@ -232,8 +232,8 @@ def run_stage(corpus_path: Path, tokenizer: str, tok_hash: str, work: Path, samp
     import ray
 
     from branchout.core.spec import DatasetSpec
-    from branchout.stages.data import prepare
     from branchout.stages.job import DataJob
+    from branchout.stages.prepare.data import prepare
 
     cache = work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
@@ -330,7 +330,7 @@ def quickstart_tokenizer(work: Path) -> tuple[str, str]:
     """The quickstart's tokenizer (4,096 tokens, trained on its pretraining corpus)."""
     from branchout.core.spec import DatasetSpec, TokenizerSpec
     from branchout.stages.job import TokenizerJob
-    from branchout.stages.tokenizer import tokenizer_hash, tokenizer_job
+    from branchout.stages.prepare.tokenizer import tokenizer_hash, tokenizer_job
 
     import corpus
 

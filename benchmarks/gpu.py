@@ -6,7 +6,7 @@
 
 1. pretrain of a 171M-parameter Llama in bf16 (seq 1024, micro-batch 8) under Ray Train on
    one GPU: the plain engine (what one worker runs), DeepSpeed ZeRO-2 and ZeRO-3 on a
-   ``cpu:gloo,cuda:nccl`` process group (``orchestrator.run.training.process_group_backend``),
+   ``cpu:gloo,cuda:nccl`` process group (``orchestrator.run.ray_train.process_group_backend``),
    side by side with a raw torch loop; tokens/s and MFU (6·N + 12·L·H·T FLOPs per token)
    against the measured bf16 matmul peak. The ZeRO-3 model is built under ``zero.Init``.
 2. 4 LoRA fine-tunes of that base packed on one GPU (``gpu: 0.25`` each) through the warm
@@ -48,11 +48,11 @@ def train_loop(config: dict) -> None:
     import numpy as np
     import torch
 
-    from branchout.stages.data import open_blocks
-    from branchout.stages.engine import DeepSpeedEngine, TorchEngine
-    from branchout.stages.loop import run_steps
-    from branchout.stages.model import export_model, prepare_model, zero3_config
-    from branchout.stages.tokenizer import load_tokenizer
+    from branchout.stages.prepare.data import open_blocks
+    from branchout.stages.prepare.tokenizer import load_tokenizer
+    from branchout.stages.training.engine import DeepSpeedEngine, TorchEngine
+    from branchout.stages.training.loop import run_steps
+    from branchout.stages.training.model import export_model, prepare_model, zero3_config
 
     job = config["job"]
     t = job.spec()
@@ -91,9 +91,9 @@ def raw_loop(model_cfg: dict, vocab: int, data_uri: str, seq: int, micro: int, s
     import torch
 
     from branchout.core.spec import OptimizerSpec
-    from branchout.stages.data import open_blocks
-    from branchout.stages.model import build_config, build_model
-    from branchout.stages.optim import build_optimizer
+    from branchout.stages.prepare.data import open_blocks
+    from branchout.stages.training.model import build_config, build_model
+    from branchout.stages.training.optim import build_optimizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(build_config("llama", model_cfg, vocab), seed=0).to(device)
@@ -138,10 +138,10 @@ def matmul_peak() -> float:
 def prepare_parts(work: Path, size: dict) -> dict:
     """Tokenizer, packed general and legal text (the product's data stage), as the pipeline makes them."""
     from branchout.core.spec import DatasetSpec
-    from branchout.stages.checkpoint import publish_dir
-    from branchout.stages.data import prepare
     from branchout.stages.job import DataJob
-    from branchout.stages.tokenizer import tokenizer_hash, train_tokenizer
+    from branchout.stages.prepare.data import prepare
+    from branchout.stages.prepare.tokenizer import tokenizer_hash, train_tokenizer
+    from branchout.storage.checkpoint import publish_dir
 
     import corpus
 
@@ -177,7 +177,7 @@ def run_training(job, engine: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from branchout.orchestrator.run.training import process_group_backend
+    from branchout.orchestrator.run.ray_train import process_group_backend
 
     gpu = _has_gpu()
     trainer = TorchTrainer(train_loop, train_loop_config={"job": job, "engine": engine},
@@ -231,9 +231,9 @@ def measure(size: dict) -> list[tuple[str, str, str, str]]:
 
     from branchout.orchestrator.run.fanout import submit_task
     from branchout.orchestrator.run.pool import PoolSet
-    from branchout.stages.data import open_blocks
-    from branchout.stages.evaluate import evaluate_domain, perplexity
-    from branchout.stages.model import build_config, parameter_counts
+    from branchout.stages.evaluation.evaluate import evaluate_domain, perplexity
+    from branchout.stages.prepare.data import open_blocks
+    from branchout.stages.training.model import build_config, parameter_counts
 
     work = Path(tempfile.mkdtemp(prefix="branchout-gpu-"))
     parts = prepare_parts(work, size)

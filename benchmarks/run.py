@@ -52,10 +52,10 @@ def row(name: str, ratio: str, raw: str, target: str) -> None:
 def build_parts(work: Path):
     """A published tokenizer and packed data, as the pipeline's first two stages make them."""
     from branchout.core.spec import DatasetSpec
-    from branchout.stages.checkpoint import publish_dir
-    from branchout.stages.data import prepare
     from branchout.stages.job import DataJob
-    from branchout.stages.tokenizer import tokenizer_hash, train_tokenizer
+    from branchout.stages.prepare.data import prepare
+    from branchout.stages.prepare.tokenizer import tokenizer_hash, train_tokenizer
+    from branchout.storage.checkpoint import publish_dir
 
     corpus.build(str(work / "data"), {"general": 1_600_000, "legal": 300_000, "code": 300_000, "docs": 300_000})
     texts = [json.loads(x)["text"] for x in (work / "data" / "general.jsonl").read_text().splitlines()]
@@ -89,7 +89,7 @@ def pretrain_job(work: Path, data_uri: str, name: str, workers: int, zero: int, 
 
 def steady_tokens_per_s(work: Path, job: str) -> float:
     """Mean tokens/s of the logged windows after the first (start-up excluded)."""
-    from branchout.stages.metrics import read_metrics
+    from branchout.stages.training.metrics import read_metrics
 
     points = [p["tokens_per_s"] for p in read_metrics(str(work / "logs"), job) if "tokens_per_s" in p]
     return statistics.mean(points[2:]) if len(points) > 3 else statistics.mean(points)
@@ -101,9 +101,9 @@ def raw_torch_tokens_per_s(data_uri: str, steps: int) -> float:
     import torch
 
     from branchout.core.spec import OptimizerSpec
-    from branchout.stages.data import open_blocks
-    from branchout.stages.model import build_config, build_model
-    from branchout.stages.optim import build_optimizer
+    from branchout.stages.prepare.data import open_blocks
+    from branchout.stages.training.model import build_config, build_model
+    from branchout.stages.training.optim import build_optimizer
 
     torch.set_num_threads(2)
     model = build_model(build_config("llama", MODEL, 4096), seed=0)
@@ -196,14 +196,14 @@ def main() -> int:
 
     from branchout.orchestrator.config.plan import ModelShape  # noqa: F401  (the FLOPs formula lives in Plan)
     from branchout.orchestrator.run.pool import PoolSet
-    from branchout.orchestrator.run.training import run_distributed
-    from branchout.stages.model import (
+    from branchout.orchestrator.run.ray_train import run_distributed
+    from branchout.stages.prepare.tokenizer import load_tokenizer
+    from branchout.stages.training.model import (
         build_config,
         build_model,
         export_model,
         parameter_counts,
     )
-    from branchout.stages.tokenizer import load_tokenizer
 
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="branchout-bench-"))
@@ -327,7 +327,7 @@ def notes() -> list[str]:
     return """### What limits each row
 
 1. The pretrain's own loop is the raw loop plus a few microseconds of bookkeeping per step
-   (`stages/loop.py`). The DeepSpeed engine adds its per-step work (hooks, a fused step over
+   (`stages/training/loop.py`). The DeepSpeed engine adds its per-step work (hooks, a fused step over
    flat buffers) that buys nothing with one worker, which is why one worker uses the plain
    engine. What remains for both is where Ray Train runs the training function: on a thread
    of the worker actor, not its main thread; when the main thread has run torch first,

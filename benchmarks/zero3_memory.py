@@ -3,9 +3,9 @@
     python benchmarks/zero3_memory.py      # ~4 minutes on 2 CPU cores; replaces its section of RESULTS.md
 
 Two CPU ranks on gloo run the product's code for a 160M-parameter Llama in bf16, once per
-stage: ``stages.model.prepare_model`` (under ZeRO-3: ``zero.Init`` through transformers'
-DeepSpeed integration) and ``stages.engine.DeepSpeedEngine``, two training steps, then
-``DeepSpeedEngine.state_dict_for_export`` and ``stages.model.export_model`` on rank 0.
+stage: ``stages.training.model.prepare_model`` (under ZeRO-3: ``zero.Init`` through transformers'
+DeepSpeed integration) and ``stages.training.engine.DeepSpeedEngine``, two training steps, then
+``DeepSpeedEngine.state_dict_for_export`` and ``stages.training.model.export_model`` on rank 0.
 Each phase's peak is the kernel's high-water mark of the rank's resident memory
 (``VmHWM``), reset before the phase (``/proc/self/clear_refs``), so it includes every
 transient copy. On GPUs the same shapes hold for device memory; here they are host bytes.
@@ -49,10 +49,10 @@ def rank_main(rank: int, port: int, stage: int, work: str) -> None:
     import torch.distributed as dist
 
     from branchout.core.spec import PretrainSpec
-    from branchout.stages.engine import DeepSpeedEngine
     from branchout.stages.job import TrainJob
-    from branchout.stages.model import export_model, prepare_model, zero3_config
-    from branchout.stages.tokenizer import load_tokenizer
+    from branchout.stages.prepare.tokenizer import load_tokenizer
+    from branchout.stages.training.engine import DeepSpeedEngine
+    from branchout.stages.training.model import export_model, prepare_model, zero3_config
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
@@ -86,7 +86,7 @@ def rank_main(rank: int, port: int, stage: int, work: str) -> None:
     phase("train", lambda: [engine.train_step([torch.randint(0, len(tok), (2, SEQ))]) for _ in range(2)])
 
     def export() -> None:
-        engine.release_optimizer_state()  # as stages.distributed does once its last checkpoint is saved
+        engine.release_optimizer_state()  # as stages.training.distributed does once its last checkpoint is saved
         weights = engine.state_dict_for_export()
         if rank == 0:
             export_model(engine.module, tok, job.model_uri, state_dict=weights)
@@ -106,8 +106,8 @@ def _previous_export(engine, job, tok, rank: int) -> None:
     cloned on rank 0, loaded into a freshly built fp32 model and written in fp32."""
     import deepspeed
 
-    from branchout.stages.model import build_config, build_model
-    from branchout.stages.tokenizer import special_token_ids
+    from branchout.stages.prepare.tokenizer import special_token_ids
+    from branchout.stages.training.model import build_config, build_model
 
     module = engine.module
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
@@ -123,8 +123,8 @@ def build_tokenizer(work: Path) -> None:
     """A 4,096-token BPE on the standard library's prose (any Python has it)."""
     import pydoc_data.topics
 
-    from branchout.stages.checkpoint import publish_dir
-    from branchout.stages.tokenizer import train_tokenizer
+    from branchout.stages.prepare.tokenizer import train_tokenizer
+    from branchout.storage.checkpoint import publish_dir
 
     train_tokenizer(list(pydoc_data.topics.topics.values()), 4096, 2, str(work / "tok"))
     publish_dir(str(work / "tok"), str(work / "tokenizer"))
@@ -174,7 +174,7 @@ def rows(result: dict[int, list[dict]]) -> list[tuple[str, str, str, str]]:
                 peak(z3, "build", "engine"), peak(z2, "build", "engine"),
                 "model and optimizer states; at 2 ranks both shard the fp32 state", "≤ 1"),
         compare("ZeRO-3 / ZeRO-2 per-rank peak RSS: export", peak(z3, "export"), peak(z2, "export"),
-                "from the trained state (Adam moments dropped, as `stages.distributed` does) to the written model",
+                "from the trained state (Adam moments dropped, as `stages.training.distributed` does) to the written model",
                 "< 1"),
         compare("ZeRO-3 export / the previous ZeRO-3 export: per-rank peak RSS", peak(z3, "export"),
                 peak(z3, "export_previous"), "layer-by-layer 16-bit consolidation on rank 0 vs every parameter "

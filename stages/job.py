@@ -4,12 +4,12 @@ Each kind of job is one frozen description carrying the spec's own models (``Tra
 ``DatasetSpec``, ``TokenizerSpec``...), never a ``model_dump()`` dict or a positional tuple,
 so a worker reads every option, and every default, from ``core/spec.py``:
 
-- ``TokenizerJob`` → ``stages.tokenizer.tokenizer_job``
-- ``DataJob`` → ``stages.data.prepare``
-- ``TrainJob`` → ``stages.recipe.train``, entered from Ray Train (``stages.distributed.train_worker``)
-  or one process (``stages.single_worker.run_single_worker``): pretrain, fine-tunes, baselines
-- ``ImportJob`` → ``stages.model.import_model`` (``pretrain.steps: 0``)
-- ``EvalJob`` → ``stages.evaluate.evaluate_domain``
+- ``TokenizerJob`` → ``stages.prepare.tokenizer.tokenizer_job``
+- ``DataJob`` → ``stages.prepare.data.prepare``
+- ``TrainJob`` → ``stages.training.recipe.train``, entered from Ray Train (``stages.training.distributed.train_worker``)
+  or one process (``stages.training.single_worker.run_single_worker``): pretrain, fine-tunes, baselines
+- ``ImportJob`` → ``stages.training.model.import_model`` (``pretrain.steps: 0``)
+- ``EvalJob`` → ``stages.evaluation.evaluate.evaluate_domain``
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from branchout import storage
 from branchout.core.spec import (
     DatasetSpec,
     FinetuneOptions,
     PretrainSpec,
     TokenizerSpec,
 )
-from branchout.stages import storage
 
 LEASE = "LEASE"
 
@@ -72,7 +72,7 @@ class TrainJob:
 
     def with_precision(self, precision: str) -> TrainJob:
         """This job with its ``precision: auto`` replaced by the one its workers decided
-        (``stages.engine.decide_precision``): everything after reads a concrete one."""
+        (``stages.training.engine.decide_precision``): everything after reads a concrete one."""
         t = self.training
         return replace(self, training=t.model_copy(update={"deepspeed": t.deepspeed.model_copy(
             update={"precision": precision})}))

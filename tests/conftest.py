@@ -201,16 +201,16 @@ def job_parts(root: Path, corpus_dir: Path):
     import json
 
     from branchout.core.spec import DatasetSpec
-    from branchout.stages.checkpoint import publish_dir
-    from branchout.stages.data import prepare
     from branchout.stages.job import DataJob
-    from branchout.stages.model import build_config, build_model, export_model
-    from branchout.stages.tokenizer import (
+    from branchout.stages.prepare.data import prepare
+    from branchout.stages.prepare.tokenizer import (
         load_tokenizer,
         special_token_ids,
         tokenizer_hash,
         train_tokenizer,
     )
+    from branchout.stages.training.model import build_config, build_model, export_model
+    from branchout.storage.checkpoint import publish_dir
 
     texts = [json.loads(x)["text"] for x in (corpus_dir / "general.jsonl").read_text().splitlines()]
     train_tokenizer(texts, 512, 2, str(root / "tok-work"))
@@ -313,8 +313,8 @@ def tokenizer_dir(corpus_dir, tmp_path_factory):
     """A small BPE tokenizer trained on the test corpus and published as a run would."""
     import json
 
-    from branchout.stages.checkpoint import publish_dir
-    from branchout.stages.tokenizer import train_tokenizer
+    from branchout.stages.prepare.tokenizer import train_tokenizer
+    from branchout.storage.checkpoint import publish_dir
 
     texts = [json.loads(line)["text"] for line in (corpus_dir / "general.jsonl").read_text().splitlines()]
     work, out = tmp_path_factory.mktemp("tok-work"), tmp_path_factory.mktemp("tok") / "published"

@@ -82,9 +82,9 @@ def user_errors():
     from branchout.orchestrator.operate.jobs import JobsError
     from branchout.orchestrator.operate.migrations import RegistrySchemaError
     from branchout.orchestrator.operate.scheduler import ScheduleError
-    from branchout.stages.data import DataError
-    from branchout.stages.export import ExportError
-    from branchout.stages.storage import StorageError
+    from branchout.stages.prepare.data import DataError
+    from branchout.stages.training.export import ExportError
+    from branchout.storage import StorageError
 
     return (ClusterError, JobsError, OperateError, StorageError, SpecError, DataError, RegistrySchemaError,
             ShippingError, ScheduleError, ExportError)

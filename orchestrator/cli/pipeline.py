@@ -50,7 +50,7 @@ def plan(
     gpu_mem: Annotated[float | None, typer.Option(help="Memory of one GPU in GiB (instead of --gpu).")] = None,
 ) -> None:
     """Per-GPU memory under ZeRO 0-3 with and without offload, and the cheapest setting that fits."""
-    from branchout.cluster.memory import GiB, gpu_memory_gb
+    from branchout.cluster.gpu_memory import GiB, gpu_memory_gb
     from branchout.orchestrator.config.loader import SpecError, load_spec
     from branchout.orchestrator.config.plan import model_shape
     from branchout.orchestrator.run.display import print_memory_plan
@@ -124,11 +124,11 @@ def driver(
     """The pipeline driver of a submitted Ray job (what `branchout submit` runs on the cluster)."""
     import yaml
 
+    from branchout import storage
     from branchout.core.spec import PipelineSpec
     from branchout.orchestrator.config.loader import validate_spec
     from branchout.orchestrator.run.driver import run_pipeline
     from branchout.orchestrator.run.state import RunRecord, RunState
-    from branchout.stages import storage
 
     source = os.environ.get("BRANCHOUT_SOURCE")
     raw_spec = os.environ.get("BRANCHOUT_SPEC")
@@ -157,7 +157,7 @@ def export(
 ) -> None:
     """Write a domain's fine-tune as a standalone HF model, or base + adapters for multi-LoRA servers."""
     from branchout.orchestrator.run.state import RunRecord
-    from branchout.stages.export import export_finetune
+    from branchout.stages.training.export import export_finetune
 
     row = find_run(run)
     try:
@@ -179,7 +179,7 @@ def export(
 
 
 def _is_adapter(model_uri: str) -> bool:
-    from branchout.stages import storage
+    from branchout import storage
 
     return storage.exists(storage.join(model_uri, "adapter_config.json"))
 
@@ -195,7 +195,7 @@ def schema() -> None:
 @app.command(hidden=True)
 def probe(storage_uri: str, nonce: str) -> None:
     """Run on the cluster by `branchout submit`: can this node use the storage as the client does?"""
-    from branchout.stages import storage
+    from branchout import storage
 
     try:
         storage.check_reachable(storage_uri)

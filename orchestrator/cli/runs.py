@@ -63,9 +63,9 @@ def list_(
 @app.command()
 def logs(run: RunArg, follow: Annotated[bool, typer.Option("--follow", "-f")] = False) -> None:
     """The driver's log: Ray's job log for submitted runs, logs/driver.log for local ones."""
+    from branchout import storage
     from branchout.orchestrator.operate.jobs import JobsClient
     from branchout.orchestrator.run.state import RunRecord
-    from branchout.stages import storage
 
     row = find_run(run)
     with reported():

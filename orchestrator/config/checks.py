@@ -97,7 +97,7 @@ def _check_training(where: str, t: TrainingSpec, steps: int | None) -> list[str]
         problems.append(f"{where}.deepspeed.offload_optimizer: needs zero_stage 1, 2 or 3 (got 0)")
     r = t.resources_per_worker
     if r.accelerator and r.gpu_memory_gb is None:
-        from branchout.cluster.memory import GPUS
+        from branchout.cluster.gpu_memory import GPUS
 
         if r.accelerator not in GPUS:
             problems.append(f"{where}.resources_per_worker.accelerator: unknown GPU {r.accelerator!r}; "
@@ -118,7 +118,7 @@ def _check_training(where: str, t: TrainingSpec, steps: int | None) -> list[str]
 def spec_config(spec: PipelineSpec):
     """The model's config (from ``model.path``, or type + overrides sized to the tokenizer),
     or a problem line."""
-    from branchout.stages.model import ModelConfigError, build_config, source_config
+    from branchout.stages.training.model import ModelConfigError, build_config, source_config
 
     if spec.model.path is not None:
         try:
@@ -144,7 +144,7 @@ def spec_config(spec: PipelineSpec):
 
 
 def _check_model(spec: PipelineSpec) -> list[str]:
-    from branchout.stages.model import (
+    from branchout.stages.training.model import (
         MAX_META_LAYERS,
         default_lora_targets,
         max_positions,
@@ -206,7 +206,7 @@ def tokenizer_vocab_size(spec: PipelineSpec) -> int | str:
     """The vocabulary the model will have, or a problem line."""
     if spec.tokenizer.path is None:
         return spec.tokenizer.vocab_size
-    from branchout.stages.tokenizer import TokenizerError, load_tokenizer
+    from branchout.stages.prepare.tokenizer import TokenizerError, load_tokenizer
 
     try:
         return len(load_tokenizer(spec.tokenizer.path))
@@ -274,7 +274,7 @@ _OFFLOAD = {"zero_optimization.offload_optimizer": "offload_optimizer",
 
 def _check_passthrough(where: str, t: TrainingSpec) -> list[str]:
     """``deepspeed.config`` keys that contradict the fields branchout builds the config from."""
-    from branchout.stages.engine import deepspeed_config
+    from branchout.stages.training.engine import deepspeed_config
 
     passthrough = t.deepspeed.config
     if not passthrough:

@@ -128,7 +128,7 @@ class ModelShape:
 
 def model_shape(spec: PipelineSpec) -> ModelShape:
     from branchout.orchestrator.config.checks import spec_config
-    from branchout.stages.model import MAX_META_LAYERS, meta_model, parameter_counts
+    from branchout.stages.training.model import MAX_META_LAYERS, meta_model, parameter_counts
 
     config = spec_config(spec)
     assert not isinstance(config, str), "the plan needs a cross-checked spec"
@@ -142,7 +142,7 @@ def model_shape(spec: PipelineSpec) -> ModelShape:
 
 
 def _gpu_memory(t: TrainingSpec, override_gb: float | None = None) -> float | None:
-    from branchout.cluster.memory import GPUS
+    from branchout.cluster.gpu_memory import GPUS
 
     r = t.resources_per_worker
     return override_gb or r.gpu_memory_gb or GPUS.get(r.accelerator or "")
@@ -151,7 +151,7 @@ def _gpu_memory(t: TrainingSpec, override_gb: float | None = None) -> float | No
 def memory_options(shape: ModelShape, t: TrainingSpec, seq_len: int, gpu_memory_gb: float,
                    trainable: int | None = None):
     """Every ZeRO option for this job on GPUs of ``gpu_memory_gb``, cheapest first."""
-    from branchout.cluster.memory import plan_memory
+    from branchout.cluster.gpu_memory import plan_memory
 
     return plan_memory(trainable or shape.params, shape.largest_layer, t.num_workers,
                        _gpus_per_node(t), seq_len, t.micro_batch_size, shape.hidden, shape.layers,
@@ -168,7 +168,7 @@ def resolve_auto_zero(spec: PipelineSpec) -> tuple[list[str], list[str]]:
     Returns:
         (problems, notes): a problem when the GPU is unknown or nothing fits; a note per pick.
     """
-    from branchout.cluster.memory import GB, pick
+    from branchout.cluster.gpu_memory import GB, pick
 
     jobs = [("pretrain", spec.pretrain, spec.pretrain.seq_len)]
     jobs += [(f"finetune.domains.{i}", d, spec.domain_seq_len(d)) for i, d in enumerate(spec.finetune.domains)]
@@ -256,7 +256,7 @@ def evaluation_plan(spec: PipelineSpec, node: Node, d, shape: ModelShape) -> Job
     The job scores one model at a time, so it needs one model's weights in the scoring
     dtype (16 bits for bf16; fp16 only on a GPU), plus a batch's inference activations.
     """
-    from branchout.cluster.memory import inference_bytes
+    from branchout.cluster.gpu_memory import inference_bytes
 
     r = d.resources_per_worker
     known = planned_precision(d, spec.cluster.address is None)
@@ -278,13 +278,13 @@ def job_state_bytes(option, params: int, trainable: int, largest_layer: int, wor
                     deepspeed: bool, on_gpu: bool) -> float:
     """Weights, gradients and optimizer state of one worker.
 
-    DeepSpeed: its own accounting (``cluster.memory.model_states``) of what trains, plus a
+    DeepSpeed: its own accounting (``cluster.gpu_memory.model_states``) of what trains, plus a
     LoRA job's frozen base. The plain torch engine keeps fp32 master weights, gradients
     and Adam moments (16 bytes per trained parameter) and, under autocast, the 16-bit
     copies of the weights a step casts (2 bytes); a LoRA job's frozen base is stored in
     16 bits on a GPU (``TorchEngine`` casts it) and used in place, in fp32, on the CPU.
     """
-    from branchout.cluster.memory import model_states
+    from branchout.cluster.gpu_memory import model_states
 
     frozen = params - trainable if trainable < params else 0
     base_bytes = 2 if (mixed and (deepspeed or on_gpu)) else 4
@@ -297,7 +297,7 @@ def job_state_bytes(option, params: int, trainable: int, largest_layer: int, wor
 
 def _training_plan(name: str, t: TrainingSpec, seq_len: int, steps: int, shape: ModelShape,
                    trainable: int | None = None, embedded: bool = True) -> TrainingPlan:
-    from branchout.cluster.memory import ZeroOption, activation_bytes
+    from branchout.cluster.gpu_memory import ZeroOption, activation_bytes
     from branchout.core.precision import UNDECIDED
 
     accum = t.global_batch_size // (t.num_workers * t.micro_batch_size)
@@ -337,7 +337,7 @@ def check_packing(spec: PipelineSpec) -> list[str]:
         not fit (the usual case: a baseline trains every weight of the model), otherwise
         ``finetune.domains.<i>.resources_per_worker.gpu`` per domain.
     """
-    from branchout.cluster.memory import GB, usable_bytes
+    from branchout.cluster.gpu_memory import GB, usable_bytes
 
     gpu_domains = [(i, d) for i, d in enumerate(spec.finetune.domains)
                    if d.resources_per_worker.uses_gpu and _gpu_memory(d) is not None]

@@ -2,12 +2,12 @@
 
 Checks, per dataset: it exists and reads, the text column is there, it holds non-empty
 strings that are not binary garbage, and both its training and held-out documents hold
-enough text for at least one block. Instruction data (``stages.instruct``): its columns
+enough text for at least one block. Instruction data (``stages.prepare.instruct``): its columns
 are there, of the right type, not all empty, and both sides hold an example. The block check uses a bound that is certain for a
 byte-level BPE (never more tokens than UTF-8 bytes, plus one EOS per document), so it
 never rejects data that would have worked; the data stage repeats it with real tokens.
 
-Reading is streamed (``stages.documents``) and stops as soon as the answer is known, so a
+Reading is streamed (``stages.prepare.documents``) and stops as soon as the answer is known, so a
 corpus of many GB costs its first read unit or two, not a pass over all of it.
 """
 
@@ -21,7 +21,7 @@ MAX_BAD_CHAR_RATIO = 0.01
 
 def preflight(spec: PipelineSpec) -> tuple[list[str], list[str]]:
     """(problems, notes): problems stop the run; notes are printed."""
-    from branchout.stages.data import DataError
+    from branchout.stages.prepare.data import DataError
 
     problems: list[str] = []
     notes: list[str] = []
@@ -51,11 +51,11 @@ def check_dataset(ds: DatasetSpec, seq_len: int, fraction: float, seed: int) -> 
     """
     import pyarrow as pa
 
-    from branchout.stages.documents import plan_units, resolve_source, unit_columns
-    from branchout.stages.split import is_heldout
+    from branchout.stages.prepare.documents import plan_units, resolve_source, unit_columns
+    from branchout.stages.prepare.split import is_heldout
 
     if ds.is_instruction:
-        from branchout.stages.instruct import check_instruct_dataset
+        from branchout.stages.prepare.instruct import check_instruct_dataset
 
         return check_instruct_dataset(ds, seq_len, fraction, seed)
     src = resolve_source(ds)

@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from branchout import storage
 from branchout.orchestrator.operate.jobs import TERMINAL_JOB_STATES, JobsClient, JobsError
 from branchout.orchestrator.operate.registry import Registry, RunRow
 from branchout.orchestrator.run.state import RunRecord, RunState, new_run_id
-from branchout.stages import storage
 
 
 class OperateError(RuntimeError):

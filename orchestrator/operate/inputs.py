@@ -25,9 +25,9 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from branchout import storage
 from branchout.core.spec import PipelineSpec
-from branchout.stages import storage
-from branchout.stages.checkpoint import is_published, publish_dir
+from branchout.storage.checkpoint import is_published, publish_dir
 
 # Ray refuses a runtime_env package above 500 MiB; large inputs belong in shared storage.
 MAX_JOB_FILES_BYTES = 100 * 1024**2
@@ -94,7 +94,7 @@ def _exists(path: str) -> bool:
 def _files(path: str) -> dict[str, str]:
     """Relative name → local file of an input: a file, a directory, or a glob."""
     from branchout.core.spec import DatasetSpec
-    from branchout.stages.data import resolve_source
+    from branchout.stages.prepare.data import resolve_source
 
     if os.path.isdir(path) and not any(c in path for c in "*?["):
         root = path

@@ -152,7 +152,7 @@ def probe_storage(client: JobsClient, storage_uri: str, timeout_s: float = 180) 
     import time
     import uuid
 
-    from branchout.stages import storage
+    from branchout import storage
 
     nonce = uuid.uuid4().hex[:12]
     marker = storage.join(storage_uri, ".probes", nonce)

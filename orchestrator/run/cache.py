@@ -31,15 +31,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from branchout import storage
 from branchout.core.graph import JobGraph, Kind
-from branchout.stages import storage
-from branchout.stages.checkpoint import CorruptCheckpointError, fetch_verified
+from branchout.storage.checkpoint import CorruptCheckpointError, fetch_verified
 
 # What decides an output besides the spec and the data: the code that runs on workers,
 # the orchestrator modules that turn a spec into jobs (defaults, derived steps and batch
 # arithmetic, job options, the evaluation rows), and the libraries doing the numerics.
-OUTPUT_CODE = ("stages", "core/spec.py", "core/graph.py", "orchestrator/config/plan.py", "orchestrator/run/driver.py",
-               "orchestrator/run/training.py", "cluster/memory.py")
+OUTPUT_CODE = ("stages", "storage", "core/spec.py", "core/graph.py", "orchestrator/config/plan.py", "orchestrator/run/driver.py",
+               "orchestrator/run/ray_train.py", "cluster/gpu_memory.py")
 OUTPUT_LIBRARIES = ("torch", "transformers", "deepspeed", "peft", "tokenizers", "datasets", "numpy",
                     "safetensors", "pyarrow")
 
@@ -105,7 +105,7 @@ def _h(*parts: Any) -> str:
 
 def data_fingerprints(graph: JobGraph) -> dict[str, str]:
     """Fingerprint of every dataset, by its data job's ``domain`` (pretrain, domains)."""
-    from branchout.stages.data import fingerprint
+    from branchout.stages.prepare.data import fingerprint
 
     return {n.domain: fingerprint(n.section) for n in graph.of(Kind.DATA)}
 

@@ -3,9 +3,9 @@ can never hold or storage its nodes cannot all reach."""
 
 from __future__ import annotations
 
+from branchout import storage
 from branchout.cluster.connect import ClusterInfo
 from branchout.core.spec import PipelineSpec
-from branchout.stages import storage
 
 
 def check_shared_storage(spec: PipelineSpec, cluster: ClusterInfo) -> None:

@@ -220,8 +220,8 @@ def print_run_list(console: Console, rows, title: str = "runs", registry=None) -
 
 def print_status(console: Console, view) -> None:
     """``branchout status RUN``: the run, then one row per job with attempts and outputs."""
-    from branchout.stages.metrics import read_metrics
-    from branchout.stages.storage import join
+    from branchout.stages.training.metrics import read_metrics
+    from branchout.storage import join
 
     row, record = view.row, view.record
     console.print(f"[bold]run {row.run_id}[/]  pipeline {row.pipeline}  state [bold]{row.state}[/]  "
@@ -264,7 +264,7 @@ def print_status(console: Console, view) -> None:
 
 def print_memory_plan(console: Console, spec, shape, gpu_memory_gb: float | None, gpu_label: str | None) -> None:
     """``branchout plan``: one table per distributed job, the cheapest fitting option marked."""
-    from branchout.cluster.memory import GB, pick
+    from branchout.cluster.gpu_memory import GB, pick
     from branchout.orchestrator.config.plan import _gpu_memory, memory_options
 
     console.print(f"[bold]{spec.name}[/]: {shape.model_type}, {shape.params / 1e9:.2f}B parameters "
@@ -314,7 +314,7 @@ def _precision_line(console: Console, name: str, t, embedded: bool, gpu_label: s
 
 def _print_job_fits(console: Console, spec, gpu_memory_gb: float | None, gpu_label: str | None) -> None:
     """Every fan-out and evaluation job: its GPU share, how many share a GPU, whether it fits."""
-    from branchout.cluster.memory import GB, usable_bytes
+    from branchout.cluster.gpu_memory import GB, usable_bytes
     from branchout.orchestrator.config.plan import _gpu_memory, build_plan
 
     plan = build_plan(spec)

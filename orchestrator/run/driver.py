@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from branchout import storage
 from branchout.cluster.autoscale import CapacityHints, stage_bundles, waiting_message
 from branchout.cluster.connect import ClusterInfo, connect
 from branchout.core.graph import JobGraph, Kind, Node, build_graph
@@ -49,9 +50,8 @@ from branchout.orchestrator.run.state import (
     new_run_id,
 )
 from branchout.orchestrator.run.tracking import Tracker
-from branchout.stages import storage
-from branchout.stages.data import PackedInfo
 from branchout.stages.job import Candidate, DataJob, EvalJob, ImportJob, TokenizerJob, TrainJob
+from branchout.stages.prepare.data import PackedInfo
 
 
 class StageFailedError(RuntimeError):
@@ -280,7 +280,7 @@ def _require(results: dict[str, dict[str, Any]], record: RunRecord, names: list[
 
 def stage_tokenizer(ctx: RunContext) -> dict[str, str]:
     """Train (or copy in) the tokenizer; returns its URI in the run and its content hash."""
-    from branchout.stages.tokenizer import tokenizer_job
+    from branchout.stages.prepare.tokenizer import tokenizer_job
 
     node = ctx.graph.of(Kind.TOKENIZER)[0]
     ev, uri = ctx.spec.evaluate, ctx.out_uri(node)
@@ -295,7 +295,7 @@ def stage_data(ctx: RunContext, tokenizer: dict[str, str]) -> dict[str, PackedIn
     pretraining corpus first, then every domain at once, each decontaminated against the
     pretraining corpus's training text (a domain's held-out documents that are mostly that
     text are not scored). Returns each data job's output by its dataset's name."""
-    from branchout.stages.data import prepare
+    from branchout.stages.prepare.data import prepare
 
     ev = ctx.spec.evaluate
     cache_root = storage.join(ctx.spec.storage, "cache", "data")
@@ -321,7 +321,7 @@ def stage_data(ctx: RunContext, tokenizer: dict[str, str]) -> dict[str, PackedIn
 
 def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo) -> str:
     """DeepSpeed pretrain on Ray Train; returns the URI of the exported base model."""
-    from branchout.orchestrator.run.training import run_distributed
+    from branchout.orchestrator.run.ray_train import run_distributed
 
     spec, node = ctx.spec, ctx.graph.of(Kind.PRETRAIN)[0]
     if ctx.graph.pretrain_steps == 0:  # branch straight from the given model
@@ -359,7 +359,7 @@ def training_outputs(job: TrainJob, r: dict[str, Any]) -> dict[str, Any]:
 
 def import_base(ctx: RunContext, node: Node, tokenizer: dict[str, str]) -> str:
     """``pretrain.steps: 0``: publish ``model.path`` as the run's base (a copy, no training)."""
-    from branchout.stages.model import import_model
+    from branchout.stages.training.model import import_model
 
     spec = ctx.spec
     job = ImportJob(spec.model.path, spec.model.revision, tokenizer["uri"], storage.join(ctx.out_uri(node), "model"))
@@ -405,8 +405,8 @@ def _submitter(ctx: RunContext, job: TrainJob, deepspeed: bool, resources: dict[
     """DeepSpeed jobs (several workers, offload) go through Ray Train from a driver thread;
     single-worker ones go to a warm pool (or, with ``finetune.warm_pool: false``, each to
     its own Ray task). ``group``: the jobs sharing this job's bundle, which size its pool."""
-    from branchout.orchestrator.run.training import run_distributed
-    from branchout.stages.single_worker import run_single_worker
+    from branchout.orchestrator.run.ray_train import run_distributed
+    from branchout.stages.training.single_worker import run_single_worker
 
     if deepspeed:
         return lambda: ctx.threads.submit(run_distributed, job, max_failures)
@@ -425,7 +425,7 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, 
     worker); the driver (often on a small head node) loads no model. A model is scored
     when its job succeeded (or was cached); the base, always.
     """
-    from branchout.stages.evaluate import evaluate_domain
+    from branchout.stages.evaluation.evaluate import evaluate_domain
 
     spec, ev = ctx.spec, ctx.spec.evaluate
     nodes = ctx.graph.of(Kind.EVALUATE)

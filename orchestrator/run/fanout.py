@@ -49,7 +49,7 @@ class RetryPolicy:
 
     def decide(self, attempt: int, error: BaseException) -> Decision:
         """``attempt``: the number of the attempt that failed (1 for the first)."""
-        from branchout.orchestrator.run.training import root_error
+        from branchout.orchestrator.run.ray_train import root_error
 
         if isinstance(root_error(error), self.repeats):
             return Decision.FAIL
@@ -270,7 +270,7 @@ def _ended(result: Any) -> float | None:
 
 def describe_error(error: BaseException) -> str:
     """One line: the root error of a Ray task failure, not Ray's wrapper text."""
-    from branchout.orchestrator.run.training import root_cause
+    from branchout.orchestrator.run.ray_train import root_cause
 
     cause = getattr(error, "cause", None)
     if cause is not None:

@@ -1,4 +1,4 @@
-"""The warm pool: a fixed set of ``stages.warm.JobRunner`` actors that take fan-out jobs in turn.
+"""The warm pool: a fixed set of ``stages.training.warm.JobRunner`` actors that take fan-out jobs in turn.
 
 ``submit(job)`` returns a future at once; the job starts on the next idle runner. When a
 runner's process dies mid-job, the job's future fails with Ray's error (the fan-out's
@@ -32,7 +32,7 @@ class WarmPool:
     def __init__(self, resources: dict[str, float], size: int, shared_base=None, linger_s: float = 2.0):
         import ray
 
-        from branchout.stages.warm import JobRunner
+        from branchout.stages.training.warm import JobRunner
 
         bundle = dict(resources)
         cpus, gpus = bundle.pop("CPU", 1.0), bundle.pop("GPU", 0.0)
@@ -205,7 +205,7 @@ class PoolSet:
             import ray
 
             from branchout.cluster.capacity import loader_options
-            from branchout.stages.model import shared_base_weights
+            from branchout.stages.training.model import shared_base_weights
 
             loader = ray.remote(shared_base_weights).options(**loader_options(resources), name="shared-base")
             self._bases[dtype] = loader.remote(self.base_uri, dtype)  # never ray.get here
@@ -225,7 +225,7 @@ def shared_base_dtype(resources: dict[str, float], precision: str) -> str:
     halve the object store and the transfer. On the CPU a LoRA job computes with the
     shared arrays in place, which must then be fp32.
     """
-    from branchout.orchestrator.run.training import simulate_gpus
+    from branchout.orchestrator.run.ray_train import simulate_gpus
 
     # simulated GPUs (a fake cluster's scheduling tokens) train on the CPU
     if resources.get("GPU", 0) > 0 and precision in ("bf16", "fp16") and not simulate_gpus():

@@ -17,11 +17,11 @@ import io
 import json
 from typing import Any
 
+from branchout import storage
 from branchout.core.graph import Kind
 from branchout.orchestrator.run.lineage import lineage_text
 from branchout.orchestrator.run.state import RunRecord
-from branchout.stages import storage
-from branchout.stages.metrics import read_metrics
+from branchout.stages.training.metrics import read_metrics
 
 
 def metrics_row(r: dict[str, Any], method: str, data_kind: str) -> dict[str, Any]:

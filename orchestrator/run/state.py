@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from branchout.stages import storage
+from branchout import storage
 
 
 class RunState(str, Enum):

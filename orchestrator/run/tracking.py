@@ -4,7 +4,7 @@ With ``tracking: {mlflow_uri: http://mlflow:5000, experiment: legal-assistant}``
 opens (or, on resume, reopens) a parent run named after the pipeline run and logs the
 resolved spec as parameters. Each job gets a child run when it is first submitted; its id
 travels to the worker in ``TrainJob.tracking``, and the worker logs every step's metrics
-there itself (``stages.metrics``), so curves are live while a job trains. When a job ends
+there itself (``stages.training.metrics``), so curves are live while a job trains. When a job ends
 the driver logs its outputs (final loss, throughput, perplexities) and closes the child;
 when the run ends it logs the evaluation table as parent metrics and the report as
 artifacts. The ids are kept in ``state.json`` (``RunRecord.tracking``).
@@ -161,7 +161,7 @@ def _param(key: str, value: Any):
 
 
 def _log_artifact(client, run_id: str, run_uri: str, name: str) -> None:
-    from branchout.stages import storage
+    from branchout import storage
 
     uri = storage.join(run_uri, name)
     if not storage.exists(uri):

@@ -6,7 +6,7 @@
 - fan-out workers die: a domain with retries left is retried from its own checkpoint and
   succeeds, one without fails alone, the third domain is untouched.
 
-The kills come from ``BRANCHOUT_FAULTS`` (``stages.faults``): the worker SIGKILLs itself
+The kills come from ``BRANCHOUT_FAULTS`` (``stages.training.faults``): the worker SIGKILLs itself
 right after logging the named step, so the kill lands at that exact step however loaded
 the machine is. An external kill racing a 25 ms/step model could land before the first
 checkpoint or after the job ended.
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from branchout.orchestrator.run.state import JobState, RunRecord, RunState
-from branchout.stages.checkpoint import newest_good
+from branchout.storage.checkpoint import newest_good
 
 from conftest import TINY, run_cli
 

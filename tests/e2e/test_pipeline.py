@@ -118,9 +118,9 @@ def test_pretrain_lowered_heldout_loss(finished_run):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from branchout.stages.data import open_blocks
-    from branchout.stages.evaluate import perplexity
-    from branchout.stages.model import build_model
+    from branchout.stages.evaluation.evaluate import perplexity
+    from branchout.stages.prepare.data import open_blocks
+    from branchout.stages.training.model import build_model
 
     _, run_dir, _ = finished_run
     trained = AutoModelForCausalLM.from_pretrained(run_dir / "pretrain" / "model", dtype=torch.float32)

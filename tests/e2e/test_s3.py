@@ -101,7 +101,7 @@ def test_quickstart_submitted_with_s3_storage_needs_no_client_and_leaks_no_secre
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from branchout.stages.checkpoint import fetch_verified
+    from branchout.storage.checkpoint import fetch_verified
 
     env = _client_env(cluster, registry_url)
     printed = []

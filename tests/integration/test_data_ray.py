@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from branchout.core.spec import DatasetSpec
-from branchout.stages import data
 from branchout.stages.job import DataJob
-from branchout.stages.tokenizer import tokenizer_hash
+from branchout.stages.prepare import data
+from branchout.stages.prepare.tokenizer import tokenizer_hash
 
 
 @pytest.fixture(scope="module")

@@ -67,13 +67,13 @@ def test_driver_memory_stays_flat_through_a_fanout(ray_local, corpus_dir, tmp_pa
     import ray
 
     from branchout.orchestrator.run.pool import PoolSet
-    from branchout.stages.model import shared_base_weights
+    from branchout.stages.training.model import shared_base_weights
 
     # nested, so that Ray ships the function itself (this test module is not on workers' path)
     def _make_base(root: str, config: dict) -> int:
         """Build and publish the big base in a worker: the driver must not touch it either."""
-        from branchout.stages.model import build_config, build_model, export_model
-        from branchout.stages.tokenizer import load_tokenizer, special_token_ids
+        from branchout.stages.prepare.tokenizer import load_tokenizer, special_token_ids
+        from branchout.stages.training.model import build_config, build_model, export_model
 
         tok = load_tokenizer(f"{root}/tokenizer")
         model = build_model(build_config("llama", config, len(tok), special_token_ids(tok)), seed=0)

@@ -34,11 +34,11 @@ def process_group():
 
 def _train(parts, engine_name: str, zero_stage: int) -> dict[str, np.ndarray]:
     from branchout.core.spec import PretrainSpec
-    from branchout.stages.data import open_blocks
-    from branchout.stages.engine import DeepSpeedEngine, TorchEngine
-    from branchout.stages.loop import run_steps
-    from branchout.stages.model import build_config, build_model
-    from branchout.stages.tokenizer import load_tokenizer, special_token_ids
+    from branchout.stages.prepare.data import open_blocks
+    from branchout.stages.prepare.tokenizer import load_tokenizer, special_token_ids
+    from branchout.stages.training.engine import DeepSpeedEngine, TorchEngine
+    from branchout.stages.training.loop import run_steps
+    from branchout.stages.training.model import build_config, build_model
 
     root, data_uri, overrides = parts
     t = PretrainSpec(dataset={"path": "unused"}, steps=6, seq_len=32, global_batch_size=4, micro_batch_size=2,
@@ -65,8 +65,8 @@ def test_plain_torch_engine_matches_deepspeed_in_fp32(parts, process_group, zero
 
 
 def _train_none(parts) -> dict[str, np.ndarray]:
-    from branchout.stages.model import build_config, build_model
-    from branchout.stages.tokenizer import load_tokenizer, special_token_ids
+    from branchout.stages.prepare.tokenizer import load_tokenizer, special_token_ids
+    from branchout.stages.training.model import build_config, build_model
 
     root, _, overrides = parts
     tok = load_tokenizer(str(root / "tokenizer"))
@@ -82,11 +82,11 @@ def test_the_plain_engine_scales_fp16_losses_and_checkpoints_its_scaler(parts, t
     import torch
 
     from branchout.core.spec import PretrainSpec
-    from branchout.stages.data import open_blocks
-    from branchout.stages.engine import TorchEngine
-    from branchout.stages.loop import run_steps
-    from branchout.stages.model import build_config, build_model
-    from branchout.stages.tokenizer import load_tokenizer, special_token_ids
+    from branchout.stages.prepare.data import open_blocks
+    from branchout.stages.prepare.tokenizer import load_tokenizer, special_token_ids
+    from branchout.stages.training.engine import TorchEngine
+    from branchout.stages.training.loop import run_steps
+    from branchout.stages.training.model import build_config, build_model
 
     root, data_uri, overrides = parts
     tok = load_tokenizer(str(root / "tokenizer"))

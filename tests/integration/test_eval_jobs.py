@@ -31,7 +31,7 @@ def ray_gpu_node():
 @pytest.fixture(scope="module")
 def trained(ray_gpu_node, corpus_dir, tmp_path_factory):
     """A base, a LoRA adapter and a full fine-tune of it (2 steps each), in fp32."""
-    from branchout.stages.single_worker import run_single_worker
+    from branchout.stages.training.single_worker import run_single_worker
 
     parts = job_parts(tmp_path_factory.mktemp("eval"), corpus_dir)
     lora, full = job_for(parts, "lora", "lora", steps=2), job_for(parts, "full", "full", steps=2)
@@ -44,7 +44,7 @@ def test_an_evaluation_is_placed_on_its_gpu_type_and_keeps_its_outputs(trained):
     import ray
 
     from branchout.orchestrator.run.fanout import submit_task
-    from branchout.stages.evaluate import evaluate_domain
+    from branchout.stages.evaluation.evaluate import evaluate_domain
 
     parts, lora, full = trained
     bundle = {"CPU": 1.0, "GPU": 1.0, "accelerator_type:H100": 0.001}
@@ -78,8 +78,8 @@ def test_an_evaluation_is_placed_on_its_gpu_type_and_keeps_its_outputs(trained):
 
 def test_one_job_scores_every_model_as_separate_loads_would(trained):
     """Reusing the loaded base for the LoRA fine-tune changes nothing."""
-    from branchout.stages.data import open_blocks
-    from branchout.stages.evaluate import evaluate_domain, load_for_scoring, perplexity
+    from branchout.stages.evaluation.evaluate import evaluate_domain, load_for_scoring, perplexity
+    from branchout.stages.prepare.data import open_blocks
 
     parts, lora, full = trained
     base = str(parts[0] / "base")
@@ -96,7 +96,7 @@ def test_one_job_scores_every_model_as_separate_loads_would(trained):
 @requires_native_bf16
 def test_bf16_scores_are_close_to_fp32_ones(trained):
     """The models trained in fp32 here, so bf16 and fp32 scores differ by bf16 rounding only."""
-    from branchout.stages.evaluate import evaluate_domain
+    from branchout.stages.evaluation.evaluate import evaluate_domain
 
     parts, lora, full = trained
     base = str(parts[0] / "base")

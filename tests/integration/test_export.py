@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from branchout.stages.export import ExportError, export_finetune
+from branchout.stages.training.export import ExportError, export_finetune
 
 from conftest import job_for, job_parts
 
 
 @pytest.fixture(scope="module")
 def trained(corpus_dir, tmp_path_factory):
-    from branchout.stages.single_worker import run_single_worker
+    from branchout.stages.training.single_worker import run_single_worker
 
     parts = job_parts(tmp_path_factory.mktemp("export"), corpus_dir)
     lora, full = job_for(parts, "lora", "lora", steps=4), job_for(parts, "full", "full", steps=4)

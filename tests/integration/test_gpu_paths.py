@@ -81,13 +81,13 @@ def _rank_main(rank: int, world: int, port: int, root: str, data_uri: str, overr
     from safetensors.torch import load_file
 
     from branchout.core.spec import PretrainSpec
-    from branchout.stages.data import open_blocks
-    from branchout.stages.engine import DeepSpeedEngine, decide_precision
     from branchout.stages.job import TrainJob
-    from branchout.stages.loop import run_steps
-    from branchout.stages.model import export_model, prepare_model, zero3_config
-    from branchout.stages.recipe import Checkpoints
-    from branchout.stages.tokenizer import load_tokenizer
+    from branchout.stages.prepare.data import open_blocks
+    from branchout.stages.prepare.tokenizer import load_tokenizer
+    from branchout.stages.training.engine import DeepSpeedEngine, decide_precision
+    from branchout.stages.training.loop import run_steps
+    from branchout.stages.training.model import export_model, prepare_model, zero3_config
+    from branchout.stages.training.recipe import Checkpoints
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))

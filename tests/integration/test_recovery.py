@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from branchout.stages import storage
+from branchout import storage
 from branchout.stages.job import LeaseLostError
 
 from conftest import job_for, job_parts
@@ -19,7 +19,7 @@ def parts(corpus_dir, tmp_path_factory):
 
 
 def test_a_superseded_attempt_writes_nothing(parts):
-    from branchout.stages.single_worker import run_single_worker
+    from branchout.stages.training.single_worker import run_single_worker
 
     orphan = job_for(parts, "superseded", "full", steps=8, checkpoint_every=2)
     orphan.claim()
@@ -36,7 +36,7 @@ def test_a_superseded_attempt_writes_nothing(parts):
 def test_a_finished_orphan_leaves_the_resumed_attempt_its_checkpoints(parts):
     """A worker that outlives its driver may finish the job; the driver never recorded that,
     so a resumed attempt runs the job again and must resume from the newest checkpoint."""
-    from branchout.stages.single_worker import run_single_worker
+    from branchout.stages.training.single_worker import run_single_worker
 
     job = job_for(parts, "orphan", "full", steps=8, checkpoint_every=3)
     job.claim()

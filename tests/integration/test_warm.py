@@ -42,8 +42,8 @@ def test_warm_pool_and_ray_train_train_the_same_weights(parts):
     import ray
 
     from branchout.orchestrator.run.pool import WarmPool
-    from branchout.orchestrator.run.training import run_distributed
-    from branchout.stages.model import shared_base_weights
+    from branchout.orchestrator.run.ray_train import run_distributed
+    from branchout.stages.training.model import shared_base_weights
 
     pool = WarmPool({"CPU": 1.0}, 1, ray.put(shared_base_weights(str(parts[0] / "base"))))
     warm = job_for(parts, "warm", "full")
@@ -63,8 +63,8 @@ def test_lora_on_shared_weights_is_read_only_and_identical(parts):
     import ray
 
     from branchout.orchestrator.run.pool import WarmPool
-    from branchout.stages.model import shared_base_weights
-    from branchout.stages.single_worker import run_single_worker
+    from branchout.stages.training.model import shared_base_weights
+    from branchout.stages.training.single_worker import run_single_worker
 
     original = shared_base_weights(str(parts[0] / "base"))
     ref = ray.put(original)
@@ -85,9 +85,9 @@ def test_lora_on_shared_weights_is_read_only_and_identical(parts):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_activation_checkpointing_trains_the_same_weights(parts, method):
-    from branchout.stages.model import prepare_model
-    from branchout.stages.single_worker import run_single_worker
-    from branchout.stages.tokenizer import load_tokenizer
+    from branchout.stages.prepare.tokenizer import load_tokenizer
+    from branchout.stages.training.model import prepare_model
+    from branchout.stages.training.single_worker import run_single_worker
 
     plain, ckpt = job_for(parts, f"{method}-plain", method), job_for(parts, f"{method}-ckpt", method,
                                                                       activation_checkpointing=True)
@@ -193,8 +193,8 @@ def test_a_16_bit_shared_base_is_used_in_place_or_copied_to_fp32(parts, tmp_path
     import torch
 
     from branchout.orchestrator.run.pool import shared_base_dtype
-    from branchout.stages.model import export_model, model_on_weights, shared_base_weights
-    from branchout.stages.tokenizer import load_tokenizer
+    from branchout.stages.prepare.tokenizer import load_tokenizer
+    from branchout.stages.training.model import export_model, model_on_weights, shared_base_weights
 
     assert shared_base_dtype({"CPU": 2, "GPU": 0.5}, "bf16") == "bfloat16"
     assert shared_base_dtype({"CPU": 2}, "bf16") == "float32"  # CPU LoRA computes on the arrays in place
@@ -225,7 +225,7 @@ def test_an_evaluation_runs_on_the_runner_that_trained_and_scores_as_a_cold_task
     classes already imported): same process, and the same numbers as a task of its own."""
     from branchout.orchestrator.run.fanout import submit_task
     from branchout.orchestrator.run.pool import WarmPool
-    from branchout.stages.evaluate import evaluate_domain
+    from branchout.stages.evaluation.evaluate import evaluate_domain
 
     pool = WarmPool({"CPU": 1.0}, 1)
     job = job_for(parts, "then-scored", "full")

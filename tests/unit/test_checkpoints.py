@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from branchout.stages import checkpoint
+from branchout.storage import checkpoint
 
 
 def _make(path, files: dict[str, bytes]) -> str:
@@ -139,7 +139,7 @@ def test_retention_walk_without_delete_removes_nothing(tmp_path):
 
 WRITER = """
 import os, sys
-from branchout.stages.checkpoint import publish_dir
+from branchout.storage.checkpoint import publish_dir
 src = sys.argv[1]
 os.makedirs(src, exist_ok=True)
 for i in range(200):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from branchout.core.spec import DatasetSpec
-from branchout.stages import data
-from branchout.stages.checkpoint import publish_dir
 from branchout.stages.job import DataJob
-from branchout.stages.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer
+from branchout.stages.prepare import data
+from branchout.stages.prepare.tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer
+from branchout.storage.checkpoint import publish_dir
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_heldout_split_is_fixed_and_disjoint():
 
 
 def test_blocks_carry_across_documents_fill_shards_and_drop_the_tail(tmp_path):
-    from branchout.stages.blocks import BlockWriter
+    from branchout.stages.prepare.blocks import BlockWriter
 
     writer = BlockWriter(str(tmp_path), "train", 4, np.uint16, shard_blocks=1)
     for doc in ([1, 2, 3], [4, 5, 6, 7, 8], [9, 10]):
@@ -78,7 +78,7 @@ def test_prepare_packs_both_sides_and_reuses_cache(corpus_dir, tokenizer_dir, tm
 def test_prepare_sends_each_shard_to_storage_as_it_fills(corpus_dir, tokenizer_dir, tmp_path, monkeypatch):
     """Local scratch holds a few finished shards at a time, never the packed set, so a corpus
     larger than a node's disk still packs; the published copy is complete and verifies."""
-    from branchout.stages import checkpoint
+    from branchout.storage import checkpoint
 
     on_disk = []
     add = checkpoint.Publisher.add

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from branchout.core.spec import DatasetSpec
-from branchout.stages import data
 from branchout.stages.job import DataJob
-from branchout.stages.split import SAMPLE_BITS, is_heldout, shingles
-from branchout.stages.tokenizer import load_tokenizer, tokenizer_hash
+from branchout.stages.prepare import data
+from branchout.stages.prepare.split import SAMPLE_BITS, is_heldout, shingles
+from branchout.stages.prepare.tokenizer import load_tokenizer, tokenizer_hash
 
 FRACTION, SEQ = 0.25, 16
 MARKER = re.compile(r"doc-(\d{4})")
@@ -119,7 +119,7 @@ def test_shingles_hash_text_not_position_and_skip_document_ends():
 def test_shingle_hashes_are_the_documented_polynomial_across_hashing_chunks():
     """The doubling, chunked hash equals the plain sum over each n-gram (packed caches
     and published shingle sets depend on these exact values), across a chunk boundary."""
-    from branchout.stages.split import _HASH_CHUNK, _MIX, _P, NGRAM
+    from branchout.stages.prepare.split import _HASH_CHUNK, _MIX, _P, NGRAM
 
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 65536, _HASH_CHUNK + 300).astype(np.uint16)

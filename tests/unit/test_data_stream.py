@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from branchout.core.spec import DatasetSpec
-from branchout.stages import data, packing
-from branchout.stages.batches import BlockOrder, step_micro_batches
-from branchout.stages.checkpoint import CorruptCheckpointError
-from branchout.stages.documents import iter_documents, split_paragraphs
 from branchout.stages.job import DataJob
-from branchout.stages.tokenizer import tokenizer_hash
+from branchout.stages.prepare import data, packing
+from branchout.stages.prepare.documents import iter_documents, split_paragraphs
+from branchout.stages.prepare.tokenizer import tokenizer_hash
+from branchout.stages.training.batches import BlockOrder, step_micro_batches
+from branchout.storage.checkpoint import CorruptCheckpointError
 
 
 def test_documents_do_not_depend_on_the_unit_size(tmp_path):
@@ -46,8 +46,8 @@ def test_packing_is_identical_across_unit_sizes_batch_sizes_and_runs(corpus_dir,
 
 def test_the_last_units_are_cut_small_and_the_output_does_not_change(corpus_dir, tokenizer_dir, tmp_path,
                                                                      monkeypatch):
-    from branchout.stages import documents
-    from branchout.stages.documents import plan_units, taper
+    from branchout.stages.prepare import documents
+    from branchout.stages.prepare.documents import plan_units, taper
 
     monkeypatch.setattr(documents, "TAPER_MIN_BYTES", 16 << 10)  # the real floor (256 KB) needs a ~10 MB file
     small = documents.TAPER_MIN_BYTES
@@ -134,8 +134,8 @@ def test_a_corrupted_shard_fails_when_read_and_names_itself(sharded, tmp_path):
 
 
 def test_tokenizer_trains_on_a_bounded_seeded_sample_of_training_documents(corpus_dir):
-    from branchout.stages.split import is_heldout
-    from branchout.stages.tokenizer import sample_texts
+    from branchout.stages.prepare.split import is_heldout
+    from branchout.stages.prepare.tokenizer import sample_texts
 
     ds = DatasetSpec(path=str(corpus_dir / "general.jsonl"))
     sample = list(sample_texts(ds, 20_000, 0.2, 0))

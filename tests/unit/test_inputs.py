@@ -10,7 +10,7 @@ import pytest
 from branchout.orchestrator.config.loader import load_spec
 from branchout.orchestrator.operate import inputs
 from branchout.orchestrator.operate.inputs import ShippingError, ship_inputs
-from branchout.stages.checkpoint import fetch_verified
+from branchout.storage.checkpoint import fetch_verified
 
 from conftest import TINY, run_cli
 

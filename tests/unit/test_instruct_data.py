@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from branchout.core.spec import DatasetSpec
-from branchout.stages.checkpoint import publish_dir
-from branchout.stages.data import open_blocks, prepare
-from branchout.stages.instruct import (
+from branchout.stages.job import DataJob
+from branchout.stages.prepare.data import open_blocks, prepare
+from branchout.stages.prepare.instruct import (
     DEFAULT_CHAT_TEMPLATE,
     PAD,
     PROMPT,
@@ -26,8 +26,8 @@ from branchout.stages.instruct import (
     prompt_key,
     with_chat_template,
 )
-from branchout.stages.job import DataJob
-from branchout.stages.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+from branchout.stages.prepare.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+from branchout.storage.checkpoint import publish_dir
 
 from conftest import TINY
 
@@ -69,7 +69,7 @@ def test_prompt_tokens_get_label_minus_100_and_answer_tokens_their_ids(qa):
 
 
 def test_padding_is_never_attended_and_never_scored(qa):
-    from branchout.stages.model import build_config, build_model
+    from branchout.stages.training.model import build_config, build_model
 
     tok = _tok(qa)
     ids, roles = encode_example(tok, PAIR, 64)
@@ -158,8 +158,8 @@ def test_instruction_data_is_prepared_once_and_reused_from_the_cache(qa, tmp_pat
 
 
 def test_perplexity_of_instruction_data_counts_answer_tokens_only(qa, tmp_path):
-    from branchout.stages.evaluate import perplexity
-    from branchout.stages.model import build_config, build_model
+    from branchout.stages.evaluation.evaluate import perplexity
+    from branchout.stages.training.model import build_config, build_model
 
     path, tok_dir = qa
     info = prepare(DataJob(dataset=DatasetSpec(path=str(path), prompt_column="prompt", response_column="response"),
@@ -173,7 +173,7 @@ def test_perplexity_of_instruction_data_counts_answer_tokens_only(qa, tmp_path):
 
 
 def test_exact_match_and_rouge_l():
-    from branchout.stages.generation import exact_match, rouge_l
+    from branchout.stages.evaluation.generation import exact_match, rouge_l
 
     assert exact_match(["GPL-2+ ", "mit"], ["GPL-2+", "MIT"]) == 1.0
     assert exact_match(["GPL-2", "BSD"], ["GPL-2+", "MIT"]) == 0.0

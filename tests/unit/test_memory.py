@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from branchout.cluster.memory import (
+from branchout.cluster.gpu_memory import (
     GB,
     ZeroOption,
     activation_bytes,

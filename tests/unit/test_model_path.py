@@ -19,7 +19,11 @@ def foreign_model(corpus_dir, tmp_path_factory):
 
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from branchout.stages.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
+    from branchout.stages.prepare.tokenizer import (
+        load_tokenizer,
+        special_token_ids,
+        train_tokenizer,
+    )
 
     root = tmp_path_factory.mktemp("foreign")
     texts = [json.loads(x)["text"] for x in (corpus_dir / "general.jsonl").read_text().splitlines()]

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from branchout.stages import checkpoint, storage
-from branchout.stages.checkpoint import fetch_verified, publish_dir
+from branchout import storage
+from branchout.storage import checkpoint
+from branchout.storage.checkpoint import fetch_verified, publish_dir
 
 
 def _model(root, text: str) -> str:

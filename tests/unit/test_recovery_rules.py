@@ -29,7 +29,7 @@ class _Logger:
 
 
 def test_a_checkpoint_is_durable_before_its_step_is_logged():
-    from branchout.stages.loop import run_steps
+    from branchout.stages.training.loop import run_steps
 
     events: list[tuple[str, int]] = []
     t = FinetuneOptions(steps=6, global_batch_size=2, micro_batch_size=2, checkpoint_every=2, log_every=1)
@@ -40,9 +40,9 @@ def test_a_checkpoint_is_durable_before_its_step_is_logged():
 
 
 def test_an_injected_fault_kills_once_at_its_step(tmp_path, monkeypatch):
-    from branchout.stages.faults import killer
+    from branchout.stages.training.faults import killer
 
-    code = ("import sys; from branchout.stages.faults import killer; k = killer('finetune/x', sys.argv[1], 0); "
+    code = ("import sys; from branchout.stages.training.faults import killer; k = killer('finetune/x', sys.argv[1], 0); "
             "[k(s) for s in range(1, 10)]")
     monkeypatch.setenv("BRANCHOUT_FAULTS", "pretrain@3, finetune/x@5")
     first = subprocess.run([sys.executable, "-c", code, str(tmp_path)])
@@ -66,7 +66,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
 
     import torch
 
-    from branchout.stages.engine import safe_load
+    from branchout.stages.training.engine import safe_load
 
     marker = tmp_path / "code-ran"
     torch.save({"model": {"w": torch.zeros(2)}, "client_state": {"step": 3, "x": _Payload(str(marker))}},

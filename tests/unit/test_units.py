@@ -15,9 +15,9 @@ from branchout.orchestrator.run.state import (
     RunRecord,
     RunState,
 )
-from branchout.stages import checkpoint
-from branchout.stages.batches import BlockOrder, step_micro_batches
-from branchout.stages.optim import lr_lambda
+from branchout.stages.training.batches import BlockOrder, step_micro_batches
+from branchout.stages.training.optim import lr_lambda
+from branchout.storage import checkpoint
 
 
 def test_block_order_visits_every_block_once_per_epoch():

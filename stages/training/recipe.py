@@ -3,10 +3,10 @@ on one worker or many.
 
 ``train`` decides the precision on the workers' hardware, builds the model and its engine
 (DeepSpeed where ``TrainingSpec.uses_deepspeed``, else plain torch), resumes from the newest
-good checkpoint, runs the loop (``stages.loop``), exports the model and writes the job's
-``result.json``. It runs as one process (``stages.single_worker``: fan-out jobs on warm
+good checkpoint, runs the loop (``stages.training.loop``), exports the model and writes the job's
+``result.json``. It runs as one process (``stages.training.single_worker``: fan-out jobs on warm
 runners or as Ray tasks) or on every rank of a Ray Train worker group
-(``stages.distributed``: the pretrain, multi-worker fine-tunes); both keep their
+(``stages.training.distributed``: the pretrain, multi-worker fine-tunes); both keep their
 checkpoints the same way (``Checkpoints``).
 
 Every rank runs ``train``; rank 0 alone logs, exports and writes the result.
@@ -35,21 +35,21 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     """
     import torch
 
-    from branchout.stages import storage
-    from branchout.stages.checkpoint import fetch_verified
-    from branchout.stages.data import open_blocks
-    from branchout.stages.engine import (
+    from branchout import storage
+    from branchout.stages.prepare.data import open_blocks
+    from branchout.stages.prepare.instruct import open_roles, with_chat_template
+    from branchout.stages.prepare.tokenizer import load_tokenizer
+    from branchout.stages.training.engine import (
         DeepSpeedEngine,
         TorchEngine,
         decide_precision,
         training_dtype,
     )
-    from branchout.stages.faults import killer
-    from branchout.stages.instruct import open_roles, with_chat_template
-    from branchout.stages.loop import run_steps, set_rng_state
-    from branchout.stages.metrics import MetricsLogger
-    from branchout.stages.model import export_model, prepare_model, zero3_config
-    from branchout.stages.tokenizer import load_tokenizer
+    from branchout.stages.training.faults import killer
+    from branchout.stages.training.loop import run_steps, set_rng_state
+    from branchout.stages.training.metrics import MetricsLogger
+    from branchout.stages.training.model import export_model, prepare_model, zero3_config
+    from branchout.storage.checkpoint import fetch_verified
 
     started = time.time()
     use_gpu = job.spec().resources_per_worker.uses_gpu and torch.cuda.is_available()
@@ -113,7 +113,7 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
 
 def read_result(job: TrainJob) -> dict | None:
     """The ``result.json`` rank 0 wrote, or None if the job has not finished."""
-    from branchout.stages import storage
+    from branchout import storage
 
     uri = storage.join(job.out_uri, "result.json")
     return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
@@ -147,7 +147,7 @@ class Checkpoints:
         return self.job.checkpoints_uri
 
     def names(self) -> list[str]:
-        from branchout.stages import storage
+        from branchout import storage
 
         return sorted(n for n in storage.listdir(self.uri) if n.startswith("step_"))
 
@@ -158,8 +158,8 @@ class Checkpoints:
             CorruptCheckpointError: checkpoints exist but none verifies (never silently
                 restart a long job from step 0).
         """
-        from branchout.stages import storage
-        from branchout.stages.checkpoint import CorruptCheckpointError, fetch_verified, newest_good
+        from branchout import storage
+        from branchout.storage.checkpoint import CorruptCheckpointError, fetch_verified, newest_good
 
         with tempfile.TemporaryDirectory(prefix="branchout-load-") as tmp:
             choice: list = [None, [], None]  # name ("" when none verifies), skipped, rank 0's verified copy
@@ -185,9 +185,9 @@ class Checkpoints:
 
     def save(self, engine, step: int, loss: float) -> None:
         """Make step ``step``'s checkpoint durable, then apply retention."""
-        from branchout.stages import storage
-        from branchout.stages.checkpoint import upload_rank, write_rank_manifest
-        from branchout.stages.loop import rng_state
+        from branchout import storage
+        from branchout.stages.training.loop import rng_state
+        from branchout.storage.checkpoint import upload_rank, write_rank_manifest
 
         if step == self.job.steps and not self.final:
             return  # the exported model is the final state
@@ -206,7 +206,7 @@ class Checkpoints:
     def _retain(self) -> list[str]:
         import torch
 
-        from branchout.stages.checkpoint import rank_problems, retain
+        from branchout.storage.checkpoint import rank_problems, retain
 
         keep = self.job.spec().keep_checkpoints
         listing = [self.names() if self.rank == 0 else None]

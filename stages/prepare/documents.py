@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from branchout.stages import storage
-from branchout.stages.units import DataError, ReadUnit  # noqa: F401  (re-exported: the data stage's errors)
+from branchout import storage
+from branchout.stages.prepare.units import DataError, ReadUnit  # noqa: F401  (re-exported: the data stage's errors)
 
 if TYPE_CHECKING:  # the tokenizing actors import this module and never a spec: pydantic costs them ~0.12 s each
     from branchout.core.spec import DatasetSpec
@@ -135,7 +135,7 @@ def plan_units(ds: DatasetSpec, unit_bytes: int = UNIT_BYTES) -> list[ReadUnit]:
     """
     src = resolve_source(ds)
     if src.is_hub:
-        from branchout.stages.hub import hub_units
+        from branchout.stages.training.hf_hub import hub_units
 
         return hub_units(src.builder, ds.split, ds.revision)
     units = []
@@ -229,7 +229,7 @@ def unit_columns(unit: ReadUnit, column: str, setting: str = "text_column") -> I
         DataError: as ``unit_texts``.
     """
     if unit.kind == "hub":
-        from branchout.stages.hub import hub_columns
+        from branchout.stages.training.hf_hub import hub_columns
 
         yield from hub_columns(unit, column, setting)
     elif unit.kind == "parquet":

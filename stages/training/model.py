@@ -154,7 +154,7 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None, zero3_config:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from branchout.stages.checkpoint import fetch_verified
+    from branchout.storage.checkpoint import fetch_verified
 
     seed = job.spec().seed  # the spec's own default, not one restated here
     partitioned = zero3_construction(zero3_config) if zero3_config else contextlib.nullcontext()
@@ -189,7 +189,7 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None, zero3_config:
 def job_config(job, tokenizer):
     """The architecture a job builds: the given model's own config.json (``model.path``), or
     the spec's type and overrides sized to the tokenizer."""
-    from branchout.stages.tokenizer import special_token_ids
+    from branchout.stages.prepare.tokenizer import special_token_ids
 
     if job.model_path:
         return source_config(job.model_path, job.model_revision)
@@ -207,7 +207,7 @@ def source_config(path: str, revision: str | None = None):
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from branchout.stages import storage
+    from branchout import storage
 
     if "://" in path or os.path.isdir(path):
         uri = storage.join(path, "config.json")
@@ -230,7 +230,8 @@ def source_config(path: str, revision: str | None = None):
 def source_dir(path: str, revision: str | None = None) -> str:
     """Where ``from_pretrained`` reads an existing model: a local directory as it is, a
     published copy (manifest) verified, any other storage URI downloaded, a hub id as is."""
-    from branchout.stages import checkpoint, storage
+    from branchout import storage
+    from branchout.storage import checkpoint
 
     if "://" not in path:
         return path  # a local folder, or a hub id transformers resolves itself
@@ -242,10 +243,10 @@ def source_dir(path: str, revision: str | None = None) -> str:
 def zero3_config(job, tokenizer, world_size: int, use_gpu: bool) -> dict | None:
     """The DeepSpeed config ``prepare_model`` builds a ZeRO-3 job's model under, else None.
 
-    It is the config ``stages.engine.DeepSpeedEngine`` derives from the built model, so
+    It is the config ``stages.training.engine.DeepSpeedEngine`` derives from the built model, so
     the partitioning at construction and the engine's agree.
     """
-    from branchout.stages.engine import deepspeed_config, model_hidden_size
+    from branchout.stages.training.engine import deepspeed_config, model_hidden_size
 
     t = job.spec()
     if t.deepspeed.zero_stage != 3:
@@ -304,7 +305,7 @@ def shared_base_weights(model_uri: str, dtype: str = "float32") -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from branchout.stages.checkpoint import fetch_verified
+    from branchout.storage.checkpoint import fetch_verified
 
     target = getattr(torch, dtype)
     weights: dict = {}
@@ -378,7 +379,7 @@ def export_model(model, tokenizer, model_uri: str, state_dict: dict | None = Non
     """
     import tempfile
 
-    from branchout.stages.checkpoint import publish_dir
+    from branchout.storage.checkpoint import publish_dir
 
     is_adapter = hasattr(model, "peft_config")
     if state_dict is not None and not is_adapter:
@@ -403,7 +404,7 @@ def import_model(job: ImportJob) -> dict:
     import tempfile
     import time
 
-    from branchout.stages.checkpoint import MANIFEST, fetch_verified, publish_dir
+    from branchout.storage.checkpoint import MANIFEST, fetch_verified, publish_dir
 
     path, revision, tokenizer_uri, out_uri = job.path, job.revision, job.tokenizer_uri, job.out_uri
     started = time.time()

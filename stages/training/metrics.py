@@ -13,8 +13,8 @@ import tempfile
 import time
 from typing import Any
 
+from branchout import storage
 from branchout.core.progress import connect_hub
-from branchout.stages import storage
 
 
 class MetricsLogger:

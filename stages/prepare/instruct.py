@@ -19,7 +19,7 @@ The held-out split hashes the *prompt* (``prompt_key``: everything before the la
 answer), so a prompt asked twice with different answers is never on both sides.
 
 Layout of a prepared instruction dataset (``<cache>/data/<key>/``, published with a
-manifest like packed blocks, read through ``stages.blocks.open_blocks``)::
+manifest like packed blocks, read through ``stages.prepare.blocks.open_blocks``)::
 
     meta.json                 "kind": "instruct", counts, seq_len, dtype, shards per side
     00000-train.bin …         [examples, seq_len] token ids, padded with the pad id
@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 
 from branchout.core.spec import DatasetSpec
-from branchout.stages.units import DataError
+from branchout.stages.prepare.units import DataError
 
 PAD, PROMPT, RESPONSE = 0, 1, 2
 INSTRUCT_VERSION = 1  # bump when rendering or layout changes: old caches are not reused
@@ -174,7 +174,7 @@ def model_inputs(batch, device) -> dict:
 def open_roles(data_uri: str, side: str):
     """The roles of an instruction dataset's ``side`` as ``[examples, seq_len]``, or None for
     packed token-stream data."""
-    from branchout.stages.blocks import open_blocks
+    from branchout.stages.prepare.blocks import open_blocks
 
     blocks = open_blocks(data_uri, side)
     return open_blocks(data_uri, f"{side}_roles") if is_instruct_meta(blocks.meta) else None
@@ -186,7 +186,7 @@ def is_instruct_meta(meta: dict) -> bool:
 
 def heldout_prompts(data_uri: str, count: int) -> list[dict]:
     """The first ``count`` held-out prompts: ``{"messages": [...], "reference": str}``."""
-    from branchout.stages.blocks import fetch_member
+    from branchout.stages.prepare.blocks import fetch_member
 
     with open(fetch_member(data_uri, "heldout.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for _, line in zip(range(count), f, strict=False)]
@@ -202,7 +202,7 @@ def unit_conversations(unit, ds: DatasetSpec) -> Iterator[list[list[dict] | None
     Raises:
         DataError: a missing column (naming the setting), or one of the wrong type.
     """
-    from branchout.stages.documents import unit_columns
+    from branchout.stages.prepare.documents import unit_columns
 
     if ds.messages_column:
         for values in unit_columns(unit, ds.messages_column, "messages_column"):
@@ -258,8 +258,8 @@ def check_instruct_dataset(ds: DatasetSpec, seq_len: int, fraction: float, seed:
     Raises:
         DataError: a file cannot be read or lacks a column (naming both).
     """
-    from branchout.stages.documents import plan_units, resolve_source
-    from branchout.stages.split import is_heldout
+    from branchout.stages.prepare.documents import plan_units, resolve_source
+    from branchout.stages.prepare.split import is_heldout
 
     src = resolve_source(ds)
     if src.is_hub:
@@ -300,7 +300,7 @@ def check_instruct_dataset(ds: DatasetSpec, seq_len: int, fraction: float, seed:
 
 def template_of(tokenizer_dir: str) -> str:
     """The chat template examples of this tokenizer are rendered with."""
-    from branchout.stages.tokenizer import load_tokenizer
+    from branchout.stages.prepare.tokenizer import load_tokenizer
 
     return with_chat_template(load_tokenizer(tokenizer_dir)).chat_template
 
@@ -320,10 +320,10 @@ def write_examples(ds: DatasetSpec, tokenizer_dir: str, seq_len: int, fraction: 
         DataError: unreadable data, a template that cannot be split, or no training or no
             held-out example.
     """
-    from branchout.stages.blocks import BlockWriter
-    from branchout.stages.documents import plan_units, resolve_source
-    from branchout.stages.split import is_heldout
-    from branchout.stages.tokenizer import load_tokenizer
+    from branchout.stages.prepare.blocks import BlockWriter
+    from branchout.stages.prepare.documents import plan_units, resolve_source
+    from branchout.stages.prepare.split import is_heldout
+    from branchout.stages.prepare.tokenizer import load_tokenizer
 
     tok = with_chat_template(load_tokenizer(tokenizer_dir))
     dtype = np.uint16 if len(tok) <= np.iinfo(np.uint16).max else np.uint32
@@ -376,7 +376,7 @@ def write_examples(ds: DatasetSpec, tokenizer_dir: str, seq_len: int, fraction: 
 
 def prepare_examples(ds: DatasetSpec, tokenizer_dir: str, tok_hash: str, seq_len: int, fraction: float,
                      seed: int, cache_root: str, data_fingerprint: str, progress, shard_blocks: int):
-    """``stages.data.prepare`` for instruction data: the cached copy, or a new one published.
+    """``stages.prepare.data.prepare`` for instruction data: the cached copy, or a new one published.
 
     Returns:
         (the dataset's URI, its meta.json values, whether it came from the cache).
@@ -384,7 +384,8 @@ def prepare_examples(ds: DatasetSpec, tokenizer_dir: str, tok_hash: str, seq_len
     Raises:
         DataError: as ``write_examples``.
     """
-    from branchout.stages import checkpoint, storage
+    from branchout import storage
+    from branchout.storage import checkpoint
 
     key = cache_key(data_fingerprint, tok_hash, template_of(tokenizer_dir), seq_len, fraction, seed, shard_blocks)
     uri = storage.join(cache_root, key)

@@ -33,8 +33,8 @@ from itertools import chain
 import numpy as np
 import pyarrow as pa
 
-from branchout.stages.documents import DataError, ReadUnit, unit_texts
-from branchout.stages.split import is_heldout, shingles
+from branchout.stages.prepare.documents import DataError, ReadUnit, unit_texts
+from branchout.stages.prepare.split import is_heldout, shingles
 
 ENCODE_DOCS = 1000  # documents per encode call, as the reference streaming loop batches them
 ENCODE_CHARS = 1 << 22  # and characters per call: the Rust tokenizer holds ~35 bytes a character

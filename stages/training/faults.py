@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 
-from branchout.stages import storage
+from branchout import storage
 
 ENV = "BRANCHOUT_FAULTS"
 
@@ -31,7 +31,7 @@ def planned() -> dict[str, int]:
 
 
 def killer(job: str, out_uri: str, rank: int):
-    """``after_step`` for ``stages.loop.run_steps``: kills this process at the planned step,
+    """``after_step`` for ``stages.training.loop.run_steps``: kills this process at the planned step,
     or None when no fault is planned for ``job`` on this rank."""
     step = planned().get(job)
     if step is None or rank != 0:

@@ -3,7 +3,7 @@
 It knows nothing about Ray, DeepSpeed or peft: the engine takes optimizer steps and the
 caller's ``save_checkpoint`` decides where a checkpoint goes (a Ray Train report, or a
 published directory for fan-out jobs). The data position is the step number (see
-``stages.batches``), so a job resumed from step ``s`` reads what it would have read.
+``stages.training.batches``), so a job resumed from step ``s`` reads what it would have read.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from branchout.core.spec import TrainingSpec
-from branchout.stages.batches import BlockOrder, step_micro_batches
-from branchout.stages.engine import Engine
-from branchout.stages.metrics import MetricsLogger
+from branchout.stages.training.batches import BlockOrder, step_micro_batches
+from branchout.stages.training.engine import Engine
+from branchout.stages.training.metrics import MetricsLogger
 
 
 @dataclass
@@ -43,7 +43,7 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     non-finite, so it is caught on the next report step, before its checkpoint is written.
 
     ``after_step(step)`` runs once a step is checkpointed (when due) and logged. ``roles``:
-    instruction data's token roles, row for row with ``blocks`` (``stages.instruct``); each
+    instruction data's token roles, row for row with ``blocks`` (``stages.prepare.instruct``); each
     micro-batch is then an ``(ids, roles)`` pair, so only answers are scored.
 
     Raises:

@@ -6,7 +6,7 @@ position is simply the optimizer step. Every epoch visits every block once (up t
 ``n_blocks % world`` blocks an epoch when the data spans several shards), in an order
 drawn from ``seed + epoch``.
 
-Data in one shard (``stages/blocks.py``: ``SHARD_BLOCKS`` blocks) is read as one global
+Data in one shard (``stages/prepare/blocks.py``: ``SHARD_BLOCKS`` blocks) is read as one global
 permutation, the ranks taking turns through it. Data in several shards is read
 shard-aware, as MosaicML Streaming does, so that a worker on object storage fetches only a
 few shards per epoch instead of all of them: each epoch the shards are put in a random
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from branchout.stages.blocks import SHARD_BLOCKS
+from branchout.stages.prepare.blocks import SHARD_BLOCKS
 
 WINDOW_SHARDS = 4
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from branchout.stages.units import DataError, ReadUnit
+from branchout.stages.prepare.units import DataError, ReadUnit
 
 ROWS_PER_BATCH = 1000
 

@@ -1,16 +1,16 @@
 """Data stage: stream a dataset through tokenization on every node into packed block shards.
 
 ``prepare`` is the stage's one entry point. It cuts the dataset into read units
-(``stages/documents.py``), tokenizes them in parallel (``stages/packing.py``: Ray Data
+(``stages/prepare/documents.py``), tokenizes them in parallel (``stages/prepare/packing.py``: Ray Data
 across the cluster when Ray is up, this process otherwise; byte-identical output either
 way), packs the training side into ``seq_len`` blocks as they fill, decides the
-decontaminated held-out split once every document was seen (``stages/split.py``), and
-publishes the shards with a manifest (``stages/blocks.py`` reads them back lazily).
+decontaminated held-out split once every document was seen (``stages/prepare/split.py``), and
+publishes the shards with a manifest (``stages/prepare/blocks.py`` reads them back lazily).
 Memory is bounded by the read unit and a few buffers, not by the corpus; the held-out
 side's sampled shingles are the one thing that grows (with ``heldout_fraction``).
 
 Instruction data (a dataset with prompt/response or messages columns) is not a token
-stream: ``prepare`` hands it to ``stages/instruct.py`` (one example per row, with token
+stream: ``prepare`` hands it to ``stages/prepare/instruct.py`` (one example per row, with token
 roles for the loss mask), cached and published the same way.
 
 Packed data is cached under ``<storage>/cache/data/<key>/``; the key hashes the data
@@ -31,15 +31,16 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from branchout.stages import checkpoint, storage
-from branchout.stages.blocks import (
+from branchout import storage
+from branchout.stages.job import DataJob
+from branchout.stages.prepare.blocks import (
     SHARD_BLOCKS,
     BlockWriter,
     PackedBlocks,
     fetch_member,
     open_blocks,
 )
-from branchout.stages.documents import (
+from branchout.stages.prepare.documents import (
     UNIT_BYTES,
     DataError,
     Source,
@@ -50,10 +51,16 @@ from branchout.stages.documents import (
     resolve_source,
     taper,
 )
-from branchout.stages.fingerprints import diagnose, fingerprint
-from branchout.stages.job import DataJob
-from branchout.stages.packing import Progress, Staging, cluster_cpus, encoded_tables, pack_stream
-from branchout.stages.split import Decontaminator, is_heldout
+from branchout.stages.prepare.fingerprints import diagnose, fingerprint
+from branchout.stages.prepare.packing import (
+    Progress,
+    Staging,
+    cluster_cpus,
+    encoded_tables,
+    pack_stream,
+)
+from branchout.stages.prepare.split import Decontaminator, is_heldout
+from branchout.storage import checkpoint
 
 __all__ = ["DataError", "PackedBlocks", "PackedInfo", "Source", "diagnose", "fingerprint", "is_heldout",
            "iter_documents", "load_documents", "open_blocks", "prepare", "resolve_source"]
@@ -78,7 +85,7 @@ class PackedInfo:
     heldout_dropped_pretraining_overlap: int = 0  # held-out → training: mostly pretraining text
     tokens: int = 0
     nodes: int = 0  # Ray nodes that tokenized it (0: reused from the cache)
-    kind: str = "text"  # "instruct": one example per row, blocks are examples (stages/instruct.py)
+    kind: str = "text"  # "instruct": one example per row, blocks are examples (stages/prepare/instruct.py)
     examples_dropped: int = 0  # instruction examples whose answer starts beyond seq_len
     examples_skipped: int = 0  # instruction rows with an empty prompt or answer
 
@@ -117,7 +124,7 @@ def prepare(job: DataJob, *, decontaminate: bool = True, unit_bytes: int | None 
     Raises:
         DataError: unreadable data (naming the file), or no training or no held-out block.
     """
-    from branchout.stages.tokenizer import rust_tokenizer
+    from branchout.stages.prepare.tokenizer import rust_tokenizer
 
     ds, seq_len, split_seed, heldout_fraction = job.dataset, job.seq_len, job.split_seed, job.heldout_fraction
     data_fingerprint = job.fingerprint or fingerprint(ds)  # the driver's, so this node does not hash again
@@ -170,10 +177,10 @@ def prepare(job: DataJob, *, decontaminate: bool = True, unit_bytes: int | None 
 
 
 def _prepare_instruct(job: DataJob, fp: str, shard_blocks: int) -> PackedInfo:
-    """Instruction data: one example per row (``stages/instruct.py``), cached and published
+    """Instruction data: one example per row (``stages/prepare/instruct.py``), cached and published
     like packed blocks. It is not decontaminated against the pretraining corpus (see there)."""
-    from branchout.stages.documents import plan_units
-    from branchout.stages.instruct import prepare_examples
+    from branchout.stages.prepare.documents import plan_units
+    from branchout.stages.prepare.instruct import prepare_examples
 
     progress = Progress(job.hub_name, job.name, sum(u.size for u in plan_units(job.dataset)))
     uri, meta, cached = prepare_examples(job.dataset, checkpoint.fetch_verified(job.tokenizer_uri), job.tokenizer_hash,

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from branchout.stages import storage
+from branchout import storage
 
 MANIFEST = "MANIFEST.json"
 

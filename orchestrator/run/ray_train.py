@@ -3,7 +3,7 @@
 Ray Train owns the worker group, the process group and restarts after a worker dies.
 Each launch is a new Ray Train run whose bookkeeping goes to ``<job dir>/ray/train-<time>``;
 the checkpoints are the recipe's own (``<job dir>/checkpoints/step_N``, see
-``stages.recipe.Checkpoints``): branchout, not Ray's run snapshot, decides which one to
+``stages.training.recipe.Checkpoints``): branchout, not Ray's run snapshot, decides which one to
 continue from, across every earlier run of the job, and Ray Train is given none.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from branchout.stages import storage
+from branchout import storage
 from branchout.stages.job import TrainJob
 
 
@@ -25,8 +25,8 @@ def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from branchout.stages.distributed import train_worker
-    from branchout.stages.recipe import read_result
+    from branchout.stages.training.distributed import train_worker
+    from branchout.stages.training.recipe import read_result
 
     t = job.spec()
     r = t.resources_per_worker

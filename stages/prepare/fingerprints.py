@@ -12,9 +12,9 @@ import hashlib
 import json
 import os
 
+from branchout import storage
 from branchout.core.spec import DatasetSpec
-from branchout.stages import storage
-from branchout.stages.documents import (
+from branchout.stages.prepare.documents import (
     DataError,
     ReadUnit,
     Source,
@@ -38,7 +38,7 @@ def fingerprint(ds: DatasetSpec) -> str:
     src = resolve_source(ds)
     revision = ds.revision
     if src.is_hub:
-        from branchout.stages.hub import hub_commit
+        from branchout.stages.training.hf_hub import hub_commit
 
         revision = hub_commit(src.builder, ds.revision)
     what = [src.builder, ds.text_column, ds.split, revision]

@@ -4,7 +4,7 @@ Perplexity is exp(mean next-token negative log-likelihood) over the first
 ``max_blocks`` held-out blocks of the domain (instruction data: over the answer tokens of
 its first ``max_blocks`` held-out examples), the same blocks for every model, so the
 numbers in one row are comparable. Every model also answers the same held-out prompts
-greedily (``stages.generation``): scored by exact match and ROUGE-L on instruction data,
+greedily (``stages.evaluation.generation``): scored by exact match and ROUGE-L on instruction data,
 shown in the report for every domain.
 
 The job runs where the domain's fine-tune ran (its resources: GPUs, accelerator type,
@@ -41,14 +41,14 @@ def scoring_dtype(precision: str, device: str):
 def perplexity(model, blocks, batch_size: int, max_blocks: int, roles=None) -> tuple[float, int]:
     """(perplexity, tokens scored) of ``model`` on ``blocks`` ([n, seq_len] token ids).
 
-    ``roles`` (instruction data, ``stages.instruct``): only answer tokens are scored and
+    ``roles`` (instruction data, ``stages.prepare.instruct``): only answer tokens are scored and
     padding is not attended; the tokens scored are then the answers' tokens. Batches go to
     the model's device; the loss is summed there and read once.
     """
     import numpy as np
     import torch
 
-    from branchout.stages.instruct import model_inputs
+    from branchout.stages.prepare.instruct import model_inputs
 
     model.eval()
     device = next(model.parameters()).device
@@ -79,7 +79,7 @@ def load_for_scoring(model_uri: str, adapter_base_uri: str | None = None, dtype=
     import torch
     from transformers import AutoModelForCausalLM
 
-    from branchout.stages.checkpoint import fetch_verified
+    from branchout.storage.checkpoint import fetch_verified
 
     dtype = dtype or torch.float32
     placement = {"device_map": {"": device}} if device != "cpu" else {}
@@ -97,7 +97,7 @@ def evaluate_domain(job: EvalJob) -> dict:
 
     Candidates are scored in their order; a LoRA candidate whose base is the model just
     scored reuses it. With ``generation_samples`` (and the run's ``tokenizer_uri``) every
-    candidate also answers the same held-out prompts greedily (``stages.generation``).
+    candidate also answers the same held-out prompts greedily (``stages.evaluation.generation``).
 
     Returns:
         ``{"domain", "<name>_ppl"…, "heldout_tokens", "started", "ended"}``, plus for
@@ -107,9 +107,9 @@ def evaluate_domain(job: EvalJob) -> dict:
     import torch
 
     from branchout.core.precision import decide, this_worker
-    from branchout.stages.data import open_blocks
-    from branchout.stages.generation import Generations
-    from branchout.stages.instruct import open_roles
+    from branchout.stages.evaluation.generation import Generations
+    from branchout.stages.prepare.data import open_blocks
+    from branchout.stages.prepare.instruct import open_roles
 
     torch.set_num_threads(max(1, job.threads))
     device = "cuda" if job.use_gpu and torch.cuda.is_available() else "cpu"
@@ -136,7 +136,7 @@ def evaluate_domain(job: EvalJob) -> dict:
         if adapter_base is not None and adapter_base == loaded_uri:
             from peft import PeftModel
 
-            from branchout.stages.checkpoint import fetch_verified
+            from branchout.storage.checkpoint import fetch_verified
 
             scored = PeftModel.from_pretrained(model, fetch_verified(uri))
             score(name, scored)

@@ -29,9 +29,9 @@ class JobRunner:
         return os.getpid()
 
     def run(self, job: TrainJob, shared_base: dict | None, dispatched: float) -> dict:
-        from branchout.stages.checkpoint import fetch_verified
-        from branchout.stages.single_worker import run_single_worker
-        from branchout.stages.tokenizer import load_tokenizer
+        from branchout.stages.prepare.tokenizer import load_tokenizer
+        from branchout.stages.training.single_worker import run_single_worker
+        from branchout.storage.checkpoint import fetch_verified
 
         announce(job.hub_name, job.name)
         if job.tokenizer_uri not in self._tokenizers:

@@ -1,4 +1,4 @@
-"""The recipe (``stages.recipe.train``) on Ray Train workers: pretrain and multi-worker fine-tunes.
+"""The recipe (``stages.training.recipe.train``) on Ray Train workers: pretrain and multi-worker fine-tunes.
 
 ``train_worker`` is Ray Train's ``train_loop_per_worker``. Ray Train has already set up
 the process group (gloo on CPU, NCCL on GPU); DeepSpeed joins it. Checkpoints are the
@@ -18,7 +18,7 @@ def train_worker(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: the recipe on this rank."""
     import ray.train
 
-    from branchout.stages.recipe import train
+    from branchout.stages.training.recipe import train
 
     job: TrainJob = config["job"]
     ctx = ray.train.get_context()

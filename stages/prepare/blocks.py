@@ -6,7 +6,7 @@ Layout of one packed dataset (``<cache>/data/<key>/``, published with a manifest
     00000-train.bin …       ``shard_blocks`` blocks of ``seq_len`` token ids each (the last
     00000-heldout.bin …     shard of a side may hold fewer); block ``i`` is row
                             ``i % shard_blocks`` of shard ``i // shard_blocks``
-    train.shingles          the training side's sampled shingle set (``stages.split``)
+    train.shingles          the training side's sampled shingle set (``stages.prepare.split``)
 
 ``PackedBlocks`` is what training and evaluation index like a ``[blocks, seq_len]`` array
 (``len``, ``shape``, ``x[i:j]``, ``x[index_array]``). It opens a shard only when a block
@@ -26,10 +26,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from branchout.stages import storage
-from branchout.stages.checkpoint import MANIFEST, CorruptCheckpointError
+from branchout import storage
+from branchout.storage.checkpoint import MANIFEST, CorruptCheckpointError
 
-# 8,192 blocks: 32 MiB shards at 2,048 uint16 tokens a block; stages/batches.py assumes it.
+# 8,192 blocks: 32 MiB shards at 2,048 uint16 tokens a block; stages/training/batches.py assumes it.
 SHARD_BLOCKS = 8192
 
 

@@ -45,7 +45,7 @@ def export_finetune(model_uri: str, base_uri: str | None, method: str, domain: s
     if method == "lora":
         from peft import PeftModel
 
-        from branchout.stages.checkpoint import fetch_verified
+        from branchout.storage.checkpoint import fetch_verified
 
         model = PeftModel.from_pretrained(_load(base_uri), fetch_verified(model_uri)).merge_and_unload()
     else:
@@ -58,15 +58,15 @@ def _load(uri: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from branchout.stages.checkpoint import fetch_verified
+    from branchout.storage.checkpoint import fetch_verified
 
     # fp32 to merge exactly; the cast to the serving dtype happens once, at the end
     return AutoModelForCausalLM.from_pretrained(fetch_verified(uri), dtype=torch.float32)
 
 
 def _tokenizer(uri: str):
-    from branchout.stages.checkpoint import fetch_verified
-    from branchout.stages.tokenizer import load_tokenizer
+    from branchout.stages.prepare.tokenizer import load_tokenizer
+    from branchout.storage.checkpoint import fetch_verified
 
     return load_tokenizer(fetch_verified(uri))
 
@@ -84,7 +84,7 @@ def _save(model, tokenizer, out_dir: str, dtype: str | None) -> None:
 def _copy_adapter(uri: str, out_dir: str) -> None:
     import shutil
 
-    from branchout.stages.checkpoint import MANIFEST, fetch_verified
+    from branchout.storage.checkpoint import MANIFEST, fetch_verified
 
     shutil.copytree(fetch_verified(uri), out_dir, ignore=shutil.ignore_patterns(MANIFEST))
 

@@ -31,9 +31,9 @@ class Generations:
 
     def __init__(self, data_uri: str, tokenizer_uri: str, heldout_blocks, instruct: bool, count: int,
                  max_new_tokens: int):
-        from branchout.stages.checkpoint import fetch_verified
-        from branchout.stages.instruct import heldout_prompts, render, with_chat_template
-        from branchout.stages.tokenizer import load_tokenizer
+        from branchout.stages.prepare.instruct import heldout_prompts, render, with_chat_template
+        from branchout.stages.prepare.tokenizer import load_tokenizer
+        from branchout.storage.checkpoint import fetch_verified
 
         tok = load_tokenizer(fetch_verified(tokenizer_uri))
         self.instruct, self.max_new_tokens = instruct, max_new_tokens
@@ -77,7 +77,7 @@ def greedy(model, ids: list[int], max_new_tokens: int, eos_id: int, pad_id: int 
     """The tokens ``model`` generates after ``ids``, greedily, up to EOS or ``max_new_tokens``."""
     import torch
 
-    from branchout.stages.model import max_positions
+    from branchout.stages.training.model import max_positions
 
     limit = max_positions(model.config)
     if limit is not None:

@@ -4,7 +4,7 @@ Multi-worker training goes through DeepSpeed ZeRO inside Ray Train. A single-wor
 fine-tune does not need a process group, ZeRO partitioning or DeepSpeed's start-up, so
 it runs a plain torch loop with the same optimizer, schedule, precision and clipping.
 Both expose ``train_step`` / ``lr`` / ``save`` / ``load`` / ``state_dict_for_export``,
-which is all the training loop in ``stages.loop`` uses.
+which is all the training loop in ``stages.training.loop`` uses.
 
 Device rule: everything a step produces stays on the engine's ``device``. ``train_step``
 returns the step's loss as a 0-dim tensor there, without reading it; the loop reads it
@@ -19,8 +19,13 @@ import os
 from typing import Any, Protocol
 
 from branchout.core.spec import TrainingSpec
-from branchout.stages.instruct import model_inputs
-from branchout.stages.optim import build_optimizer, build_scheduler, lr_lambda, param_groups
+from branchout.stages.prepare.instruct import model_inputs
+from branchout.stages.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    lr_lambda,
+    param_groups,
+)
 
 
 class Engine(Protocol):
@@ -30,7 +35,7 @@ class Engine(Protocol):
         """One optimizer step; returns this rank's mean loss as a 0-dim tensor on ``device``.
 
         A micro-batch is a tensor of token-stream blocks or an ``(ids, roles)`` pair of
-        instruction rows (``stages.instruct.model_inputs``)."""
+        instruction rows (``stages.prepare.instruct.model_inputs``)."""
 
     def lr(self) -> float: ...
     def save(self, path: str, client_state: dict[str, Any]) -> None: ...
@@ -127,7 +132,7 @@ def model_hidden_size(model_or_config) -> int | None:
 class DeepSpeedEngine:
     """ZeRO 0-3 with optional offload, on an already-initialised process group (Ray Train).
 
-    Build the model for ZeRO-3 under ``stages.model.zero3_construction`` so that no rank
+    Build the model for ZeRO-3 under ``stages.training.model.zero3_construction`` so that no rank
     ever holds all of it.
     """
 

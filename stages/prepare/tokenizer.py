@@ -151,8 +151,8 @@ def sample_texts(ds, sample_bytes: int, heldout_fraction: float, split_seed: int
     """
     import numpy as np
 
-    from branchout.stages.documents import plan_units, unit_texts
-    from branchout.stages.split import is_heldout
+    from branchout.stages.prepare.documents import plan_units, unit_texts
+    from branchout.stages.prepare.split import is_heldout
 
     units = plan_units(ds)
     total = sum(u.size for u in units)
@@ -186,7 +186,7 @@ def tokenizer_job(job: TokenizerJob) -> str:
     is self-contained. Returns the hash."""
     import tempfile
 
-    from branchout.stages.checkpoint import publish_dir
+    from branchout.storage.checkpoint import publish_dir
 
     options = job.tokenizer
     with tempfile.TemporaryDirectory(prefix="branchout-tok-") as tmp:

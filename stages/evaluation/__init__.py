@@ -1,0 +1,1 @@
+"""Evaluation on the workers: held-out perplexity and generated answers per domain."""
