@@ -1,8 +1,9 @@
 """Chaos: real training processes die with SIGKILL mid-run; what does the run do about it?
 
 - a 2-worker DeepSpeed pretrain loses rank 0 at step 25: Ray Train restarts the group, the
-  run resumes from the step-20 checkpoint, and the trajectory from there is the one of the
-  same run left alone;
+  run resumes from the step-20 checkpoint, and steps 21-25, trained twice, have the losses
+  the uninterrupted attempt had (model, optimizer, scheduler, RNG and data position all
+  restored: from there on the trajectory is the one of the run left alone);
 - fan-out workers die: a domain with retries left is retried from its own checkpoint and
   succeeds, one without fails alone, the third domain is untouched.
 
@@ -36,9 +37,17 @@ def _steps(run_dir: Path, job: str) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def _losses(run_dir: Path, job: str) -> dict[int, float]:
+def _attempts(run_dir: Path, job: str) -> list[dict[int, float]]:
+    """The losses each attempt logged, by step (a new attempt starts where the step goes back)."""
     path = run_dir / "logs" / f"{job.replace('/', '-')}.metrics.jsonl"
-    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
+    attempts: list[dict[int, float]] = []
+    for r in map(json.loads, path.read_text().splitlines()):
+        if "loss" not in r:
+            continue
+        if not attempts or r["step"] <= max(attempts[-1]):
+            attempts.append({})
+        attempts[-1][r["step"]] = r["loss"]
+    return attempts
 
 
 def _run_dir(storage: Path) -> Path | None:
@@ -61,10 +70,10 @@ def _write(spec: dict, corpus_dir: Path, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def chaos(corpus_dir, tmp_path_factory):
-    """One pipeline run left alone (the baseline: its pretrain, with a single domain after it)
-    and the same pipeline with kills in both stages: a pretrain rank at step 25; code's
-    fine-tune at 50 (one retry left), docs' at 30 (none). Two runs serve both tests: each run
-    costs a Ray start and every stage's workers."""
+    """One pipeline run with kills in both stages: a pretrain rank at step 25; code's
+    fine-tune at 50 (one retry left), docs' at 30 (none). It serves both tests: a run costs a
+    Ray start and every stage's workers. The pretrain's own first attempt is its reference
+    (the steps it trained before the kill), so no second, undisturbed run is needed."""
     spec = copy.deepcopy(TINY)
     spec["pretrain"].update(steps=40, checkpoint_every=10, log_every=1)
     spec["evaluate"]["models"] = ["base", "finetuned"]
@@ -75,20 +84,14 @@ def chaos(corpus_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chaos")
     # the module's own registry and caches: each test's (conftest.isolated_state) ends with it
     env = {"BRANCHOUT_REGISTRY": f"sqlite:///{tmp / 'registry.db'}", "BRANCHOUT_CACHE_DIR": str(tmp / "cache")}
-    # the baseline serves the pretrain's trajectory only: the same pretrain (tokenizer and packed
-    # data come from the pretraining corpus alone), with one domain and only the base scored
-    alone = copy.deepcopy(spec)
-    alone["finetune"]["domains"], alone["evaluate"]["models"] = [copy.deepcopy(legal)], ["base"]
-    baseline = run_cli("run", str(_write(alone, corpus_dir, tmp / "a")), env=env)
-    assert baseline.returncode == 0, baseline.stdout[-3000:]
     out = run_cli("run", str(_write(spec, corpus_dir, tmp / "b")),
                   env={**env, "BRANCHOUT_FAULTS": "pretrain@25,finetune/code@50,finetune/docs@30"})
     assert out.returncode == 1, out.stdout[-3000:]  # docs had no retries left
-    return _run_dir(tmp / "a" / "runs"), _run_dir(tmp / "b" / "runs"), out, env
+    return _run_dir(tmp / "b" / "runs"), out, env
 
 
 def test_worker_killed_mid_pretrain(chaos):
-    baseline_dir, run_dir, out, _ = chaos
+    run_dir, out, _ = chaos
     assert (run_dir / "pretrain" / "FAULT-25").exists()  # the kill happened
     steps = _steps(run_dir, "pretrain")
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
@@ -103,12 +106,12 @@ def test_worker_killed_mid_pretrain(chaos):
     assert died and int(died[1]) <= 25, pretrain.history
     assert "pretrain: worker died at step ~" in out.stdout
 
-    final = RunRecord.load(str(run_dir)).job("pretrain").outputs["final_loss"]
-    expected = RunRecord.load(str(baseline_dir)).job("pretrain").outputs["final_loss"]
-    assert abs(final - expected) / expected < 0.01, (final, expected)
-    # the resumed trajectory is the uninterrupted one, step by step
-    a, b = _losses(baseline_dir, "pretrain"), _losses(run_dir, "pretrain")
-    assert all(abs(a[s] - b[s]) / a[s] < 0.01 for s in range(resumed_at + 1, 41))
+    # the steps trained twice: the resumed attempt repeats the uninterrupted one, step by step
+    first, resumed = _attempts(run_dir, "pretrain")
+    assert sorted(set(first) & set(resumed)) == list(range(resumed_at + 1, before_kill + 1))
+    assert all(abs(first[s] - resumed[s]) / first[s] < 0.01 for s in range(resumed_at + 1, before_kill + 1)), \
+        (first, resumed)
+    assert resumed[40] < first[1]  # and it trained on to the end
 
     # the pretrain's checkpoints, in the one layout every training job has, carry both ranks'
     # manifests and verify; Ray Train's own run folder holds none
@@ -127,7 +130,7 @@ def test_worker_killed_mid_pretrain(chaos):
 
 
 def test_domain_workers_killed(chaos):
-    _, run_dir, _, env = chaos
+    run_dir, _, env = chaos
     record = RunRecord.load(str(run_dir))
     assert record.state is RunState.FAILED and record.error == "failed: finetune/docs"
     code_job = record.job("finetune/code")
