@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 
@@ -73,3 +74,17 @@ def test_state_diagrams_in_the_docs_are_drawn_from_the_transition_tables():
     assert begin in text and end in text
     assert text.split(begin, 1)[1].split(end, 1)[0] == diagrams_markdown(), \
         "regenerate the block in docs/architecture.md from: python -m branchout.orchestrator.run.state"
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """A folder missing from pyproject's package list works in the editable install that
+    tests use and is absent from `pip install .` (the Docker image, KubeRay pods)."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    skip = {"tests", "benchmarks", "examples", "deploy", "docs", "build"}
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    folders = {Path(f).parent for f in tracked} - {Path(".")}  # folders of modules, __init__.py or not
+    found = {"branchout"} | {"branchout." + ".".join(d.parts) for d in folders if d.parts[0] not in skip}
+    assert found == listed, {"missing from pyproject": sorted(found - listed), "not a folder": sorted(listed - found)}
