@@ -259,6 +259,8 @@ def print_status(console: Console, view) -> None:
             table.add_row("", f"[dim]attempt {attempt['attempt']}[/]", "", "", _when(attempt["started"]),
                           _duration(attempt["started"], attempt["ended"]),
                           f"[dim]{attempt['state']}: {attempt.get('error') or ''}[/]")
+        for warning in rec.outputs.get("warnings", []):
+            table.add_row("", "[yellow]warning[/]", "", "", "", "", f"[yellow]{warning}[/]")
     console.print(table)
 
 

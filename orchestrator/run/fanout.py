@@ -95,6 +95,7 @@ class Tracked:
     # start times of processes already recorded: after a quick failure the hub still shows
     # the dead attempt's "running" for a moment, and it must not pass for the retry
     seen_starts: set[float] = field(default_factory=set)
+    warnings_seen: set[str] = field(default_factory=set)  # worker warnings already reported
 
     @property
     def name(self) -> str:
@@ -211,6 +212,20 @@ class FanOut:
                 self.hooks.note(f"{job.name}: {note}")
         if self.record.job(job.name).state is JobState.RUNNING and "step" in live:
             job.last_step = live["step"]
+        self._warnings(job, live)
+
+    def _warnings(self, job: Tracked, live: dict[str, Any]) -> None:
+        """What a worker warned of (a damaged checkpoint it skipped when it resumed): said on
+        the terminal and kept in the job's record (status, the report), once each."""
+        new = [w for w in live.get("checkpoint_warnings") or [] if w not in job.warnings_seen]
+        if not new:
+            return
+        job.warnings_seen.update(new)
+        kept = [*self.record.job(job.name).outputs.get("warnings", []), *(f"skipped damaged checkpoint: {w}" for w in new)]
+        self.record.set_job(job.name, self.record.job(job.name).state, outputs={"warnings": kept})
+        for line in new:
+            if self.hooks.note:
+                self.hooks.note(f"{job.name}: skipped damaged checkpoint: {line}")
 
     def _finish(self, job: Tracked, future: cf.Future, snapshot: dict) -> None:
         try:

@@ -192,6 +192,11 @@ def _summary(record: RunRecord) -> list[str]:
     ]
 
 
+def job_warnings(record: RunRecord) -> list[str]:
+    """What workers warned of during the run (a damaged checkpoint skipped on resume), by job."""
+    return [f"{name}: {w}" for name, job in record.jobs.items() for w in job.outputs.get("warnings", [])]
+
+
 def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[str],
               samples: dict[str, list[dict]]) -> str:
     lines = [f"# branchout report: {record.pipeline}", "", *_summary(record), "",
@@ -200,6 +205,8 @@ def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes],
     lines.append("")
     if notes:
         lines += ["## Findings", ""] + [f"- **Worse than a baseline.** {n}" for n in notes] + [""]
+    if job_warnings(record):
+        lines += ["## Warnings", ""] + [f"- {w}" for w in job_warnings(record)] + [""]
     lines += _section_md("Held-out split", SPLIT_NOTE, SPLIT_HEADER, split_rows(record))
     lines += _section_md("Precision", PRECISION_NOTE, PRECISION_HEADER, precision_rows(record))
     lines += [f"![{name}](eval/{name})" for name in plots]
@@ -264,6 +271,8 @@ def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], not
     summary = "".join(f"<p>{esc(s).replace('**', '')}</p>" for s in _summary(record))
     found = ("<h2>Findings</h2><ul>" + "".join(f"<li><b>Worse than a baseline.</b> {esc(n)}</li>" for n in notes)
              + "</ul>") if notes else ""
+    warned = job_warnings(record)
+    found += ("<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warned) + "</ul>") if warned else ""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(record.pipeline)}</title>"
             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
             "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}"

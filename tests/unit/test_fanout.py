@@ -175,3 +175,26 @@ def test_a_failure_that_would_repeat_is_not_retried(record, pool):
     assert "lower the learning rate" in record.job("nan").history[-1]["error"]
     assert flaky.attempts == 2 and out == {"flaky": {"value": 2}}
     assert sorted(ended) == ["flaky", "nan"]  # each heard of once, when it ended for good
+
+
+def test_a_workers_warning_reaches_the_terminal_and_the_record_once(record, pool, monkeypatch):
+    """A damaged checkpoint a worker skipped when it resumed is said by the driver (a note on
+    the terminal) and kept in the job's record for `branchout status` and the report."""
+    from branchout.orchestrator.run.report import job_warnings
+
+    hub: dict[str, dict] = {}
+    monkeypatch.setattr("branchout.orchestrator.run.fanout._snapshot", lambda h: {k: dict(v) for k, v in hub.items()})
+    skipped = "checkpoint …/step_00000020 is damaged: state.pt: SHA-256 mismatch (corrupted)"
+
+    def run() -> dict:
+        hub["warned"] = {"state": "running", "pid": 7, "started": time.time(), "checkpoint_warnings": [skipped]}
+        time.sleep(1.2)  # several of the loop's ticks see the same warning
+        return {"started": hub["warned"]["started"], "ended": time.time(), "value": 1}
+
+    notes: list[str] = []
+    item = WorkItem("warned", lambda: pool.submit(run), on_success=lambda r: {"value": r["value"]})
+    run_jobs(record, [item], object(), Hooks(note=notes.append))
+    assert notes == [f"warned: skipped damaged checkpoint: {skipped}"]
+    assert record.job("warned").state is JobState.SUCCEEDED
+    assert record.job("warned").outputs["warnings"] == [f"skipped damaged checkpoint: {skipped}"]
+    assert job_warnings(record) == [f"warned: skipped damaged checkpoint: {skipped}"]
