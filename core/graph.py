@@ -118,13 +118,6 @@ class JobGraph:
         """Nodes of these kinds, kind by kind in the order given."""
         return [n for kind in kinds for n in self.nodes.values() if n.kind is kind]
 
-    def job(self, kind: Kind, domain: str | None = None) -> Node | None:
-        """The node of ``kind`` for ``domain`` (a dataset's name for data jobs), if any."""
-        return next((n for n in self.nodes.values() if n.kind is kind and n.domain == domain), None)
-
-    def children(self, name: str) -> list[str]:
-        return list(self._children[name])
-
     def descendants(self, names: set[str]) -> set[str]:
         """``names`` and everything downstream of them."""
         out, todo = set(names), list(names)
@@ -199,15 +192,11 @@ def build_graph(spec: PipelineSpec) -> JobGraph:
         nodes.append(Node(f"data/{d.name}", Kind.DATA, {"tokenizer": "tokenizer", "reference": "data/pretrain"},
                           domain=d.name, section=d.dataset, seq_len=spec.domain_seq_len(d), resources={"CPU": 0},
                           key_inputs=[spec.domain_seq_len(d), split], reads=d.name))
-    if steps == 0:  # branch straight from model.path: the pretrain is a copy of it
-        nodes.append(Node("pretrain", Kind.PRETRAIN, {"tokenizer": "tokenizer", "data": "data/pretrain"},
-                          section=p, resources={"CPU": 1}, key_inputs=[output_settings(p), steps, model],
-                          model_files=True))
-    else:
-        nodes.append(Node("pretrain", Kind.PRETRAIN, {"tokenizer": "tokenizer", "data": "data/pretrain"},
-                          section=p, seq_len=p.seq_len, workers=p.num_workers,
-                          resources=p.resources_per_worker.ray_bundle(),
-                          key_inputs=[output_settings(p), steps, model], model_files=True))
+    copy = steps == 0  # branch straight from model.path: the pretrain is a one-CPU copy of it
+    nodes.append(Node("pretrain", Kind.PRETRAIN, {"tokenizer": "tokenizer", "data": "data/pretrain"},
+                      section=p, seq_len=p.seq_len, workers=1 if copy else p.num_workers,
+                      resources={"CPU": 1} if copy else p.resources_per_worker.ray_bundle(),
+                      key_inputs=[output_settings(p), steps, model], model_files=True))
     for d in spec.finetune.domains:
         training = d.model_copy(update={"seq_len": spec.domain_seq_len(d)})  # its options, block length decided
         options = {**output_settings(d), "seq_len": training.seq_len, "method": d.method, "lora": d.lora.model_dump()}

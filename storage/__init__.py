@@ -9,6 +9,7 @@ embedded on a laptop and on a multi-node cluster with object storage.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -217,3 +218,12 @@ def check_reachable(uri: str) -> None:
         raise StorageError(f"storage: cannot reach {uri}: {str(e).splitlines()[0]}") from None
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"storage: bucket {bucket!r} does not exist ({uri})")
+
+
+def sha256_file(path: str) -> str:
+    """SHA-256 of a local file, read in 1 MiB chunks (memory stays flat for any size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

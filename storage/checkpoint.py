@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -189,7 +188,7 @@ class Publisher:
             self._inflight.pop(0).result()
 
     def _transfer(self, path: str, name: str) -> None:
-        entry = {"size": os.path.getsize(path), "sha256": _sha256_uncached(path)}
+        entry = {"size": os.path.getsize(path), "sha256": storage.sha256_file(path)}
         target = storage.join(self.staging, name)
         if not (self.local and _renamed(path, target)):
             storage.upload_file(path, target)  # an object store, or another local filesystem
@@ -261,14 +260,20 @@ def upload_rank(local_dir: str, uri: str, rank: int) -> None:
     the rank manifest last, so a manifest that is there vouches for files that were
     complete. On local (shared) disk each file is fsynced; object stores put whole objects.
     """
+    import tempfile
+
     manifest = rank_manifest_name(rank)
-    files = [os.path.relpath(os.path.join(root, f), local_dir) for root, _, names in os.walk(local_dir) for f in names]
-    for rel in sorted(files, key=lambda r: r == manifest):  # the manifest last
-        target = storage.join(uri, rel)
-        storage.upload_file(os.path.join(local_dir, rel), target)
-        if storage.is_local(target):
-            _fsync_path(storage.local_path(target))
+    with tempfile.TemporaryDirectory(prefix="branchout-manifest-") as aside:
+        os.replace(os.path.join(local_dir, manifest), os.path.join(aside, manifest))  # held back
+        storage.upload_dir(local_dir, uri)
+        if storage.is_local(uri):
+            dst = storage.local_path(uri)
+            for root, _, names in os.walk(local_dir):
+                for name in names:
+                    _fsync_path(os.path.join(dst, os.path.relpath(os.path.join(root, name), local_dir)))
+        storage.upload_file(os.path.join(aside, manifest), storage.join(uri, manifest))
     if storage.is_local(uri):
+        _fsync_path(os.path.join(storage.local_path(uri), manifest))
         _fsync_path(storage.local_path(uri))
 
 
@@ -436,16 +441,10 @@ def _sha256_file(path: str) -> str:
     if key not in _DIGESTS:
         if len(_DIGESTS) > 100_000:
             _DIGESTS.clear()
-        _DIGESTS[key] = _sha256_uncached(path)
+        _DIGESTS[key] = storage.sha256_file(path)
     return _DIGESTS[key]
 
 
-def _sha256_uncached(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_path(path: str) -> None:

@@ -205,7 +205,7 @@ class RunRecord:
 
     def domain_job(self, kind: str, domain: str) -> JobRecord:
         """The ``kind`` job of ``domain``; a detached PENDING one when the run has none."""
-        return self.of_kind(kind).get(domain) or JobRecord(f"{kind}:{domain} (absent)")
+        return self.of_kind(kind).get(domain) or JobRecord(f"{kind}/{domain}")
 
     # ---- persistence -------------------------------------------------------------
 

@@ -198,17 +198,9 @@ def fetch_member(uri: str, name: str, files: dict | None = None, local_dir: str 
             os.replace(tmp, path)
     if not os.path.exists(path) or os.path.getsize(path) != want["size"]:
         raise CorruptCheckpointError(uri, [f"{name}: missing or truncated"])
-    if _sha256(path) != want["sha256"]:
+    if storage.sha256_file(path) != want["sha256"]:
         raise CorruptCheckpointError(uri, [f"{name}: SHA-256 mismatch (corrupted)"])
     return path
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_blocks(info_uri: str, side: str, local_dir: str | None = None) -> PackedBlocks:

@@ -56,7 +56,7 @@ def fingerprint(ds: DatasetSpec) -> str:
         stat = os.stat(f)
         ident = f"{os.path.abspath(f)}\0{stat.st_size}\0{stat.st_mtime_ns}"
         if ident not in known:
-            known[ident] = _sha256_of(f)
+            known[ident] = storage.sha256_file(f)
             changed = True
         h.update(os.path.abspath(f).encode())
         h.update(known[ident].encode())
@@ -76,14 +76,6 @@ def _load_cache() -> dict[str, str]:
 def _save_cache(known: dict[str, str]) -> None:
     with contextlib.suppress(OSError):  # a read-only home only costs re-hashing next time
         storage.write_text(storage.local_cache_dir("fingerprints.json"), json.dumps(known), durable=False)
-
-
-def _sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def diagnose(src: Source, column: str = "text") -> str | None:
