@@ -10,10 +10,19 @@ a job's name.
     tokenizer ─┬─ data/pretrain ─┬─ pretrain ───────── finetune/<d> ─┐
                │                 └─ data/<d> ─┬─────── finetune/<d>  ├─ evaluate/<d>
                └─────────────────────────────────────── scratch/<d> ─┘
+                                 (evaluate.cross: cross/<d> and cross/base score the same
+                                  models on every other held-out set and the general one)
 
 A data job of a domain has the pretraining data as a parent: its held-out split is
 decontaminated against that corpus's training text. Nodes are in the order the run
 record lists them; ``of(kind, ...)`` returns them in the order its kinds are given.
+
+A node with an ``entry`` (``"module:function"``) is run by the driver from the node alone:
+once every parent is done, ``function(NodeJob)`` (``stages.job.NodeJob``: the node, the
+spec, each parent's recorded outputs by role) runs as a Ray task on the node's bundle, and
+the dict it returns is the job's outputs. A new kind of job is a ``Kind``, its nodes here
+and that function (docs/architecture.md, "Adding a job kind"); the kinds without an entry
+are the driver's own stages.
 
 Nothing here touches Ray, storage or the data (``core`` imports no other layer).
 """
@@ -36,6 +45,7 @@ class Kind(StrEnum):
     FINETUNE = "finetune"
     SCRATCH = "scratch"
     EVALUATE = "evaluate"
+    CROSS = "cross"  # evaluate.cross: models scored on other domains' and the general held-out text
 
     @property
     def stage(self) -> str:
@@ -63,6 +73,7 @@ class Node:
     key_inputs: Any = None  # settings (JSON-able) that decide its output, besides the parents'
     reads: str | None = None  # the dataset whose fingerprint decides its output
     model_files: bool = False  # whether `model.path`'s files decide its output
+    entry: str | None = None  # "module:function" the driver runs it with (see the module's docstring)
 
     @property
     def path(self) -> tuple[str, ...]:
@@ -173,6 +184,12 @@ def output_settings(t: TrainingSpec) -> dict:
     return values
 
 
+def scoring_settings(spec: PipelineSpec) -> dict:
+    """The evaluate section's settings that decide a score (not which jobs exist, nor how the
+    report reads the scores)."""
+    return spec.evaluate.model_dump(mode="json", exclude={"cross", "forgetting"})
+
+
 def build_graph(spec: PipelineSpec) -> JobGraph:
     """Every job of ``spec``, its parents, resources and cache-key inputs."""
     ev = spec.evaluate
@@ -216,5 +233,37 @@ def build_graph(spec: PipelineSpec) -> JobGraph:
         scored = {m: job for m, job in producer.items() if m in ev.models}
         nodes.append(Node(f"evaluate/{d.name}", Kind.EVALUATE, {**scored, "data": f"data/{d.name}"},
                           domain=d.name, section=ev, resources=d.resources_per_worker.ray_bundle(),
-                          key_inputs=[ev.model_dump(mode="json")]))
+                          key_inputs=[scoring_settings(spec)]))
+    if ev.cross:
+        nodes += cross_nodes(spec)
     return JobGraph(spec, nodes, steps)
+
+
+def cross_nodes(spec: PipelineSpec) -> list[Node]:
+    """``evaluate.cross``: each domain's fine-tuned and scratch models scored on every other
+    domain's held-out text and on the general (pretraining corpus's) held-out text; the base
+    on the general text (its own domain's scores are the evaluation's). Parents ``heldout:<set>``
+    are the data jobs whose held-out blocks it scores."""
+    ev = spec.evaluate
+    scoring = [scoring_settings(spec)]
+    general = {"heldout:general": "data/pretrain"}
+    out = []
+    if "base" in ev.models:
+        p = spec.pretrain
+        out.append(Node("cross/base", Kind.CROSS, {"base": "pretrain", **general}, section=p,
+                        resources=p.resources_per_worker.ray_bundle(), entry=CROSS_ENTRY,
+                        key_inputs=[*scoring, p.deepspeed.precision, p.resources_per_worker.uses_gpu]))
+    for d in spec.finetune.domains:
+        models = {role: f"{kind}/{d.name}" for role, kind in (("finetuned", "finetune"), ("scratch", "scratch"))
+                  if role in ev.models}
+        if not models:
+            continue
+        others = {f"heldout:{o.name}": f"data/{o.name}" for o in spec.finetune.domains if o.name != d.name}
+        # the base: a LoRA fine-tune's adapter is scored on it
+        out.append(Node(f"cross/{d.name}", Kind.CROSS, {**models, "base": "pretrain", **general, **others},
+                        domain=d.name, section=d, resources=d.resources_per_worker.ray_bundle(), entry=CROSS_ENTRY,
+                        key_inputs=[*scoring, d.method, d.deepspeed.precision, d.resources_per_worker.uses_gpu]))
+    return out
+
+
+CROSS_ENTRY = "branchout.stages.evaluation.cross:score_elsewhere"

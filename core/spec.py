@@ -341,6 +341,16 @@ class EvaluateSpec(StrictModel):
         32, ge=1, le=4096, description="Tokens generated per answer at most; a prompt keeps its last "
         "max-positions − max_new_tokens tokens."
     )
+    cross: bool = Field(
+        False, description="Also score every model on every other domain's held-out text and on the pretraining "
+        "corpus's ('general'): what a fine-tune forgot and what it transfers. eval/metrics.json gains 'cross' "
+        "(model → held-out set → perplexity) and the report a heatmap; one 'cross' job per domain and one for "
+        "the base."
+    )
+    forgetting: float = Field(
+        0.1, gt=0, le=10, description="With cross: a fine-tune whose general-text perplexity exceeds the base's "
+        "by more than this share is named in the report's findings as having forgotten it."
+    )
 
     @field_validator("models")
     @classmethod

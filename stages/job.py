@@ -10,6 +10,8 @@ so a worker reads every option, and every default, from ``core/spec.py``:
   or one process (``stages.training.single_worker.run_single_worker``): pretrain, fine-tunes, baselines
 - ``ImportJob`` → ``stages.training.model.import_model`` (``pretrain.steps: 0``)
 - ``EvalJob`` → ``stages.evaluation.evaluate.evaluate_domain``
+- ``NodeJob`` → the function a graph node names (``core.graph.Node.entry``): every kind the
+  driver has no stage of its own for, e.g. ``cross`` → ``stages.evaluation.cross.score_elsewhere``
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from branchout import storage
+from branchout.core.graph import Node
 from branchout.core.spec import (
     DatasetSpec,
     FinetuneOptions,
+    PipelineSpec,
     PretrainSpec,
     TokenizerSpec,
 )
@@ -170,3 +174,23 @@ class EvalJob:
     tokenizer_uri: str | None  # needed only to generate answers
     generation_samples: int  # held-out prompts each candidate answers (0: none)
     max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class NodeJob:
+    """A job run from its graph node alone (``core.graph.Node.entry``): the worker function
+    gets the node (its section, the spec model itself), the whole validated spec, and what
+    each parent left (its outputs as the run record keeps them, by the parent's role).
+    It writes under ``out_uri`` and returns its outputs, a JSON-able dict."""
+
+    node: Node
+    spec: PipelineSpec
+    inputs: dict[str, dict[str, Any]]  # role → that parent's recorded outputs
+    out_uri: str  # the job's folder in the run
+    run_id: str
+    hub_name: str | None = None
+
+    @property
+    def threads(self) -> int:
+        """Torch threads: the CPUs of the bundle it runs on."""
+        return max(1, int(self.node.resources.get("CPU", 1)))

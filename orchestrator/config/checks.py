@@ -23,8 +23,8 @@ def cross_check(spec: PipelineSpec) -> list[str]:
         problems.append("finetune.domains: name at least one domain to fine-tune")
     for i, domain in enumerate(spec.finetune.domains):
         if domain.name in RESERVED_NAMES:
-            problems.append(f"finetune.domains.{i}.name: {domain.name!r} is reserved (it names a stage: "
-                            f"{', '.join(RESERVED_NAMES)}); choose another name")
+            problems.append(f"finetune.domains.{i}.name: {domain.name!r} is reserved (a stage, the base model or "
+                            f"the general held-out set: {', '.join(RESERVED_NAMES)}); choose another name")
         problems += _check_training(f"finetune.domains.{i}", domain, domain.steps)
     problems += _check_model(spec)
     problems += _check_embedded_capacity(spec)
@@ -43,8 +43,9 @@ def _check_instruction_data(spec: PipelineSpec) -> list[str]:
 
 
 # Job names are "<kind>/<domain>" and data jobs "data/<dataset>", where the pretraining
-# corpus is "data/pretrain" (core.graph); `--rerun` takes kind and domain names alike.
-RESERVED_NAMES = KINDS
+# corpus is "data/pretrain" (core.graph); `--rerun` takes kind and domain names alike. The
+# cross scores name the base model "base" and the pretraining corpus's held-out set "general".
+RESERVED_NAMES = (*KINDS, "base", "general")
 
 _SECRET_QUERY = re.compile(r"(access|secret|session)[_-]?key|token|password|passwd|credential|signature",
                            re.IGNORECASE)

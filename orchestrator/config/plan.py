@@ -92,6 +92,8 @@ class Plan:
     eval_models: list[str] = field(default_factory=list)
     cluster: str = "embedded local Ray"
     jobs: list[JobPlan] = field(default_factory=list)  # every fan-out and evaluation job
+    # jobs of kinds the driver runs from their graph node (core.graph Node.entry), e.g. cross
+    others: list[JobPlan] = field(default_factory=list)
 
     @property
     def fanout_jobs(self) -> int:
@@ -238,6 +240,10 @@ def build_plan(spec: PipelineSpec, graph: JobGraph | None = None) -> Plan:
                                      tp.memory_gib * GiB, tp.steps, tp.total_tokens))
     for node in graph.of(Kind.EVALUATE):
         plan.jobs.append(evaluation_plan(spec, node, by_name[node.domain], shape))
+    for node in graph:
+        if node.entry:  # no memory model of their own: listed with what they run and hold
+            plan.others.append(JobPlan(node.name, node.domain or "", node.kind.value, node.workers, node.resources,
+                                       node.entry.rpartition(":")[2], 0.0))
     return plan
 
 

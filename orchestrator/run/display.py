@@ -58,6 +58,15 @@ def print_plan(console: Console, plan: Plan, notes: list[str] | None = None) -> 
                       f"{job.tokens:,}", job.engine,
                       _bundle(job.resources), f"{job.memory_gib:.2f} GiB")
     console.print(table)
+    _print_other_jobs(console, plan)
+
+
+def _print_other_jobs(console: Console, plan) -> None:
+    """Jobs of kinds run from their graph node (e.g. ``cross``), a line per kind."""
+    for kind in dict.fromkeys(j.kind for j in plan.others):
+        jobs = [j for j in plan.others if j.kind == kind]
+        console.print(f"  then {len(jobs)} {kind} job(s), each once what it reads is done ({jobs[0].engine}): "
+                      + ", ".join(f"{j.name} [{_bundle(j.resources)}]" for j in jobs), highlight=False, markup=False)
 
 
 def _bundle(b: dict[str, float]) -> str:
@@ -334,5 +343,6 @@ def _print_job_fits(console: Console, spec, gpu_memory_gb: float | None, gpu_lab
                       f"{job.memory_bytes / GB:.1f} GB", str(per_gpu or "-"),
                       f"{budget / GB:.1f} GB" if budget else "-", fits)
     console.print(table)
+    _print_other_jobs(console, plan)
     if gpu_label and not any(domains[j.domain].resources_per_worker.uses_gpu for j in plan.jobs):
         console.print("fan-out and evaluation jobs run on CPUs (resources_per_worker.gpu: 0)")

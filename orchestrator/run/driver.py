@@ -37,6 +37,8 @@ from branchout.orchestrator.run.display import ProgressView, print_plan, print_r
 from branchout.orchestrator.run.fanout import Hooks, WorkItem, run_jobs, submit_task
 from branchout.orchestrator.run.pool import PoolSet
 from branchout.orchestrator.run.report import (
+    cross_matrix,
+    forgetting,
     metrics_row,
     precisions,
     read_run_metrics,
@@ -50,7 +52,15 @@ from branchout.orchestrator.run.state import (
     new_run_id,
 )
 from branchout.orchestrator.run.tracking import Tracker
-from branchout.stages.job import Candidate, DataJob, EvalJob, ImportJob, TokenizerJob, TrainJob
+from branchout.stages.job import (
+    Candidate,
+    DataJob,
+    EvalJob,
+    ImportJob,
+    NodeJob,
+    TokenizerJob,
+    TrainJob,
+)
 from branchout.stages.prepare.data import PackedInfo
 
 
@@ -72,6 +82,7 @@ class RunContext:
     fingerprints: dict[str, str]
     tracker: Tracker
     hub: Any = None
+    generic_tried: set[str] = field(default_factory=set)  # run_ready's jobs submitted by this driver
     threads: cf.ThreadPoolExecutor = field(default_factory=lambda: cf.ThreadPoolExecutor(8))
 
     @property
@@ -190,16 +201,23 @@ def _run_stages(spec: PipelineSpec, graph: JobGraph, plan: Plan, record: RunReco
                      hub=start_hub(record.run_id))
     record.set_run_state(RunState.RUNNING)
     try:
+        # after each stage, the jobs of kinds without a stage of their own whose parents are done
         tokenizer = stage_tokenizer(ctx)
+        run_ready(ctx)
         data = stage_data(ctx, tokenizer)
+        run_ready(ctx)
         base_uri = stage_pretrain(ctx, tokenizer, data["pretrain"])
+        run_ready(ctx)
         # one set of warm runners for the fan-out and then its evaluations
         pools = PoolSet(base_uri, spec.finetune.max_concurrent, fixed_cluster=not spec.cluster.autoscaling)
         try:
             stage_finetune(ctx, tokenizer, data, base_uri, pools)
+            run_ready(ctx)
             stage_evaluate(ctx, data, base_uri, tokenizer["uri"], pools)
+            run_ready(ctx)
         finally:
             pools.shutdown()
+        skip_pending(record)  # jobs something they need failed for
         failed = [n for n, r in record.jobs.items() if r.state is JobState.FAILED]
         if failed:
             record.set_run_state(RunState.FAILED, error=f"failed: {', '.join(failed)}")
@@ -351,6 +369,35 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo)
     return outputs["model_uri"]
 
 
+def run_ready(ctx: RunContext) -> None:
+    """Run, wave by wave, every job the driver has no stage for (its node names a worker
+    function: ``core.graph.Node.entry``) once all its parents are done. Each is a Ray task
+    on its node's bundle, given a ``NodeJob`` (the node, the spec, its parents' outputs by
+    role); what the function returns is recorded as its outputs. A job one of whose parents
+    failed stays pending, and is recorded as skipped when the stages end."""
+    tried = ctx.generic_tried
+    while True:
+        wave = [n for n in ctx.graph if n.entry and n.name not in tried and not ctx.record.job(n.name).state.done
+                and all(ctx.record.job(p).state.done for p in n.parents.values())]
+        if not wave:
+            return
+        tried.update(n.name for n in wave)
+        ctx.hints.request([b for n in wave for b in n.bundles], ", ".join(dict.fromkeys(n.kind.value for n in wave)))
+        ctx.run([_node_item(ctx, n) for n in wave])
+
+
+def _node_item(ctx: RunContext, node: Node) -> WorkItem:
+    import importlib
+
+    module, _, function = node.entry.partition(":")
+    fn = getattr(importlib.import_module(module), function)
+    job = NodeJob(node=node, spec=ctx.spec, out_uri=ctx.out_uri(node), run_id=ctx.record.run_id,
+                  hub_name=ctx.hub_name,
+                  inputs={role: ctx.record.job(parent).outputs for role, parent in node.parents.items()})
+    return WorkItem(node.name, lambda: submit_task(fn, (job,), node.resources, node.name, ctx.hub_name),
+                    resources=node.resources, on_success=dict)
+
+
 def training_outputs(job: TrainJob, r: dict[str, Any]) -> dict[str, Any]:
     """What the run record keeps of a training job's result (pretrain, fine-tune, baseline)."""
     return {"model_uri": job.model_uri, "final_loss": r["final_loss"], "tokens_per_s": r["tokens_per_s"],
@@ -479,6 +526,10 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, 
     metrics = {"run_id": ctx.record.run_id, "pipeline": spec.name, "domains": domains,
                "pretrain": ctx.record.job(ctx.graph.of(Kind.PRETRAIN)[0].name).outputs,
                "precision": precisions(ctx.record)}
+    if ev.cross:  # the cross jobs ran after the fan-out (run_ready)
+        metrics["cross"] = cross_matrix(ctx.graph, ctx.record, results)
+        metrics["forgetting"] = forgetting(metrics["cross"], [n.name for n in ctx.graph.of(Kind.FINETUNE)],
+                                           ev.forgetting)
     storage.write_text(ctx.uri("eval", "metrics.json"), json.dumps(metrics, indent=1))
     storage.write_text(ctx.uri("eval", "samples.json"), json.dumps(samples, indent=1, ensure_ascii=False))
 

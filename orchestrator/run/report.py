@@ -3,8 +3,9 @@
 The table puts base, fine-tuned and from-scratch perplexity side by side per domain and
 states the transfer gain (1 − finetuned / base); instruction domains add exact match and
 ROUGE-L of the models' greedy answers. *Findings* say plainly where a fine-tune came out
-worse than from-scratch or the base, and what to change. A few generation samples per
-domain (the same prompts for every model) follow. Loss curves come from the metrics
+worse than from-scratch or the base, and what to change, and (``evaluate.cross``) which
+fine-tunes forgot the general text; a heatmap shows every model on every held-out set. A few
+generation samples per domain (the same prompts for every model) follow. Loss curves come from the metrics
 JSONL every job writes; PNGs are stored under ``eval/`` and embedded in the HTML
 (base64) so the HTML is one self-contained file.
 """
@@ -18,7 +19,7 @@ import json
 from typing import Any
 
 from branchout import storage
-from branchout.core.graph import Kind
+from branchout.core.graph import JobGraph, Kind
 from branchout.orchestrator.run.lineage import lineage_text
 from branchout.orchestrator.run.state import RunRecord
 from branchout.stages.training.metrics import read_metrics
@@ -47,6 +48,33 @@ def metrics_row(r: dict[str, Any], method: str, data_kind: str) -> dict[str, Any
     return row
 
 
+def cross_matrix(graph: JobGraph, record: RunRecord, evaluations: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """``evaluate.cross``: model → held-out set → perplexity. A model is named by the job that
+    made it (``finetune/legal``; the base ``base``), a set by its dataset (``general``: the
+    pretraining corpus's). Own-domain scores are the evaluation jobs' (``evaluations``: their
+    outputs by job name), the rest the cross jobs'."""
+    out: dict[str, dict[str, float]] = {}
+    for node in graph.of(Kind.EVALUATE):
+        r = evaluations.get(node.name) or {}
+        for role, producer in node.parents.items():
+            if f"{role}_ppl" in r:
+                out.setdefault("base" if role == "base" else producer, {})[node.domain] = r[f"{role}_ppl"]
+    for node in graph.of(Kind.CROSS):
+        for model, sets in record.job(node.name).outputs.get("ppl", {}).items():
+            out.setdefault(model, {}).update(sets)
+    order = ["base", *(n.name for n in graph.of(Kind.FINETUNE, Kind.SCRATCH))]
+    sets = ["general", *graph.domains]
+    return {m: {s: out[m][s] for s in sets if s in out[m]} for m in order if m in out}
+
+
+def forgetting(cross: dict[str, dict[str, float]], fine_tunes: list[str], threshold: float) -> dict[str, Any]:
+    """Each fine-tune's general-text perplexity over the base's, and those above 1 + ``threshold``."""
+    base = cross.get("base", {}).get("general")
+    ratios = {m: cross[m]["general"] / base for m in fine_tunes if base and "general" in cross.get(m, {})}
+    return {"threshold": threshold, "general_ppl_vs_base": ratios,
+            "forgot": [m for m, r in ratios.items() if r > 1 + threshold]}
+
+
 def precisions(record: RunRecord) -> dict[str, dict]:
     """Job → the precision its workers decided (``core.precision.Precision`` as a dict)."""
     return {name: job.outputs["precision"] for name, job in record.jobs.items()
@@ -71,16 +99,23 @@ def read_run_metrics(record: RunRecord) -> dict | None:
     return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
 
 
+# each plot's file under eval/ and the heading that says what it shows
+PLOTS = {"loss_curves.png": "Training loss per step", "perplexity.png": "Held-out perplexity per domain",
+         "cross.png": "Perplexity of every model on every held-out set"}
+
+
 def write_report(record: RunRecord, metrics: dict[str, Any]) -> str:
     """Write both reports into the run directory; returns the HTML report's URI."""
-    plots = {"loss_curves.png": _loss_plot(record), "perplexity.png": _ppl_plot(metrics)}
+    plots = {"loss_curves.png": _loss_plot(record), "perplexity.png": _ppl_plot(metrics),
+             "cross.png": _cross_plot(metrics)}
     plots = {k: v for k, v in plots.items() if v}
     for name, png in plots.items():
         storage.write_bytes(storage.join(record.run_uri, "eval", name), png)
     rows = _rows(record, metrics)
     samples_uri = storage.join(record.run_uri, "eval", "samples.json")
     samples = json.loads(storage.read_text(samples_uri)) if storage.exists(samples_uri) else {}
-    notes = findings(metrics)
+    notes = [("Worse than a baseline.", n) for n in findings(metrics)] + \
+        [("Forgot the general text.", n) for n in forgetting_findings(metrics)]
     storage.write_text(storage.join(record.run_uri, "report.md"), _markdown(record, rows, plots, notes, samples))
     uri = storage.join(record.run_uri, "report.html")
     storage.write_text(uri, _html(record, rows, plots, notes, samples))
@@ -134,6 +169,16 @@ def findings(metrics: dict[str, Any]) -> list[str]:
         out.append(f"{name}: the fine-tune is worse than {than} ({'; '.join(why for _, why in worse)}). "
                    f"Try: {_advice({o for o, _ in worse}, m.get('method'))}.")
     return out
+
+
+def forgetting_findings(metrics: dict[str, Any]) -> list[str]:
+    """One sentence per fine-tune whose general-text perplexity rose past ``evaluate.forgetting``."""
+    f = metrics.get("forgetting") or {}
+    general = {m: row.get("general") for m, row in (metrics.get("cross") or {}).items()}
+    return [f"{m}: general-text perplexity {general[m]:.2f} vs the base's {general['base']:.2f} "
+            f"({f['general_ppl_vs_base'][m] - 1:+.0%}, more than evaluate.forgetting = {f['threshold']:.0%}). "
+            "Try: fewer steps or a lower learning rate, or LoRA instead of a full fine-tune."
+            for m in f.get("forgot", [])]
 
 
 _OF = {"base": "the base model's", "scratch": "the from-scratch model's"}
@@ -197,19 +242,20 @@ def job_warnings(record: RunRecord) -> list[str]:
     return [f"{name}: {w}" for name, job in record.jobs.items() for w in job.outputs.get("warnings", [])]
 
 
-def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[str],
+def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[tuple[str, str]],
               samples: dict[str, list[dict]]) -> str:
     lines = [f"# branchout report: {record.pipeline}", "", *_summary(record), "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append("")
     if notes:
-        lines += ["## Findings", ""] + [f"- **Worse than a baseline.** {n}" for n in notes] + [""]
+        lines += ["## Findings", ""] + [f"- **{kind}** {n}" for kind, n in notes] + [""]
     if job_warnings(record):
         lines += ["## Warnings", ""] + [f"- {w}" for w in job_warnings(record)] + [""]
     lines += _section_md("Held-out split", SPLIT_NOTE, SPLIT_HEADER, split_rows(record))
     lines += _section_md("Precision", PRECISION_NOTE, PRECISION_HEADER, precision_rows(record))
-    lines += [f"![{name}](eval/{name})" for name in plots]
+    for name in plots:
+        lines += [f"## {PLOTS[name]}", "", f"![{PLOTS[name]}](eval/{name})", ""]
     if samples:
         lines += ["", "## Generation samples", "",
                   "Greedy answers of each model to the same held-out prompts (instruction domains), or "
@@ -261,15 +307,15 @@ def _section_html(title: str, note: str, header: list[str], rows: list[list[str]
     return f"<h2>{esc(title)}</h2><p>{esc(note).replace('`', '')}</p>{table}<tr>{head}</tr>{body}</table>"
 
 
-def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[str],
+def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[tuple[str, str]],
           samples: dict[str, list[dict]]) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-    imgs = "".join(f'<h2>{esc(n)}</h2><img alt="{esc(n)}" src="data:image/png;base64,'
-                   f'{base64.b64encode(p).decode()}">' for n, p in plots.items())
+    imgs = "".join(f'<h2>{esc(PLOTS[n])}</h2><img style="max-width:100%" alt="{esc(PLOTS[n])}" '
+                   f'src="data:image/png;base64,{base64.b64encode(p).decode()}">' for n, p in plots.items())
     summary = "".join(f"<p>{esc(s).replace('**', '')}</p>" for s in _summary(record))
-    found = ("<h2>Findings</h2><ul>" + "".join(f"<li><b>Worse than a baseline.</b> {esc(n)}</li>" for n in notes)
+    found = ("<h2>Findings</h2><ul>" + "".join(f"<li><b>{esc(k)}</b> {esc(n)}</li>" for k, n in notes)
              + "</ul>") if notes else ""
     warned = job_warnings(record)
     found += ("<h2>Warnings</h2><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warned) + "</ul>") if warned else ""
@@ -278,6 +324,7 @@ def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], not
             "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}"
             "td:first-child,th:first-child{text-align:left}"
             ".sample td,.sample th{text-align:left;vertical-align:top}.sample pre{margin:0;white-space:pre-wrap}"
+            "pre{white-space:pre-wrap;overflow-wrap:anywhere}"
             "</style></head><body>"
             f"<h1>branchout report: {esc(record.pipeline)}</h1>{summary}"
             f"<table><tr>{head}</tr>{body}</table>{found}"
@@ -320,8 +367,8 @@ def _loss_plot(record: RunRecord) -> bytes | None:
     for ax in (ax_pre, ax_ft):
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        if ax.lines:
-            ax.legend(fontsize=7)
+        if ax.lines:  # beside the axes: a legend never covers a curve
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _figure_png(fig)
 
 
@@ -350,5 +397,35 @@ def _ppl_plot(metrics: dict[str, Any]) -> bytes | None:
     ax.set_xticks([x + width * (len(kinds) - 1) / 2 for x in range(len(domains))], list(domains))
     ax.set_yscale("log")
     ax.set_ylabel("held-out perplexity (log)")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _figure_png(fig)
+
+
+def _cross_plot(metrics: dict[str, Any]) -> bytes | None:
+    """``evaluate.cross``: a heatmap of model × held-out set, each cell its perplexity."""
+    cross = metrics.get("cross") or {}
+    if not cross:
+        return None
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(cross)
+    sets = list(dict.fromkeys(s for row in cross.values() for s in row))
+    values = [[cross[m].get(s, math.nan) for s in sets] for m in models]
+    fig, ax = plt.subplots(figsize=(1.3 * len(sets) + 3, 0.45 * len(models) + 1.5))
+    image = ax.imshow([[math.log(v) if v == v else math.nan for v in row] for row in values], cmap="viridis_r",
+                      aspect="auto")
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            if v == v:  # dark text on the light (low) cells, light on the dark
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8,
+                        color="white" if image.norm(math.log(v)) > 0.5 else "black")
+    ax.set_xticks(range(len(sets)), sets)
+    ax.set_yticks(range(len(models)), models)
+    ax.set_xlabel("held-out set")
+    fig.colorbar(image, ax=ax, label="log perplexity (lower is better)")
     return _figure_png(fig)

@@ -143,21 +143,21 @@ def evaluate_domain(job: EvalJob) -> dict:
             model = scored.unload()  # the adapter's layers out again: the base as it was loaded
             continue
         model = loaded_uri = None
-        _release()  # one model at a time
+        release()  # one model at a time
         scored = load_for_scoring(uri, adapter_base, dtype, device)
         score(name, scored)
         if adapter_base is None:
             loaded_uri, model = uri, scored
         del scored
     del model
-    _release()
+    release()
     if gen is not None:
         out["samples"] = gen.shown()
     out["ended"] = time.time()
     return out
 
 
-def _release() -> None:
+def release() -> None:
     """Free the previous model's memory before the next one is loaded."""
     import gc
 

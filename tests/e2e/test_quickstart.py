@@ -44,11 +44,24 @@ def test_quickstart_transfers_to_every_domain(tmp_path):
         assert row["scratch_ppl"] > 0 and row["heldout_tokens"] > 0
     report = (run_dir / "report.md").read_text()
     assert "base ppl" in report and "scratch ppl" in report and "transfer gain" in report
+    # evaluate.cross: every model on every held-out set, the general text included, the
+    # cross jobs run by the driver from their graph nodes; the report draws the heatmap
+    models = ["base", *(f"{k}/{d}" for k in ("finetune", "scratch") for d in ("legal", "code", "docs"))]
+    assert list(metrics["cross"]) == models
+    for model in models:
+        assert list(metrics["cross"][model]) == ["general", "legal", "code", "docs"], model
+        assert all(ppl > 1 for ppl in metrics["cross"][model].values())
+    for d in ("legal", "code", "docs"):  # own-domain cells are the evaluation's numbers
+        assert metrics["cross"][f"finetune/{d}"][d] == metrics["domains"][d]["finetuned_ppl"]
+    assert set(metrics["forgetting"]["general_ppl_vs_base"]) == {f"finetune/{d}" for d in ("legal", "code", "docs")}
+    assert (run_dir / "eval" / "cross.png").stat().st_size > 1000
+    assert "## Perplexity of every model on every held-out set" in report
     # precision: auto, decided on the workers (here, this machine's CPU) for every job, and said
     from branchout.core.precision import cpu_hardware, decide
 
     expected = decide("auto", cpu_hardware())
-    jobs = ["pretrain", *[f"{k}/{d}" for k in ("finetune", "scratch", "evaluate") for d in ("legal", "code", "docs")]]
+    jobs = ["pretrain", *[f"{k}/{d}" for k in ("finetune", "scratch", "evaluate") for d in ("legal", "code", "docs")],
+            "cross/base", *(f"cross/{d}" for d in ("legal", "code", "docs"))]
     assert metrics["precision"] == {job: expected.as_dict() for job in jobs}
     assert f"| pretrain | {expected.used} | auto | {expected.reason} |" in report
     assert f"pretrain: precision auto → {expected.used} (" in out.stdout

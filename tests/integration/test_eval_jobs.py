@@ -106,3 +106,46 @@ def test_bf16_scores_are_close_to_fp32_ones(trained):
     assert in_bf16["precision"]["used"] == "bf16" and in_bf16["precision"]["warning"] is None
     for name in candidates:
         assert math.isclose(in_bf16[f"{name}_ppl"], in_fp32[f"{name}_ppl"], rel_tol=0.03), name
+
+
+def test_a_cross_job_runs_from_its_graph_node_and_scores_as_the_evaluation_does(trained, corpus_dir):
+    """``cross/docs`` (a LoRA domain) as the driver runs it (core.graph Node.entry, a Ray task on
+    the node's bundle, given a NodeJob): its adapter on the base, its scratch model, each on
+    the sets its parents name. The legal data stands in for every set, so each score must
+    equal the evaluation job's on that data."""
+    import copy
+    import importlib
+
+    from branchout.core.graph import build_graph
+    from branchout.core.spec import PipelineSpec
+    from branchout.orchestrator.run.fanout import submit_task
+    from branchout.stages.evaluation.evaluate import evaluate_domain
+    from branchout.stages.job import NodeJob
+
+    from conftest import TINY
+
+    parts, lora, full = trained
+    base = str(parts[0] / "base")
+    raw = copy.deepcopy(TINY)
+    raw["evaluate"] = {"max_blocks": 8, "batch_size": 4, "cross": True}
+    raw["finetune"]["defaults"]["deepspeed"] = {"precision": "fp32"}
+    spec = PipelineSpec.model_validate(raw)
+    node = build_graph(spec)["cross/docs"]
+    models = {"finetuned": {"model_uri": lora.model_uri}, "scratch": {"model_uri": full.model_uri},
+              "base": {"model_uri": base}}
+    sets = {role: {"uri": parts[1]} for role in node.parents if role.startswith("heldout:")}
+    job = NodeJob(node=node, spec=spec, inputs={**models, **sets}, out_uri=str(parts[0] / "cross-docs"), run_id="t")
+    module, _, function = node.entry.partition(":")
+    result = submit_task(getattr(importlib.import_module(module), function), (job,), node.resources, node.name,
+                         None).result(timeout=300)
+
+    alone = evaluate_domain(eval_job(parts, {"finetuned": (lora.model_uri, base), "scratch": (full.model_uri, None)},
+                                     "fp32"))
+    assert set(result["ppl"]) == {"finetune/docs", "scratch/docs"}  # the base is cross/base's to score
+    for model, role in (("finetune/docs", "finetuned"), ("scratch/docs", "scratch")):
+        assert set(result["ppl"][model]) == {"general", "legal", "code"}
+        for ppl in result["ppl"][model].values():
+            assert ppl == pytest.approx(alone[f"{role}_ppl"], rel=1e-6), model
+    assert result["precision"]["used"] == "fp32"
+    assert result["heldout_tokens"] == {"general": alone["heldout_tokens"], "legal": alone["heldout_tokens"],
+                                        "code": alone["heldout_tokens"]}

@@ -3,6 +3,8 @@ record, the plan, cache keys, ``--rerun``, lineage and autoscaling bundles agree
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -49,11 +51,13 @@ def test_every_reader_agrees_with_the_graph(path: Path, tmp_path):
         assert (rec.kind, rec.domain, rec.parents) == (node.kind, node.domain, list(node.parents.values()))
     assert sorted(record.of_kind(Kind.FINETUNE)) == sorted(domains)
 
-    # the plan: one row per fan-out and evaluation job, on the graph's resources
+    # the plan: one row per fan-out and evaluation job, on the graph's resources; the jobs run
+    # from their node (an entry) listed after them
     plan = build_plan(spec, graph)
     planned = {j.name: j for j in plan.jobs}
     assert list(planned) == [n.name for n in graph if n.kind in (Kind.FINETUNE, Kind.SCRATCH, Kind.EVALUATE)]
-    for name, job in planned.items():
+    assert [j.name for j in plan.others] == [n.name for n in graph if n.entry]
+    for name, job in {**planned, **{j.name: j for j in plan.others}}.items():
         assert (job.workers, job.resources, job.kind) == (graph[name].workers, graph[name].resources, graph[name].kind)
     assert plan.pretrain.steps == graph.pretrain_steps
 
@@ -67,7 +71,7 @@ def test_every_reader_agrees_with_the_graph(path: Path, tmp_path):
         assert {k for k in keys if keys[k] != moved[k]} == graph.descendants(readers), dataset
 
     # --rerun: a kind, a domain, a job, each with what depends on it
-    assert graph.select([Kind.PRETRAIN]) == {"pretrain"} | {n.name for n in graph.of(Kind.FINETUNE)} | \
+    assert graph.select([Kind.PRETRAIN]) == {"pretrain"} | {n.name for n in graph.of(Kind.FINETUNE, Kind.CROSS)} | \
         {n.name for n in graph.of(Kind.EVALUATE) if "base" in n.parents or "finetuned" in n.parents}
     first = domains[0]
     assert graph.select([first]) == {n.name for n in graph if n.domain == first and n.kind is not Kind.DATA}
@@ -105,3 +109,66 @@ def test_a_fine_tune_starts_from_the_pretrain_and_a_baseline_does_not(tmp_path):
     assert "pretrain" not in graph.ancestors(f"scratch/{d}")
     with pytest.raises(ValueError, match="--rerun 'nope': not a job, stage or domain of quickstart"):
         graph.select(["nope"])
+
+
+def test_cross_jobs_score_every_model_on_every_other_set_and_run_from_their_node(tmp_path):
+    import importlib
+
+    spec, graph = _graph(REPO / "examples" / "quickstart.yaml", tmp_path)
+    assert spec.evaluate.cross
+    domains = graph.domains
+    assert [n.name for n in graph.of(Kind.CROSS)] == ["cross/base", *(f"cross/{d}" for d in domains)]
+    assert graph["cross/base"].parents == {"base": "pretrain", "heldout:general": "data/pretrain"}
+    for d in domains:
+        node = graph[f"cross/{d}"]
+        sets = {role.removeprefix("heldout:"): job for role, job in node.parents.items() if role.startswith("heldout:")}
+        # every set but its own (the evaluation's), and the general text
+        assert sets == {"general": "data/pretrain", **{o: f"data/{o}" for o in domains if o != d}}
+        assert (node.parents["finetuned"], node.parents["scratch"]) == (f"finetune/{d}", f"scratch/{d}")
+        assert node.lineage_parent == f"finetune/{d}"
+    # the kinds the driver has stages for have no entry; the others' entries are real functions
+    assert all(n.entry is None for n in graph if n.kind is not Kind.CROSS)
+    for node in graph.of(Kind.CROSS):
+        module, _, function = node.entry.partition(":")
+        assert callable(getattr(importlib.import_module(module), function))
+    # off by default: no cross jobs, and the other jobs' keys do not move
+    spec.evaluate.cross = False
+    plain = build_graph(spec)
+    assert not plain.of(Kind.CROSS) and plain.names == [n for n in graph.names if not n.startswith("cross/")]
+    fps = {n.domain: "fp" for n in plain.of(Kind.DATA)}
+    keys, with_cross = job_keys(plain, fps), job_keys(graph, fps)
+    assert all(with_cross[name] == key for name, key in keys.items())
+
+
+# A job's name is "<kind>/<domain>"; only core/graph.py spells one (a kind followed by "/").
+KIND_PATH = re.compile(rf"^({'|'.join(k.value for k in Kind)})/")
+
+
+def _spelled_paths(path: Path) -> list[str]:
+    """String constants (and the text starting an f-string) in ``path`` that begin with a
+    job-kind path; docstrings are prose and not counted."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                  and (body := node.body) and isinstance(body[0], ast.Expr)
+                  and isinstance(body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+            text = node.values[0].value
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            text = node.value
+        else:
+            continue
+        if isinstance(text, str) and KIND_PATH.match(text):
+            found.append(f"{path.relative_to(REPO)}:{node.lineno}: {text!r}")
+    return found
+
+
+def test_no_product_module_but_the_graph_spells_a_job_path():
+    product = [p for folder in ("core", "storage", "cluster", "stages", "orchestrator")
+               for p in sorted((REPO / folder).rglob("*.py")) if p != REPO / "core" / "graph.py"]
+    assert len(product) > 50
+    assert [hit for p in product for hit in _spelled_paths(p)] == []
+    # the check finds one where there is one
+    assert _spelled_paths(REPO / "core" / "graph.py")

@@ -73,3 +73,48 @@ def test_report_says_what_decontamination_moved_per_dataset(tmp_path):
     assert "## Held-out split" in md
     assert "| legal | 180 | 14 | 7 | 2 |" in md and "| pretrain | 1,200 | 59 | 0 | 0 |" in md
     assert "<h2>Held-out split</h2>" in (tmp_path / "report.html").read_text()
+
+
+def test_cross_scores_join_the_evaluations_and_name_a_fine_tune_that_forgot(tmp_path):
+    """eval/metrics.json's ``cross``: own-domain scores from the evaluation jobs, the rest from
+    the cross jobs; a fine-tune whose general-text perplexity rose past the threshold is named."""
+    from branchout.core.graph import build_graph
+    from branchout.orchestrator.config.loader import load_spec
+    from branchout.orchestrator.run.driver import create_run
+    from branchout.orchestrator.run.report import cross_matrix, forgetting
+
+    from conftest import REPO
+
+    spec = load_spec(REPO / "examples" / "quickstart.yaml")
+    spec.storage = str(tmp_path / "runs")
+    graph = build_graph(spec)
+    record = create_run(spec, graph, "r1")
+    evaluations = {f"evaluate/{d}": {"base_ppl": 40.0, "finetuned_ppl": 10.0 + i, "scratch_ppl": 30.0}
+                   for i, d in enumerate(graph.domains)}
+    record.jobs["cross/base"].outputs = {"ppl": {"base": {"general": 20.0}}}
+    for d in graph.domains:
+        others = {o: 50.0 for o in graph.domains if o != d}
+        # legal's fine-tune forgets: 26 vs the base's 20 on the general text
+        record.jobs[f"cross/{d}"].outputs = {"ppl": {f"finetune/{d}": {"general": 26.0 if d == "legal" else 21.0,
+                                                                       **others},
+                                                     f"scratch/{d}": {"general": 60.0, **others}}}
+    cross = cross_matrix(graph, record, evaluations)
+    models = ["base", *(f"{k}/{d}" for d in graph.domains for k in ("finetune", "scratch"))]
+    assert sorted(cross) == sorted(models) and list(cross)[0] == "base"
+    assert cross["base"] == {"general": 20.0, "legal": 40.0, "code": 40.0, "docs": 40.0}
+    assert list(cross["finetune/code"]) == ["general", "legal", "code", "docs"]
+    assert cross["finetune/code"]["code"] == 11.0 and cross["finetune/code"]["legal"] == 50.0
+    f = forgetting(cross, [f"finetune/{d}" for d in graph.domains], spec.evaluate.forgetting)
+    assert f["forgot"] == ["finetune/legal"] and f["general_ppl_vs_base"]["finetune/legal"] == 1.3
+
+    (tmp_path / "runs" / "quickstart" / "r1" / "eval").mkdir(parents=True)
+    write_report(record, {"domains": {}, "cross": cross, "forgetting": f})
+    run = tmp_path / "runs" / "quickstart" / "r1"
+    md = (run / "report.md").read_text()
+    assert ("**Forgot the general text.** finetune/legal: general-text perplexity 26.00 vs the base's 20.00 "
+            "(+30%, more than evaluate.forgetting = 10%)") in md
+    assert "finetune/code: general" not in md
+    assert "## Perplexity of every model on every held-out set" in md and (run / "eval" / "cross.png").exists()
+    html = (run / "report.html").read_text()
+    assert "<h2>Perplexity of every model on every held-out set</h2>" in html
+    assert "loss_curves.png</h2>" not in html  # headings say what a plot shows, not its file
