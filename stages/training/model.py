@@ -183,6 +183,10 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None, zero3_config:
             r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=lora.target_modules or default_lora_targets(model.config.model_type),
             task_type="CAUSAL_LM"))
+        # drawn from the job's own seed, as an adapter farm draws a member's (stages.training.farm)
+        from branchout.stages.training.farm import seed_peft_adapter
+
+        seed_peft_adapter(model, seed)
     return model
 
 

@@ -69,7 +69,12 @@ def test_path_and_type_are_exclusive_and_steps_0_needs_a_path(write_pipeline, fo
 
 
 def test_a_hub_id_offline_is_one_line(write_pipeline, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import: an earlier test may have imported it
+    # online, and each hub call would then wait out its network retries (~20 s) before failing
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     spec = copy.deepcopy(TINY)
     spec["model"] = {"path": "some-org/some-model", "revision": "v1"}
     spec["tokenizer"] = {"vocab_size": 512}
