@@ -56,7 +56,10 @@ class Kind(StrEnum):
 KINDS = tuple(k.value for k in Kind)
 
 # Fields of a training section that do not change what it produces.
-OPERATIONAL = {"log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "max_retries"}
+OPERATIONAL = {"log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "max_retries",
+               "farm"}  # a farm member trains as it would alone (stages.training.farm)
+
+FARM_MAX = 16  # members of one farm at most; more farmable domains make more farms
 
 @dataclass(frozen=True)
 class Node:
@@ -74,6 +77,7 @@ class Node:
     reads: str | None = None  # the dataset whose fingerprint decides its output
     model_files: bool = False  # whether `model.path`'s files decide its output
     entry: str | None = None  # "module:function" the driver runs it with (see the module's docstring)
+    farm: str | None = None  # fine-tunes: the adapter farm it trains in ("farm-1"), or None: alone
 
     @property
     def path(self) -> tuple[str, ...]:
@@ -184,6 +188,44 @@ def output_settings(t: TrainingSpec) -> dict:
     return values
 
 
+def farm_blockers(d: TrainingSpec) -> list[str]:
+    """Why a domain cannot train in an adapter farm (empty: it can)."""
+    why = []
+    if getattr(d, "method", "full") != "lora":
+        why.append("method is not lora")
+    elif d.lora.dropout:
+        why.append("LoRA dropout is not 0 (its masks would come from a stream the members share)")
+    if d.uses_deepspeed():
+        why.append("it trains with DeepSpeed (several workers or offload)")
+    if d.activation_checkpointing:
+        why.append("activation_checkpointing is on")
+    if d.deepspeed.precision == "fp16":
+        why.append("precision is fp16 (its loss scaler would be shared)")
+    return why
+
+
+def farm_groups(spec: PipelineSpec) -> dict[str, str]:
+    """Domain → the adapter farm it trains in. Domains that can farm (``farm_blockers``) and
+    share the block length, precision, bundle and LoRA targets form a group; ``auto`` farms
+    a group of two or more, ``true`` even one alone; a group larger than ``FARM_MAX`` is
+    split in order."""
+    groups: dict[tuple, list] = {}
+    for d in spec.finetune.domains:
+        if d.farm is False or farm_blockers(d):
+            continue
+        key = (spec.domain_seq_len(d), d.deepspeed.precision, tuple(sorted(d.resources_per_worker.ray_bundle().items())),
+               tuple(d.lora.target_modules or ()))
+        groups.setdefault(key, []).append(d)
+    out: dict[str, str] = {}
+    for members in groups.values():
+        if len(members) < 2 and members[0].farm is not True:
+            continue
+        for i in range(0, len(members), FARM_MAX):
+            name = f"farm-{len(set(out.values())) + 1}"
+            out.update({d.name: name for d in members[i:i + FARM_MAX]})
+    return out
+
+
 def scoring_settings(spec: PipelineSpec) -> dict:
     """The evaluate section's settings that decide a score (not which jobs exist, nor how the
     report reads the scores)."""
@@ -214,13 +256,14 @@ def build_graph(spec: PipelineSpec) -> JobGraph:
                       section=p, seq_len=p.seq_len, workers=1 if copy else p.num_workers,
                       resources={"CPU": 1} if copy else p.resources_per_worker.ray_bundle(),
                       key_inputs=[output_settings(p), steps, model], model_files=True))
+    farms = farm_groups(spec)
     for d in spec.finetune.domains:
         training = d.model_copy(update={"seq_len": spec.domain_seq_len(d)})  # its options, block length decided
         options = {**output_settings(d), "seq_len": training.seq_len, "method": d.method, "lora": d.lora.model_dump()}
         bundle = d.resources_per_worker.ray_bundle()
         nodes.append(Node(f"finetune/{d.name}", Kind.FINETUNE, {"base": "pretrain", "data": f"data/{d.name}"},
                           domain=d.name, section=training, seq_len=training.seq_len, workers=d.num_workers,
-                          resources=bundle, key_inputs=options))
+                          resources=bundle, key_inputs=options, farm=farms.get(d.name)))
         if "scratch" in ev.models:
             # the baseline trains every weight from scratch whatever the domain's method
             nodes.append(Node(f"scratch/{d.name}", Kind.SCRATCH, {"tokenizer": "tokenizer", "data": f"data/{d.name}"},

@@ -266,6 +266,12 @@ class FinetuneOptions(TrainingSpec):
     global_batch_size: int = Field(8, ge=1)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     max_retries: int = Field(2, ge=0, description="Retries of a failed domain job (each resumes from its newest good checkpoint).")
+    farm: Literal["auto"] | bool = Field(
+        "auto", description="Adapter farm: LoRA domains that share the block length, precision, bundle and "
+        "LoRA targets train together in one process holding the base once, each still its own job (own "
+        "optimizer, schedule, checkpoints, record). auto: farm two or more such domains; true: farm this "
+        "domain (an error where it cannot be); false: train it alone."
+    )
 
 
 class DomainSpec(FinetuneOptions):

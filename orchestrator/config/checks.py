@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any
 
-from branchout.core.graph import KINDS
+from branchout.core.graph import KINDS, farm_blockers
 from branchout.core.spec import PipelineSpec, TrainingSpec
 
 
@@ -26,6 +26,9 @@ def cross_check(spec: PipelineSpec) -> list[str]:
             problems.append(f"finetune.domains.{i}.name: {domain.name!r} is reserved (a stage, the base model or "
                             f"the general held-out set: {', '.join(RESERVED_NAMES)}); choose another name")
         problems += _check_training(f"finetune.domains.{i}", domain, domain.steps)
+        if domain.farm is True and farm_blockers(domain):
+            problems.append(f"finetune.domains.{i}.farm: true, but this domain cannot train in an adapter farm: "
+                            f"{'; '.join(farm_blockers(domain))} (farm: auto trains it alone)")
     problems += _check_model(spec)
     problems += _check_embedded_capacity(spec)
     problems += _check_instruction_data(spec)

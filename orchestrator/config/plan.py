@@ -233,7 +233,8 @@ def build_plan(spec: PipelineSpec, graph: JobGraph | None = None) -> Plan:
             lora = t.method == "lora"
             tp = _training_plan(node.domain, t, node.seq_len, t.steps, shape,
                                 max(1, shape.params // 100) if lora else shape.params, embedded)
-            engine = (f"ZeRO-{tp.zero_stage} × {tp.workers}" if tp.zero_stage is not None else "torch") + \
+            engine = (f"ZeRO-{tp.zero_stage} × {tp.workers}" if tp.zero_stage is not None
+                      else f"{node.farm} (one base for its members)" if node.farm else "torch") + \
                 (", LoRA" if lora else ", from scratch" if node.kind is Kind.SCRATCH else ", full") + \
                 f", {tp.precision}"
             plan.jobs.append(JobPlan(node.name, node.domain, node.kind.value, node.workers, tp.resources, engine,

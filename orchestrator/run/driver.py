@@ -400,8 +400,11 @@ def _node_item(ctx: RunContext, node: Node) -> WorkItem:
 
 def training_outputs(job: TrainJob, r: dict[str, Any]) -> dict[str, Any]:
     """What the run record keeps of a training job's result (pretrain, fine-tune, baseline)."""
-    return {"model_uri": job.model_uri, "final_loss": r["final_loss"], "tokens_per_s": r["tokens_per_s"],
-            "resumed_from": r["first_step"], "precision": r.get("precision")}
+    out = {"model_uri": job.model_uri, "final_loss": r["final_loss"], "tokens_per_s": r["tokens_per_s"],
+           "resumed_from": r["first_step"], "precision": r.get("precision")}
+    if r.get("farm"):  # trained in an adapter farm (the report says which domains trained together)
+        out["farm"] = r["farm"]
+    return out
 
 
 def import_base(ctx: RunContext, node: Node, tokenizer: dict[str, str]) -> str:
@@ -420,9 +423,13 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
                    base_uri: str, pools: PoolSet) -> None:
     """One fine-tune per domain from the shared base, plus from-scratch baselines, concurrently
     (every fine-tune is submitted before the first baseline)."""
+    from branchout.orchestrator.run.pool import FarmSet
+
     spec = ctx.spec
     items = []
     singles: dict[tuple, list[str]] = {}  # bundle → names of its single-worker jobs
+    farms = FarmSet(base_uri, tokenizer["uri"])
+    members = {n.farm: sum(m.farm == n.farm for m in ctx.graph.of(Kind.FINETUNE)) for n in ctx.graph.of(Kind.FINETUNE)}
     for node in ctx.graph.of(Kind.FINETUNE, Kind.SCRATCH):
         t = node.section  # the domain's options (a DomainSpec; a baseline's method is full)
         from_base = "base" in node.parents
@@ -435,16 +442,33 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
             hub_name=ctx.hub_name, method=t.method, base_model_uri=base_uri if from_base else None,
         )
         deepspeed = t.uses_deepspeed()
-        group = [] if deepspeed else singles.setdefault(tuple(sorted(node.resources.items())), [])
+        group = [] if deepspeed or node.farm else singles.setdefault(tuple(sorted(node.resources.items())), [])
         group.append(job.name)
-        submit = ctx.claiming(job, _submitter(ctx, job, deepspeed, node.resources, t.max_failures, pools, group))
-        items.append(WorkItem(job.name, submit, max_retries=t.max_retries, resources=node.resources,
+        submit = _submitter(ctx, job, deepspeed, node.resources, t.max_failures, pools, group)
+        if node.farm:  # its first attempt in its farm; a retry (evicted, or the farm died) alone
+            submit = _first_in_farm(lambda job=job, node=node: farms.submit(job, node.farm, node.resources,
+                                                                            members[node.farm]), submit)
+        items.append(WorkItem(job.name, ctx.claiming(job, submit), max_retries=t.max_retries,
+                              resources=node.resources,
                               on_success=lambda r, job=job: {**training_outputs(job, r),
                                                              "parent": job.base_model_uri}))
-    ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
+    try:
+        ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
+    finally:
+        farms.shutdown()
     for item in items:  # recorded as succeeded: its resume points are no longer needed
         if ctx.record.job(item.name).state is JobState.SUCCEEDED:
             storage.remove_dir(ctx.uri(*ctx.graph[item.name].path, "checkpoints"))
+
+
+def _first_in_farm(in_farm: Callable[[], cf.Future], alone: Callable[[], cf.Future]) -> Callable[[], cf.Future]:
+    attempts: list[int] = []
+
+    def submit() -> cf.Future:
+        attempts.append(1)
+        return in_farm() if len(attempts) == 1 else alone()
+
+    return submit
 
 
 def _submitter(ctx: RunContext, job: TrainJob, deepspeed: bool, resources: dict[str, float],

@@ -5,7 +5,7 @@ runner's process dies mid-job, the job's future fails with Ray's error (the fan-
 retry policy then resubmits it) and a new runner starts when a job needs one. A runner
 holds its resources (the job's bundle) only while there is work: idle with nothing queued,
 it gives them back after a short linger, so jobs of other shapes can be placed.
-``shutdown()`` when the fan-out is over.
+``shutdown()`` when the fan-out is over. ``FarmSet`` holds the fan-out's adapter farms.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from branchout.stages.job import TrainJob
 
@@ -231,3 +232,39 @@ def shared_base_dtype(resources: dict[str, float], precision: str) -> str:
     if resources.get("GPU", 0) > 0 and precision in ("bf16", "fp16") and not simulate_gpus():
         return "bfloat16" if precision == "bf16" else "float16"
     return "float32"
+
+
+class FarmSet:
+    """The fan-out's adapter farms (``core.graph.farm_groups``): one ``FarmRunner`` actor per
+    farm on one worker's bundle, made when its first member is submitted. Each member is
+    submitted as its own call and comes back as its own future."""
+
+    def __init__(self, base_uri: str, tokenizer_uri: str):
+        self.base_uri, self.tokenizer_uri = base_uri, tokenizer_uri
+        self._actors: dict[str, Any] = {}
+
+    def submit(self, job: TrainJob, farm: str, resources: dict[str, float], members: int) -> cf.Future:
+        return self._actor(job, farm, resources, members).train.remote(job).future()
+
+    def _actor(self, job: TrainJob, farm: str, resources: dict[str, float], members: int):
+        import ray
+
+        from branchout.stages.training.farm_runner import FarmRunner
+
+        if farm not in self._actors:
+            bundle = dict(resources)
+            cpus, gpus = bundle.pop("CPU", 1.0), bundle.pop("GPU", 0.0)
+            t = job.training
+            self._actors[farm] = ray.remote(FarmRunner).options(
+                num_cpus=cpus, num_gpus=gpus, resources=bundle or None, max_restarts=0,
+                max_concurrency=members + 2,  # a call per member, waiting on the trainer thread
+            ).remote(farm, self.base_uri, self.tokenizer_uri, t.deepspeed.precision,
+                     t.resources_per_worker.uses_gpu, max(1, int(cpus)), t.lora.target_modules)
+        return self._actors[farm]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self._actors.values():
+            ray.kill(actor)
+        self._actors.clear()

@@ -234,7 +234,18 @@ def _summary(record: RunRecord) -> list[str]:
         "the shared base. Gain vs scratch compares with the same architecture trained for the same "
         "budget on the domain data alone. Instruction domains score perplexity on answer tokens only, "
         "and exact match / ROUGE-L of each model's greedy answers to held-out prompts.",
+        *farm_lines(record),
     ]
+
+
+def farm_lines(record: RunRecord) -> list[str]:
+    """Which fine-tunes trained together in an adapter farm (one base, one process), by farm."""
+    farms: dict[str, list[str]] = {}
+    for name, job in record.jobs.items():
+        if job.outputs.get("farm"):
+            farms.setdefault(job.outputs["farm"], []).append(name)
+    return [f"Adapter farm {farm}: {', '.join(names)} trained together on one copy of the base "
+            "(each its own job: optimizer, schedule, checkpoints)." for farm, names in farms.items()]
 
 
 def job_warnings(record: RunRecord) -> list[str]:

@@ -129,16 +129,25 @@ class Farm:
     a member's rank, alpha and learning rate are its own).
     """
 
-    def __init__(self, model, targets: list[str], device: str = "cpu", precision: str = "fp32"):
+    def __init__(self, model, targets: list[str], device: str = "cpu", precision: str = "fp32",
+                 rows_per_forward: int | None = None):
         import torch
 
+        # None: every member's micro-batch in one forward (a GPU wants the large batch); a
+        # number bounds the activations held at once to about that many rows' worth
+        self.rows_per_forward = rows_per_forward
         self.device = device
         self.autocast = precision in ("bf16", "fp16")
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.bfloat16)
         if precision == "fp16":
             raise ValueError("farm: fp16 needs a loss scaler per member; train fp16 LoRA domains alone")
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         for p in model.parameters():
             p.requires_grad_(False)
+            if device.startswith("cuda") and half is not None:
+                # the frozen base is only read: 16 bits on a GPU, as a lone LoRA job keeps it
+                # (stages.training.engine.TorchEngine); the adapters stay fp32
+                p.data = p.data.to(half)
         bank = _bank_class()
         self.layers: dict[str, Any] = {}
         for name in lora_targets(model, targets):
@@ -199,7 +208,6 @@ class Farm:
         gets no update; the caller takes it out."""
         import torch
 
-        from branchout.stages.prepare.instruct import model_inputs
         from branchout.stages.training.batches import step_micro_batches
 
         active = [m for m in self.members.values() if not m.done]
@@ -210,28 +218,12 @@ class Farm:
         losses = {m.name: torch.zeros((), device=self.device) for m in active}
         self.model.train()
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        # accumulation round r: micro-batch r of every member that has one, in one forward
+        # accumulation round r: micro-batch r of every member that has one, in forwards of at
+        # most rows_per_forward rows (a member's micro-batch is never split)
         for r in range(max(len(v) for v in micro.values())):
             members = [m for m in active if r < len(micro[m.name])]
-            batches = [micro[m.name][r] for m in members]
-            inputs = [model_inputs(b, self.device) for b in batches]
-            rows = [i["input_ids"].shape[0] for i in inputs]
-            for layer in self.layers.values():
-                layer.segments = [(_key(m.name), n) for m, n in zip(members, rows, strict=True)]
-            ids = torch.cat([i["input_ids"] for i in inputs])
-            labels = torch.cat([i["labels"] for i in inputs])
-            mask = torch.cat([i["attention_mask"] for i in inputs]) if "attention_mask" in inputs[0] else None
-            with torch.autocast(device_type, dtype=self.dtype, enabled=self.autocast):
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-            per_token = _token_losses(logits, labels)
-            total, start = 0.0, 0
-            for m, n in zip(members, rows, strict=True):
-                scored = (labels[start:start + n, 1:] != -100).sum()
-                loss = per_token[start:start + n].sum() / scored.clamp(min=1)
-                total = total + loss / len(micro[m.name])  # each member's own accumulation
-                losses[m.name] += loss.detach()
-                start += n
-            total.backward()
+            for group in self._groups(members, [micro[m.name][r] for m in members]):
+                self._forward_backward(group, micro, r, losses, device_type)
         read = torch.stack([losses[m.name] / len(micro[m.name]) for m in active]).tolist()  # one read
         out = {}
         for m, loss in zip(active, read, strict=True):
@@ -245,6 +237,46 @@ class Farm:
             m.optimizer.zero_grad(set_to_none=True)
         return out
 
+    def _groups(self, members: list[Member], batches: list) -> list[list[Member]]:
+        if self.rows_per_forward is None:
+            return [members]
+        groups, rows = [[]], 0
+        for m, b in zip(members, batches, strict=True):
+            n = (b[0] if isinstance(b, tuple) else b).shape[0]
+            if groups[-1] and rows + n > self.rows_per_forward:
+                groups.append([])
+                rows = 0
+            groups[-1].append(m)
+            rows += n
+        return groups
+
+    def _forward_backward(self, members: list[Member], micro: dict, r: int, losses: dict, device_type: str) -> None:
+        """One forward and backward of micro-batch ``r`` of ``members``, their rows concatenated."""
+        import torch
+
+        from branchout.stages.prepare.instruct import model_inputs
+
+        inputs = [model_inputs(micro[m.name][r], self.device) for m in members]
+        rows = [i["input_ids"].shape[0] for i in inputs]
+        for layer in self.layers.values():
+            layer.segments = [(_key(m.name), n) for m, n in zip(members, rows, strict=True)]
+        ids = torch.cat([i["input_ids"] for i in inputs])
+        labels = torch.cat([i["labels"] for i in inputs])
+        # instruction rows mask their padding; a packed block attends everywhere (all ones)
+        mask = torch.cat([i.get("attention_mask", torch.ones_like(i["input_ids"])) for i in inputs]) \
+            if any("attention_mask" in i for i in inputs) else None
+        with torch.autocast(device_type, dtype=self.dtype, enabled=self.autocast):
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+        per_token = _token_losses(logits, labels)
+        total, start = 0.0, 0
+        for m, n in zip(members, rows, strict=True):
+            scored = (labels[start:start + n, 1:] != -100).sum()
+            loss = per_token[start:start + n].sum() / scored.clamp(min=1)
+            total = total + loss / len(micro[m.name])  # each member's own accumulation
+            losses[m.name] += loss.detach()
+            start += n
+        total.backward()
+
     def _batch(self, m: Member, idx: np.ndarray):
         import torch
 
@@ -252,7 +284,28 @@ class Farm:
         ids = torch.from_numpy(m.blocks[idx].astype(np.int64))
         return ids if m.roles is None else (ids, torch.from_numpy(m.roles[idx].astype(np.int64)))
 
+    def poison(self, name: str) -> None:
+        """Make a member's next loss non-finite (fault injection: ``stages.training.faults``)."""
+        import torch
+
+        with torch.no_grad():
+            for p in self.members[name].params:
+                p.fill_(float("nan"))
+
     # ---- what a lone job would hold ----------------------------------------------
+
+    def load_adapter(self, name: str, state: dict) -> None:
+        """Set a member's adapter from ``adapter_state``'s form (a checkpoint of it, or a lone job's)."""
+        import torch
+
+        expected = self.adapter_state(name)
+        if set(state) != set(expected):
+            raise ValueError(f"farm: {name}'s checkpoint holds other adapter tensors than its LoRA config makes")
+        with torch.no_grad():
+            for layer_name, layer in self.layers.items():
+                for ab in ("A", "B"):
+                    getattr(layer, f"lora_{ab}")[_key(name)].copy_(
+                        state[f"base_model.model.{layer_name}.lora_{ab}.default.weight"])
 
     def adapter_state(self, name: str) -> dict:
         """The member's adapter under peft's parameter names (``…q_proj.lora_A.default.weight``)."""

@@ -8,6 +8,10 @@ directory: a marker file written just before the kill lets the restarted attempt
 The failure tests use it so that the kill lands at an exact step; an external kill
 racing a tiny model that takes 25 ms a step could land before the first checkpoint or
 after the job ended. Unset, it costs one dictionary lookup per step.
+
+``name@step:nan`` instead makes the job's loss non-finite at that step (an adapter farm
+member's weights set to NaN before the step: ``poisoner``), once per job directory too,
+so the attempt that follows it trains normally.
 """
 
 from __future__ import annotations
@@ -20,14 +24,32 @@ from branchout import storage
 ENV = "BRANCHOUT_FAULTS"
 
 
-def planned() -> dict[str, int]:
-    """``{job name: step}`` from the environment; empty when unset."""
+def planned(kind: str = "kill") -> dict[str, int]:
+    """``{job name: step}`` of the faults of ``kind`` ("kill" or "nan") in the environment."""
     faults = {}
     for item in os.environ.get(ENV, "").split(","):
-        name, sep, step = item.strip().rpartition("@")
-        if sep and name and step.isdigit():
+        name, sep, rest = item.strip().rpartition("@")
+        step, _, what = rest.partition(":")
+        if sep and name and step.isdigit() and (what or "kill") == kind:
             faults[name] = int(step)
     return faults
+
+
+def poisoner(job: str, out_uri: str):
+    """For an adapter farm member: a function of the step about to run that says (once)
+    whether to make its loss non-finite there; None when no NaN is planned for ``job``."""
+    step = planned("nan").get(job)
+    if step is None:
+        return None
+    marker = storage.join(out_uri, f"FAULT-nan-{step}")
+
+    def due(next_step: int) -> bool:
+        if next_step == step and not storage.exists(marker):
+            storage.write_text(marker, f"{job}: loss made non-finite at step {step} ({ENV})\n")
+            return True
+        return False
+
+    return due
 
 
 def killer(job: str, out_uri: str, rank: int):

@@ -61,7 +61,7 @@ def alone(parts):
     return out
 
 
-def _farm(parts, names, diverge: str | None = None):
+def _farm(parts, names, diverge: str | None = None, rows_per_forward: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -72,7 +72,7 @@ def _farm(parts, names, diverge: str | None = None):
     torch.set_num_threads(1)
     blocks = open_blocks(parts[1], "train")
     base = AutoModelForCausalLM.from_pretrained(str(parts[0] / "base"), dtype=torch.float32)
-    farm = Farm(base, default_lora_targets("llama"))
+    farm = Farm(base, default_lora_targets("llama"), rows_per_forward=rows_per_forward)
     for name in names:
         farm.add(Member(name, _job(parts, name, **MEMBERS[name]).training, blocks))
     losses = {name: [] for name in names}
@@ -88,10 +88,11 @@ def _farm(parts, names, diverge: str | None = None):
     return farm, losses
 
 
-def test_four_members_train_as_four_lone_jobs(parts, alone):
+@pytest.mark.parametrize("rows_per_forward", [None, 2], ids=["one-forward", "a-member-per-forward"])
+def test_four_members_train_as_four_lone_jobs(parts, alone, rows_per_forward):
     import torch
 
-    farm, losses = _farm(parts, list(MEMBERS))
+    farm, losses = _farm(parts, list(MEMBERS), rows_per_forward=rows_per_forward)
     for name, (lone_losses, lone_state) in alone.items():
         assert len(losses[name]) == STEPS
         np.testing.assert_allclose(losses[name], lone_losses, rtol=1e-5, err_msg=name)
