@@ -122,7 +122,8 @@ def stage_bundles(graph: JobGraph) -> dict[str, list[dict[str, float]]]:
     """The bundles each stage of the pipeline holds at its widest: pretrain, fan-out, evaluate.
 
     The fan-out runs its jobs in the driver's order (fine-tunes, then baselines) up to
-    ``finetune.max_concurrent`` at a time. An evaluation runs on one worker of its domain's
+    ``finetune.max_concurrent`` at a time; an adapter farm holds one bundle for all its
+    members. An evaluation runs on one worker of its domain's
     fine-tune bundle (GPU share and accelerator type included), so its nodes are the fan-out's kind.
     """
     out = {}
@@ -130,5 +131,7 @@ def stage_bundles(graph: JobGraph) -> dict[str, list[dict[str, float]]]:
         nodes = graph.of(*(k for k in Kind if k.stage == stage))  # kind by kind: fine-tunes first
         if stage == "fanout":
             nodes = nodes[:graph.spec.finetune.max_concurrent or len(nodes)]
+            # an adapter farm's members share its one bundle
+            nodes = [n for i, n in enumerate(nodes) if not n.farm or n.farm not in {m.farm for m in nodes[:i]}]
         out[stage] = [b for n in nodes for b in n.bundles]
     return out

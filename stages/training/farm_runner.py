@@ -82,7 +82,10 @@ class FarmRunner:
 
         # the members' LoRA targets (they share them), else peft's default for this architecture
         self.targets = targets or default_lora_targets(model.config.model_type)
-        self.farm = Farm(model, self.targets, device, self.precision.used)
+        # on a CPU a member per forward: as fast as one big forward there and a fraction of its
+        # memory (benchmarks/farm.py); a GPU takes every member's rows in one forward
+        self.farm = Farm(model, self.targets, device, self.precision.used,
+                         rows_per_forward=None if device == "cuda" else 1)
         self.tokenizer = load_tokenizer(fetch_verified(tokenizer_uri))
         self._arrivals: queue.Queue[_Waiter] = queue.Queue()
         self._trainer: threading.Thread | None = None

@@ -97,7 +97,14 @@ def test_every_reader_agrees_with_the_graph(path: Path, tmp_path):
     assert bundles["evaluate"] == [b for n in graph.of(Kind.EVALUATE) for b in n.bundles]
     fanout = graph.of(Kind.FINETUNE, Kind.SCRATCH)
     width = min(spec.finetune.max_concurrent or len(fanout), len(fanout))
-    assert bundles["fanout"] == [b for n in fanout[:width] for b in n.bundles]
+    farms = {n.farm for n in fanout[:width] if n.farm}  # a farm holds one bundle for its members
+    expected = [b for n in fanout[:width] if not n.farm for b in n.bundles]
+    expected += [graph[next(n.name for n in fanout if n.farm == f)].resources for f in sorted(farms)]
+    assert sorted(map(str, bundles["fanout"])) == sorted(map(str, expected))
+    # farms: every member a LoRA fine-tune that can farm, in groups of two or more
+    for farm in farms:
+        members = [n for n in graph.of(Kind.FINETUNE) if n.farm == farm]
+        assert len(members) >= 2 and all(n.section.method == "lora" for n in members)
 
 
 def test_a_fine_tune_starts_from_the_pretrain_and_a_baseline_does_not(tmp_path):
@@ -172,3 +179,43 @@ def test_no_product_module_but_the_graph_spells_a_job_path():
     assert [hit for p in product for hit in _spelled_paths(p)] == []
     # the check finds one where there is one
     assert _spelled_paths(REPO / "core" / "graph.py")
+
+
+def test_farms_group_lora_domains_that_can_train_together(write_pipeline):
+    import copy
+
+    from branchout.core.graph import FARM_MAX, farm_groups
+
+    from conftest import TINY
+
+    def groups(**domains) -> dict[str, str]:
+        spec = copy.deepcopy(TINY)
+        spec["finetune"]["domains"] = [{"name": n, "dataset": {"path": "legal.jsonl"}, **o} for n, o in domains.items()]
+        return farm_groups(load_spec(write_pipeline(spec)))
+
+    lora = {"method": "lora"}
+    assert groups(a=lora, b=lora, c={"method": "full"}) == {"a": "farm-1", "b": "farm-1"}
+    assert groups(a=lora, b={"method": "full"}) == {}  # auto: one LoRA domain trains alone
+    assert groups(a={**lora, "farm": True}) == {"a": "farm-1"}  # unless asked
+    assert groups(a=lora, b={**lora, "farm": False}) == {}
+    # what members must share: block length, bundle; what keeps a domain out: dropout, several workers
+    assert groups(a=lora, b={**lora, "seq_len": 16}, c=lora) == {"a": "farm-1", "c": "farm-1"}
+    assert groups(a=lora, b={**lora, "resources_per_worker": {"cpu": 0.5}}) == {}
+    assert groups(a=lora, b={**lora, "lora": {"dropout": 0.1}}) == {}
+    assert groups(a=lora, b={**lora, "num_workers": 2, "micro_batch_size": 2}) == {}
+    many = groups(**{f"d{i}": lora for i in range(FARM_MAX + 2)})
+    assert [many[f"d{i}"] for i in (0, FARM_MAX - 1, FARM_MAX, FARM_MAX + 1)] == ["farm-1", "farm-1", "farm-2", "farm-2"]
+
+
+def test_farm_true_where_it_cannot_farm_is_one_line(write_pipeline):
+    import copy
+
+    from conftest import TINY, run_cli
+
+    spec = copy.deepcopy(TINY)
+    spec["finetune"]["domains"][0]["farm"] = True  # legal: a full fine-tune
+    out = run_cli("validate", str(write_pipeline(spec)))
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].endswith(
+        "finetune.domains.0.farm: true, but this domain cannot train in an adapter farm: method is not lora "
+        "(farm: auto trains it alone)"), out.stderr
