@@ -88,3 +88,12 @@ def test_every_package_folder_is_in_the_wheel():
     folders = {Path(f).parent for f in tracked} - {Path(".")}  # folders of modules, __init__.py or not
     found = {"branchout"} | {"branchout." + ".".join(d.parts) for d in folders if d.parts[0] not in skip}
     assert found == listed, {"missing from pyproject": sorted(found - listed), "not a folder": sorted(listed - found)}
+
+
+def test_test_modules_have_unique_names():
+    """tests/ has no __init__.py: pytest imports each test file by its basename, and a second
+    file of the same name in another tier stops the whole collection."""
+    from collections import Counter
+
+    names = Counter(p.name for p in (REPO / "tests").rglob("test_*.py"))
+    assert [n for n, c in names.items() if c > 1] == []
