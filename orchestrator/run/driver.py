@@ -83,6 +83,7 @@ class RunContext:
     tracker: Tracker
     hub: Any = None
     generic_tried: set[str] = field(default_factory=set)  # run_ready's jobs submitted by this driver
+    pools: PoolSet | None = None  # the fan-out's warm runners, once they exist
     threads: cf.ThreadPoolExecutor = field(default_factory=lambda: cf.ThreadPoolExecutor(8))
 
     @property
@@ -210,6 +211,7 @@ def _run_stages(spec: PipelineSpec, graph: JobGraph, plan: Plan, record: RunReco
         run_ready(ctx)
         # one set of warm runners for the fan-out and then its evaluations
         pools = PoolSet(base_uri, spec.finetune.max_concurrent, fixed_cluster=not spec.cluster.autoscaling)
+        ctx.pools = pools if spec.finetune.warm_pool else None
         try:
             stage_finetune(ctx, tokenizer, data, base_uri, pools)
             run_ready(ctx)
@@ -373,7 +375,8 @@ def run_ready(ctx: RunContext) -> None:
     """Run, wave by wave, every job the driver has no stage for (its node names a worker
     function: ``core.graph.Node.entry``) once all its parents are done. Each is a Ray task
     on its node's bundle, given a ``NodeJob`` (the node, the spec, its parents' outputs by
-    role); what the function returns is recorded as its outputs. A job one of whose parents
+    role; on the fan-out's warm runners once they exist); what the function returns is
+    recorded as its outputs. A job one of whose parents
     failed stays pending, and is recorded as skipped when the stages end."""
     tried = ctx.generic_tried
     while True:
@@ -383,10 +386,11 @@ def run_ready(ctx: RunContext) -> None:
             return
         tried.update(n.name for n in wave)
         ctx.hints.request([b for n in wave for b in n.bundles], ", ".join(dict.fromkeys(n.kind.value for n in wave)))
-        ctx.run([_node_item(ctx, n) for n in wave])
+        ctx.run([_node_item(ctx, n, sum(m.resources == n.resources for m in wave)) for n in wave])
 
 
-def _node_item(ctx: RunContext, node: Node) -> WorkItem:
+def _node_item(ctx: RunContext, node: Node, same_bundle: int) -> WorkItem:
+    """``same_bundle``: the jobs of its wave on its bundle (the width of warm runners they need)."""
     import importlib
 
     module, _, function = node.entry.partition(":")
@@ -394,8 +398,13 @@ def _node_item(ctx: RunContext, node: Node) -> WorkItem:
     job = NodeJob(node=node, spec=ctx.spec, out_uri=ctx.out_uri(node), run_id=ctx.record.run_id,
                   hub_name=ctx.hub_name,
                   inputs={role: ctx.record.job(parent).outputs for role, parent in node.parents.items()})
-    return WorkItem(node.name, lambda: submit_task(fn, (job,), node.resources, node.name, ctx.hub_name),
-                    resources=node.resources, on_success=dict)
+
+    def submit() -> cf.Future:
+        if ctx.pools is not None:  # after the fan-out: on its warm runners (torch imported) as evaluations are
+            return ctx.pools.submit_call(fn, (job,), node.name, ctx.hub_name, node.resources, same_bundle)
+        return submit_task(fn, (job,), node.resources, node.name, ctx.hub_name)
+
+    return WorkItem(node.name, submit, resources=node.resources, on_success=dict)
 
 
 def training_outputs(job: TrainJob, r: dict[str, Any]) -> dict[str, Any]:
