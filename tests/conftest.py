@@ -195,6 +195,19 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None,
     return subprocess.run(["branchout", *args], capture_output=True, text=True, timeout=timeout, env=full)
 
 
+@contextlib.contextmanager
+def local_ray(namespace: str, **options):
+    """An in-process local Ray on this machine's 2 CPUs for one test module, shut down after."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace=namespace,
+             **options)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
 def job_parts(root: Path, corpus_dir: Path):
     """What a fan-out job needs, made without Ray: a published tokenizer, packed legal data
     and a (randomly initialised) base model. Returns ``(root, data uri, model overrides)``."""

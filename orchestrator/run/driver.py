@@ -16,25 +16,28 @@ import json
 import os
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import yaml
 from rich.console import Console
 
 from branchout import storage
-from branchout.cluster.autoscale import CapacityHints, stage_bundles, waiting_message
+from branchout.cluster.autoscale import CapacityHints, stage_bundles
 from branchout.cluster.connect import ClusterInfo, connect
 from branchout.core.graph import JobGraph, Kind, Node, build_graph
-from branchout.core.progress import hub_name, start_hub
+from branchout.core.progress import start_hub
 from branchout.core.spec import PipelineSpec
 from branchout.orchestrator.config.plan import Plan, build_plan
 from branchout.orchestrator.run.cache import StageCache, data_fingerprints, job_keys
 from branchout.orchestrator.run.checks import check_capacity, check_shared_storage
+from branchout.orchestrator.run.context import RunContext
 from branchout.orchestrator.run.display import ProgressView, print_plan, print_results
-from branchout.orchestrator.run.fanout import Hooks, WorkItem, run_jobs, submit_task
+from branchout.orchestrator.run.fanout import WorkItem, submit_task
+from branchout.orchestrator.run.node_jobs import run_ready
 from branchout.orchestrator.run.pool import PoolSet
 from branchout.orchestrator.run.report import (
     cross_matrix,
@@ -57,7 +60,6 @@ from branchout.stages.job import (
     DataJob,
     EvalJob,
     ImportJob,
-    NodeJob,
     TokenizerJob,
     TrainJob,
 )
@@ -66,69 +68,6 @@ from branchout.stages.prepare.data import PackedInfo
 
 class StageFailedError(RuntimeError):
     """A stage cannot continue; the message names the job and the cause."""
-
-
-@dataclass
-class RunContext:
-    spec: PipelineSpec
-    graph: JobGraph
-    plan: Plan
-    record: RunRecord
-    cluster: ClusterInfo
-    view: ProgressView
-    hints: CapacityHints
-    cache: StageCache
-    keys: dict[str, str]
-    fingerprints: dict[str, str]
-    tracker: Tracker
-    hub: Any = None
-    generic_tried: set[str] = field(default_factory=set)  # run_ready's jobs submitted by this driver
-    pools: PoolSet | None = None  # the fan-out's warm runners, once they exist
-    threads: cf.ThreadPoolExecutor = field(default_factory=lambda: cf.ThreadPoolExecutor(8))
-
-    @property
-    def run_uri(self) -> str:
-        return self.record.run_uri
-
-    @property
-    def hub_name(self) -> str:
-        return hub_name(self.record.run_id)
-
-    def uri(self, *parts: str) -> str:
-        return storage.join(self.run_uri, *parts)
-
-    def out_uri(self, node: Node) -> str:
-        """The job's folder in the run: ``<run>/finetune/legal``."""
-        return self.uri(*node.path)
-
-    def run(self, items: list[WorkItem], max_in_flight: int | None = None,
-            on_tick: Callable[[dict], None] | None = None) -> dict[str, Any]:
-        def tick(snapshot: dict) -> None:
-            if on_tick:
-                on_tick(snapshot)
-            self.hints.refresh()
-            self.view.update(self.record, snapshot)
-
-        def waiting(item: WorkItem, waited: float) -> None:
-            if item.resources:
-                self.view.note(waiting_message(item.name, item.resources, waited))
-
-        for item in items:
-            item.key = item.key or self.keys.get(item.name)
-        hooks = Hooks(tick=tick, waiting=waiting, note=self.view.note, done=self.tracker.job_ended)
-        return run_jobs(self.record, items, self.hub, hooks, max_in_flight,
-                        self.spec.cluster.capacity_timeout_s, self.cache)
-
-    def claiming(self, job: TrainJob, submit: Callable[[], cf.Future]) -> Callable[[], cf.Future]:
-        """``submit`` preceded by what each attempt needs: ownership of the job's directory
-        (``TrainJob.claim``) and the MLflow child run its worker logs steps to."""
-
-        def claim_and_submit() -> cf.Future:
-            job.claim()
-            job.tracking = self.tracker.child(job.name)
-            return submit()
-
-        return claim_and_submit
 
 
 def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None = None,
@@ -371,42 +310,6 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo)
     return outputs["model_uri"]
 
 
-def run_ready(ctx: RunContext) -> None:
-    """Run, wave by wave, every job the driver has no stage for (its node names a worker
-    function: ``core.graph.Node.entry``) once all its parents are done. Each is a Ray task
-    on its node's bundle, given a ``NodeJob`` (the node, the spec, its parents' outputs by
-    role; on the fan-out's warm runners once they exist); what the function returns is
-    recorded as its outputs. A job one of whose parents
-    failed stays pending, and is recorded as skipped when the stages end."""
-    tried = ctx.generic_tried
-    while True:
-        wave = [n for n in ctx.graph if n.entry and n.name not in tried and not ctx.record.job(n.name).state.done
-                and all(ctx.record.job(p).state.done for p in n.parents.values())]
-        if not wave:
-            return
-        tried.update(n.name for n in wave)
-        ctx.hints.request([b for n in wave for b in n.bundles], ", ".join(dict.fromkeys(n.kind.value for n in wave)))
-        ctx.run([_node_item(ctx, n, sum(m.resources == n.resources for m in wave)) for n in wave])
-
-
-def _node_item(ctx: RunContext, node: Node, same_bundle: int) -> WorkItem:
-    """``same_bundle``: the jobs of its wave on its bundle (the width of warm runners they need)."""
-    import importlib
-
-    module, _, function = node.entry.partition(":")
-    fn = getattr(importlib.import_module(module), function)
-    job = NodeJob(node=node, spec=ctx.spec, out_uri=ctx.out_uri(node), run_id=ctx.record.run_id,
-                  hub_name=ctx.hub_name,
-                  inputs={role: ctx.record.job(parent).outputs for role, parent in node.parents.items()})
-
-    def submit() -> cf.Future:
-        if ctx.pools is not None:  # after the fan-out: on its warm runners (torch imported) as evaluations are
-            return ctx.pools.submit_call(fn, (job,), node.name, ctx.hub_name, node.resources, same_bundle)
-        return submit_task(fn, (job,), node.resources, node.name, ctx.hub_name)
-
-    return WorkItem(node.name, submit, resources=node.resources, on_success=dict)
-
-
 def training_outputs(job: TrainJob, r: dict[str, Any]) -> dict[str, Any]:
     """What the run record keeps of a training job's result (pretrain, fine-tune, baseline)."""
     out = {"model_uri": job.model_uri, "final_loss": r["final_loss"], "tokens_per_s": r["tokens_per_s"],
@@ -438,7 +341,7 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
     items = []
     singles: dict[tuple, list[str]] = {}  # bundle → names of its single-worker jobs
     farms = FarmSet(base_uri, tokenizer["uri"])
-    members = {n.farm: sum(m.farm == n.farm for m in ctx.graph.of(Kind.FINETUNE)) for n in ctx.graph.of(Kind.FINETUNE)}
+    members = Counter(n.farm for n in ctx.graph.of(Kind.FINETUNE) if n.farm)  # farm → its members
     for node in ctx.graph.of(Kind.FINETUNE, Kind.SCRATCH):
         t = node.section  # the domain's options (a DomainSpec; a baseline's method is full)
         from_base = "base" in node.parents

@@ -284,26 +284,39 @@ class TorchEngine:
                 if k in {n for n, p in self.model.named_parameters() if p.requires_grad}}
 
     def save(self, path: str, client_state: dict[str, Any]) -> None:
-        import torch
-
-        os.makedirs(path, exist_ok=True)
-        torch.save({"model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                    "client_state": client_state},
-                   os.path.join(path, "state.pt"))
+        write_state(path, self._trainable_state(), self.optimizer, self.scheduler, client_state,
+                    self.scaler.state_dict())
 
     def load(self, path: str) -> dict[str, Any]:
-
-        state = safe_load(os.path.join(path, "state.pt"), map_location=self.device)
+        state = read_state(path, self.optimizer, self.scheduler, self.device)
         self.model.load_state_dict(state["model"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):  # empty unless the job trains in fp16
             self.scaler.load_state_dict(state["scaler"])
         return state["client_state"]
 
     def state_dict_for_export(self) -> dict | None:
         return None  # the model object itself is exported (save_pretrained handles peft too)
+
+
+def write_state(path: str, model_state: dict, optimizer, scheduler, client_state: dict[str, Any],
+                scaler_state: dict | None = None) -> None:
+    """A plain-torch job's checkpoint, ``<path>/state.pt``: its trainable weights, optimizer,
+    schedule, loss scaler and client state. One format for a lone job and an adapter farm's
+    member (``stages.training.farm_runner``), so either resumes the other's."""
+    import torch
+
+    os.makedirs(path, exist_ok=True)
+    torch.save({"model": model_state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler_state or {}, "client_state": client_state}, os.path.join(path, "state.pt"))
+
+
+def read_state(path: str, optimizer, scheduler, device) -> dict[str, Any]:
+    """``write_state``'s checkpoint: loads the optimizer and schedule, returns the whole state
+    (``model``: the trainable weights, for the caller to put in place)."""
+    state = safe_load(os.path.join(path, "state.pt"), map_location=device)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state
 
 
 def safe_load(path: str, map_location=None):

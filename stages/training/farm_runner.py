@@ -18,6 +18,7 @@ call; each is retried the same way.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import queue
@@ -218,7 +219,7 @@ class FarmRunner:
                                     / elapsed, seconds=elapsed, first_step_at=run.first_step_at)
                 out = {**asdict(result), "started": run.started, "ended": time.time(), "model_uri": job.model_uri,
                        "pid": os.getpid(), "workers": 1, "precision": self.precision.as_dict(), "farm": self.name}
-                storage.write_text(storage.join(job.out_uri, "result.json"), _json(out))
+                storage.write_text(storage.join(job.out_uri, "result.json"), json.dumps(out))
                 run.logger.state("succeeded", ended=out["ended"])
                 run.waiter.result = out
         except BaseException as e:
@@ -239,20 +240,16 @@ class _MemberEngine:
         self.farm, self.member = farm, member
 
     def save(self, path: str, client_state: dict[str, Any]) -> None:
-        import torch
+        from branchout.stages.training.engine import write_state
 
-        os.makedirs(path, exist_ok=True)
-        torch.save({"model": self.farm.adapter_state(self.member.name), "optimizer": self.member.optimizer.state_dict(),
-                    "scheduler": self.member.scheduler.state_dict(), "scaler": {}, "client_state": client_state},
-                   os.path.join(path, "state.pt"))
+        write_state(path, self.farm.adapter_state(self.member.name), self.member.optimizer, self.member.scheduler,
+                    client_state)
 
     def load(self, path: str) -> dict[str, Any]:
-        from branchout.stages.training.engine import safe_load
+        from branchout.stages.training.engine import read_state
 
-        state = safe_load(os.path.join(path, "state.pt"), map_location=self.farm.device)
+        state = read_state(path, self.member.optimizer, self.member.scheduler, self.farm.device)
         self.farm.load_adapter(self.member.name, state["model"])
-        self.member.optimizer.load_state_dict(state["optimizer"])
-        self.member.scheduler.load_state_dict(state["scheduler"])
         return state["client_state"]
 
 
@@ -278,8 +275,3 @@ def export_adapter(state: dict, options, targets: list[str], tokenizer, job: Tra
         (with_chat_template(tokenizer) if instruct else tokenizer).save_pretrained(tmp)
         publish_dir(tmp, job.model_uri, extra={"job": job.name, "steps": job.steps})
 
-
-def _json(value: dict) -> str:
-    import json
-
-    return json.dumps(value)

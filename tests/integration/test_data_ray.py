@@ -16,14 +16,13 @@ from branchout.stages.job import DataJob
 from branchout.stages.prepare import data
 from branchout.stages.prepare.tokenizer import tokenizer_hash
 
+from conftest import local_ray
+
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="test-data")
-    yield ray
-    ray.shutdown()
+    with local_ray("test-data") as ray:
+        yield ray
 
 
 def _digests(uri: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ import threading
 import psutil
 import pytest
 
-from conftest import job_for, job_parts
+from conftest import job_for, job_parts, local_ray
 
 pytestmark = pytest.mark.slow
 
@@ -26,11 +26,8 @@ BIG = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16, 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="test-driver-mem")
-    yield
-    ray.shutdown()
+    with local_ray("test-driver-mem"):
+        yield
 
 
 class PeakMemory:

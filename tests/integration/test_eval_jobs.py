@@ -13,19 +13,15 @@ import time
 
 import pytest
 
-from conftest import eval_job, job_for, job_parts, requires_native_bf16
+from conftest import eval_job, job_for, job_parts, local_ray, requires_native_bf16
 
 H100_NODE = {"accelerator_type:H100": 1.0}
 
 
 @pytest.fixture(scope="module")
 def ray_gpu_node():
-    import ray
-
-    ray.init(address="local", num_cpus=2, num_gpus=1, resources=H100_NODE, include_dashboard=False,
-             log_to_driver=False, namespace="test-eval-jobs")
-    yield
-    ray.shutdown()
+    with local_ray("test-eval-jobs", num_gpus=1, resources=H100_NODE):
+        yield
 
 
 @pytest.fixture(scope="module")

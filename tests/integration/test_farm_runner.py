@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import eval_job, job_for, job_parts
+from conftest import eval_job, job_for, job_parts, local_ray
 
 MEMBERS = {"a": dict(rank=4, lr=3e-3), "b": dict(rank=8, lr=1e-3), "c": dict(rank=8, lr=2e-3)}
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="test-farm")
-    yield
-    ray.shutdown()
+    with local_ray("test-farm"):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,15 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import eval_job, job_for, job_parts
+from conftest import eval_job, job_for, job_parts, local_ray
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="test-warm")
-    yield
-    ray.shutdown()
+    with local_ray("test-warm"):
+        yield
 
 
 @pytest.fixture(scope="module")
