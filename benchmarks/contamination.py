@@ -111,7 +111,7 @@ def quickstart_packs(work: Path, data_dir: Path | None = None) -> tuple[dict[str
         corpus.build(str(data_dir))
     tok_uri = str(work / "tokenizer")
     general = DatasetSpec(path=str(data_dir / "general.jsonl"))
-    tok_hash = tokenizer_job(TokenizerJob(TokenizerSpec(vocab_size=4096, min_frequency=2), general, FRACTION, SEED,
+    tok_hash = tokenizer_job(TokenizerJob(TokenizerSpec(vocab_size=4096, min_frequency=2), ((general, 1.0),), FRACTION, SEED,
                                           tok_uri))
     packs: dict[str, dict[str, str]] = {}
     infos = {}
@@ -119,11 +119,11 @@ def quickstart_packs(work: Path, data_dir: Path | None = None) -> tuple[dict[str
         cache = str(work / f"cache-{mode}")
         packs[mode] = {}
         for name, stem in DATASETS.items():
-            ref = None if name == "pretrain" else packs[mode]["pretrain"]
+            ref = () if name == "pretrain" else (packs[mode]["pretrain"],)
             info = prepare(DataJob(dataset=DatasetSpec(path=str(data_dir / f"{stem}.jsonl")),
                                    tokenizer_uri=tok_uri, tokenizer_hash=tok_hash, seq_len=SEQ_LEN,
                                    heldout_fraction=FRACTION, split_seed=SEED, cache_root=cache,
-                                   reference_uri=ref), decontaminate=mode == "on")
+                                   reference_uris=ref), decontaminate=mode == "on")
             packs[mode][name] = info.uri
             infos[(mode, name)] = info
     return packs, tok_uri, infos

@@ -338,7 +338,7 @@ def quickstart_tokenizer(work: Path) -> tuple[str, str]:
     if not (uri / "MANIFEST.json").exists():
         corpus.build(str(work / "quickstart"))
         general = DatasetSpec(path=str(work / "quickstart" / "general.jsonl"))
-        tokenizer_job(TokenizerJob(TokenizerSpec(vocab_size=4096), general, 0.1, 0, str(uri)))
+        tokenizer_job(TokenizerJob(TokenizerSpec(vocab_size=4096), ((general, 1.0),), 0.1, 0, str(uri)))
     return str(uri), tokenizer_hash(str(uri))
 
 

@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from branchout.core.spec import PipelineSpec, TrainingSpec
+from pydantic import BaseModel, ConfigDict
+
+from branchout.core.spec import DatasetSpec, PipelineSpec, PretrainSpec, TrainingSpec
 
 
 class Kind(StrEnum):
@@ -78,6 +80,7 @@ class Node:
     model_files: bool = False  # whether `model.path`'s files decide its output
     entry: str | None = None  # "module:function" the driver runs it with (see the module's docstring)
     farm: str | None = None  # fine-tunes: the adapter farm it trains in ("farm-1"), or None: alone
+    mixture: tuple[str, ...] = ()  # the tokenizer of a mixture: the datasets whose fingerprints decide it
 
     @property
     def path(self) -> tuple[str, ...]:
@@ -173,6 +176,33 @@ class JobGraph:
         return self.descendants(chosen)
 
 
+class Corpus(BaseModel):
+    """A pretraining corpus as the jobs see it: one for ``pretrain.dataset``, one per source
+    of ``pretrain.datasets``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str  # "pretrain", or "pretrain/<source>": its data job is "data/<key>"
+    where: str  # the spec field, for messages: "pretrain.dataset", "pretrain.datasets.1"
+    dataset: DatasetSpec
+    weight: float  # normalised share of the training blocks
+
+    @property
+    def heldout_set(self) -> str:
+        """Its held-out set's name in cross scores: "general", or "general/<source>"."""
+        return "general" + self.key.removeprefix("pretrain")
+
+
+def corpora(p: PretrainSpec) -> list[Corpus]:
+    """The pretraining corpora with their normalised weights, in the file's order."""
+    if p.datasets is None:
+        return [Corpus(key="pretrain", where="pretrain.dataset", dataset=p.dataset, weight=1.0)]
+    total = sum(s.weight for s in p.datasets)
+    return [Corpus(key=f"pretrain/{s.name}", where=f"pretrain.datasets.{i}",
+                   dataset=DatasetSpec(**s.model_dump(exclude={"name", "weight"}, exclude_unset=True)),
+                   weight=s.weight / total) for i, s in enumerate(p.datasets)]
+
+
 def pretrain_steps(spec: PipelineSpec) -> int:
     """The pretrain's optimizer steps: given, or derived from its token budget."""
     p = spec.pretrain
@@ -239,20 +269,29 @@ def build_graph(spec: PipelineSpec) -> JobGraph:
     model = spec.model.model_dump(mode="json")
     p = spec.pretrain
     steps = pretrain_steps(spec)
+    sources = corpora(p)
+    # a mixture's tokenizer reads an equal share of every source: weights do not enter
     nodes = [
         Node("tokenizer", Kind.TOKENIZER, section=spec.tokenizer, resources={"CPU": 1},
-             key_inputs=[spec.tokenizer.model_dump(mode="json"), split], reads="pretrain"),
-        # 0 CPUs: a data job only drives a Ray Data pipeline whose tasks take the CPUs;
-        # holding one would starve its own tasks on a small cluster
-        Node("data/pretrain", Kind.DATA, {"tokenizer": "tokenizer"}, domain="pretrain", section=p.dataset,
-             seq_len=p.seq_len, resources={"CPU": 0}, key_inputs=[p.seq_len, split], reads="pretrain"),
+             key_inputs=[spec.tokenizer.model_dump(mode="json"), split],
+             reads=sources[0].key if len(sources) == 1 else None,
+             mixture=tuple(c.key for c in sources) if p.datasets else ()),
     ]
+    # 0 CPUs: a data job only drives a Ray Data pipeline whose tasks take the CPUs;
+    # holding one would starve its own tasks on a small cluster
+    nodes += [Node(f"data/{c.key}", Kind.DATA, {"tokenizer": "tokenizer"}, domain=c.key, section=c.dataset,
+                   seq_len=p.seq_len, resources={"CPU": 0}, key_inputs=[p.seq_len, split], reads=c.key)
+              for c in sources]
+    # a domain's held-out text is decontaminated against every pretraining corpus
+    references = {("reference" if len(sources) == 1 else f"reference:{c.key}"): f"data/{c.key}" for c in sources}
     for d in spec.finetune.domains:
-        nodes.append(Node(f"data/{d.name}", Kind.DATA, {"tokenizer": "tokenizer", "reference": "data/pretrain"},
+        nodes.append(Node(f"data/{d.name}", Kind.DATA, {"tokenizer": "tokenizer", **references},
                           domain=d.name, section=d.dataset, seq_len=spec.domain_seq_len(d), resources={"CPU": 0},
                           key_inputs=[spec.domain_seq_len(d), split], reads=d.name))
     copy = steps == 0  # branch straight from model.path: the pretrain is a one-CPU copy of it
-    nodes.append(Node("pretrain", Kind.PRETRAIN, {"tokenizer": "tokenizer", "data": "data/pretrain"},
+    # the mixture's weights decide what the pretrain reads (not what the data jobs make)
+    data = {"data": "data/pretrain"} if not p.datasets else {f"data:{c.key}": f"data/{c.key}" for c in sources}
+    nodes.append(Node("pretrain", Kind.PRETRAIN, {"tokenizer": "tokenizer", **data},
                       section=p, seq_len=p.seq_len, workers=1 if copy else p.num_workers,
                       resources={"CPU": 1} if copy else p.resources_per_worker.ray_bundle(),
                       key_inputs=[output_settings(p), steps, model], model_files=True))
@@ -289,7 +328,8 @@ def cross_nodes(spec: PipelineSpec) -> list[Node]:
     are the data jobs whose held-out blocks it scores."""
     ev = spec.evaluate
     scoring = [scoring_settings(spec)]
-    general = {"heldout:general": "data/pretrain"}
+    # the general held-out text: the corpus's, or each source's of a mixture ("general/<source>")
+    general = {f"heldout:{c.heldout_set}": f"data/{c.key}" for c in corpora(spec.pretrain)}
     out = []
     if "base" in ev.models:
         p = spec.pretrain

@@ -105,6 +105,21 @@ class DatasetSpec(StrictModel):
         return self.prompt_column is not None or self.messages_column is not None
 
 
+class SourceSpec(DatasetSpec):
+    """One corpus of a pretraining mixture (``pretrain.datasets``): a dataset, its name and
+    its share of the training blocks."""
+
+    name: str = Field(description="The source's name: its data job is data/pretrain/<name>, its held-out "
+                      "set general/<name>.")
+    weight: float = Field(gt=0, description="Its share of every stretch of training blocks, relative to the "
+                          "other sources' weights (normalised to sum to 1).")
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        return _check_slug(v)
+
+
 class TokenizerSpec(StrictModel):
     """Train a byte-level BPE on a sample of the pretraining corpus, or load an existing one."""
 
@@ -234,7 +249,14 @@ class TrainingSpec(StrictModel):
 class PretrainSpec(TrainingSpec):
     """The one expensive stage: a model trained from scratch with DeepSpeed on Ray Train."""
 
-    dataset: DatasetSpec = Field(description="The general corpus (also trains the tokenizer).")
+    dataset: DatasetSpec | None = Field(None, description="The general corpus (also trains the tokenizer); "
+                                        "or give `datasets`.")
+    datasets: list[SourceSpec] | None = Field(
+        None, min_length=2, description="A mixture of corpora instead of `dataset`: each is tokenized and split "
+        "on its own (its own cache key and held-out set); training blocks interleave them by weight, decided by "
+        "the step alone, so a resumed pretrain reads what it would have and a new weight re-tokenizes nothing. "
+        "The tokenizer trains on an equal share of each source (so a new weight keeps it)."
+    )
     seq_len: int = Field(256, ge=8)
     steps: int | None = Field(None, ge=0, description="Optimizer steps, or give `tokens`; 0 skips pretraining "
                               "(the fan-out branches straight from model.path).")
@@ -244,6 +266,12 @@ class PretrainSpec(TrainingSpec):
     def _steps_or_tokens(self) -> PretrainSpec:
         if (self.steps is None) == (self.tokens is None):
             raise ValueError("give exactly one of `steps` or `tokens`")
+        if (self.dataset is None) == (self.datasets is None):
+            raise ValueError("give exactly one of `dataset` (one corpus) or `datasets` (a mixture)")
+        names = [s.name for s in self.datasets or []]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"datasets: source names must be unique; repeated: {', '.join(dupes)}")
         return self
 
 

@@ -59,6 +59,8 @@ class TrainJob:
     lease: str | None = None  # this attempt's token; see claim() / check_lease()
     tracking: dict[str, str] | None = None  # MLflow {"uri", "run_id"} this job logs its steps to
     model_path: str | None = None  # an existing model the pretrain continues (model.path)
+    # pretrain.datasets: (name, packed data, weight) of every source; data_uri is then the first's
+    mixture: tuple[tuple[str, str, float], ...] = ()
     model_revision: str | None = None
 
     @property
@@ -116,7 +118,7 @@ class TokenizerJob:
     """Train a tokenizer on the pretraining corpus's training documents (or copy one in)."""
 
     tokenizer: TokenizerSpec
-    dataset: DatasetSpec  # the pretraining corpus
+    corpora: tuple[tuple[DatasetSpec, float], ...]  # the pretraining corpora (and their weights)
     heldout_fraction: float  # held-out documents never shape the vocabulary they are scored with
     split_seed: int
     out_uri: str
@@ -133,9 +135,9 @@ class DataJob:
     heldout_fraction: float
     split_seed: int
     cache_root: str  # packed data lives here, keyed by content: runs share it
-    # the pretraining corpus's packed data: a domain's held-out documents that are mostly its
-    # training text are not scored
-    reference_uri: str | None = None
+    # the pretraining corpora's packed data (one, or a mixture's sources): a domain's held-out
+    # documents that are mostly their training text are not scored
+    reference_uris: tuple[str, ...] = ()
     fingerprint: str | None = None  # the dataset's, when the driver has it (no second hashing)
     name: str = "data"  # the record's job name, e.g. "data/legal"
     hub_name: str | None = None  # the run's progress hub

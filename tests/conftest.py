@@ -170,7 +170,8 @@ def write_pipeline(corpus_dir, tmp_path):
         data.update(top)
         data.setdefault("storage", str(tmp_path / "runs"))
         # point relative dataset paths at the corpora (tolerating specs a test has mangled)
-        datasets = [(data.get("pretrain") or {}).get("dataset") if isinstance(data.get("pretrain"), dict) else None]
+        pretrain = data.get("pretrain") if isinstance(data.get("pretrain"), dict) else {}
+        datasets = [pretrain.get("dataset"), *(pretrain.get("datasets") or [])]
         finetune = data.get("finetune")
         if isinstance(finetune, dict) and isinstance(finetune.get("domains"), list):
             datasets += [d.get("dataset") for d in finetune["domains"] if isinstance(d, dict)]

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from branchout.core.graph import corpora
 from branchout.orchestrator.cli.common import (
     AddressOpt,
     PipelineArg,
@@ -46,7 +47,8 @@ def schedule_add(
 ) -> None:
     """Add a schedule (kept in the registry; `branchout scheduler` fires it)."""
     spec = load_checked(pipeline, set_)
-    names = ["pretrain", *(d.name for d in spec.finetune.domains)]
+    sources = [c.key for c in corpora(spec.pretrain) if c.key != "pretrain"]
+    names = ["pretrain", *(d.name for d in spec.finetune.domains), *sources]
     unknown = [w for w in watch or [] if w not in names]
     if unknown:
         fail([f"--watch {', '.join(unknown)}: not a dataset of {pipeline} (pretrain or a domain: {', '.join(names[1:])})"])

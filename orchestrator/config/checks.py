@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any
 
-from branchout.core.graph import KINDS, farm_blockers
+from branchout.core.graph import KINDS, corpora, farm_blockers
 from branchout.core.spec import PipelineSpec, TrainingSpec
 
 
@@ -37,12 +37,13 @@ def cross_check(spec: PipelineSpec) -> list[str]:
 
 def _check_instruction_data(spec: PipelineSpec) -> list[str]:
     """Instruction columns make a fine-tune supervised; the pretraining corpus is a token stream."""
-    ds = spec.pretrain.dataset
-    column = "messages_column" if ds.messages_column else "prompt_column"
-    if ds.is_instruction:
-        return [f"pretrain.dataset.{column}: the pretraining corpus is plain text; instruction data "
-                "(prompt/response or messages) belongs to finetune.domains"]
-    return []
+    problems = []
+    for c in corpora(spec.pretrain):
+        column = "messages_column" if c.dataset.messages_column else "prompt_column"
+        if c.dataset.is_instruction:
+            problems.append(f"{c.where}.{column}: the pretraining corpus is plain text; instruction data "
+                            "(prompt/response or messages) belongs to finetune.domains")
+    return problems
 
 
 # Job names are "<kind>/<domain>" and data jobs "data/<dataset>", where the pretraining
@@ -60,7 +61,8 @@ def _check_credentials(spec: PipelineSpec) -> list[str]:
     the registry and logs. The message never repeats the URI."""
     uris = [("storage", spec.storage), ("cluster.address", spec.cluster.address),
             ("tracking.mlflow_uri", spec.tracking.mlflow_uri),
-            ("tokenizer.path", spec.tokenizer.path), ("pretrain.dataset.path", spec.pretrain.dataset.path)]
+            ("tokenizer.path", spec.tokenizer.path)]
+    uris += [(f"{c.where}.path", c.dataset.path) for c in corpora(spec.pretrain)]
     uris += [(f"finetune.domains.{i}.dataset.path", d.dataset.path) for i, d in enumerate(spec.finetune.domains)]
     return [f"{where}: the URI embeds credentials, which would be written into spec.yaml, state.json, "
             "the registry and logs; give them through the environment (AWS_ACCESS_KEY_ID/"

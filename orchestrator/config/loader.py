@@ -188,6 +188,8 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> None:
     pretrain = raw.get("pretrain")
     if isinstance(pretrain, dict):
         fix_dataset(pretrain.get("dataset"))
+        for source in pretrain.get("datasets") if isinstance(pretrain.get("datasets"), list) else []:
+            fix_dataset(source)
     finetune = raw.get("finetune")
     if isinstance(finetune, dict) and isinstance(finetune.get("domains"), list):
         for domain in finetune["domains"]:

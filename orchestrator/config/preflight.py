@@ -13,6 +13,7 @@ corpus of many GB costs its first read unit or two, not a pass over all of it.
 
 from __future__ import annotations
 
+from branchout.core.graph import corpora
 from branchout.core.spec import DatasetSpec, PipelineSpec
 
 SAMPLE_ROWS = 1000
@@ -25,7 +26,7 @@ def preflight(spec: PipelineSpec) -> tuple[list[str], list[str]]:
 
     problems: list[str] = []
     notes: list[str] = []
-    checks = [("pretrain.dataset", spec.pretrain.dataset, spec.pretrain.seq_len)]
+    checks = [(c.where, c.dataset, spec.pretrain.seq_len) for c in corpora(spec.pretrain)]
     checks += [(f"finetune.domains.{i}.dataset", d.dataset, spec.domain_seq_len(d))
                for i, d in enumerate(spec.finetune.domains)]
     seen: dict[tuple, str | None] = {}

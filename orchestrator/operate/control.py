@@ -208,9 +208,10 @@ def resume_submitted(registry: Registry, row: RunRow, spec, changed: bool) -> st
 
 
 def _reads_job_files(spec) -> bool:
+    from branchout.core.graph import corpora
     from branchout.orchestrator.operate.inputs import JOB_FILES
 
-    paths = [spec.pretrain.dataset.path, spec.tokenizer.path or "", spec.model.path or "",
+    paths = [*(c.dataset.path for c in corpora(spec.pretrain)), spec.tokenizer.path or "", spec.model.path or "",
              *(d.dataset.path for d in spec.finetune.domains)]
     return any(p.startswith(JOB_FILES + "/") for p in paths)
 

@@ -75,7 +75,11 @@ def _local_inputs(spec: PipelineSpec) -> Iterator[tuple[str, str, object]]:
         if ds.format != "hub" and storage.is_local(ds.path) and _exists(ds.path):
             yield where, ds.path, lambda uri, ds=ds: setattr(ds, "path", uri)
 
-    yield from dataset("pretrain.dataset.path", spec.pretrain.dataset)
+    p = spec.pretrain
+    if p.dataset is not None:
+        yield from dataset("pretrain.dataset.path", p.dataset)
+    for i, source in enumerate(p.datasets or []):  # the spec's own models: the setter rewrites them
+        yield from dataset(f"pretrain.datasets.{i}.path", source)
     for i, d in enumerate(spec.finetune.domains):
         yield from dataset(f"finetune.domains.{i}.dataset.path", d.dataset)
     tok, model = spec.tokenizer, spec.model

@@ -210,10 +210,10 @@ class Scheduler:
         if s.on_data_change and (s.last_poll is None or now - s.last_poll >= s.poll_s):
             current = self.fingerprints(s)
             if s.watch:  # only the watched datasets can fire; a vanished name is an error, not silence
-                missing = sorted(set(s.watch) - set(current))
+                missing = sorted(w for w in s.watch if not any(watched(k, [w]) for k in current))
                 if missing:
                     self.decide(s, "error", f"watched dataset(s) {', '.join(missing)} no longer in the pipeline")
-                current = {k: v for k, v in current.items() if k in s.watch}
+                current = {k: v for k, v in current.items() if watched(k, s.watch)}
             changed = sorted(k for k in current if s.fingerprints is not None and current[k] != s.fingerprints.get(k))
             self.store.update(s.id, last_poll=now, fingerprints=current)
             if s.fingerprints is None:
@@ -243,6 +243,12 @@ class Scheduler:
             deadline = time.time() + interval_s
             while time.time() < deadline and not should_stop():
                 time.sleep(min(0.2, interval_s))
+
+
+def watched(dataset: str, watch: list[str]) -> bool:
+    """Whether ``--watch`` names the dataset: itself, or ``pretrain`` for every source of a
+    pretraining mixture (``pretrain/<source>``)."""
+    return dataset in watch or dataset.split("/")[0] in watch
 
 
 def pipeline_fingerprints(s: Schedule) -> dict[str, str]:

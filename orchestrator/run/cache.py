@@ -123,6 +123,7 @@ def job_keys(graph: JobGraph, fingerprints: dict[str, str]) -> dict[str, str]:
         parts = [node.kind.value, code, node.key_inputs, {role: keys[p] for role, p in node.parents.items()}]
         if node.reads:
             parts.append(fingerprints[node.reads])
+        parts += [fingerprints[name] for name in node.mixture]
         if node.model_files:
             parts.append(content)
         keys[node.name] = _h(*parts)

@@ -28,7 +28,7 @@ from rich.console import Console
 from branchout import storage
 from branchout.cluster.autoscale import CapacityHints, stage_bundles
 from branchout.cluster.connect import ClusterInfo, connect
-from branchout.core.graph import JobGraph, Kind, Node, build_graph
+from branchout.core.graph import JobGraph, Kind, Node, build_graph, corpora
 from branchout.core.progress import start_hub
 from branchout.core.spec import PipelineSpec
 from branchout.orchestrator.config.plan import Plan, build_plan
@@ -146,7 +146,7 @@ def _run_stages(spec: PipelineSpec, graph: JobGraph, plan: Plan, record: RunReco
         run_ready(ctx)
         data = stage_data(ctx, tokenizer)
         run_ready(ctx)
-        base_uri = stage_pretrain(ctx, tokenizer, data["pretrain"])
+        base_uri = stage_pretrain(ctx, tokenizer, data)
         run_ready(ctx)
         # one set of warm runners for the fan-out and then its evaluations
         pools = PoolSet(base_uri, spec.finetune.max_concurrent, fixed_cluster=not spec.cluster.autoscaling)
@@ -243,7 +243,8 @@ def stage_tokenizer(ctx: RunContext) -> dict[str, str]:
 
     node = ctx.graph.of(Kind.TOKENIZER)[0]
     ev, uri = ctx.spec.evaluate, ctx.out_uri(node)
-    job = TokenizerJob(node.section, ctx.spec.pretrain.dataset, ev.heldout_fraction, ev.split_seed, uri)
+    sources = tuple((c.dataset, c.weight) for c in corpora(ctx.spec.pretrain))
+    job = TokenizerJob(node.section, sources, ev.heldout_fraction, ev.split_seed, uri)
     item = WorkItem(node.name, lambda: submit_task(tokenizer_job, (job,), node.resources, node.name, ctx.hub_name),
                     on_success=lambda h: {"uri": uri, "hash": h})
     return _require(ctx.run([item]), ctx.record, [node.name])[node.name]
@@ -261,10 +262,10 @@ def stage_data(ctx: RunContext, tokenizer: dict[str, str]) -> dict[str, PackedIn
     done: dict[str, dict] = {}
 
     def item(node: Node) -> WorkItem:
-        reference = node.parents.get("reference")
+        references = tuple(done[p]["uri"] for role, p in node.parents.items() if role.startswith("reference"))
         job = DataJob(dataset=node.section, tokenizer_uri=tokenizer["uri"], tokenizer_hash=tokenizer["hash"],
                       seq_len=node.seq_len, heldout_fraction=ev.heldout_fraction, split_seed=ev.split_seed,
-                      cache_root=cache_root, reference_uri=done[reference]["uri"] if reference else None,
+                      cache_root=cache_root, reference_uris=references,
                       fingerprint=ctx.fingerprints[node.reads], name=node.name, hub_name=ctx.hub_name)
         return WorkItem(node.name, lambda: submit_task(prepare, (job,), node.resources, node.name, ctx.hub_name),
                         on_success=lambda info: {**asdict(info), "fingerprint": job.fingerprint})
@@ -278,19 +279,22 @@ def stage_data(ctx: RunContext, tokenizer: dict[str, str]) -> dict[str, PackedIn
     return {n.domain: PackedInfo.from_dict(done[n.name]) for n in nodes}
 
 
-def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: PackedInfo) -> str:
-    """DeepSpeed pretrain on Ray Train; returns the URI of the exported base model."""
+def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, PackedInfo]) -> str:
+    """DeepSpeed pretrain on Ray Train; returns the URI of the exported base model. ``data``:
+    every data job's output by dataset name (a mixture reads each of its sources)."""
     from branchout.orchestrator.run.ray_train import run_distributed
 
     spec, node = ctx.spec, ctx.graph.of(Kind.PRETRAIN)[0]
     if ctx.graph.pretrain_steps == 0:  # branch straight from the given model
         return import_base(ctx, node, tokenizer)
+    sources = corpora(spec.pretrain)
     job = TrainJob(
         name=node.name, kind="pretrain", training=node.section,
         steps=ctx.graph.pretrain_steps, model_type=spec.model.type, model_overrides=spec.model.config,
-        tokenizer_uri=tokenizer["uri"], data_uri=data.uri, out_uri=ctx.out_uri(node),
+        tokenizer_uri=tokenizer["uri"], data_uri=data[sources[0].key].uri, out_uri=ctx.out_uri(node),
         logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id, hub_name=ctx.hub_name,
         model_path=spec.model.path, model_revision=spec.model.revision,
+        mixture=tuple((c.key, data[c.key].uri, c.weight) for c in sources) if spec.pretrain.datasets else (),
     )
     item = WorkItem(node.name, ctx.claiming(job, lambda: ctx.threads.submit(run_distributed, job, node.section.max_failures)),
                     on_success=lambda r: training_outputs(job, r), resources=node.resources)
@@ -316,6 +320,8 @@ def training_outputs(job: TrainJob, r: dict[str, Any]) -> dict[str, Any]:
            "resumed_from": r["first_step"], "precision": r.get("precision")}
     if r.get("farm"):  # trained in an adapter farm (the report says which domains trained together)
         out["farm"] = r["farm"]
+    if r.get("mixture_blocks"):  # a pretraining mixture: blocks read per source
+        out["mixture_blocks"] = r["mixture_blocks"]
     return out
 
 

@@ -16,10 +16,11 @@ import base64
 import html
 import io
 import json
+import math
 from typing import Any
 
 from branchout import storage
-from branchout.core.graph import JobGraph, Kind
+from branchout.core.graph import JobGraph, Kind, corpora
 from branchout.orchestrator.run.lineage import lineage_text
 from branchout.orchestrator.run.state import RunRecord
 from branchout.stages.training.metrics import read_metrics
@@ -62,8 +63,13 @@ def cross_matrix(graph: JobGraph, record: RunRecord, evaluations: dict[str, dict
     for node in graph.of(Kind.CROSS):
         for model, sets in record.job(node.name).outputs.get("ppl", {}).items():
             out.setdefault(model, {}).update(sets)
+    sources = corpora(graph.spec.pretrain)
+    if len(sources) > 1:  # a mixture: "general" is its sources' perplexities, weighted as trained
+        for row in out.values():
+            if all(c.heldout_set in row for c in sources):
+                row["general"] = math.exp(sum(c.weight * math.log(row[c.heldout_set]) for c in sources))
     order = ["base", *(n.name for n in graph.of(Kind.FINETUNE, Kind.SCRATCH))]
-    sets = ["general", *graph.domains]
+    sets = ["general", *(c.heldout_set for c in sources if len(sources) > 1), *graph.domains]
     return {m: {s: out[m][s] for s in sets if s in out[m]} for m in order if m in out}
 
 

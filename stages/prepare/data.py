@@ -130,7 +130,8 @@ def prepare(job: DataJob, *, decontaminate: bool = True, unit_bytes: int | None 
     data_fingerprint = job.fingerprint or fingerprint(ds)  # the driver's, so this node does not hash again
     if ds.is_instruction:
         return _prepare_instruct(job, data_fingerprint, shard_blocks)
-    ref_key = job.reference_uri.rstrip("/").rsplit("/", 1)[-1] if job.reference_uri else None
+    # the references' own cache keys (their folder names) name what this was decontaminated against
+    ref_key = "+".join(uri.rstrip("/").rsplit("/", 1)[-1] for uri in job.reference_uris) or None
     key = cache_key(data_fingerprint, job.tokenizer_hash, seq_len, heldout_fraction, split_seed, ref_key,
                     decontaminate, shard_blocks)
     uri = storage.join(job.cache_root, key)
@@ -155,7 +156,7 @@ def prepare(job: DataJob, *, decontaminate: bool = True, unit_bytes: int | None 
                                 dtype=np.dtype(dtype).name, seed=split_seed, fraction=heldout_fraction)
         hashed_train = pack_stream(tables, train.write, staging, decon, progress)
         progress.push()
-        decisions = decon.finish(os.path.join(out, "train.shingles"), _reference(job.reference_uri))
+        decisions = decon.finish(os.path.join(out, "train.shingles"), [_reference(uri) for uri in job.reference_uris])
         publisher.add(os.path.join(out, "train.shingles"))
         heldout = BlockWriter(out, "heldout", seq_len, dtype, shard_blocks, on_shard=publisher.add)
         staging.route(decisions.fate == 0, heldout.write, train.write)  # moved documents train last
@@ -221,9 +222,7 @@ def unit_size(src: Source, cpus: float) -> int:
     return int(min(4 * UNIT_BYTES, max(UNIT_BYTES, total / (8 * cpus))))
 
 
-def _reference(uri: str | None) -> np.ndarray | None:
-    """The pretraining corpus's training shingle set, verified, memory-mapped."""
-    if not uri:
-        return None
+def _reference(uri: str) -> np.ndarray:
+    """A pretraining corpus's training shingle set, verified, memory-mapped."""
     path = fetch_member(uri, "train.shingles")
     return np.memmap(path, np.uint64, "r") if os.path.getsize(path) else np.empty(0, np.uint64)

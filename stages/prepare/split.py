@@ -184,9 +184,10 @@ class Decontaminator:
         values.tofile(path)
         return values
 
-    def finish(self, shingles_out: str, reference: np.ndarray | None = None) -> Decisions:
+    def finish(self, shingles_out: str, references: list[np.ndarray] = ()) -> Decisions:
         """Decide every held-out document's fate; write the training side's shingle set
-        (sorted, unique: what a domain's ``reference`` is) to ``shingles_out``."""
+        (sorted, unique: what a domain's reference is) to ``shingles_out``. ``references``:
+        the pretraining corpora's sets (a mixture has one per source)."""
         self._spill()
         held = np.concatenate(self._held) if self._held else np.empty(0, np.uint64)
         counts = np.concatenate(self._held_counts) if self._held_counts else np.empty(0, np.int64)
@@ -205,8 +206,9 @@ class Decontaminator:
         fate = np.zeros(len(counts), np.int8)
         if self.enabled:
             self._settle(known, inverse, doc_of, counts, fate, 1)
-            if reference is not None:
-                known |= contains_sorted(reference, uniq)
+            if len(references):
+                for reference in references:
+                    known |= contains_sorted(reference, uniq)
                 self._settle(known, inverse, doc_of, counts, fate, 2)
         self._write_set(shingles_out, uniq[np.unique(inverse[fate[doc_of] > 0])])
         return Decisions(fate)

@@ -9,6 +9,7 @@ exported models load with ``AutoTokenizer.from_pretrained``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -193,7 +194,11 @@ def tokenizer_job(job: TokenizerJob) -> str:
         if options.path:
             load_tokenizer(options.path).save_pretrained(tmp)
         else:
-            texts = sample_texts(job.dataset, options.sample_bytes, job.heldout_fraction, job.split_seed)
+            # A mixture's sources each give an equal share of the sample, whatever their
+            # weights: a new weight then keeps the tokenizer, and so every packed source.
+            share = max(1, options.sample_bytes // len(job.corpora))
+            texts = itertools.chain.from_iterable(
+                sample_texts(ds, share, job.heldout_fraction, job.split_seed) for ds, _ in job.corpora)
             train_tokenizer(texts, options.vocab_size, options.min_frequency, tmp)
         publish_dir(tmp, job.out_uri)
         return tokenizer_hash(tmp)

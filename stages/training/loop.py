@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from branchout.core.spec import TrainingSpec
-from branchout.stages.training.batches import BlockOrder, step_micro_batches
+from branchout.stages.training.batches import step_micro_batches
 from branchout.stages.training.engine import Engine
 from branchout.stages.training.metrics import MetricsLogger
+from branchout.stages.training.mixture import block_order
 
 
 @dataclass
@@ -51,7 +52,7 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     """
     import torch
 
-    order = BlockOrder(len(blocks), t.seed)
+    order = block_order(blocks, t.seed)  # a pretraining mixture interleaves its sources
     seq_len = blocks.shape[1]
     tokens_per_step = t.global_batch_size * seq_len
     started = window_start = time.perf_counter()

@@ -48,6 +48,7 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     from branchout.stages.training.faults import killer
     from branchout.stages.training.loop import run_steps, set_rng_state
     from branchout.stages.training.metrics import MetricsLogger
+    from branchout.stages.training.mixture import MixedBlocks
     from branchout.stages.training.model import export_model, prepare_model, zero3_config
     from branchout.storage.checkpoint import fetch_verified
 
@@ -78,13 +79,17 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
                      precision=precision.as_dict())
         if precision.warning:
             print(f"[branchout] {job.name}: {precision.warning}", flush=True)
-    blocks = open_blocks(job.data_uri, "train")
+    if job.mixture:  # a pretraining mixture: its sources interleaved by weight (stages.training.mixture)
+        blocks = MixedBlocks([open_blocks(uri, "train") for _, uri, _ in job.mixture], [w for _, _, w in job.mixture])
+    else:
+        blocks = open_blocks(job.data_uri, "train")
     roles = open_roles(job.data_uri, "train")
     if roles is not None:  # instruction data: the model is saved with the template it learned
         tokenizer = with_chat_template(tokenizer)
 
     result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger, partial(sink.save, engine),
                        after_step=killer(job.name, job.out_uri, rank), roles=roles)
+    mixture_read = _summed(blocks.read, engine.device, world) if job.mixture else None
 
     weights = None
     if t.uses_deepspeed():
@@ -104,6 +109,8 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
         # nothing to resume from.
     out = {**asdict(result), "started": started, "ended": time.time(), "model_uri": job.model_uri,
            "pid": os.getpid(), "workers": world, "precision": precision.as_dict()}
+    if job.mixture:  # the blocks this attempt's workers read of each source: the mixture as trained
+        out["mixture_blocks"] = {name: n for (name, _, _), n in zip(job.mixture, mixture_read, strict=True)}
     if rank == 0:
         storage.write_text(storage.join(job.out_uri, "result.json"), json.dumps(out))
         logger.state("succeeded", ended=out["ended"])
@@ -241,3 +248,14 @@ class Checkpoints:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+def _summed(counts, device, world: int) -> list[int]:
+    """Per-rank counts summed over the ranks (a collective on the engine's device: every rank calls it)."""
+    import torch
+    import torch.distributed as dist
+
+    total = torch.as_tensor(counts, dtype=torch.int64, device=device)
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(total)
+    return [int(n) for n in total.tolist()]

@@ -1,9 +1,11 @@
 """Chaos: real training processes die with SIGKILL mid-run; what does the run do about it?
 
-- a 2-worker DeepSpeed pretrain loses rank 0 at step 25: Ray Train restarts the group, the
-  run resumes from the step-20 checkpoint, and steps 21-25, trained twice, have the losses
-  the uninterrupted attempt had (model, optimizer, scheduler, RNG and data position all
-  restored: from there on the trajectory is the one of the run left alone);
+- a 2-worker DeepSpeed pretrain on a mixture (``pretrain.datasets``: general text at 0.8,
+  docs at 0.2) loses rank 0 at step 25: Ray Train restarts the group, the run resumes from
+  the step-20 checkpoint, and steps 21-25, trained twice, have the losses the uninterrupted
+  attempt had (model, optimizer, scheduler, RNG and data position, the mixture's included,
+  all restored: from there on the trajectory is the one of the run left alone); the resumed
+  attempt's workers read the two sources 0.8/0.2, counted;
 - fan-out workers die: a domain with retries left is retried from its own checkpoint and
   succeeds, one without fails alone, the third domain is untouched.
 
@@ -60,7 +62,9 @@ def _write(spec: dict, corpus_dir: Path, folder: Path) -> Path:
 
     spec = copy.deepcopy(spec)
     spec["storage"] = str(folder / "runs")
-    spec["pretrain"]["dataset"]["path"] = str(corpus_dir / spec["pretrain"]["dataset"]["path"])
+    for ds in [spec["pretrain"].get("dataset"), *spec["pretrain"].get("datasets", [])]:
+        if ds:
+            ds["path"] = str(corpus_dir / ds["path"])
     for d in spec["finetune"]["domains"]:
         d["dataset"]["path"] = str(corpus_dir / d["dataset"]["path"])
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,7 +79,9 @@ def chaos(corpus_dir, tmp_path_factory):
     Ray start and every stage's workers. The pretrain's own first attempt is its reference
     (the steps it trained before the kill), so no second, undisturbed run is needed."""
     spec = copy.deepcopy(TINY)
-    spec["pretrain"].update(steps=40, checkpoint_every=10, log_every=1)
+    spec["pretrain"].update(steps=40, checkpoint_every=10, log_every=1, datasets=[
+        {"name": "general", "path": "general.jsonl", "weight": 0.8}, {"name": "docs", "path": "docs.jsonl", "weight": 0.2}])
+    del spec["pretrain"]["dataset"]
     spec["evaluate"]["models"] = ["base", "finetuned"]
     legal, code, docs = spec["finetune"]["domains"]
     code.update(steps=60, checkpoint_every=20, max_retries=1)
@@ -112,6 +118,10 @@ def test_worker_killed_mid_pretrain(chaos):
     assert all(abs(first[s] - resumed[s]) / first[s] < 0.01 for s in range(resumed_at + 1, before_kill + 1)), \
         (first, resumed)
     assert resumed[40] < first[1]  # and it trained on to the end
+    # the mixture as trained: steps 21-40 are 160 blocks, read 0.8/0.2 from their own data jobs
+    assert pretrain.outputs["mixture_blocks"] == {"pretrain/general": 128, "pretrain/docs": 32}
+    record = RunRecord.load(str(run_dir))
+    assert all(record.job(f"data/pretrain/{s}").state is JobState.SUCCEEDED for s in ("general", "docs"))
 
     # the pretrain's checkpoints, in the one layout every training job has, carry both ranks'
     # manifests and verify; Ray Train's own run folder holds none

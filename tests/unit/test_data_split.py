@@ -99,7 +99,7 @@ def test_domain_heldout_text_the_pretraining_corpus_holds_is_not_scored(corpus_d
     assert _markers(alone, "heldout", tok), "copies of pretraining text are scored without the reference"
     checked = data.prepare(DataJob(dataset=DatasetSpec(path=str(domain)), tokenizer_uri=tokenizer_dir,
                                    tokenizer_hash=h, seq_len=SEQ, heldout_fraction=FRACTION, split_seed=0,
-                                   cache_root=str(tmp_path), reference_uri=pretrain.uri))
+                                   cache_root=str(tmp_path), reference_uris=(pretrain.uri,)))
     assert not _markers(checked, "heldout", tok)
     assert checked.heldout_dropped_pretraining_overlap >= len(_markers(alone, "heldout", tok))
     assert checked.uri != alone.uri  # the reference is part of the cache key
