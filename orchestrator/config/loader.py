@@ -136,6 +136,12 @@ def validate_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
     if problems:
         raise SpecError(source, problems)
     spec.notes.extend(notes)
+    if spec.pretrain.datasets:
+        from branchout.core.graph import corpora
+
+        shares = ", ".join(f"{c.key.split('/', 1)[1]} {c.weight:.0%}" for c in corpora(spec.pretrain))
+        spec.notes.append(f"pretrain.datasets: a mixture of {shares} of the training blocks (each source "
+                          "tokenized and held out on its own; its held-out set is general/<source>)")
     return spec
 
 
