@@ -59,7 +59,9 @@ KINDS = tuple(k.value for k in Kind)
 
 # Fields of a training section that do not change what it produces.
 OPERATIONAL = {"log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "max_retries",
-               "farm"}  # a farm member trains as it would alone (stages.training.farm)
+               "farm",  # a farm member trains as it would alone (stages.training.farm)
+               # scoring held-out text only watches the training, unless it picks the model (selection_settings)
+               "eval_every", "eval_blocks", "keep_best", "early_stop"}
 
 FARM_MAX = 16  # members of one farm at most; more farmable domains make more farms
 
@@ -218,6 +220,14 @@ def output_settings(t: TrainingSpec) -> dict:
     return values
 
 
+def selection_settings(t: TrainingSpec) -> dict | None:
+    """The held-out scoring settings of a fine-tune whose scores pick its model (``keep_best``,
+    ``early_stop``): they decide its output. None where scoring only watches."""
+    if t.eval_every is None or not (getattr(t, "keep_best", False) or getattr(t, "early_stop", None)):
+        return None
+    return t.model_dump(mode="json", include={"eval_every", "eval_blocks", "keep_best", "early_stop"})
+
+
 def farm_blockers(d: TrainingSpec) -> list[str]:
     """Why a domain cannot train in an adapter farm (empty: it can)."""
     why = []
@@ -229,6 +239,8 @@ def farm_blockers(d: TrainingSpec) -> list[str]:
         why.append("it trains with DeepSpeed (several workers or offload)")
     if d.activation_checkpointing:
         why.append("activation_checkpointing is on")
+    if d.eval_every is not None:
+        why.append("eval_every is set (a farm member is not scored during training yet)")
     if d.deepspeed.precision == "fp16":
         why.append("precision is fp16 (its loss scaler would be shared)")
     return why
@@ -298,7 +310,8 @@ def build_graph(spec: PipelineSpec) -> JobGraph:
     farms = farm_groups(spec)
     for d in spec.finetune.domains:
         training = d.model_copy(update={"seq_len": spec.domain_seq_len(d)})  # its options, block length decided
-        options = {**output_settings(d), "seq_len": training.seq_len, "method": d.method, "lora": d.lora.model_dump()}
+        options = {**output_settings(d), "seq_len": training.seq_len, "method": d.method, "lora": d.lora.model_dump(),
+                   "selection": selection_settings(d)}
         bundle = d.resources_per_worker.ray_bundle()
         nodes.append(Node(f"finetune/{d.name}", Kind.FINETUNE, {"base": "pretrain", "data": f"data/{d.name}"},
                           domain=d.name, section=training, seq_len=training.seq_len, workers=d.num_workers,

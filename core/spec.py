@@ -234,6 +234,14 @@ class TrainingSpec(StrictModel):
         "~1/3 more compute for a fraction of the activation memory (packs more LoRA jobs per device)."
     )
     log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(
+        None, ge=1, description="Optimizer steps between held-out scorings on the training workers (and at the "
+        "last step): the mean token loss of a fixed sample of the held-out blocks (each source's for a "
+        "pretraining mixture, the domain's for a fine-tune), logged as eval_loss beside the training loss "
+        "(metrics, TensorBoard, MLflow, the report). null: none."
+    )
+    eval_blocks: int = Field(32, ge=1, description="Held-out blocks (instruction data: examples) in that sample, "
+                             "at most; spread over the held-out set, the same at every scoring.")
     seed: int = 0
 
 
@@ -286,6 +294,13 @@ class LoraSpec(StrictModel):
     )
 
 
+class EarlyStopSpec(StrictModel):
+    """Stop a fine-tune whose held-out loss stopped improving (needs ``eval_every``)."""
+
+    patience: int = Field(ge=1, description="Scorings in a row without a new best held-out loss before it stops.")
+    min_delta: float = Field(0.0, ge=0, description="A new best must be lower than the old by more than this.")
+
+
 class FinetuneOptions(TrainingSpec):
     """Options of one domain fine-tune; ``finetune.defaults`` and each domain's overrides."""
 
@@ -294,6 +309,14 @@ class FinetuneOptions(TrainingSpec):
     global_batch_size: int = Field(8, ge=1)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     max_retries: int = Field(2, ge=0, description="Retries of a failed domain job (each resumes from its newest good checkpoint).")
+    keep_best: bool = Field(
+        True, description="With eval_every: the exported model is the checkpoint with the lowest held-out loss "
+        "(saved when it is scored, kept past keep_checkpoints), not the last step's."
+    )
+    early_stop: EarlyStopSpec | None = Field(
+        None, description="With eval_every: end training once the held-out loss has not improved for `patience` "
+        "scorings; the run records where it stopped."
+    )
     farm: Literal["auto"] | bool = Field(
         "auto", description="Adapter farm: LoRA domains that share the block length, precision, bundle and "
         "LoRA targets train together in one process holding the base once, each still its own job (own "

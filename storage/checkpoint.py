@@ -358,7 +358,8 @@ def newest_good(parent_uri: str, names: list[str], world: int | None = None,
 
 
 def retain(parent_uri: str, names: list[str], keep: int, world: int | None = None,
-           verify: Callable[[str], bool] | None = None, delete: bool = True) -> list[str]:
+           verify: Callable[[str], bool] | None = None, delete: bool = True,
+           protect: set[str] = frozenset()) -> list[str]:
     """Delete all but the newest ``keep`` good checkpoints; returns what was deleted.
 
     "Good" means verified in full now (every file's SHA-256 against its manifest), not
@@ -368,6 +369,7 @@ def retain(parent_uri: str, names: list[str], keep: int, world: int | None = Non
     still be writing it). ``verify(uri)`` replaces the check (the distributed training
     path has every rank verify its own shards and agree); with ``delete=False`` the walk
     only returns what would go (the ranks that must take part in ``verify`` but not delete).
+    ``protect``: names never deleted (a fine-tune's best checkpoint under ``keep_best``).
     """
     verify = verify or (lambda uri: not full_problems(uri, world))
     kept: list[str] = []
@@ -378,7 +380,7 @@ def retain(parent_uri: str, names: list[str], keep: int, world: int | None = Non
                 break
     if not kept:
         return []
-    doomed = [n for n in names[: names.index(kept[0])] if n not in kept]
+    doomed = [n for n in names[: names.index(kept[0])] if n not in kept and n not in protect]
     for name in doomed if delete else []:
         storage.remove_dir(storage.join(parent_uri, name))
     return doomed

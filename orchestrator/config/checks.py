@@ -88,6 +88,9 @@ def has_credentials(uri: str) -> bool:
 
 def _check_training(where: str, t: TrainingSpec, steps: int | None) -> list[str]:
     problems = []
+    if getattr(t, "early_stop", None) is not None and t.eval_every is None:
+        problems.append(f"{where}.early_stop: it stops on the held-out loss, which only eval_every scores; "
+                        "set eval_every too")
     per_step = t.num_workers * t.micro_batch_size
     if t.global_batch_size % per_step:
         problems.append(

@@ -322,6 +322,8 @@ def training_outputs(job: TrainJob, r: dict[str, Any]) -> dict[str, Any]:
         out["farm"] = r["farm"]
     if r.get("mixture_blocks"):  # a pretraining mixture: blocks read per source
         out["mixture_blocks"] = r["mixture_blocks"]
+    # eval_every on a fine-tune: the best scored step, the one exported, where it stopped early
+    out.update({k: r[k] for k in ("best_step", "best_eval_loss", "exported_step", "stopped_early_at") if k in r})
     return out
 
 

@@ -106,13 +106,14 @@ def read_run_metrics(record: RunRecord) -> dict | None:
 
 
 # each plot's file under eval/ and the heading that says what it shows
-PLOTS = {"loss_curves.png": "Training loss per step", "perplexity.png": "Held-out perplexity per domain",
-         "cross.png": "Perplexity of every model on every held-out set"}
+PLOTS = {"loss_curves.png": "Training loss per step", "heldout_curves.png": "Held-out loss during training",
+         "perplexity.png": "Held-out perplexity per domain", "cross.png": "Perplexity of every model on every held-out set"}
 
 
 def write_report(record: RunRecord, metrics: dict[str, Any]) -> str:
     """Write both reports into the run directory; returns the HTML report's URI."""
-    plots = {"loss_curves.png": _loss_plot(record), "perplexity.png": _ppl_plot(metrics),
+    plots = {"loss_curves.png": _loss_plot(record), "heldout_curves.png": _heldout_plot(record),
+             "perplexity.png": _ppl_plot(metrics),
              "cross.png": _cross_plot(metrics)}
     plots = {k: v for k, v in plots.items() if v}
     for name, png in plots.items():
@@ -387,6 +388,47 @@ def _loss_plot(record: RunRecord) -> bytes | None:
         if ax.lines:  # beside the axes: a legend never covers a curve
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _figure_png(fig)
+
+
+def _heldout_plot(record: RunRecord) -> bytes | None:
+    """``eval_every``'s curves: each trained job's held-out loss (a mixture's sources dotted),
+    the step a fine-tune exported marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[str, list]] = {}
+    trained = (Kind.PRETRAIN, Kind.FINETUNE, Kind.SCRATCH)
+    for name in [n for n, job in record.jobs.items() if job.kind in trained]:
+        for r in read_metrics(_logs_of(record, name), name):
+            for key, value in r.items():
+                if key.startswith("eval_loss"):
+                    label = name + key.removeprefix("eval_loss").replace("/", ": ", 1)
+                    curves.setdefault(name, {}).setdefault(label, []).append((r["step"], value))
+    if not curves:
+        return None
+    panels = [group for group in ([n for n in curves if n == "pretrain"], [n for n in curves if n != "pretrain"])
+              if group]  # the pretrain's steps and the fine-tunes' are different scales
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False, layout="constrained")
+    for ax, names in zip(axes[0], panels, strict=True):
+        _heldout_panel(ax, record, {n: curves[n] for n in names})
+    return _figure_png(fig)
+
+
+def _heldout_panel(ax, record: RunRecord, curves: dict[str, dict[str, list]]) -> None:
+    for name, series in curves.items():
+        for label, pts in series.items():
+            pts = sorted(dict(pts).items())  # a resumed job scores some steps twice; the later wins
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, marker=".",
+                            linestyle=":" if label != name else "-")
+            exported = record.jobs[name].outputs.get("exported_step")
+            if label == name and exported in dict(pts):
+                ax.plot([exported], [dict(pts)[exported]], marker="*", markersize=12, color=line.get_color())
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out loss (log perplexity)")
+    ax.set_title("pretrain" if list(curves) == ["pretrain"] else "fine-tunes and baselines; * the step exported")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
 
 
 def _logs_of(record: RunRecord, job: str) -> str:

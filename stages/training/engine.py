@@ -38,6 +38,7 @@ class Engine(Protocol):
         instruction rows (``stages.prepare.instruct.model_inputs``)."""
 
     def lr(self) -> float: ...
+    def score(self, batches: list) -> Any: ...
     def save(self, path: str, client_state: dict[str, Any]) -> None: ...
     def load(self, path: str) -> dict[str, Any]: ...
     def state_dict_for_export(self) -> dict | None: ...
@@ -185,6 +186,17 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
+    def score(self, batches: list):
+        """``[Σ token loss, tokens]`` of held-out ``batches``, on the engine's device, no gradients.
+        Under ZeRO-3 every rank must call it with as many batches (each forward gathers)."""
+        import contextlib
+
+        self.engine.eval()
+        try:
+            return score_batches(self.engine, batches, self.device, contextlib.nullcontext())
+        finally:
+            self.engine.train()
+
     def save(self, path: str, client_state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(path, tag="state", client_state=client_state)
 
@@ -279,6 +291,18 @@ class TorchEngine:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
+    def score(self, batches: list):
+        """``[Σ token loss, tokens]`` of held-out ``batches``, on the engine's device, no gradients."""
+        import torch
+
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        self.model.eval()
+        try:
+            autocast = torch.autocast(device_type, dtype=getattr(torch, self.dtype or "bfloat16"), enabled=self.autocast)
+            return score_batches(self.model, batches, self.device, autocast)
+        finally:
+            self.model.train()
+
     def _trainable_state(self) -> dict:
         return {k: v for k, v in self.model.state_dict().items()
                 if k in {n for n, p in self.model.named_parameters() if p.requires_grad}}
@@ -296,6 +320,19 @@ class TorchEngine:
 
     def state_dict_for_export(self) -> dict | None:
         return None  # the model object itself is exported (save_pretrained handles peft too)
+
+
+def score_batches(model, batches: list, device, autocast):
+    """Held-out loss summed over the scored tokens, and their count, as one tensor on ``device``."""
+    import torch
+
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad(), autocast:
+        for batch in batches:
+            inputs = model_inputs(batch, device)
+            scored = (inputs["labels"][:, 1:] != -100).sum()  # HF shifts: the first token is never a target
+            total += torch.stack([model(**inputs).loss.double() * scored, scored.double()])
+    return total
 
 
 def write_state(path: str, model_state: dict, optimizer, scheduler, client_state: dict[str, Any],

@@ -20,6 +20,7 @@ from branchout.stages.training.batches import step_micro_batches
 from branchout.stages.training.engine import Engine
 from branchout.stages.training.metrics import MetricsLogger
 from branchout.stages.training.mixture import block_order
+from branchout.stages.training.validation import HeldoutScorer, Selection
 
 
 @dataclass
@@ -35,7 +36,8 @@ class LoopResult:
 def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: int,
               start_step: int, rank: int, world: int, logger: MetricsLogger | None,
               save_checkpoint: Callable[[int, float], None],
-              after_step: Callable[[int], None] | None = None, roles=None) -> LoopResult:
+              after_step: Callable[[int], None] | None = None, roles=None,
+              scorer: HeldoutScorer | None = None, selection: Selection | None = None) -> LoopResult:
     """Train from ``start_step`` to ``total_steps``; checkpoint every ``t.checkpoint_every``.
 
     The loss stays on the engine's device: each step's loss is added to a window sum there
@@ -46,6 +48,11 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     ``after_step(step)`` runs once a step is checkpointed (when due) and logged. ``roles``:
     instruction data's token roles, row for row with ``blocks`` (``stages.prepare.instruct``); each
     micro-batch is then an ``(ids, roles)`` pair, so only answers are scored.
+
+    ``scorer`` (``eval_every``): the held-out loss every ``t.eval_every`` steps and at the last,
+    logged beside the training loss. ``selection`` acts on it: a new best is checkpointed when
+    ``keep_best`` (kept past retention by the caller's checkpoints), and ``early_stop`` ends the
+    loop (``LoopResult.steps`` is then where it stopped).
 
     Raises:
         FloatingPointError: a step's loss was NaN or infinite.
@@ -60,6 +67,7 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     unread, unread_loss = 0, None  # steps since the last read, and Σ of their losses on the device
     loss = float("nan")
     first_step_at = None
+    done = start_step
     for step in range(start_step, total_steps):
         micro = []
         for idx in step_micro_batches(order, step, t.global_batch_size, t.micro_batch_size, rank, world):
@@ -72,7 +80,8 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
         done = step + 1
         checkpoint_due = done % t.checkpoint_every == 0 or done == total_steps
         log_due = done % t.log_every == 0 or done == total_steps or done == start_step + 1
-        if checkpoint_due or log_due:
+        eval_due = scorer is not None and (done % t.eval_every == 0 or done == total_steps)
+        if checkpoint_due or log_due or eval_due:
             # every rank takes this branch on the same steps: the reduction is a collective
             loss, total = _read_across_ranks(torch.stack([step_loss, unread_loss]), world)
             if not math.isfinite(total):
@@ -81,6 +90,13 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
             unread, unread_loss = 0, None
         if first_step_at is None:  # the first step is always read: its work is done by now
             first_step_at = time.time()
+        scores = scorer(engine) if eval_due else {}  # every rank: a collective
+        stop = False
+        if scores and selection is not None:
+            if selection.observe(done, scores["eval_loss"]) and selection.keep_best:
+                checkpoint_due = True  # the best weights so far: exported in the end (keep_best)
+            if selection.should_stop and done < total_steps:
+                selection.stopped_at, stop = done, True
         # The checkpoint of a step is durable before the step is logged: whoever sees
         # step s in the log (a user, the driver, a test) knows a restart resumes from s
         # or later, never from an earlier checkpoint.
@@ -89,14 +105,18 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
         if logger is not None and log_due:
             elapsed = time.perf_counter() - window_start
             logger.log(done, loss=loss, lr=engine.lr(),
-                       tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9))
+                       tokens_per_s=window_steps * tokens_per_step / max(elapsed, 1e-9), **scores)
+        elif logger is not None and scores:
+            logger.log(done, **scores)
         if log_due:
             window_start, window_steps = time.perf_counter(), 0
         if after_step is not None:
             after_step(done)
+        if stop:
+            break
     seconds = time.perf_counter() - started
-    trained = total_steps - start_step
-    return LoopResult(first_step=start_step, steps=total_steps, final_loss=loss,
+    trained = done - start_step
+    return LoopResult(first_step=start_step, steps=done, final_loss=loss,
                       tokens_per_s=trained * tokens_per_step / max(seconds, 1e-9), seconds=seconds,
                       first_step_at=first_step_at)
 

@@ -50,6 +50,7 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     from branchout.stages.training.metrics import MetricsLogger
     from branchout.stages.training.mixture import MixedBlocks
     from branchout.stages.training.model import export_model, prepare_model, zero3_config
+    from branchout.stages.training.validation import Selection
     from branchout.storage.checkpoint import fetch_verified
 
     started = time.time()
@@ -68,11 +69,15 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
         engine = TorchEngine(model, t, job.steps, device="cuda" if use_gpu else "cpu")
 
     logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps, job.tracking) if rank == 0 else None
-    sink = Checkpoints(job, rank, world, engine.device, final=t.uses_deepspeed())
+    # what the held-out scores decide (fine-tunes: keep_best, early_stop) rides in every checkpoint
+    selection = Selection.of(t) if t.eval_every and job.kind != "pretrain" else None
+    sink = Checkpoints(job, rank, world, engine.device, final=t.uses_deepspeed(), selection=selection)
     client_state = sink.resume(engine, logger)
     start_step = int(client_state.get("step", 0)) if client_state else 0
     if client_state:
         set_rng_state(client_state.get("rng"))
+        if selection is not None:
+            selection.load(client_state.get("selection"))
     if logger:
         # after the resume point is known: a restarted worker group's new rank 0 says where it resumed
         logger.state("running", resumed_from=start_step, workers=world, pid=os.getpid(), started=started,
@@ -87,8 +92,12 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     if roles is not None:  # instruction data: the model is saved with the template it learned
         tokenizer = with_chat_template(tokenizer)
 
+    scorer = heldout_scorer(job, t, rank, world) if t.eval_every else None
     result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger, partial(sink.save, engine),
-                       after_step=killer(job.name, job.out_uri, rank), roles=roles)
+                       after_step=killer(job.name, job.out_uri, rank), roles=roles, scorer=scorer,
+                       selection=selection)
+    if selection is not None and selection.keep_best and selection.best_step not in (None, result.steps):
+        sink.load(engine, selection.best_step)  # keep_best: the best scored step's weights are exported
     mixture_read = _summed(blocks.read, engine.device, world) if job.mixture else None
 
     weights = None
@@ -109,6 +118,9 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
         # nothing to resume from.
     out = {**asdict(result), "started": started, "ended": time.time(), "model_uri": job.model_uri,
            "pid": os.getpid(), "workers": world, "precision": precision.as_dict()}
+    if selection is not None:
+        out.update(selection.outputs(), exported_step=selection.best_step if selection.keep_best and
+                   selection.best_step is not None else result.steps)
     if job.mixture:  # the blocks this attempt's workers read of each source: the mixture as trained
         out["mixture_blocks"] = {name: n for (name, _, _), n in zip(job.mixture, mixture_read, strict=True)}
     if rank == 0:
@@ -146,8 +158,10 @@ class Checkpoints:
     plain torch engine exports straight from memory.
     """
 
-    def __init__(self, job: TrainJob, rank: int = 0, world: int = 1, device: Any = "cpu", final: bool = False):
+    def __init__(self, job: TrainJob, rank: int = 0, world: int = 1, device: Any = "cpu", final: bool = False,
+                 selection=None):
         self.job, self.rank, self.world, self.device, self.final = job, rank, world, device, final
+        self.selection = selection  # stages.training.validation.Selection: saved with each checkpoint
 
     @property
     def uri(self) -> str:
@@ -198,12 +212,15 @@ class Checkpoints:
 
         if step == self.job.steps and not self.final:
             return  # the exported model is the final state
-        uri = storage.join(self.uri, f"step_{step:08d}")
+        uri = storage.join(self.uri, _step_name(step))
         if self.rank == 0 and storage.exists(uri):
             storage.remove_dir(uri)  # left by an attempt that died writing it: never mix two attempts' files
         self._barrier()
         with tempfile.TemporaryDirectory(prefix="branchout-ckpt-") as path:
-            engine.save(path, {"step": step, "rng": rng_state()})
+            state = {"step": step, "rng": rng_state()}
+            if self.selection is not None:
+                state["selection"] = self.selection.state()
+            engine.save(path, state)
             write_rank_manifest(path, self.rank, self.world, {"step": step, "job": self.job.name})
             self.job.check_lease()
             upload_rank(path, uri, self.rank)
@@ -228,7 +245,31 @@ class Checkpoints:
                 dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
             return bool(verdict.item())
 
-        return retain(self.uri, listing[0], keep, self.world, verify=agreed, delete=self.rank == 0)
+        best = self.selection.best_step if self.selection is not None and self.selection.keep_best else None
+        protect = {_step_name(best)} if best is not None else set()  # keep_best: the best outlives retention
+        return retain(self.uri, listing[0], keep, self.world, verify=agreed, delete=self.rank == 0, protect=protect)
+
+    def load(self, engine, step: int) -> None:
+        """Load step ``step``'s checkpoint into ``engine`` (every rank; rank 0 verifies it first).
+
+        Raises:
+            CorruptCheckpointError: it does not verify.
+        """
+        from branchout import storage
+        from branchout.storage.checkpoint import (
+            CorruptCheckpointError,
+            fetch_verified,
+            full_problems,
+        )
+
+        uri = storage.join(self.uri, _step_name(step))
+        problems = [full_problems(uri, self.world) if self.rank == 0 else []]
+        self._broadcast(problems)
+        if problems[0]:
+            raise CorruptCheckpointError(uri, problems[0])
+        with tempfile.TemporaryDirectory(prefix="branchout-load-") as tmp:
+            path = storage.local_path(uri) if storage.is_local(uri) else fetch_verified(uri, tmp, self.world)
+            engine.load(path)
 
     def _distributed(self) -> bool:
         import torch.distributed as dist
@@ -259,3 +300,18 @@ def _summed(counts, device, world: int) -> list[int]:
     if world > 1 and dist.is_initialized():
         dist.all_reduce(total)
     return [int(n) for n in total.tolist()]
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def heldout_scorer(job: TrainJob, t, rank: int, world: int):
+    """``eval_every``'s scorer: the held-out side of the job's data (each source's for a mixture)."""
+    from branchout.stages.prepare.data import open_blocks
+    from branchout.stages.prepare.instruct import open_roles
+    from branchout.stages.training.validation import HeldoutScorer
+
+    sources = [(name.split("/", 1)[-1], uri, w) for name, uri, w in job.mixture] or [("heldout", job.data_uri, 1.0)]
+    sets = {name: (open_blocks(uri, "heldout"), open_roles(uri, "heldout")) for name, uri, _ in sources}
+    return HeldoutScorer(sets, {name: w for name, _, w in sources}, t.eval_blocks, t.micro_batch_size, rank, world)

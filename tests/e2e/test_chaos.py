@@ -79,7 +79,7 @@ def chaos(corpus_dir, tmp_path_factory):
     Ray start and every stage's workers. The pretrain's own first attempt is its reference
     (the steps it trained before the kill), so no second, undisturbed run is needed."""
     spec = copy.deepcopy(TINY)
-    spec["pretrain"].update(steps=40, checkpoint_every=10, log_every=1, datasets=[
+    spec["pretrain"].update(steps=40, checkpoint_every=10, log_every=1, eval_every=10, datasets=[
         {"name": "general", "path": "general.jsonl", "weight": 0.8}, {"name": "docs", "path": "docs.jsonl", "weight": 0.2}])
     del spec["pretrain"]["dataset"]
     spec["evaluate"]["models"] = ["base", "finetuned"]
@@ -122,6 +122,14 @@ def test_worker_killed_mid_pretrain(chaos):
     assert pretrain.outputs["mixture_blocks"] == {"pretrain/general": 128, "pretrain/docs": 32}
     record = RunRecord.load(str(run_dir))
     assert all(record.job(f"data/pretrain/{s}").state is JobState.SUCCEEDED for s in ("general", "docs"))
+    # eval_every: each source's held-out loss, scored by both workers every 10 steps, and their
+    # weighted mean (10 and 20 by the first attempt, 30 and 40 by the resumed one)
+    scored = [r for r in map(json.loads, (run_dir / "logs" / "pretrain.metrics.jsonl").read_text().splitlines())
+              if "eval_loss" in r]
+    assert [r["step"] for r in scored] == [10, 20, 30, 40], scored
+    for r in scored:
+        assert r["eval_loss"] == pytest.approx(0.8 * r["eval_loss/general"] + 0.2 * r["eval_loss/docs"])
+    assert scored[-1]["eval_loss"] < scored[0]["eval_loss"]
 
     # the pretrain's checkpoints, in the one layout every training job has, carry both ranks'
     # manifests and verify; Ray Train's own run folder holds none

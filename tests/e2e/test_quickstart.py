@@ -56,6 +56,18 @@ def test_quickstart_transfers_to_every_domain(tmp_path):
     assert set(metrics["forgetting"]["general_ppl_vs_base"]) == {f"finetune/{d}" for d in ("legal", "code", "docs")}
     assert (run_dir / "eval" / "cross.png").stat().st_size > 1000
     assert "## Perplexity of every model on every held-out set" in report
+    # eval_every: fine-tunes scored at 20 and 40 (and baselines, which share their options),
+    # the best of them exported (keep_best); the pretrain scored at 100
+    record = RunRecord.load(str(run_dir))
+    for d in ("legal", "code", "docs"):
+        for kind in ("finetune", "scratch"):
+            job_out = record.job(f"{kind}/{d}").outputs
+            assert job_out["best_step"] in (20, 40) and job_out["exported_step"] == job_out["best_step"], (kind, d, job_out)
+            assert job_out["best_eval_loss"] > 0
+    pretrain_scores = [json.loads(x) for x in (run_dir / "logs" / "pretrain.metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in pretrain_scores if "eval_loss" in r] == [100]
+    assert (run_dir / "eval" / "heldout_curves.png").stat().st_size > 1000
+    assert "## Held-out loss during training" in report
     # precision: auto, decided on the workers (here, this machine's CPU) for every job, and said
     from branchout.core.precision import cpu_hardware, decide
 

@@ -88,7 +88,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, data_uri: str, overr
     from branchout.stages.training.engine import DeepSpeedEngine, decide_precision
     from branchout.stages.training.loop import run_steps
     from branchout.stages.training.model import export_model, prepare_model, zero3_config
-    from branchout.stages.training.recipe import Checkpoints
+    from branchout.stages.training.recipe import Checkpoints, heldout_scorer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -97,7 +97,8 @@ def _rank_main(rank: int, world: int, port: int, root: str, data_uri: str, overr
     torch.set_num_threads(1)
     t = PretrainSpec(dataset={"path": "unused"}, steps=STEPS, seq_len=32, global_batch_size=4, micro_batch_size=2,
                      num_workers=world, optimizer={"lr": 3e-3}, schedule={"warmup_steps": 2}, log_every=4,
-                     checkpoint_every=2, deepspeed={"zero_stage": zero})  # precision: auto
+                     checkpoint_every=2, eval_every=3, eval_blocks=8,
+                     deepspeed={"zero_stage": zero})  # precision: auto
     job = TrainJob(name="pretrain", kind="pretrain", training=t, steps=STEPS,
                    model_type="llama", model_overrides=overrides, tokenizer_uri=f"{root}/tokenizer",
                    data_uri=data_uri, out_uri=f"{root}/zero{zero}", logs_uri=f"{root}/logs", run_id="test")
@@ -111,9 +112,17 @@ def _rank_main(rank: int, world: int, port: int, root: str, data_uri: str, overr
     marks: list[int] = []
     # the recipe's checkpoints, as a worker group writes them (saves, the ranks' verdicts, retention)
     sink = Checkpoints(job, rank, world, engine.device, final=True)
-    result = run_steps(engine, open_blocks(data_uri, "train"), t, STEPS, 0, rank, world, None,
+    scored: list[dict] = []
+
+    class Logger:  # what the loop logs: the held-out scores (eval_every) among it
+        def log(self, step, **values):
+            if "eval_loss" in values:
+                scored.append({"step": step, "eval_loss": values["eval_loss"]})
+
+    result = run_steps(engine, open_blocks(data_uri, "train"), t, STEPS, 0, rank, world, Logger(),
                        lambda step, loss: sink.save(engine, step, loss),
-                       after_step=lambda step: marks.append(len(DeviceCheckedGroup.seen)))
+                       after_step=lambda step: marks.append(len(DeviceCheckedGroup.seen)),
+                       scorer=heldout_scorer(job, t, rank, world))
     weights = engine.state_dict_for_export()  # collective under ZeRO-3
     if rank == 0:
         export_model(engine.module, tok, job.model_uri, state_dict=weights)
@@ -130,6 +139,7 @@ def _rank_main(rank: int, world: int, port: int, root: str, data_uri: str, overr
             same = {n: bool(n in exported and torch.equal(exported[n], p.detach().cpu())) for n, p in params.items()}
         full = sum(p.numel() for p in params.values())
     out = {"rank": rank, "device": str(engine.device), "held": held, "full": full, "loss": result.final_loss,
+           "scored": scored,
            "seen": DeviceCheckedGroup.seen, "marks": marks, "precision": precision.used,
            "checkpoints": {n: sorted(f for f in os.listdir(os.path.join(job.checkpoints_uri, n)) if f.startswith("MANIFEST"))
                            for n in sorted(os.listdir(job.checkpoints_uri))}}
@@ -181,12 +191,17 @@ def test_collectives_stay_on_the_engine_device_and_the_export_is_the_trained_mod
     # saved at steps 2, 4 and 6 (the last too: DeepSpeed); retention keeps the newest 2, each with both ranks' manifests
     assert ranks[0]["checkpoints"] == {f"step_0000000{s}": ["MANIFEST.rank0.json", "MANIFEST.rank1.json"] for s in (4, 6)}
     # The loop's own reduction ([step loss, window sum], shape (2,)) runs on report steps
-    # only: the first step, every log_every (4) steps, the last, and the checkpoint steps
-    # (every 2: a checkpoint records its loss), never once per step.
+    # only: the first step, every log_every (4) steps, the last, the checkpoint steps (every
+    # 2: a checkpoint records its loss) and the held-out scorings (every 3, whose own sum
+    # [Σ token loss, tokens] is shape (2,) too), never once per step.
     marks = [0] + ranks[0]["marks"]
     reads = [s + 1 for s in range(STEPS) if any(
         op == "allreduce" and shapes == [[2]] for op, _, shapes in ranks[0]["seen"][marks[s]:marks[s + 1]])]
-    assert reads == [1, 2, 4, 6]
+    assert reads == [1, 2, 3, 4, 6]
+    # eval_every: scored at steps 3 and 6 on both ranks' slices (every forward a collective under
+    # ZeRO-3), one sum over the ranks: both ranks log the same held-out loss
+    assert [r["step"] for r in ranks[0]["scored"]] == [3, 6]
+    assert ranks[0]["scored"] == ranks[1]["scored"] and all(0 < r["eval_loss"] < 20 for r in ranks[0]["scored"])
 
     r0 = ranks[0]
     if zero == 3:  # built under zero.Init: each rank only ever held its half (plus padding)
