@@ -241,6 +241,8 @@ def farm_blockers(d: TrainingSpec) -> list[str]:
         why.append("activation_checkpointing is on")
     if d.eval_every is not None:
         why.append("eval_every is set (a farm member is not scored during training yet)")
+    if getattr(d, "replay", 0):
+        why.append("replay is set (a farm member reads its domain's blocks only)")
     if d.deepspeed.precision == "fp16":
         why.append("precision is fp16 (its loss scaler would be shared)")
     return why
@@ -313,15 +315,17 @@ def build_graph(spec: PipelineSpec) -> JobGraph:
         options = {**output_settings(d), "seq_len": training.seq_len, "method": d.method, "lora": d.lora.model_dump(),
                    "selection": selection_settings(d)}
         bundle = d.resources_per_worker.ray_bundle()
-        nodes.append(Node(f"finetune/{d.name}", Kind.FINETUNE, {"base": "pretrain", "data": f"data/{d.name}"},
+        # replay: the pretraining corpora's blocks mixed into the domain's (weights: the pretrain's)
+        replayed = {f"replay:{c.key}": f"data/{c.key}" for c in sources} if d.replay else {}
+        nodes.append(Node(f"finetune/{d.name}", Kind.FINETUNE, {"base": "pretrain", "data": f"data/{d.name}", **replayed},
                           domain=d.name, section=training, seq_len=training.seq_len, workers=d.num_workers,
                           resources=bundle, key_inputs=options, farm=farms.get(d.name)))
         if "scratch" in ev.models:
             # the baseline trains every weight from scratch whatever the domain's method
             nodes.append(Node(f"scratch/{d.name}", Kind.SCRATCH, {"tokenizer": "tokenizer", "data": f"data/{d.name}"},
-                              domain=d.name, section=training.model_copy(update={"method": "full"}),
+                              domain=d.name, section=training.model_copy(update={"method": "full", "replay": 0.0}),
                               seq_len=training.seq_len, workers=d.num_workers, resources=bundle,
-                              key_inputs=[{**options, "method": "full"}, model], model_files=True))
+                              key_inputs=[{**options, "method": "full", "replay": 0.0}, model], model_files=True))
     for d in spec.finetune.domains:
         # scored on one worker of the domain's fine-tune bundle (GPU share, accelerator type)
         producer = {"finetuned": f"finetune/{d.name}", "scratch": f"scratch/{d.name}", "base": "pretrain"}

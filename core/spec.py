@@ -309,6 +309,11 @@ class FinetuneOptions(TrainingSpec):
     global_batch_size: int = Field(8, ge=1)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     max_retries: int = Field(2, ge=0, description="Retries of a failed domain job (each resumes from its newest good checkpoint).")
+    replay: float = Field(
+        0.0, ge=0, lt=1, description="Share of every step's blocks drawn from the pretraining corpus's training "
+        "blocks (a mixture's sources by their weights) instead of the domain's: replayed general text limits "
+        "what a fine-tune forgets of it. Text domains only; the from-scratch baseline trains on the domain alone."
+    )
     keep_best: bool = Field(
         True, description="With eval_every: the exported model is the checkpoint with the lowest held-out loss "
         "(saved when it is scored, kept past keep_checkpoints), not the last step's."

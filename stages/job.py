@@ -61,6 +61,8 @@ class TrainJob:
     model_path: str | None = None  # an existing model the pretrain continues (model.path)
     # pretrain.datasets: (name, packed data, weight) of every source; data_uri is then the first's
     mixture: tuple[tuple[str, str, float], ...] = ()
+    # finetune.replay: (name, packed data, share of the blocks) of each pretraining corpus mixed in
+    replay: tuple[tuple[str, str, float], ...] = ()
     model_revision: str | None = None
 
     @property

@@ -26,6 +26,13 @@ def cross_check(spec: PipelineSpec) -> list[str]:
             problems.append(f"finetune.domains.{i}.name: {domain.name!r} is reserved (a stage, the base model or "
                             f"the general held-out set: {', '.join(RESERVED_NAMES)}); choose another name")
         problems += _check_training(f"finetune.domains.{i}", domain, domain.steps)
+        if domain.replay and domain.dataset.is_instruction:
+            problems.append(f"finetune.domains.{i}.replay: the pretraining corpus is plain text and this domain is "
+                            "instruction data (its loss is on answers only); replay mixes text into text domains")
+        elif domain.replay and spec.domain_seq_len(domain) != spec.pretrain.seq_len:
+            problems.append(f"finetune.domains.{i}.replay: it replays the pretraining corpus's blocks of "
+                            f"pretrain.seq_len = {spec.pretrain.seq_len} tokens; this domain's seq_len is "
+                            f"{spec.domain_seq_len(domain)}")
         if domain.farm is True and farm_blockers(domain):
             problems.append(f"finetune.domains.{i}.farm: true, but this domain cannot train in an adapter farm: "
                             f"{'; '.join(farm_blockers(domain))} (farm: auto trains it alone)")

@@ -314,6 +314,15 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
     return outputs["model_uri"]
 
 
+def replay_sources(spec: PipelineSpec, node: Node, data: dict[str, PackedInfo]) -> tuple:
+    """``replay``: (name, packed data, share of the blocks) of each pretraining corpus a fine-tune
+    replays (its ``replay:<corpus>`` parents), each corpus's share of ``replay`` its weight in
+    the pretraining mixture."""
+    replayed = {role.removeprefix("replay:") for role in node.parents if role.startswith("replay:")}
+    return tuple((c.key, data[c.key].uri, node.section.replay * c.weight)
+                 for c in corpora(spec.pretrain) if c.key in replayed)
+
+
 def training_outputs(job: TrainJob, r: dict[str, Any]) -> dict[str, Any]:
     """What the run record keeps of a training job's result (pretrain, fine-tune, baseline)."""
     out = {"model_uri": job.model_uri, "final_loss": r["final_loss"], "tokens_per_s": r["tokens_per_s"],
@@ -360,6 +369,7 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
             tokenizer_uri=tokenizer["uri"], data_uri=data[node.domain].uri,
             out_uri=ctx.out_uri(node), logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id,
             hub_name=ctx.hub_name, method=t.method, base_model_uri=base_uri if from_base else None,
+            replay=replay_sources(spec, node, data),
         )
         deepspeed = t.uses_deepspeed()
         group = [] if deepspeed or node.farm else singles.setdefault(tuple(sorted(node.resources.items())), [])

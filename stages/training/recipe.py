@@ -86,6 +86,10 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
             print(f"[branchout] {job.name}: {precision.warning}", flush=True)
     if job.mixture:  # a pretraining mixture: its sources interleaved by weight (stages.training.mixture)
         blocks = MixedBlocks([open_blocks(uri, "train") for _, uri, _ in job.mixture], [w for _, _, w in job.mixture])
+    elif job.replay:  # a fine-tune replaying the pretraining text: the domain's blocks first
+        shares = [1 - sum(w for _, _, w in job.replay), *(w for _, _, w in job.replay)]
+        blocks = MixedBlocks([open_blocks(job.data_uri, "train"), *(open_blocks(uri, "train") for _, uri, _ in job.replay)],
+                             shares)
     else:
         blocks = open_blocks(job.data_uri, "train")
     roles = open_roles(job.data_uri, "train")
@@ -98,7 +102,7 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
                        selection=selection)
     if selection is not None and selection.keep_best and selection.best_step not in (None, result.steps):
         sink.load(engine, selection.best_step)  # keep_best: the best scored step's weights are exported
-    mixture_read = _summed(blocks.read, engine.device, world) if job.mixture else None
+    mixture_read = _summed(blocks.read, engine.device, world) if job.mixture or job.replay else None
 
     weights = None
     if t.uses_deepspeed():
@@ -121,8 +125,9 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     if selection is not None:
         out.update(selection.outputs(), exported_step=selection.best_step if selection.keep_best and
                    selection.best_step is not None else result.steps)
-    if job.mixture:  # the blocks this attempt's workers read of each source: the mixture as trained
-        out["mixture_blocks"] = {name: n for (name, _, _), n in zip(job.mixture, mixture_read, strict=True)}
+    if job.mixture or job.replay:  # the blocks this attempt's workers read of each source, as trained
+        names = [name for name, _, _ in job.mixture] or [job.name, *(name for name, _, _ in job.replay)]
+        out["mixture_blocks"] = dict(zip(names, mixture_read, strict=True))
     if rank == 0:
         storage.write_text(storage.join(job.out_uri, "result.json"), json.dumps(out))
         logger.state("succeeded", ended=out["ended"])

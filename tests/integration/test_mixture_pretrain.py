@@ -95,3 +95,18 @@ def test_the_pretrain_reads_its_sources_by_weight_and_resumes_exactly(parts):
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a), \
         [k for k in a if not torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7)]
+
+
+def test_a_fine_tune_replays_its_share_of_the_pretraining_text(parts):
+    """``finetune.replay: 0.25``: a quarter of every stretch of blocks is the general corpus's."""
+    from dataclasses import replace
+
+    from branchout.stages.training.recipe import train
+
+    from conftest import job_for
+
+    root, uris = parts
+    job = job_for((root, uris["pretrain/legal"], TINY["model"]["config"]), "replayed", "full", steps=8,
+                  global_batch_size=4, replay=0.25)
+    result = train(replace(job, replay=(("pretrain", uris["pretrain/general"], 0.25),)))
+    assert result["mixture_blocks"] == {"finetune/replayed": 24, "pretrain": 8}  # 32 blocks, 3:1

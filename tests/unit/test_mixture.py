@@ -98,3 +98,30 @@ def test_a_mixtures_general_perplexity_is_its_sources_weighted_as_trained(write_
     cross = cross_matrix(graph, Record(), {})
     assert list(cross["base"]) == ["general", "general/web", "general/books"]
     assert cross["base"]["general"] == pytest.approx(10.0 ** 0.8 * 40.0 ** 0.2)
+
+
+def test_replay_mixes_the_pretraining_corpora_into_the_fine_tune_only(write_pipeline):
+    from branchout.orchestrator.run.driver import replay_sources
+
+    spec = _mixture()
+    spec["finetune"]["domains"][0]["replay"] = 0.1
+    graph = build_graph(load_spec(write_pipeline(spec)))
+    replayed = {r: p for r, p in graph["finetune/legal"].parents.items() if r.startswith("replay:")}
+    assert replayed == {"replay:pretrain/web": "data/pretrain/web", "replay:pretrain/books": "data/pretrain/books"}
+    assert not any(r.startswith("replay:") for r in graph["scratch/legal"].parents)  # the baseline: domain only
+    assert not any(r.startswith("replay:") for r in graph["finetune/code"].parents)
+    data = {k: type("Info", (), {"uri": f"mem://{k}"})() for k in ("pretrain/web", "pretrain/books")}
+    shares = replay_sources(graph.spec, graph["finetune/legal"], data)
+    assert [(k, round(w, 6)) for k, _, w in shares] == [("pretrain/web", 0.08), ("pretrain/books", 0.02)]
+    base = job_keys(build_graph(load_spec(write_pipeline(_mixture()))), FPS)
+    changed = {k for k, v in job_keys(graph, FPS).items() if base[k] != v}
+    assert changed == {"finetune/legal", "evaluate/legal"}
+
+
+def test_replay_mistakes_are_one_line_each(write_pipeline):
+    short = copy.deepcopy(TINY)
+    short["finetune"]["domains"][0].update(replay=0.1, seq_len=16)
+    out = run_cli("validate", str(write_pipeline(short)))
+    assert out.returncode == 2, out.stdout
+    assert ("finetune.domains.0.replay: it replays the pretraining corpus's blocks of pretrain.seq_len = 32 "
+            "tokens; this domain's seq_len is 16") in out.stderr
