@@ -11,7 +11,9 @@ a job's name.
                │                 └─ data/<d> ─┬─────── finetune/<d>  ├─ evaluate/<d>
                └─────────────────────────────────────── scratch/<d> ─┘
                                  (evaluate.cross: cross/<d> and cross/base score the same
-                                  models on every other held-out set and the general one)
+                                  models on every other held-out set and the general one;
+                                  evaluate.lm_eval: lm_eval/<d> and lm_eval/base run the
+                                  harness's tasks on the fine-tunes and the base)
 
 A data job of a domain has the pretraining data as a parent: its held-out split is
 decontaminated against that corpus's training text. Nodes are in the order the run
@@ -48,6 +50,7 @@ class Kind(StrEnum):
     SCRATCH = "scratch"
     EVALUATE = "evaluate"
     CROSS = "cross"  # evaluate.cross: models scored on other domains' and the general held-out text
+    LM_EVAL = "lm_eval"  # evaluate.lm_eval: lm-evaluation-harness tasks on the base and each fine-tune
 
     @property
     def stage(self) -> str:
@@ -273,7 +276,7 @@ def farm_groups(spec: PipelineSpec) -> dict[str, str]:
 def scoring_settings(spec: PipelineSpec) -> dict:
     """The evaluate section's settings that decide a score (not which jobs exist, nor how the
     report reads the scores)."""
-    return spec.evaluate.model_dump(mode="json", exclude={"cross", "forgetting"})
+    return spec.evaluate.model_dump(mode="json", exclude={"cross", "forgetting", "lm_eval"})
 
 
 def build_graph(spec: PipelineSpec) -> JobGraph:
@@ -335,7 +338,29 @@ def build_graph(spec: PipelineSpec) -> JobGraph:
                           key_inputs=[scoring_settings(spec)]))
     if ev.cross:
         nodes += cross_nodes(spec)
+    if ev.lm_eval:
+        nodes += lm_eval_nodes(spec)
     return JobGraph(spec, nodes, steps)
+
+
+def lm_eval_nodes(spec: PipelineSpec) -> list[Node]:
+    """``evaluate.lm_eval``: the harness's tasks on the base (``lm_eval/base``, on a pretrain
+    worker's bundle) and on each domain's fine-tune (``lm_eval/<d>``, on its bundle: a LoRA
+    adapter is merged into its base first)."""
+    settings = spec.evaluate.lm_eval.model_dump(mode="json")
+    p = spec.pretrain
+    models = spec.evaluate.models
+    out = [Node("lm_eval/base", Kind.LM_EVAL, {"base": "pretrain"}, section=p,
+                resources=p.resources_per_worker.ray_bundle(), entry=LM_EVAL_ENTRY,
+                key_inputs=[settings, p.deepspeed.precision, p.resources_per_worker.uses_gpu])] if "base" in models else []
+    for d in spec.finetune.domains if "finetuned" in models else []:
+        out.append(Node(f"lm_eval/{d.name}", Kind.LM_EVAL, {"finetuned": f"finetune/{d.name}", "base": "pretrain"},
+                        domain=d.name, section=d, resources=d.resources_per_worker.ray_bundle(), entry=LM_EVAL_ENTRY,
+                        key_inputs=[settings, d.method, d.deepspeed.precision, d.resources_per_worker.uses_gpu]))
+    return out
+
+
+LM_EVAL_ENTRY = "branchout.stages.evaluation.lm_eval:run_harness"
 
 
 def cross_nodes(spec: PipelineSpec) -> list[Node]:

@@ -383,6 +383,20 @@ class FinetuneSpec(StrictModel):
 EvalModel = Literal["base", "finetuned", "scratch"]
 
 
+class LmEvalSpec(StrictModel):
+    """EleutherAI's lm-evaluation-harness on the base and every fine-tune, beside perplexity."""
+
+    tasks: list[str] = Field(min_length=1, description="Harness task or group names (its own, or defined in "
+                             "`include_path`); checked before anything starts.")
+    include_path: str | None = Field(
+        None, description="A directory of task YAML files of your own (e.g. a multiple-choice set from local "
+        "JSONL through `dataset_path: json`); it and the files its tasks name must be readable where the jobs run."
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples; null: each task's default.")
+    limit: int | None = Field(None, ge=1, description="Examples per task at most; null: all.")
+    batch_size: int = Field(8, ge=1)
+
+
 class EvaluateSpec(StrictModel):
     """Held-out perplexity per domain (instruction domains: of the responses), greedy answers to
     held-out prompts; the held-out split also shapes every training set."""
@@ -408,6 +422,11 @@ class EvaluateSpec(StrictModel):
         "corpus's ('general'): what a fine-tune forgot and what it transfers. eval/metrics.json gains 'cross' "
         "(model → held-out set → perplexity) and the report a heatmap; one 'cross' job per domain and one for "
         "the base."
+    )
+    lm_eval: LmEvalSpec | None = Field(
+        None, description="Also run lm-evaluation-harness tasks on the base and each fine-tune (one 'lm_eval' job "
+        "per model, on its fine-tune's resources, e.g. a GPU); eval/metrics.json gains 'lm_eval' "
+        "(model → task → metric) and the report a table."
     )
     forgetting: float = Field(
         0.1, gt=0, le=10, description="With cross: a fine-tune whose general-text perplexity exceeds the base's "

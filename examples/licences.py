@@ -2,6 +2,12 @@
 
     python examples/licences.py examples/data        # licences.jsonl, ~1 MB, a second
 
+It also writes a multiple-choice benchmark for ``evaluate.lm_eval``: ``licence_mc.jsonl``
+(up to ``MC_ITEMS`` "Which licence covers …" questions about packages *after* those the
+Q&A set takes, so no fine-tune trained on them, each with the true licence and three others)
+and ``tasks/licence_mc.yaml``, an lm-evaluation-harness task reading that file by its
+absolute path (``include_path: data/tasks`` in examples/licence_assistant.yaml).
+
 Every Debian package documents its licensing in ``/usr/share/doc/<package>/copyright``;
 most use the machine-readable format (DEP-5), stanzas of ``Field: value`` lines::
 
@@ -36,6 +42,22 @@ MAX_ANSWER_CHARS = 120
 MAX_PATTERNS = 3  # file patterns named in one question
 MAX_PER_PACKAGE = 8  # so a few packages with hundreds of stanzas (boost) do not make up the set
 DOC_ROOT = "/usr/share/doc"
+MC_ITEMS = 200  # questions of the multiple-choice task at most
+MC_TASK = """task: licence_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
 
 
 def stanzas(text: str) -> list[dict[str, str]]:
@@ -112,16 +134,48 @@ def examples(doc_root: str = DOC_ROOT, max_examples: int = DEFAULT_MAX_EXAMPLES)
     return out
 
 
-def build(out_dir: str, max_examples: int = DEFAULT_MAX_EXAMPLES, doc_root: str = DOC_ROOT) -> dict[str, int]:
-    """Write ``<out_dir>/licences.jsonl``; returns its example and byte counts."""
-    rows = examples(doc_root, max_examples)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "licences.jsonl")
+def choice_items(rows: list[dict[str, str]], licences: list[str], limit: int = MC_ITEMS) -> list[dict]:
+    """Multiple-choice items of the licence questions in ``rows``: the true licence and three
+    others of ``licences``, in an order drawn from the item's index (deterministic)."""
+    import random
+
+    out = []
+    for row in rows:
+        if not row["prompt"].startswith("Which licence") or len(out) >= limit:
+            continue
+        rng = random.Random(len(out))
+        others = sorted({name for name in licences if name != row["response"]})
+        if len(others) < 3:
+            break
+        choices = [row["response"], *rng.sample(others, 3)]
+        rng.shuffle(choices)
+        out.append({"question": row["prompt"], "choices": [f" {c}" for c in choices],
+                    "answer": choices.index(row["response"])})
+    return out
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(path + ".tmp", path)
-    return {"examples": len(rows), "bytes": os.path.getsize(path)}
+
+
+def build(out_dir: str, max_examples: int = DEFAULT_MAX_EXAMPLES, doc_root: str = DOC_ROOT) -> dict[str, int]:
+    """Write ``<out_dir>/licences.jsonl`` and the multiple-choice task (``licence_mc.jsonl``,
+    ``tasks/licence_mc.yaml``); returns the example, byte and multiple-choice item counts."""
+    everything = examples(doc_root, max_examples + 10 * MC_ITEMS)
+    rows, unseen = everything[:max_examples], everything[max_examples:]
+    licences = [r["response"] for r in everything if r["prompt"].startswith("Which licence")]
+    items = choice_items(unseen, licences)
+    os.makedirs(os.path.join(out_dir, "tasks"), exist_ok=True)
+    mc_path = os.path.abspath(os.path.join(out_dir, "licence_mc.jsonl"))
+    _write_jsonl(mc_path, items)
+    with open(os.path.join(out_dir, "tasks", "licence_mc.yaml"), "w", encoding="utf-8") as f:
+        f.write(MC_TASK.format(path=json.dumps(mc_path)))
+    path = os.path.join(out_dir, "licences.jsonl")
+    _write_jsonl(path, rows)
+    return {"examples": len(rows), "bytes": os.path.getsize(path), "choice_items": len(items)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stats = build(args.out_dir, args.max_examples)
     print(f"licences {stats['examples']:6d} examples {stats['bytes'] / 1e6:6.2f} MB -> "
-          f"{os.path.join(args.out_dir, 'licences.jsonl')}")
+          f"{os.path.join(args.out_dir, 'licences.jsonl')}; {stats['choice_items']} multiple-choice items -> "
+          f"{os.path.join(args.out_dir, 'tasks', 'licence_mc.yaml')}")
     if stats["examples"] < 100:
         print(f"error: only {stats['examples']} examples: too few machine-readable copyright files "
               f"under {DOC_ROOT} (a Debian or Ubuntu machine has hundreds)", file=sys.stderr)

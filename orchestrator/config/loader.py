@@ -201,6 +201,9 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> None:
         for domain in finetune["domains"]:
             if isinstance(domain, dict):
                 fix_dataset(domain.get("dataset"))
+    harness = (raw.get("evaluate") or {}).get("lm_eval") if isinstance(raw.get("evaluate"), dict) else None
+    if isinstance(harness, dict) and isinstance(harness.get("include_path"), str):
+        harness["include_path"] = _absolute(harness["include_path"], base)
     tok = raw.get("tokenizer")
     if isinstance(tok, dict) and isinstance(tok.get("path"), str):
         tok["path"] = _absolute(tok["path"], base)

@@ -26,6 +26,7 @@ def preflight(spec: PipelineSpec) -> tuple[list[str], list[str]]:
 
     problems: list[str] = []
     notes: list[str] = []
+    problems += _check_lm_eval_tasks(spec)
     checks = [(c.where, c.dataset, spec.pretrain.seq_len) for c in corpora(spec.pretrain)]
     checks += [(f"finetune.domains.{i}.dataset", d.dataset, spec.domain_seq_len(d))
                for i, d in enumerate(spec.finetune.domains)]
@@ -108,3 +109,26 @@ def _bound_problem(label: str, bounds: dict[bool, int], seq_len: int, fraction: 
         return (f"{label}: held-out documents ({fraction:.0%}) hold at most {bounds[True]} tokens, "
                 f"less than one {seq_len}-token block; add data or raise evaluate.heldout_fraction")
     return None
+
+
+def _check_lm_eval_tasks(spec: PipelineSpec) -> list[str]:
+    """``evaluate.lm_eval``: every task is one the harness knows (its own or ``include_path``'s),
+    before any worker starts (indexing the harness's tasks takes seconds, so only when asked)."""
+    import os
+
+    options = spec.evaluate.lm_eval
+    if options is None:
+        return []
+    if options.include_path and not os.path.isdir(options.include_path):
+        return [f"evaluate.lm_eval.include_path: {options.include_path} is not a directory of task YAML files"]
+    import logging
+
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its indexing warns about its own task files
+    known = set(TaskManager(include_path=options.include_path).all_tasks)
+    unknown = [t for t in options.tasks if t not in known]
+    if unknown:
+        where = " or in include_path" if options.include_path else " (tasks of your own: include_path)"
+        return [f"evaluate.lm_eval.tasks: {', '.join(unknown)}: not a task of lm-evaluation-harness{where}"]
+    return []

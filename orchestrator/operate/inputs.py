@@ -82,6 +82,9 @@ def _local_inputs(spec: PipelineSpec) -> Iterator[tuple[str, str, object]]:
         yield from dataset(f"pretrain.datasets.{i}.path", source)
     for i, d in enumerate(spec.finetune.domains):
         yield from dataset(f"finetune.domains.{i}.dataset.path", d.dataset)
+    harness = spec.evaluate.lm_eval
+    if harness and harness.include_path and storage.is_local(harness.include_path) and os.path.isdir(harness.include_path):
+        yield "evaluate.lm_eval.include_path", harness.include_path, lambda uri: setattr(harness, "include_path", uri)
     tok, model = spec.tokenizer, spec.model
     if tok.path and storage.is_local(tok.path) and os.path.isdir(tok.path):
         yield "tokenizer.path", tok.path, lambda uri: setattr(tok, "path", uri)

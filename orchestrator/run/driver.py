@@ -484,6 +484,9 @@ def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, 
         metrics["cross"] = cross_matrix(ctx.graph, ctx.record, results)
         metrics["forgetting"] = forgetting(metrics["cross"], [n.name for n in ctx.graph.of(Kind.FINETUNE)],
                                            ev.forgetting)
+    if ev.lm_eval:  # the harness's jobs ran after the fan-out too
+        metrics["lm_eval"] = {r.outputs["model"]: r.outputs["scores"] for r in
+                              (ctx.record.job(n.name) for n in ctx.graph.of(Kind.LM_EVAL)) if "scores" in r.outputs}
     storage.write_text(ctx.uri("eval", "metrics.json"), json.dumps(metrics, indent=1))
     storage.write_text(ctx.uri("eval", "samples.json"), json.dumps(samples, indent=1, ensure_ascii=False))
 

@@ -123,9 +123,10 @@ def write_report(record: RunRecord, metrics: dict[str, Any]) -> str:
     samples = json.loads(storage.read_text(samples_uri)) if storage.exists(samples_uri) else {}
     notes = [("Worse than a baseline.", n) for n in findings(metrics)] + \
         [("Forgot the general text.", n) for n in forgetting_findings(metrics)]
-    storage.write_text(storage.join(record.run_uri, "report.md"), _markdown(record, rows, plots, notes, samples))
+    harness = harness_rows(metrics)
+    storage.write_text(storage.join(record.run_uri, "report.md"), _markdown(record, rows, plots, notes, samples, harness))
     uri = storage.join(record.run_uri, "report.html")
-    storage.write_text(uri, _html(record, rows, plots, notes, samples))
+    storage.write_text(uri, _html(record, rows, plots, notes, samples, harness))
     return uri
 
 
@@ -260,8 +261,18 @@ def job_warnings(record: RunRecord) -> list[str]:
     return [f"{name}: {w}" for name, job in record.jobs.items() for w in job.outputs.get("warnings", [])]
 
 
+HARNESS_NOTE = ("`evaluate.lm_eval`: EleutherAI's lm-evaluation-harness on each model, beside perplexity "
+                "(a LoRA fine-tune merged into its base). Its full results: `lm_eval/<model>/results.json`.")
+HARNESS_HEADER = ["model", "task", "metric", "value"]
+
+
+def harness_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    return [[model, task, metric, f"{value:.4f}"] for model, tasks in (metrics.get("lm_eval") or {}).items()
+            for task, values in tasks.items() for metric, value in values.items()]
+
+
 def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[tuple[str, str]],
-              samples: dict[str, list[dict]]) -> str:
+              samples: dict[str, list[dict]], harness: list[list[str]] = ()) -> str:
     lines = [f"# branchout report: {record.pipeline}", "", *_summary(record), "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -272,6 +283,7 @@ def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes],
         lines += ["## Warnings", ""] + [f"- {w}" for w in job_warnings(record)] + [""]
     lines += _section_md("Held-out split", SPLIT_NOTE, SPLIT_HEADER, split_rows(record))
     lines += _section_md("Precision", PRECISION_NOTE, PRECISION_HEADER, precision_rows(record))
+    lines += _section_md("Benchmarks (lm-evaluation-harness)", HARNESS_NOTE, HARNESS_HEADER, list(harness))
     for name in plots:
         lines += [f"## {PLOTS[name]}", "", f"![{PLOTS[name]}](eval/{name})", ""]
     if samples:
@@ -326,7 +338,7 @@ def _section_html(title: str, note: str, header: list[str], rows: list[list[str]
 
 
 def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[tuple[str, str]],
-          samples: dict[str, list[dict]]) -> str:
+          samples: dict[str, list[dict]], harness: list[list[str]] = ()) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -347,7 +359,8 @@ def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], not
             f"<h1>branchout report: {esc(record.pipeline)}</h1>{summary}"
             f"<table><tr>{head}</tr>{body}</table>{found}"
             f"{_section_html('Held-out split', SPLIT_NOTE, SPLIT_HEADER, split_rows(record))}"
-            f"{_section_html('Precision', PRECISION_NOTE, PRECISION_HEADER, precision_rows(record), 'sample')}{imgs}"
+            f"{_section_html('Precision', PRECISION_NOTE, PRECISION_HEADER, precision_rows(record), 'sample')}"
+            f"{_section_html('Benchmarks (lm-evaluation-harness)', HARNESS_NOTE, HARNESS_HEADER, list(harness))}{imgs}"
             f"{_samples_html(samples)}"
             f"<h2>Lineage</h2><pre>{esc(lineage_text(record))}</pre></body></html>")
 

@@ -30,6 +30,7 @@ def test_licence_assistant_answers_are_scored_and_shown(tmp_path):
                            capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
     sets = [f"storage={tmp_path / 'runs'}", f"pretrain.dataset.path={data / 'legal.jsonl'}",
+            f"evaluate.lm_eval.include_path={data / 'tasks'}", "evaluate.lm_eval.limit=40",
             *[f"finetune.domains.{i}.dataset.path={data / 'licences.jsonl'}" for i in (0, 1)], *SHORT]
     out = run_cli("run", str(REPO / "examples" / "licence_assistant.yaml"), *[a for s in sets for a in ("--set", s)],
                   timeout=1200)
@@ -44,4 +45,13 @@ def test_licence_assistant_answers_are_scored_and_shown(tmp_path):
     first = samples["licences"][0]
     assert "Debian package" in first["prompt"] and first["prompt"].endswith("<|assistant|>\n")
     assert samples["licences-lora"][0]["prompt"] == first["prompt"]  # same data, same held-out prompts
-    assert "## Generation samples" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "## Generation samples" in report
+    # evaluate.lm_eval: the harness's task from local files, on the base and both fine-tunes
+    # (the LoRA one merged into its base), each its own job; the report's table
+    assert set(metrics["lm_eval"]) == {"base", "finetune/licences", "finetune/licences-lora"}
+    for model, tasks in metrics["lm_eval"].items():
+        assert 0 <= tasks["licence_mc"]["acc"] <= 1 and tasks["licence_mc"]["acc_stderr"] > 0, (model, tasks)
+    results = json.loads((run_dir / "lm_eval" / "licences-lora" / "results.json").read_text())
+    assert results["results"]["licence_mc"]["sample_len"] == 40  # evaluate.lm_eval.limit
+    assert "## Benchmarks (lm-evaluation-harness)" in report and "| finetune/licences | licence_mc | acc |" in report

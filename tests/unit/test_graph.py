@@ -71,7 +71,7 @@ def test_every_reader_agrees_with_the_graph(path: Path, tmp_path):
         assert {k for k in keys if keys[k] != moved[k]} == graph.descendants(readers), dataset
 
     # --rerun: a kind, a domain, a job, each with what depends on it
-    assert graph.select([Kind.PRETRAIN]) == {"pretrain"} | {n.name for n in graph.of(Kind.FINETUNE, Kind.CROSS)} | \
+    assert graph.select([Kind.PRETRAIN]) == {"pretrain"} | {n.name for n in graph.of(Kind.FINETUNE, Kind.CROSS, Kind.LM_EVAL)} | \
         {n.name for n in graph.of(Kind.EVALUATE) if "base" in n.parents or "finetuned" in n.parents}
     first = domains[0]
     assert graph.select([first]) == {n.name for n in graph if n.domain == first and n.kind is not Kind.DATA}
