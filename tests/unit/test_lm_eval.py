@@ -9,7 +9,7 @@ from branchout.core.graph import Kind, build_graph
 from branchout.orchestrator.config.loader import load_spec
 from branchout.stages.evaluation.lm_eval import scores_of
 
-from conftest import TINY, run_cli
+from conftest import TINY
 
 
 def _spec(**lm_eval) -> dict:
@@ -41,9 +41,11 @@ def test_scores_are_numbers_by_task_and_metric():
 
 
 def test_an_unknown_task_or_folder_is_one_line_before_anything_starts(write_pipeline, tmp_path):
-    out = run_cli("validate", str(write_pipeline(_spec(tasks=["arc_easy", "no_such_task"]))))
-    assert out.returncode == 2, out.stdout
-    assert out.stderr.strip().splitlines()[-1].endswith(
-        "evaluate.lm_eval.tasks: no_such_task: not a task of lm-evaluation-harness (tasks of your own: include_path)")
-    out = run_cli("validate", str(write_pipeline(_spec(include_path=str(tmp_path / "missing")))))
-    assert out.returncode == 2 and "evaluate.lm_eval.include_path:" in out.stderr and "Traceback" not in out.stderr
+    """Checked by preflight (what ``validate``, ``run`` and ``submit`` print as one line each)."""
+    from branchout.orchestrator.config.preflight import preflight
+
+    problems, _ = preflight(load_spec(write_pipeline(_spec(tasks=["arc_easy", "no_such_task"]))))
+    assert problems == ["evaluate.lm_eval.tasks: no_such_task: not a task of lm-evaluation-harness "
+                        "(tasks of your own: include_path)"]
+    problems, _ = preflight(load_spec(write_pipeline(_spec(include_path=str(tmp_path / "missing")))))
+    assert problems == [f"evaluate.lm_eval.include_path: {tmp_path / 'missing'} is not a directory of task YAML files"]
