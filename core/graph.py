@@ -254,8 +254,9 @@ def farm_blockers(d: TrainingSpec) -> list[str]:
 def farm_groups(spec: PipelineSpec) -> dict[str, str]:
     """Domain → the adapter farm it trains in. Domains that can farm (``farm_blockers``) and
     share the block length, precision, bundle and LoRA targets form a group; ``auto`` farms
-    a group of two or more, ``true`` even one alone; a group larger than ``FARM_MAX`` is
-    split in order."""
+    a group of two or more, ``true`` even one alone; a group larger than a farm holds is
+    split in order: ``FARM_MAX``, or fewer where the memory planner says one GPU holds fewer
+    (``spec.farm_capacity``, set by the loader for GPUs of a known type)."""
     groups: dict[tuple, list] = {}
     for d in spec.finetune.domains:
         if d.farm is False or farm_blockers(d):
@@ -265,11 +266,12 @@ def farm_groups(spec: PipelineSpec) -> dict[str, str]:
         groups.setdefault(key, []).append(d)
     out: dict[str, str] = {}
     for members in groups.values():
-        if len(members) < 2 and members[0].farm is not True:
+        size = max(1, min([FARM_MAX, *(spec.farm_capacity.get(d.name, FARM_MAX) for d in members)]))
+        if (len(members) < 2 or size < 2) and members[0].farm is not True:
             continue
-        for i in range(0, len(members), FARM_MAX):
+        for i in range(0, len(members), size):
             name = f"farm-{len(set(out.values())) + 1}"
-            out.update({d.name: name for d in members[i:i + FARM_MAX]})
+            out.update({d.name: name for d in members[i:i + size]})
     return out
 
 

@@ -500,10 +500,17 @@ class PipelineSpec(StrictModel):
     # What the loader decided for the user (e.g. the ZeRO stage picked for 'auto'); shown
     # with the plan, never read from or written to the file.
     _notes: list[str] = PrivateAttr(default_factory=list)
+    # Adapter farm sizes the memory planner allows, by domain (orchestrator.config.plan.size_farms):
+    # how many members one farm on that domain's GPU holds. Absent: core.graph.FARM_MAX.
+    _farm_capacity: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @property
     def notes(self) -> list[str]:
         return self._notes
+
+    @property
+    def farm_capacity(self) -> dict[str, int]:
+        return self._farm_capacity
 
     def domain_seq_len(self, domain: DomainSpec) -> int:
         """Fine-tunes use the pretrain block length unless a domain sets its own."""

@@ -122,7 +122,7 @@ def check_shape(raw: Any, source: str) -> None:
 def validate_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
     """Validate an already-read mapping; see ``load_spec``."""
     from branchout.orchestrator.config.checks import cross_check
-    from branchout.orchestrator.config.plan import check_packing, resolve_auto_zero
+    from branchout.orchestrator.config.plan import check_packing, resolve_auto_zero, size_farms
 
     try:
         spec = PipelineSpec.model_validate(raw)
@@ -136,6 +136,7 @@ def validate_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
     if problems:
         raise SpecError(source, problems)
     spec.notes.extend(notes)
+    spec.notes.extend(size_farms(spec))
     if spec.pretrain.datasets:
         from branchout.core.graph import corpora
 

@@ -328,6 +328,40 @@ def _training_plan(name: str, t: TrainingSpec, seq_len: int, steps: int, shape: 
     )
 
 
+def size_farms(spec: PipelineSpec) -> list[str]:
+    """How many LoRA members one adapter farm holds on its domains' GPU, where the GPU type
+    is known: the frozen base once (16-bit on a GPU), and per member its adapter's weights,
+    gradients and Adam moments (16 bytes a parameter) and the activations of its micro-batch
+    (a farm runs every member's rows through each layer at once). Recorded in
+    ``spec.farm_capacity`` for ``core.graph.farm_groups``; returns a note per GPU type where
+    it is below ``FARM_MAX``."""
+    from branchout.cluster.gpu_memory import GB, activation_bytes, usable_bytes
+    from branchout.core.graph import FARM_MAX, farm_blockers
+
+    candidates = [d for d in spec.finetune.domains if d.farm is not False and not farm_blockers(d)
+                  and d.resources_per_worker.uses_gpu and _gpu_memory(d) is not None]
+    if not candidates:
+        return []
+    shape = model_shape(spec)
+    notes = {}
+    for d in candidates:
+        known = planned_precision(d, spec.cluster.address is None)
+        mixed = known.used != "fp32" if known else True
+        base = (2 if mixed else 4) * shape.params
+        member = 16 * max(1, shape.params // 100) + activation_bytes(
+            spec.domain_seq_len(d), d.micro_batch_size, shape.hidden, shape.layers, shape.vocab, mixed)
+        share = usable_bytes(_gpu_memory(d)) * min(1.0, d.resources_per_worker.gpu)
+        capacity = max(0, int((share - base) // member))
+        spec.farm_capacity[d.name] = capacity
+        if capacity < FARM_MAX:
+            label = d.resources_per_worker.accelerator or f"{_gpu_memory(d):g} GB GPU"
+            notes[(label, capacity)] = (
+                f"finetune.farm: {d.resources_per_worker.gpu:g} × {label} holds {capacity} LoRA member(s) of an "
+                f"adapter farm (the base once, {base / GB:.1f} GB; {member / GB:.2f} GB a member): "
+                + ("farms of at most that many" if capacity >= 2 else "these domains train alone"))
+    return list(notes.values())
+
+
 def check_packing(spec: PipelineSpec) -> list[str]:
     """Refuse GPU placements that cannot hold the jobs that will run on them.
 

@@ -207,6 +207,38 @@ def test_farms_group_lora_domains_that_can_train_together(write_pipeline):
     assert [many[f"d{i}"] for i in (0, FARM_MAX - 1, FARM_MAX, FARM_MAX + 1)] == ["farm-1", "farm-1", "farm-2", "farm-2"]
 
 
+def test_the_memory_planner_sizes_farms_on_a_known_gpu(write_pipeline):
+    """A 1.1B base (2.2 GB in 16 bits) with 2048-token micro-batches of 2: each member's
+    activations cost GBs, so an L4 holds a few members where an H200 holds FARM_MAX."""
+    import copy
+
+    from branchout.core.graph import FARM_MAX, farm_groups
+
+    from conftest import TINY
+
+    def farms(gpu: str) -> tuple[dict[str, str], list[str]]:
+        spec = copy.deepcopy(TINY)
+        spec["model"]["config"].update(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+        spec["finetune"]["defaults"].update(method="lora", seq_len=2048, micro_batch_size=2, global_batch_size=2,
+                                            resources_per_worker={"cpu": 1, "gpu": 1, "accelerator": gpu})
+        spec["evaluate"]["models"] = ["base", "finetuned"]
+        spec["pretrain"]["seq_len"] = 2048
+        spec["cluster"] = {"address": "auto"}  # a GPU cluster (an embedded Ray here has no GPU)
+        spec["finetune"]["domains"] = [{"name": f"d{i}", "dataset": {"path": "legal.jsonl"}} for i in range(20)]
+        loaded = load_spec(write_pipeline(spec))
+        return farm_groups(loaded), loaded.notes
+
+    big, notes = farms("H200-141GB")
+    assert sorted(set(big.values())) == ["farm-1", "farm-2"] and list(big.values()).count("farm-1") == FARM_MAX
+    assert not [n for n in notes if n.startswith("finetune.farm")]
+    small, notes = farms("L4-24GB")
+    sizes = [list(small.values()).count(f) for f in sorted(set(small.values()))]
+    assert 2 <= max(sizes) < FARM_MAX and sum(sizes) == 20, sizes
+    [note] = [n for n in notes if n.startswith("finetune.farm")]
+    assert f"1 × L4-24GB holds {max(sizes)} LoRA member(s) of an adapter farm" in note
+
+
 def test_farm_true_where_it_cannot_farm_is_one_line(write_pipeline):
     import copy
 
