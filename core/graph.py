@@ -310,6 +310,9 @@ def build_graph(spec: PipelineSpec) -> JobGraph:
     copy = steps == 0  # branch straight from model.path: the pretrain is a one-CPU copy of it
     # the mixture's weights decide what the pretrain reads (not what the data jobs make)
     data = {"data": "data/pretrain"} if not p.datasets else {f"data:{c.key}": f"data/{c.key}" for c in sources}
+    # pretrain.stop: where it stops depends on the probes, so on every domain's data
+    if p.probes is not None and p.stop is not None:
+        data.update({f"probe:{d.name}": f"data/{d.name}" for d in spec.finetune.domains})
     nodes.append(Node("pretrain", Kind.PRETRAIN, {"tokenizer": "tokenizer", **data},
                       section=p, seq_len=p.seq_len, workers=1 if copy else p.num_workers,
                       resources={"CPU": 1} if copy else p.resources_per_worker.ray_bundle(),

@@ -178,10 +178,16 @@ class OptimizerSpec(StrictModel):
 
 
 class ScheduleSpec(StrictModel):
-    """Linear warmup then cosine decay to ``min_lr_ratio`` × lr."""
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` × lr; or warmup-stable-decay."""
 
+    kind: Literal["cosine", "wsd"] = Field(
+        "cosine", description="cosine: decay over the whole run. wsd (warmup-stable-decay): constant after the "
+        "warmup, then a linear cooldown to min_lr_ratio over the last cooldown_fraction of the run (or after "
+        "pretrain.stop ends it early): checkpoints before the cooldown are comparable, which probes need."
+    )
     warmup_steps: int = Field(10, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    cooldown_fraction: float = Field(0.1, gt=0, le=1, description="wsd: the share of the steps the cooldown takes.")
 
 
 class DeepSpeedSpec(StrictModel):
@@ -254,6 +260,48 @@ class TrainingSpec(StrictModel):
         return ds.engine == "deepspeed" or self.num_workers > 1 or ds.offload_optimizer or ds.offload_params
 
 
+class ProbeSpec(StrictModel):
+    """Probe fine-tunes of every domain from the running pretrain (``pretrain.probes``)."""
+
+    at: list[float] | None = Field(
+        None, description="Probe points as fractions of the pretrain's steps (default 1/16, 1/8, 1/4, 1/2, 3/4, 1); "
+        "or give `every`."
+    )
+    every: int | None = Field(None, ge=1, description="A probe point every this many pretrain steps.")
+    steps: int = Field(50, ge=1, description="Optimizer steps of each probe fine-tune (its domain's other options).")
+    method: Literal["lora", "full"] = "lora"
+
+    @field_validator("at")
+    @classmethod
+    def _fractions(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(not 0 < f <= 1 for f in v)):
+            raise ValueError("probe points are fractions of the pretrain in (0, 1]")
+        return sorted(set(v)) if v else v
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ProbeSpec:
+        if self.at is not None and self.every is not None:
+            raise ValueError("give `at` (fractions) or `every` (steps), not both")
+        return self
+
+    def points(self, steps: int) -> list[int]:
+        """The pretrain steps probed, in order."""
+        if self.every is not None:
+            return list(range(self.every, steps + 1, self.every))
+        fractions = self.at or [1 / 16, 1 / 8, 1 / 4, 1 / 2, 3 / 4, 1]
+        return sorted({max(1, round(f * steps)) for f in fractions})
+
+
+class StopSpec(StrictModel):
+    """End the pretrain once probes forecast that the rest of its budget no longer helps."""
+
+    when: Literal["saturated"] = "saturated"
+    epsilon: float = Field(0.01, gt=0, description="Stop when every domain's forecast relative gain of the "
+                           "remaining budget is below this, at `patience` probe points in a row.")
+    patience: int = Field(2, ge=1)
+    weights: dict[str, float] = Field(default_factory=dict, description="Domain → weight of its gain (default 1).")
+
+
 class PretrainSpec(TrainingSpec):
     """The one expensive stage: a model trained from scratch with DeepSpeed on Ray Train."""
 
@@ -269,6 +317,13 @@ class PretrainSpec(TrainingSpec):
     steps: int | None = Field(None, ge=0, description="Optimizer steps, or give `tokens`; 0 skips pretraining "
                               "(the fan-out branches straight from model.path).")
     tokens: int | None = Field(None, ge=1, description="Token budget; steps are derived.")
+    probes: ProbeSpec | None = Field(
+        None, description="At probe points the pretrain's workers fine-tune every domain briefly from the current "
+        "weights and score it on the domain's held-out text: eval/forecast.json fits each domain's probe loss "
+        "against pretraining tokens (loss = E + A·T^-α) and forecasts the end of the budget."
+    )
+    stop: StopSpec | None = Field(None, description="With probes: stop the pretrain (then cool down) once the "
+                                  "forecast gain of the rest of its budget is below epsilon for every domain.")
 
     @model_validator(mode="after")
     def _steps_or_tokens(self) -> PretrainSpec:
@@ -280,6 +335,8 @@ class PretrainSpec(TrainingSpec):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"datasets: source names must be unique; repeated: {', '.join(dupes)}")
+        if self.stop is not None and self.probes is None:
+            raise ValueError("`stop` acts on the probes' forecasts: set `probes` too")
         return self
 
 

@@ -63,6 +63,8 @@ class TrainJob:
     mixture: tuple[tuple[str, str, float], ...] = ()
     # finetune.replay: (name, packed data, share of the blocks) of each pretraining corpus mixed in
     replay: tuple[tuple[str, str, float], ...] = ()
+    # pretrain.probes: the domains its workers fine-tune at probe points (stages.training.probes.ProbeTarget)
+    probes: tuple = ()
     model_revision: str | None = None
 
     @property

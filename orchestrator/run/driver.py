@@ -295,6 +295,7 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
         logs_uri=ctx.uri("logs"), run_id=ctx.record.run_id, hub_name=ctx.hub_name,
         model_path=spec.model.path, model_revision=spec.model.revision,
         mixture=tuple((c.key, data[c.key].uri, c.weight) for c in sources) if spec.pretrain.datasets else (),
+        probes=probe_targets(spec, data),
     )
     item = WorkItem(node.name, ctx.claiming(job, lambda: ctx.threads.submit(run_distributed, job, node.section.max_failures)),
                     on_success=lambda r: training_outputs(job, r), resources=node.resources)
@@ -311,7 +312,33 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
 
     outputs = _require(ctx.run([item], on_tick=fanout_ahead), ctx.record, [node.name])[node.name]
     ctx.hints.request(bundles["fanout"], "fan-out")
+    forecast = storage.join(ctx.out_uri(node), "probes", "forecast.json")
+    if spec.pretrain.probes and storage.exists(forecast):  # the probes' forecasts, beside the scores
+        storage.write_text(ctx.uri("eval", "forecast.json"), storage.read_text(forecast))
     return outputs["model_uri"]
+
+
+def probe_targets(spec: PipelineSpec, data: dict[str, PackedInfo]) -> tuple:
+    """``pretrain.probes``: each domain as a probe fine-tunes it, on the pretrain's workers: its own
+    options, with the probe's steps and method, one worker on the pretrain worker's resources,
+    its held-out loss scored at its last step and nothing kept or mixed in."""
+    from branchout.stages.training.probes import ProbeTarget
+
+    p = spec.pretrain
+    if p.probes is None:
+        return ()
+    steps = p.probes.steps
+    out = []
+    for d in spec.finetune.domains:
+        engine = d.deepspeed.model_copy(update={"engine": "auto", "offload_optimizer": False, "offload_params": False,
+                                                "precision": p.deepspeed.precision})
+        options = d.model_copy(update={
+            "steps": steps, "method": p.probes.method, "num_workers": 1, "seq_len": spec.domain_seq_len(d),
+            "resources_per_worker": p.resources_per_worker, "deepspeed": engine, "eval_every": steps,
+            "keep_best": False, "early_stop": None, "replay": 0.0, "farm": False, "checkpoint_every": steps,
+            "log_every": steps, "micro_batch_size": min(d.micro_batch_size, d.global_batch_size)})
+        out.append(ProbeTarget(d.name, data[d.name].uri, options))
+    return tuple(out)
 
 
 def replay_sources(spec: PipelineSpec, node: Node, data: dict[str, PackedInfo]) -> tuple:
@@ -333,6 +360,9 @@ def training_outputs(job: TrainJob, r: dict[str, Any]) -> dict[str, Any]:
         out["mixture_blocks"] = r["mixture_blocks"]
     # eval_every on a fine-tune: the best scored step, the one exported, where it stopped early
     out.update({k: r[k] for k in ("best_step", "best_eval_loss", "exported_step", "stopped_early_at") if k in r})
+    # pretrain.probes: where it probed, what that cost, and where and why it stopped early
+    out.update({k: r[k] for k in ("probe_points", "probe_seconds", "stopped_at", "stop_reason", "tokens_saved")
+                if k in r})
     return out
 
 

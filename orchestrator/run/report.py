@@ -107,12 +107,16 @@ def read_run_metrics(record: RunRecord) -> dict | None:
 
 # each plot's file under eval/ and the heading that says what it shows
 PLOTS = {"loss_curves.png": "Training loss per step", "heldout_curves.png": "Held-out loss during training",
+         "forecast.png": "Probe loss against pretraining tokens, and its forecast",
          "perplexity.png": "Held-out perplexity per domain", "cross.png": "Perplexity of every model on every held-out set"}
 
 
 def write_report(record: RunRecord, metrics: dict[str, Any]) -> str:
     """Write both reports into the run directory; returns the HTML report's URI."""
+    forecast_uri = storage.join(record.run_uri, "eval", "forecast.json")
+    forecast = json.loads(storage.read_text(forecast_uri)) if storage.exists(forecast_uri) else None
     plots = {"loss_curves.png": _loss_plot(record), "heldout_curves.png": _heldout_plot(record),
+             "forecast.png": _forecast_plot(forecast),
              "perplexity.png": _ppl_plot(metrics),
              "cross.png": _cross_plot(metrics)}
     plots = {k: v for k, v in plots.items() if v}
@@ -124,9 +128,11 @@ def write_report(record: RunRecord, metrics: dict[str, Any]) -> str:
     notes = [("Worse than a baseline.", n) for n in findings(metrics)] + \
         [("Forgot the general text.", n) for n in forgetting_findings(metrics)]
     harness = harness_rows(metrics)
-    storage.write_text(storage.join(record.run_uri, "report.md"), _markdown(record, rows, plots, notes, samples, harness))
+    probes = forecast_rows(forecast)
+    storage.write_text(storage.join(record.run_uri, "report.md"),
+                       _markdown(record, rows, plots, notes, samples, harness, probes))
     uri = storage.join(record.run_uri, "report.html")
-    storage.write_text(uri, _html(record, rows, plots, notes, samples, harness))
+    storage.write_text(uri, _html(record, rows, plots, notes, samples, harness, probes))
     return uri
 
 
@@ -264,6 +270,30 @@ def job_warnings(record: RunRecord) -> list[str]:
 HARNESS_NOTE = ("`evaluate.lm_eval`: EleutherAI's lm-evaluation-harness on each model, beside perplexity "
                 "(a LoRA fine-tune merged into its base). Its full results: `lm_eval/<model>/results.json`.")
 HARNESS_HEADER = ["model", "task", "metric", "value"]
+FORECAST_NOTE = ("`pretrain.probes`: each domain fine-tuned briefly from the pretrain at its probe points; the "
+                 "probe's held-out loss fit as E + A·T^-α against pretraining tokens T. \"forecast at half\": what the "
+                 "probes up to half the budget said the last probe would score; \"last probe\": what it scored.")
+FORECAST_HEADER = ["domain", "probe points", "E", "α", "forecast at half", "last probe", "verdict"]
+
+
+def forecast_rows(forecast: dict | None) -> list[list[str]]:
+    if not forecast:
+        return []
+    half = forecast["budget_tokens"] / 2 / forecast["tokens_per_step"]
+    rows = []
+    for domain, f in forecast["domains"].items():
+        early = [h for h in f["forecast_after"] if h["step"] <= half and h["verdict"] == "forecast"]
+        rows.append([domain, str(len(f["tokens"])), _num(f.get("E")), _num(f.get("alpha")),
+                     _num(early[-1]["final_loss"]) if early else "-", _num(f["losses"][-1]) if f["losses"] else "-",
+                     f["verdict"] + (f" ({f['why']})" if f.get("why") else "")])
+    stop = forecast.get("stop") or {}
+    if stop.get("stopped_at"):
+        rows.append(["(pretrain)", "", "", "", "", "", f"stopped at step {stop['stopped_at']}: {stop['why']}"])
+    return rows
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
 
 
 def harness_rows(metrics: dict[str, Any]) -> list[list[str]]:
@@ -272,7 +302,7 @@ def harness_rows(metrics: dict[str, Any]) -> list[list[str]]:
 
 
 def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[tuple[str, str]],
-              samples: dict[str, list[dict]], harness: list[list[str]] = ()) -> str:
+              samples: dict[str, list[dict]], harness: list[list[str]] = (), probes: list[list[str]] = ()) -> str:
     lines = [f"# branchout report: {record.pipeline}", "", *_summary(record), "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -284,6 +314,7 @@ def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes],
     lines += _section_md("Held-out split", SPLIT_NOTE, SPLIT_HEADER, split_rows(record))
     lines += _section_md("Precision", PRECISION_NOTE, PRECISION_HEADER, precision_rows(record))
     lines += _section_md("Benchmarks (lm-evaluation-harness)", HARNESS_NOTE, HARNESS_HEADER, list(harness))
+    lines += _section_md("Probe forecasts", FORECAST_NOTE, FORECAST_HEADER, list(probes))
     for name in plots:
         lines += [f"## {PLOTS[name]}", "", f"![{PLOTS[name]}](eval/{name})", ""]
     if samples:
@@ -338,7 +369,7 @@ def _section_html(title: str, note: str, header: list[str], rows: list[list[str]
 
 
 def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[tuple[str, str]],
-          samples: dict[str, list[dict]], harness: list[list[str]] = ()) -> str:
+          samples: dict[str, list[dict]], harness: list[list[str]] = (), probes: list[list[str]] = ()) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -360,7 +391,8 @@ def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], not
             f"<table><tr>{head}</tr>{body}</table>{found}"
             f"{_section_html('Held-out split', SPLIT_NOTE, SPLIT_HEADER, split_rows(record))}"
             f"{_section_html('Precision', PRECISION_NOTE, PRECISION_HEADER, precision_rows(record), 'sample')}"
-            f"{_section_html('Benchmarks (lm-evaluation-harness)', HARNESS_NOTE, HARNESS_HEADER, list(harness))}{imgs}"
+            f"{_section_html('Benchmarks (lm-evaluation-harness)', HARNESS_NOTE, HARNESS_HEADER, list(harness))}"
+            f"{_section_html('Probe forecasts', FORECAST_NOTE, FORECAST_HEADER, list(probes), 'sample')}{imgs}"
             f"{_samples_html(samples)}"
             f"<h2>Lineage</h2><pre>{esc(lineage_text(record))}</pre></body></html>")
 
@@ -442,6 +474,38 @@ def _heldout_panel(ax, record: RunRecord, curves: dict[str, dict[str, list]]) ->
     ax.set_ylabel("held-out loss (log perplexity)")
     ax.set_title("pretrain" if list(curves) == ["pretrain"] else "fine-tunes and baselines; * the step exported")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
+def _forecast_plot(forecast: dict | None) -> bytes | None:
+    """Per domain: the probe losses against pretraining tokens, the fitted law and the
+    bootstrap interval of its value at the end of the budget."""
+    if not forecast or not forecast.get("domains"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    domains = forecast["domains"]
+    fig, axes = plt.subplots(1, len(domains), figsize=(4.5 * len(domains), 3.6), squeeze=False, layout="constrained")
+    budget = forecast["budget_tokens"]
+    for ax, (domain, f) in zip(axes[0], domains.items(), strict=True):
+        ax.plot(f["tokens"], f["losses"], "o", label="probe")
+        if f.get("E") is not None:
+            t = np.geomspace(max(1, min(f["tokens"])), budget, 100)
+            ax.plot(t, f["E"] + f["A"] * t ** -f["alpha"], "-", label="fit" + ("" if f["verdict"] == "forecast"
+                                                                                   else " (no forecast)"))
+            if f.get("interval"):
+                lo, hi = f["interval"]
+                ax.errorbar([budget], [f["final_loss"]], yerr=[[f["final_loss"] - lo], [hi - f["final_loss"]]],
+                            fmt="s", capsize=4, label="at the budget")
+        ax.set_xscale("log")
+        ax.set_title(domain)
+        ax.set_xlabel("pretraining tokens")
+        ax.set_ylabel("probe held-out loss")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside: never over a point
+    return _figure_png(fig)
 
 
 def _logs_of(record: RunRecord, job: str) -> str:

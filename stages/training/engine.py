@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from branchout.core.spec import TrainingSpec
 from branchout.stages.prepare.instruct import model_inputs
 from branchout.stages.training.optim import (
+    EarlyEnd,
     build_optimizer,
     build_scheduler,
     lr_lambda,
@@ -149,7 +150,8 @@ class DeepSpeedEngine:
         # differently. Name the device Ray gave us.
         args = (types.SimpleNamespace(device_rank=torch.cuda.current_device())
                 if use_gpu and torch.cuda.is_available() else None)
-        factor = lr_lambda(t.schedule, total_steps)
+        self.early = EarlyEnd()  # pretrain.stop: the wsd schedule cools down from where it is decided
+        factor = lr_lambda(t.schedule, total_steps, self.early)
         if "optimizer" in self.config:
 
             def scheduler(opt):
@@ -162,7 +164,7 @@ class DeepSpeedEngine:
             optimizer = build_optimizer(model, t.optimizer)
             engine, _, _, _ = deepspeed.initialize(
                 args=args, model=model, optimizer=optimizer,
-                lr_scheduler=build_scheduler(optimizer, t.schedule, total_steps), config=self.config)
+                lr_scheduler=build_scheduler(optimizer, t.schedule, total_steps, self.early), config=self.config)
         self.engine = engine
         self.device = engine.device
         self.zero_stage = t.deepspeed.zero_stage
@@ -258,7 +260,8 @@ class TorchEngine:
         self.model = model.to(device)
         self.device = device
         self.optimizer = build_optimizer(model, t.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, t.schedule, total_steps)
+        self.early = EarlyEnd()  # pretrain.stop: the wsd schedule cools down from where it is decided
+        self.scheduler = build_scheduler(self.optimizer, t.schedule, total_steps, self.early)
         self.grad_clip = t.optimizer.grad_clip
         self.autocast = t.deepspeed.precision in ("bf16", "fp16")
         self.dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(t.deepspeed.precision)

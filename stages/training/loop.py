@@ -20,6 +20,7 @@ from branchout.stages.training.batches import step_micro_batches
 from branchout.stages.training.engine import Engine
 from branchout.stages.training.metrics import MetricsLogger
 from branchout.stages.training.mixture import block_order
+from branchout.stages.training.optim import cooldown_steps
 from branchout.stages.training.validation import HeldoutScorer, Selection
 
 
@@ -37,7 +38,8 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
               start_step: int, rank: int, world: int, logger: MetricsLogger | None,
               save_checkpoint: Callable[[int, float], None],
               after_step: Callable[[int], None] | None = None, roles=None,
-              scorer: HeldoutScorer | None = None, selection: Selection | None = None) -> LoopResult:
+              scorer: HeldoutScorer | None = None, selection: Selection | None = None,
+              prober=None) -> LoopResult:
     """Train from ``start_step`` to ``total_steps``; checkpoint every ``t.checkpoint_every``.
 
     The loss stays on the engine's device: each step's loss is added to a window sum there
@@ -48,6 +50,10 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     ``after_step(step)`` runs once a step is checkpointed (when due) and logged. ``roles``:
     instruction data's token roles, row for row with ``blocks`` (``stages.prepare.instruct``); each
     micro-batch is then an ``(ids, roles)`` pair, so only answers are scored.
+
+    ``prober`` (``pretrain.probes``, ``stages.training.probes.Prober``): at its probe points, once
+    the step is checkpointed and logged, every rank pauses for the probes; when the rule says
+    stop, the run ends after a cooldown (``engine.early``: the wsd schedule decays over it).
 
     ``scorer`` (``eval_every``): the held-out loss every ``t.eval_every`` steps and at the last,
     logged beside the training loss. ``selection`` acts on it: a new best is checkpointed when
@@ -68,7 +74,11 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     loss = float("nan")
     first_step_at = None
     done = start_step
-    for step in range(start_step, total_steps):
+    early = getattr(engine, "early", None)
+    if early is not None and early.end is not None:  # a resumed run that was already told to stop
+        total_steps = min(total_steps, early.end)
+    step = start_step
+    while step < total_steps:
         micro = []
         for idx in step_micro_batches(order, step, t.global_batch_size, t.micro_batch_size, rank, world):
             idx = np.sort(idx)
@@ -112,8 +122,13 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
             window_start, window_steps = time.perf_counter(), 0
         if after_step is not None:
             after_step(done)
+        if prober is not None and prober.due(done) and prober(engine, done) and done < total_steps:
+            total_steps = min(total_steps, done + cooldown_steps(t.schedule, done))
+            if early is not None:
+                early.stop_at, early.end = done, total_steps
         if stop:
             break
+        step += 1
     seconds = time.perf_counter() - started
     trained = done - start_step
     return LoopResult(first_step=start_step, steps=done, final_loss=loss,

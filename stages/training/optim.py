@@ -7,17 +7,44 @@ import math
 from branchout.core.spec import OptimizerSpec, ScheduleSpec
 
 
-def lr_lambda(schedule: ScheduleSpec, total_steps: int):
-    """Linear warmup to 1, then cosine decay to ``min_lr_ratio``; a multiplier of lr."""
+class EarlyEnd:
+    """Where a run that ends before its budget (``pretrain.stop``) ends: read by the wsd
+    schedule, which then cools down over the steps left to it, and by the loop."""
+
+    def __init__(self):
+        self.stop_at: int | None = None  # the step the stop was decided at
+        self.end: int | None = None  # the last step, after the cooldown
+
+
+def cooldown_steps(schedule: ScheduleSpec, steps: int) -> int:
+    return max(1, round(schedule.cooldown_fraction * steps))
+
+
+def lr_lambda(schedule: ScheduleSpec, total_steps: int, early: EarlyEnd | None = None):
+    """A multiplier of lr. cosine: linear warmup to 1, then cosine decay to ``min_lr_ratio``.
+    wsd: warmup, 1 until the last ``cooldown_fraction`` of the steps, then linear to
+    ``min_lr_ratio``; when ``early`` says the run ends sooner, the cooldown runs from the
+    stop to that end instead."""
     warmup, floor = schedule.warmup_steps, schedule.min_lr_ratio
 
-    def factor(step: int) -> float:
+    def cosine(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return factor
+    def wsd(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if early is not None and early.end is not None:
+            start, end = early.stop_at, early.end
+        else:
+            start, end = total_steps - cooldown_steps(schedule, total_steps), total_steps
+        if step < start:
+            return 1.0
+        return floor + (1 - floor) * max(0.0, (end - step) / max(1, end - start))
+
+    return wsd if schedule.kind == "wsd" else cosine
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -43,7 +70,7 @@ def build_optimizer(model, opt: OptimizerSpec):
                              betas=opt.betas, eps=opt.eps, fused=False, foreach=True)
 
 
-def build_scheduler(optimizer, schedule: ScheduleSpec, total_steps: int):
+def build_scheduler(optimizer, schedule: ScheduleSpec, total_steps: int, early: EarlyEnd | None = None):
     import torch
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, total_steps, early))

@@ -50,6 +50,7 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     from branchout.stages.training.metrics import MetricsLogger
     from branchout.stages.training.mixture import MixedBlocks
     from branchout.stages.training.model import export_model, prepare_model, zero3_config
+    from branchout.stages.training.probes import Prober
     from branchout.stages.training.validation import Selection
     from branchout.storage.checkpoint import fetch_verified
 
@@ -78,6 +79,8 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
         set_rng_state(client_state.get("rng"))
         if selection is not None:
             selection.load(client_state.get("selection"))
+        if client_state.get("early") and hasattr(engine, "early"):
+            engine.early.stop_at, engine.early.end = client_state["early"]["stop_at"], client_state["early"]["end"]
     if logger:
         # after the resume point is known: a restarted worker group's new rank 0 says where it resumed
         logger.state("running", resumed_from=start_step, workers=world, pid=os.getpid(), started=started,
@@ -97,9 +100,10 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
         tokenizer = with_chat_template(tokenizer)
 
     scorer = heldout_scorer(job, t, rank, world) if t.eval_every else None
+    prober = Prober(job, rank, world, train) if job.kind == "pretrain" and job.probes else None
     result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger, partial(sink.save, engine),
                        after_step=killer(job.name, job.out_uri, rank), roles=roles, scorer=scorer,
-                       selection=selection)
+                       selection=selection, prober=prober)
     if selection is not None and selection.keep_best and selection.best_step not in (None, result.steps):
         sink.load(engine, selection.best_step)  # keep_best: the best scored step's weights are exported
     mixture_read = _summed(blocks.read, engine.device, world) if job.mixture or job.replay else None
@@ -122,6 +126,8 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
         # nothing to resume from.
     out = {**asdict(result), "started": started, "ended": time.time(), "model_uri": job.model_uri,
            "pid": os.getpid(), "workers": world, "precision": precision.as_dict()}
+    if prober is not None:
+        out.update(prober.outputs(result.steps))
     if selection is not None:
         out.update(selection.outputs(), exported_step=selection.best_step if selection.keep_best and
                    selection.best_step is not None else result.steps)
@@ -225,6 +231,9 @@ class Checkpoints:
             state = {"step": step, "rng": rng_state()}
             if self.selection is not None:
                 state["selection"] = self.selection.state()
+            early = getattr(engine, "early", None)
+            if early is not None and early.end is not None:  # pretrain.stop decided: where it ends
+                state["early"] = {"stop_at": early.stop_at, "end": early.end}
             engine.save(path, state)
             write_rank_manifest(path, self.rank, self.world, {"step": step, "job": self.job.name})
             self.job.check_lease()

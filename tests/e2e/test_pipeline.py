@@ -67,6 +67,8 @@ def finished_run(corpus_dir, tmp_path_factory, mlflow_uri):
     # TINY itself gives each job a whole CPU, which starts half the processes
     spec["finetune"]["defaults"]["resources_per_worker"] = {"cpu": 0.5}
     spec["tracking"] = {"mlflow_uri": mlflow_uri, "experiment": "tracking-test"}
+    # probes: every domain fine-tuned briefly by the two DeepSpeed workers at 3 of the 12 steps
+    spec["pretrain"]["probes"] = {"at": [0.25, 0.5, 1.0], "steps": 2}
     spec["pretrain"]["dataset"]["path"] = str(corpus_dir / "general.jsonl")
     for d in spec["finetune"]["domains"]:
         d["dataset"]["path"] = str(corpus_dir / d["dataset"]["path"])
@@ -170,7 +172,9 @@ def test_metrics_and_report(finished_run):
     report = (run_dir / "report.md").read_text()
     assert "| legal | full | succeeded |" in report and "| docs | lora | succeeded |" in report
     html = (run_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2
+    # training loss, perplexity, and the probes' forecast (pretrain.probes is on in this run)
+    assert html.count("data:image/png;base64,") == 3
+    assert "<h2>Probe loss against pretraining tokens, and its forecast</h2>" in html and "<h2>Probe forecasts</h2>" in html
     assert (run_dir / "logs" / "pretrain.metrics.jsonl").exists()
     assert list((run_dir / "logs" / "tensorboard" / "pretrain").glob("events.out.tfevents.*"))
 
@@ -208,3 +212,25 @@ def test_mlflow_parent_run_children_per_job_metrics_and_report(finished_run, mlf
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "report.html"} <= artifacts
     assert run_id in out.stdout
+
+
+def test_probes_run_on_the_pretrains_workers_and_forecast_each_domain(finished_run):
+    """pretrain.probes under ZeRO-2 on 2 workers: the weights published at steps 3, 6 and 12,
+    the three domains shared over the ranks, their losses gathered and each domain's curve
+    fit (eval/forecast.json; with three noisy points of a 12-step run a forecast may say it
+    has none, and says why)."""
+    import math
+
+    _, run_dir, _ = finished_run
+    pretrain = RunRecord.load(str(run_dir)).job("pretrain")
+    assert pretrain.state is JobState.SUCCEEDED
+    forecast = json.loads((run_dir / "eval" / "forecast.json").read_text())
+    assert forecast["points"] == [3, 6, 12]
+    assert set(forecast["domains"]) == {"legal", "code", "docs"}
+    for domain, f in forecast["domains"].items():
+        assert len(f["losses"]) == 3 and all(math.isfinite(v) and v > 0 for v in f["losses"]), (domain, f)
+        assert f["verdict"] in ("forecast", "no forecast") and (f["verdict"] == "forecast" or f["why"])
+    assert all((run_dir / "pretrain" / "probes" / f"step_{s:08d}" / "model" / "config.json").exists() for s in (3, 6, 12))
+    assert pretrain.outputs["probe_points"] == [3, 6, 12] and pretrain.outputs["probe_seconds"] > 0
+    assert "stopped_at" not in pretrain.outputs  # no pretrain.stop: probes only inform
+

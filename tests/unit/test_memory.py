@@ -85,7 +85,10 @@ def test_picks_match_hand_arithmetic_on_h100():
 def test_auto_stage_is_resolved_and_reported():
     spec = load_spec(REPO / "examples" / "llama-7b.yaml")
     assert spec.pretrain.deepspeed.zero_stage == 1
-    assert spec.notes == ["pretrain.deepspeed.zero_stage: auto → ZeRO-1 (59.5 of 70.9 GB usable per GPU)"]
+    assert spec.notes == ["pretrain.deepspeed.zero_stage: auto → ZeRO-1 (59.5 of 70.9 GB usable per GPU)",
+                          # its LoRA domains share half an H100 each: a farm there holds 3 of them
+                          "finetune.farm: 0.5 × H100-80GB holds 3 LoRA member(s) of an adapter farm (the base once, "
+                          "13.5 GB; 5.84 GB a member): farms of at most that many"]
 
 
 @pytest.mark.parametrize("example,gpu,picked", [

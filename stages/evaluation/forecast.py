@@ -1,0 +1,173 @@
+"""How much more pretraining helps each domain, forecast from probe fine-tunes (``pretrain.probes``).
+
+At each probe point the pretrain's workers fine-tune every domain briefly from the current
+weights (``stages.training.probes``); the probe's held-out loss, as a function of the
+pretraining tokens ``T`` seen so far, is fit per domain with a saturating law
+
+    loss(T) = E + A · T^(-α)        E ≥ 0, A ≥ 0, α > 0
+
+(E: the loss more pretraining cannot remove; the rest decays as a power of the tokens).
+The fit is a grid over α (then a finer one around the best) with, for each α, the
+least-squares E and A (linear in them), constrained to be non-negative: no optimiser to
+diverge, the same answer every time.
+
+A forecast says "no forecast" rather than guess when the fit cannot be trusted: fewer than
+``MIN_POINTS`` probe points, a fit that explains too little of the variance (R² below
+``MIN_R2``), an α at the edge of its grid (the law does not describe the curve), or a
+bootstrap interval of the final loss wider than ``MAX_SPREAD`` of it. The interval resamples
+the residuals (``BOOTSTRAP`` rounds, seeded).
+
+``stop_decision`` is ``pretrain.stop: {when: saturated}``: stop once, for ``patience`` probe
+points in a row, every domain's forecast gain of the remaining budget (relative: the loss now
+over the loss at the end of the budget, minus one) is below ``epsilon``, weighted per domain
+where weights are given. A domain without a forecast never lets the pretrain stop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+MIN_POINTS = 3
+MIN_R2 = 0.9
+MAX_SPREAD = 0.1
+BOOTSTRAP = 200
+ALPHAS = np.geomspace(0.02, 3.0, 400)
+
+
+@dataclass(frozen=True)
+class Fit:
+    E: float
+    A: float
+    alpha: float
+    r2: float
+
+    def loss(self, tokens) -> np.ndarray:
+        return self.E + self.A * np.power(np.asarray(tokens, np.float64), -self.alpha)
+
+
+def fit_saturating(tokens, losses) -> Fit:
+    """The least-squares ``E + A·T^-α`` with E, A ≥ 0: over the α grid, then a finer grid
+    between the best α's neighbours."""
+    t = np.asarray(tokens, np.float64)
+    y = np.asarray(losses, np.float64)
+    if len(t) < 2 or np.any(t <= 0):
+        raise ValueError("a fit needs two or more probe points at positive token counts")
+    scale = t.max()  # T / T_max keeps T^-α in a sane range for every α
+    sse, E, A = _solve(t / scale, y, ALPHAS)
+    i = int(np.argmin(sse))
+    if 0 < i < len(ALPHAS) - 1:
+        fine = np.linspace(ALPHAS[i - 1], ALPHAS[i + 1], 201)
+        f_sse, f_E, f_A = _solve(t / scale, y, fine)
+        j = int(np.argmin(f_sse))
+        alpha, best, E_, A_ = fine[j], f_sse[j], f_E[j], f_A[j]
+    else:  # at the grid's edge: kept there (forecast() calls that no forecast)
+        alpha, best, E_, A_ = ALPHAS[i], sse[i], E[i], A[i]
+    total = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float(best) / total if total > 0 else (1.0 if best == 0 else 0.0)
+    return Fit(E=float(E_), A=float(A_ * scale ** alpha), alpha=float(alpha), r2=r2)
+
+
+def _solve(t: np.ndarray, y: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(SSE, E, A) for each α: the two-parameter normal equations, or, where they leave E or
+    A negative, the better fit with one of them at 0."""
+    x = np.power(t, -alphas[:, None])  # (alphas, points)
+    n, sx, sxx, sy, sxy = len(t), x.sum(1), (x * x).sum(1), y.sum(), x @ y
+    det = n * sxx - sx * sx
+    with np.errstate(divide="ignore", invalid="ignore"):
+        A = np.where(det > 1e-12 * n * sxx, (n * sxy - sx * sy) / det, 0.0)
+    E = (sy - A * sx) / n
+    A_only = np.maximum(0.0, sxy / sxx)
+    bad = (E < 0) | (A < 0)
+    sse_free = ((E[:, None] + A[:, None] * x - y) ** 2).sum(1)
+    sse_a = ((A_only[:, None] * x - y) ** 2).sum(1)  # E = 0
+    mean = max(0.0, float(y.mean()))
+    sse_e = float(((y - mean) ** 2).sum())  # A = 0
+    use_a = bad & (sse_a <= sse_e)
+    use_e = bad & ~use_a
+    E = np.where(use_a, 0.0, np.where(use_e, mean, E))
+    A = np.where(use_a, A_only, np.where(use_e, 0.0, A))
+    return np.where(use_a, sse_a, np.where(use_e, sse_e, sse_free)), E, A
+
+
+@dataclass
+class Forecast:
+    """One domain's forecast at ``budget`` tokens, from its probe points so far."""
+
+    tokens: list[int]
+    losses: list[float]
+    budget: int
+    verdict: str  # "forecast" or "no forecast"
+    why: str = ""
+    E: float | None = None
+    A: float | None = None
+    alpha: float | None = None
+    r2: float | None = None
+    final_loss: float | None = None  # the fit at the budget
+    interval: list[float] = field(default_factory=list)  # bootstrap 5th-95th percentile of final_loss
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "forecast"
+
+    def gain(self, now_tokens: int) -> float | None:
+        """Forecast relative gain of training from ``now_tokens`` to the budget."""
+        if not self.ok:
+            return None
+        now = self.E + self.A * now_tokens ** -self.alpha
+        return now / self.final_loss - 1.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def forecast(tokens: list[int], losses: list[float], budget: int, seed: int = 0) -> Forecast:
+    """The domain's probe losses at ``tokens`` fit and carried to ``budget`` tokens."""
+    out = Forecast(tokens=[int(t) for t in tokens], losses=[float(v) for v in losses], budget=int(budget),
+                   verdict="no forecast")
+    finite = [(t, v) for t, v in zip(tokens, losses, strict=True) if math.isfinite(v)]
+    if len(finite) < MIN_POINTS:
+        out.why = f"{len(finite)} probe point(s); a forecast needs {MIN_POINTS}"
+        return out
+    t, y = (np.array(c, np.float64) for c in zip(*finite, strict=True))
+    fit = fit_saturating(t, y)
+    out.E, out.A, out.alpha, out.r2 = fit.E, fit.A, fit.alpha, fit.r2
+    out.final_loss = float(fit.loss(budget))
+    rng = np.random.default_rng(seed)
+    residuals = y - fit.loss(t)
+    finals = []
+    for _ in range(BOOTSTRAP):
+        sample = fit.loss(t) + rng.choice(residuals, size=len(residuals), replace=True)
+        finals.append(float(fit_saturating(t, sample).loss(budget)))
+    lo, hi = np.percentile(finals, [5, 95])
+    out.interval = [float(lo), float(hi)]
+    if fit.r2 < MIN_R2:
+        out.why = f"the law explains too little of the curve (R² {fit.r2:.2f} < {MIN_R2})"
+    elif fit.alpha in (ALPHAS[0], ALPHAS[-1]):
+        out.why = f"α at the edge of its range ({fit.alpha:.3g}): the curve is not a saturating power law"
+    elif (hi - lo) > MAX_SPREAD * out.final_loss:
+        out.why = f"the interval of the final loss is too wide ({lo:.3f}-{hi:.3f})"
+    else:
+        out.verdict = "forecast"
+    return out
+
+
+def stop_decision(history: list[dict[str, Forecast]], now_tokens: list[int], epsilon: float,
+                  weights: dict[str, float] | None = None, patience: int = 2) -> tuple[bool, str]:
+    """``pretrain.stop``: (stop?, why). ``history``: the forecasts after each probe point so
+    far (domain → Forecast), ``now_tokens`` the tokens at each. A domain's gain is weighted
+    by ``weights[domain]`` (default 1) before it is compared with ``epsilon``."""
+    weights = weights or {}
+    if len(history) < patience:
+        return False, f"{len(history)} probe point(s) of the {patience} in a row it takes"
+    for forecasts, now in zip(history[-patience:], now_tokens[-patience:], strict=True):
+        for domain, f in forecasts.items():
+            gain = f.gain(now)
+            if gain is None:
+                return False, f"{domain}: no forecast ({f.why})"
+            if gain * weights.get(domain, 1.0) >= epsilon:
+                return False, f"{domain}: forecast gain {gain:.2%} of the remaining budget ≥ epsilon {epsilon:.2%}"
+    return True, (f"every domain's forecast gain of the remaining budget < {epsilon:.2%} "
+                  f"for {patience} probe points in a row")

@@ -1,0 +1,83 @@
+"""Probe forecasts (``stages.evaluation.forecast``), the stop rule and the wsd schedule, on
+synthetic curves whose law is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from branchout.core.spec import ProbeSpec, ScheduleSpec
+from branchout.stages.evaluation.forecast import fit_saturating, forecast, stop_decision
+from branchout.stages.training.optim import EarlyEnd, lr_lambda
+
+TOKENS = np.array([1, 2, 4, 8, 12, 16]) * 1_000_000
+
+
+@pytest.mark.parametrize("floor, scale, alpha", [(2.0, 300.0, 0.4), (3.5, 50.0, 0.25), (1.2, 1000.0, 0.6),
+                                                 (0.5, 20.0, 0.15)])
+def test_the_fit_recovers_a_known_law(floor, scale, alpha):
+    fit = fit_saturating(TOKENS, floor + scale * TOKENS ** -alpha)
+    assert pytest.approx(floor, rel=1e-3, abs=1e-3) == fit.E
+    assert fit.alpha == pytest.approx(alpha, rel=1e-2)
+    assert pytest.approx(scale, rel=5e-2) == fit.A
+    assert fit.r2 > 0.9999
+
+
+def test_a_forecast_from_the_first_half_carries_to_the_end():
+    rng = np.random.default_rng(0)
+    losses = (2.0 + 300.0 * TOKENS ** -0.4) * (1 + rng.normal(0, 0.002, len(TOKENS)))
+    f = forecast(TOKENS[:4], losses[:4], budget=int(TOKENS[-1]))
+    assert f.ok, f.why
+    truth = 2.0 + 300.0 * TOKENS[-1] ** -0.4
+    assert f.final_loss == pytest.approx(truth, rel=0.02)
+    assert f.interval[0] <= f.final_loss <= f.interval[1]
+
+
+def test_no_forecast_rather_than_a_guess():
+    assert forecast(TOKENS[:2], [5.0, 4.0], budget=int(TOKENS[-1])).why.startswith("2 probe point(s)")
+    noisy = forecast(TOKENS, [5.0, 4.0, 5.0, 4.0, 5.0, 4.0], budget=int(TOKENS[-1]))
+    assert not noisy.ok and "R²" in noisy.why
+    nan = forecast(TOKENS[:4], [5.0, float("nan"), float("nan"), 4.0], budget=int(TOKENS[-1]))
+    assert not nan.ok and nan.why.startswith("2 probe point(s)")
+
+
+def _history(law, points: int, budget: int):
+    history, now = [], []
+    for k in range(3, points + 1):
+        t = TOKENS[:k]
+        history.append({"legal": forecast(t, law(t), budget), "code": forecast(t, law(t) + 0.5, budget)})
+        now.append(int(t[-1]))
+    return history, now
+
+
+def test_the_stop_rule_stops_on_a_saturating_curve_and_not_on_a_falling_one():
+    budget = int(TOKENS[-1]) * 4  # four times what the curve needs
+    saturated, now = _history(lambda t: 3.0 + 5.0 * (t / 1e6) ** -2.5, 6, budget)  # flat after ~8M tokens
+    stop, why = stop_decision(saturated, now, epsilon=0.01)
+    assert stop, why
+    falling, now = _history(lambda t: 1.0 + 300.0 * t ** -0.3, 6, budget)
+    stop, why = stop_decision(falling, now, epsilon=0.01)
+    assert not stop and "forecast gain" in why
+    # patience: one saturated point is not enough; a domain weighted 0 does not hold the stop
+    assert not stop_decision(saturated[-1:], now[-1:], epsilon=0.01)[0]
+    mixed = [{"legal": s["legal"], "code": f["code"]} for s, f in zip(saturated, falling, strict=True)]
+    assert not stop_decision(mixed, now, epsilon=0.01)[0]
+    assert stop_decision(mixed, now, epsilon=0.01, weights={"code": 0.0})[0]
+
+
+def test_wsd_is_stable_then_cools_down_and_an_early_end_moves_the_cooldown():
+    schedule = ScheduleSpec(kind="wsd", warmup_steps=2, min_lr_ratio=0.1, cooldown_fraction=0.25)
+    f = lr_lambda(schedule, 100)
+    assert f(0) < f(1) < f(2) == 1.0 == f(74)
+    assert f(75) == pytest.approx(1.0) and f(100) == pytest.approx(0.1) and f(88) < 1.0
+    early = EarlyEnd()
+    g = lr_lambda(schedule, 100, early)
+    early.stop_at, early.end = 40, 50
+    assert g(39) == 1.0 and g(45) == pytest.approx(0.55) and g(50) == pytest.approx(0.1)
+
+
+def test_probe_points():
+    assert ProbeSpec().points(1600) == [100, 200, 400, 800, 1200, 1600]
+    assert ProbeSpec(every=300).points(1000) == [300, 600, 900]
+    with pytest.raises(ValueError):
+        ProbeSpec(at=[0.5, 1.5])
