@@ -19,6 +19,9 @@ def cross_check(spec: PipelineSpec) -> list[str]:
     problems: list[str] = []
     problems += _check_credentials(spec)
     problems += _check_training("pretrain", spec.pretrain, spec.pretrain.steps)
+    if spec.pretrain.stop is not None and spec.pretrain.schedule.kind != "wsd":
+        problems.append("pretrain.stop: an early stop cools down from where it stops, which only "
+                        "schedule.kind: wsd does (cosine decays over the whole budget); set pretrain.schedule.kind: wsd")
     if not spec.finetune.domains:
         problems.append("finetune.domains: name at least one domain to fine-tune")
     for i, domain in enumerate(spec.finetune.domains):

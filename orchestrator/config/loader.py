@@ -137,6 +137,9 @@ def validate_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
         raise SpecError(source, problems)
     spec.notes.extend(notes)
     spec.notes.extend(size_farms(spec))
+    if spec.pretrain.probes and spec.pretrain.schedule.kind != "wsd":
+        spec.notes.append("pretrain.probes: schedule.kind: wsd is recommended: under cosine the learning rate at a "
+                          "probe point depends on the whole budget, so early probes see a model mid-decay")
     if spec.pretrain.datasets:
         from branchout.core.graph import corpora
 

@@ -81,3 +81,17 @@ def test_probe_points():
     assert ProbeSpec(every=300).points(1000) == [300, 600, 900]
     with pytest.raises(ValueError):
         ProbeSpec(at=[0.5, 1.5])
+
+
+def test_stop_needs_probes_and_the_wsd_schedule(write_pipeline):
+    import copy
+
+    from conftest import TINY, run_cli
+
+    spec = copy.deepcopy(TINY)
+    spec["pretrain"]["stop"] = {"epsilon": 0.01}
+    out = run_cli("validate", str(write_pipeline(spec)))
+    assert out.returncode == 2 and "`stop` acts on the probes' forecasts: set `probes` too" in out.stderr
+    spec["pretrain"]["probes"] = {"every": 6, "steps": 2}
+    out = run_cli("validate", str(write_pipeline(spec)))
+    assert out.returncode == 2 and "pretrain.stop: an early stop cools down from where it stops" in out.stderr
