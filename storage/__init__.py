@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from branchout.storage.retry import retrying
+
 
 def local_cache_dir(*parts: str) -> str:
     """This machine's cache of derived files (data fingerprints, object-store copies):
@@ -63,7 +65,7 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
-def write_bytes(uri: str, data: bytes, durable: bool = True) -> None:
+def _write_bytes(uri: str, data: bytes, durable: bool = True) -> None:
     """Write a whole file; locally via a temp file + rename so readers never see half of it."""
     if is_local(uri):
         path = local_path(uri)
@@ -81,8 +83,39 @@ def write_bytes(uri: str, data: bytes, durable: bool = True) -> None:
         f.write(data)
 
 
+def write_bytes(uri: str, data: bytes, durable: bool = True) -> None:
+    """Write a whole file; locally via a temp file + rename so readers never see half of it
+    (retried on transient errors: ``storage.retry``)."""
+    retrying(f"write {uri}", _write_bytes, uri, data, durable)
+
+
 def write_text(uri: str, text: str, durable: bool = True) -> None:
     write_bytes(uri, text.encode("utf-8"), durable)
+
+
+def remove_file(uri: str) -> None:
+    """Delete one file; nothing when it is not there."""
+    retrying(f"delete {uri}", _remove_file, uri)
+
+
+def remove_dir(uri: str) -> None:
+    retrying(f"delete {uri}", _remove_dir, uri)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local directory tree to ``uri`` (created if needed)."""
+    retrying(f"upload to {uri}", _upload_dir, local_dir, uri)
+
+
+def upload_file(local_file: str, uri: str) -> None:
+    """Copy one local file to ``uri`` (its folder created if needed), streamed."""
+    retrying(f"upload to {uri}", _upload_file, local_file, uri)
+
+
+def copy_dir(src_uri: str, dst_uri: str, last: str | None = None) -> None:
+    """Copy a tree within one store (server-side on object stores); ``last`` (a file name
+    at the top) is copied after everything else, e.g. a manifest that marks it complete."""
+    retrying(f"copy to {dst_uri}", _copy_dir, src_uri, dst_uri, last)
 
 
 def listdir(uri: str) -> list[str]:
@@ -95,7 +128,7 @@ def listdir(uri: str) -> list[str]:
     return sorted(info.base_name for info in fs.get_file_info(selector))
 
 
-def remove_file(uri: str) -> None:
+def _remove_file(uri: str) -> None:
     """Delete one file; nothing when it is not there."""
     if is_local(uri):
         with contextlib.suppress(FileNotFoundError):
@@ -106,7 +139,7 @@ def remove_file(uri: str) -> None:
         fs.delete_file(path)
 
 
-def remove_dir(uri: str) -> None:
+def _remove_dir(uri: str) -> None:
     if is_local(uri):
         shutil.rmtree(local_path(uri), ignore_errors=True)
         return
@@ -115,7 +148,7 @@ def remove_dir(uri: str) -> None:
         fs.delete_dir(path)
 
 
-def upload_dir(local_dir: str, uri: str) -> None:
+def _upload_dir(local_dir: str, uri: str) -> None:
     """Copy a local directory tree to ``uri`` (created if needed)."""
     if is_local(uri):
         dst = local_path(uri)
@@ -127,7 +160,7 @@ def upload_dir(local_dir: str, uri: str) -> None:
     pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def upload_file(local_file: str, uri: str) -> None:
+def _upload_file(local_file: str, uri: str) -> None:
     """Copy one local file to ``uri`` (its folder created if needed), streamed."""
     if is_local(uri):
         dst = local_path(uri)
@@ -150,7 +183,7 @@ def sizes(uri: str) -> dict[str, int]:
     return {i.path[len(path.rstrip("/")) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
 
 
-def copy_dir(src_uri: str, dst_uri: str, last: str | None = None) -> None:
+def _copy_dir(src_uri: str, dst_uri: str, last: str | None = None) -> None:
     """Copy a tree within one store (server-side on object stores); ``last`` (a file name
     at the top) is copied after everything else, e.g. a manifest that marks it complete."""
     fs, src = filesystem(src_uri)

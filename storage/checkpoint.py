@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 
 from branchout import storage
+from branchout.storage.retry import retrying
 
 MANIFEST = "MANIFEST.json"
 
@@ -65,8 +66,8 @@ def publish_dir(local_dir: str, uri: str, extra: dict | None = None) -> dict:
     if extra:
         manifest["extra"] = extra
     payload = json.dumps(manifest, indent=1, sort_keys=True)
-    if storage.is_local(uri):
-        _publish_local(local_dir, storage.local_path(uri), payload)
+    if storage.is_local(uri):  # a fresh staging copy each try: a retried publish is a whole one
+        retrying(f"publish {uri}", _publish_local, local_dir, storage.local_path(uri), payload)
     else:
         _publish_remote(local_dir, uri, manifest, payload)
     return manifest
