@@ -23,8 +23,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-ATTEMPTS = 5
-BASE_DELAY_S = 0.2
+ATTEMPTS = 6
+BASE_DELAY_S = 0.5
 MAX_DELAY_S = 10.0
 FAULTS_ENV = "BRANCHOUT_STORAGE_FAULTS"
 
