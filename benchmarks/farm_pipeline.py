@@ -69,7 +69,7 @@ def run(path: Path) -> dict:
     report = (run_dir / "report.md").read_text() if (run_dir / "report.md").exists() else ""
     return {"rc": proc.returncode, "wall": wall, "state": state["state"], "jobs": len(jobs),
             "succeeded": sum(j["state"] == "succeeded" for j in jobs.values()), "farms": farms,
-            "farm_lines": [ln for ln in report.splitlines() if ln.startswith("- Adapter farm")],
+            "farm_lines": [ln for ln in report.splitlines() if "Adapter farm farm-" in ln],
             "tail": proc.stdout[-1500:] + proc.stderr[-1500:]}
 
 
