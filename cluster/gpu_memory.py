@@ -144,6 +144,23 @@ def plan_memory(params: int, largest_layer: int, gpus: int, gpus_per_node: int, 
             for o in OPTIONS]
 
 
+def largest_micro_batch(option: ZeroOption, params: int, largest_layer: int, gpus: int, seq_len: int,
+                        per_worker_batch: int, hidden: int, layers: int, vocab: int, gpu_memory_gb: float,
+                        mixed_precision: bool = True) -> int | None:
+    """The largest micro-batch that divides ``per_worker_batch`` (a worker's blocks per step)
+    and fits ``option`` on GPUs of ``gpu_memory_gb``; None when not even 1 fits.
+
+    Fewer, larger micro-batches are the same optimizer step in fewer, larger kernels: on a
+    GPU a 1024-wide model at micro-batch 8 leaves its matmuls too small to fill the chip.
+    """
+    states = model_states(option, params, largest_layer, gpus, mixed_precision)
+    budget = usable_bytes(gpu_memory_gb)
+    for micro in sorted((m for m in range(1, per_worker_batch + 1) if per_worker_batch % m == 0), reverse=True):
+        if states + activation_bytes(seq_len, micro, hidden, layers, vocab, mixed_precision) <= budget:
+            return micro
+    return None
+
+
 def pick(estimates: list[Estimate]) -> Estimate | None:
     """The cheapest option that fits, or None when nothing does."""
     return next((e for e in estimates if e.fits), None)

@@ -168,6 +168,10 @@ class OptimizerSpec(StrictModel):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="Max grad norm; 0 disables clipping.")
+    fused: Literal["auto"] | bool = Field(
+        "auto", description="torch's fused AdamW step (one kernel for every parameter). auto: on a GPU; "
+        "CPUs keep the multi-tensor (foreach) step."
+    )
 
     @field_validator("betas")
     @classmethod
@@ -248,8 +252,18 @@ class TrainingSpec(StrictModel):
     )
     eval_blocks: int = Field(32, ge=1, description="Held-out blocks (instruction data: examples) in that sample, "
                              "at most; spread over the held-out set, the same at every scoring.")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile each decoder layer in place (fuses its elementwise work; the "
+        "weights' names are unchanged). auto: on a GPU, with the plain engine, for jobs of at least "
+        "500 optimizer steps, where the compile (tens of seconds) pays for itself. true also compiles "
+        "under DeepSpeed (its engine.compile)."
+    )
+    fused_kernels: Literal["auto"] | bool = Field(
+        "auto", description="Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) for the "
+        "architectures Liger supports. auto: on a GPU where the liger-kernel package is installed on the "
+        "workers; true: required (the job fails without it)."
+    )
     seed: int = 0
-
 
     def uses_deepspeed(self) -> bool:
         """DeepSpeed when it has something to do: ZeRO across several workers, or offload.

@@ -163,10 +163,17 @@ def model_inputs(batch, device) -> dict:
     """
     import torch
 
+    def moved(x):
+        # From pinned host memory the copy is queued behind the GPU's work instead of waiting
+        # for it: the host goes on to launch the step's kernels (pageable memory would block).
+        if str(device).startswith("cuda"):
+            x = x.pin_memory()
+        return x.to(device, non_blocking=True)
+
     if not isinstance(batch, tuple):
-        batch = batch.to(device, non_blocking=True)
+        batch = moved(batch)
         return {"input_ids": batch, "labels": batch}
-    ids, roles = (x.to(device, non_blocking=True) for x in batch)
+    ids, roles = (moved(x) for x in batch)
     return {"input_ids": ids, "attention_mask": (roles != PAD).long(),
             "labels": torch.where(roles == RESPONSE, ids, torch.full_like(ids, -100))}
 

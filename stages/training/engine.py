@@ -16,10 +16,12 @@ CPU tensor fails under NCCL ("No backend type associated with device type cpu"),
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any, Protocol
 
 from branchout.core.spec import TrainingSpec
 from branchout.stages.prepare.instruct import model_inputs
+from branchout.stages.training import kernels
 from branchout.stages.training.optim import (
     EarlyEnd,
     build_optimizer,
@@ -151,6 +153,9 @@ class DeepSpeedEngine:
         args = (types.SimpleNamespace(device_rank=torch.cuda.current_device())
                 if use_gpu and torch.cuda.is_available() else None)
         self.early = EarlyEnd()  # pretrain.stop: the wsd schedule cools down from where it is decided
+        self.kernels = kernels.decide(t, total_steps, "cuda" if use_gpu else "cpu", deepspeed=True)
+        if self.kernels.liger and not kernels.apply_liger(model, required=t.fused_kernels is True):
+            self.kernels = replace(self.kernels, liger=False)
         factor = lr_lambda(t.schedule, total_steps, self.early)
         if "optimizer" in self.config:
 
@@ -161,10 +166,12 @@ class DeepSpeedEngine:
                 args=args, model=model, model_parameters=param_groups(model, t.optimizer.weight_decay),
                 lr_scheduler=scheduler, config=self.config)
         else:
-            optimizer = build_optimizer(model, t.optimizer)
+            optimizer = build_optimizer(model, t.optimizer, fused=self.kernels.fused_optimizer)
             engine, _, _, _ = deepspeed.initialize(
                 args=args, model=model, optimizer=optimizer,
                 lr_scheduler=build_scheduler(optimizer, t.schedule, total_steps, self.early), config=self.config)
+        if self.kernels.compile:
+            engine.compile()  # DeepSpeed's own: it compiles around its ZeRO hooks
         self.engine = engine
         self.device = engine.device
         self.zero_stage = t.deepspeed.zero_stage
@@ -251,6 +258,9 @@ class TorchEngine:
     def __init__(self, model, t: TrainingSpec, total_steps: int, device: str = "cpu"):
         import torch
 
+        self.kernels = kernels.decide(t, total_steps, device, deepspeed=False)
+        if self.kernels.liger and not kernels.apply_liger(model, required=t.fused_kernels is True):
+            self.kernels = replace(self.kernels, liger=False)
         if device.startswith("cuda") and t.deepspeed.precision in ("bf16", "fp16"):
             # a frozen base (LoRA) is only read: keep it in 16 bits on the GPU, adapters in fp32
             half = torch.bfloat16 if t.deepspeed.precision == "bf16" else torch.float16
@@ -259,7 +269,9 @@ class TorchEngine:
                     p.data = p.data.to(half)
         self.model = model.to(device)
         self.device = device
-        self.optimizer = build_optimizer(model, t.optimizer)
+        if self.kernels.compile:
+            kernels.compile_layers(self.model)  # in place: parameter names, checkpoints and exports unchanged
+        self.optimizer = build_optimizer(model, t.optimizer, fused=self.kernels.fused_optimizer)
         self.early = EarlyEnd()  # pretrain.stop: the wsd schedule cools down from where it is decided
         self.scheduler = build_scheduler(self.optimizer, t.schedule, total_steps, self.early)
         self.grad_clip = t.optimizer.grad_clip

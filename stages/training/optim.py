@@ -63,11 +63,17 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model, opt: OptimizerSpec):
+def build_optimizer(model, opt: OptimizerSpec, fused: bool = False):
+    """AdamW over ``param_groups``; ``fused``: torch's single-kernel step (``stages.training.kernels``
+    decides it: on GPUs by default), else the multi-tensor (foreach) one."""
+    return adamw(param_groups(model, opt.weight_decay), opt, fused)
+
+
+def adamw(groups: list[dict], opt: OptimizerSpec, fused: bool):
     import torch
 
-    return torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr,
-                             betas=opt.betas, eps=opt.eps, fused=False, foreach=True)
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps,
+                             fused=fused, foreach=None if fused else True)
 
 
 def build_scheduler(optimizer, schedule: ScheduleSpec, total_steps: int, early: EarlyEnd | None = None):

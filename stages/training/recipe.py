@@ -84,7 +84,7 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     if logger:
         # after the resume point is known: a restarted worker group's new rank 0 says where it resumed
         logger.state("running", resumed_from=start_step, workers=world, pid=os.getpid(), started=started,
-                     precision=precision.as_dict())
+                     precision=precision.as_dict(), kernels=engine.kernels.as_dict())
         if precision.warning:
             print(f"[branchout] {job.name}: {precision.warning}", flush=True)
     if job.mixture:  # a pretraining mixture: its sources interleaved by weight (stages.training.mixture)
@@ -125,7 +125,10 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
         # them then): a worker that outlived its driver must not leave a resumed attempt
         # nothing to resume from.
     out = {**asdict(result), "started": started, "ended": time.time(), "model_uri": job.model_uri,
-           "pid": os.getpid(), "workers": world, "precision": precision.as_dict()}
+           "pid": os.getpid(), "workers": world, "precision": precision.as_dict(),
+           "kernels": engine.kernels.as_dict()}
+    if use_gpu:  # what the job took of its GPU at most: for sizing micro-batches and packing
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if prober is not None:
         out.update(prober.outputs(result.steps))
     if selection is not None:
