@@ -60,10 +60,10 @@ def stamp() -> str:
         out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
         return out.stdout.strip() if out.returncode == 0 else ""
 
-    commit = git("rev-parse", "--short", "HEAD")
-    if not commit:  # a copy of the tree without .git (a lent GPU machine): the caller names it
-        commit = os.environ.get("BRANCHOUT_COMMIT", "unknown commit")
-    elif git("status", "--porcelain", "--untracked-files=no"):
+    # A lent GPU machine gets a copy of the tree whose .git may be older than the tree: there
+    # the caller names the commit it sent.
+    commit = os.environ.get("BRANCHOUT_COMMIT") or git("rev-parse", "--short", "HEAD") or "unknown commit"
+    if "BRANCHOUT_COMMIT" not in os.environ and git("status", "--porcelain", "--untracked-files=no"):
         commit += "+dirty"
     from branchout.core.precision import cpu_hardware
 

@@ -258,10 +258,10 @@ class TrainingSpec(StrictModel):
         "500 optimizer steps, where the compile (tens of seconds) pays for itself. true also compiles "
         "under DeepSpeed (its engine.compile)."
     )
-    fused_kernels: Literal["auto"] | bool = Field(
-        "auto", description="Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) for the "
-        "architectures Liger supports. auto: on a GPU where the liger-kernel package is installed on the "
-        "workers; true: required (the job fails without it)."
+    fused_kernels: bool = Field(
+        False, description="Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE) for the "
+        "architectures Liger supports; needs the liger-kernel package on the workers. Off by default: on an "
+        "H200 with compiled layers they halved the step rate (benchmarks/RESULTS.md, GPU rows)."
     )
     seed: int = 0
 

@@ -122,7 +122,12 @@ def check_shape(raw: Any, source: str) -> None:
 def validate_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
     """Validate an already-read mapping; see ``load_spec``."""
     from branchout.orchestrator.config.checks import cross_check
-    from branchout.orchestrator.config.plan import check_packing, resolve_auto_zero, size_farms
+    from branchout.orchestrator.config.plan import (
+        check_packing,
+        resolve_auto_zero,
+        size_farms,
+        suggest_micro_batches,
+    )
 
     try:
         spec = PipelineSpec.model_validate(raw)
@@ -137,6 +142,7 @@ def validate_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
         raise SpecError(source, problems)
     spec.notes.extend(notes)
     spec.notes.extend(size_farms(spec))
+    spec.notes.extend(suggest_micro_batches(spec))
     if spec.pretrain.probes and spec.pretrain.schedule.kind != "wsd":
         spec.notes.append("pretrain.probes: schedule.kind: wsd is recommended: under cosine the learning rate at a "
                           "probe point depends on the whole budget, so early probes see a model mid-decay")

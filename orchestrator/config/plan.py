@@ -207,6 +207,37 @@ def resolve_auto_zero(spec: PipelineSpec) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
+def suggest_micro_batches(spec: PipelineSpec) -> list[str]:
+    """A note for each GPU job whose micro-batch is smaller than what fits its GPU type.
+
+    Fewer, larger micro-batches are the same optimizer step in fewer, larger kernels; on an
+    H200 the 171M pretrain ran 1.7× faster at micro-batch 32 than at 8 (benchmarks/RESULTS.md,
+    GPU rows). Only where the GPU type (or its memory) is known; the pick is the planner's
+    estimate (``cluster.gpu_memory.largest_micro_batch``), not a measurement.
+    """
+    from branchout.cluster.gpu_memory import ZeroOption, largest_micro_batch
+
+    jobs = [("pretrain", spec.pretrain, spec.pretrain.seq_len)]
+    jobs += [(f"finetune.domains.{i}", d, spec.domain_seq_len(d)) for i, d in enumerate(spec.finetune.domains)]
+    jobs = [(w, t, s, _gpu_memory(t)) for w, t, s in jobs if t.resources_per_worker.uses_gpu]
+    jobs = [j for j in jobs if j[3] and str(j[1].deepspeed.zero_stage) != "auto"]
+    if not jobs:
+        return []
+    shape = model_shape(spec)
+    notes = []
+    for where, t, seq_len, memory in jobs:
+        ds = t.deepspeed
+        option = ZeroOption(int(ds.zero_stage) if t.uses_deepspeed() else 0, ds.offload_optimizer, ds.offload_params)
+        per_worker = t.global_batch_size // t.num_workers
+        best = largest_micro_batch(option, shape.params, shape.largest_layer, t.num_workers, seq_len, per_worker,
+                                   shape.hidden, shape.layers, shape.vocab, memory, t.deepspeed.precision != "fp32")
+        if best and best > t.micro_batch_size:
+            notes.append(f"{where}.micro_batch_size: {t.micro_batch_size} of {per_worker} blocks per worker per "
+                         f"step; {best} fit {memory:g} GB GPUs by the planner's estimate (larger micro-batches "
+                         "fill a GPU better)")
+    return notes
+
+
 def build_plan(spec: PipelineSpec, graph: JobGraph | None = None) -> Plan:
     """Compute the plan of a validated spec (no Ray, no data access); ``graph``: its job
     graph, built here when not given."""

@@ -77,14 +77,13 @@ def load_for_scoring(model_uri: str, adapter_base_uri: str | None = None, dtype=
     the host never holds the whole model.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from branchout.stages.training.model import load_causal_lm
     from branchout.storage.checkpoint import fetch_verified
 
     dtype = dtype or torch.float32
     placement = {"device_map": {"": device}} if device != "cpu" else {}
-    base = AutoModelForCausalLM.from_pretrained(fetch_verified(adapter_base_uri or model_uri), dtype=dtype,
-                                                **placement)
+    base = load_causal_lm(fetch_verified(adapter_base_uri or model_uri), dtype=dtype, **placement)
     if adapter_base_uri is None:
         return base
     from peft import PeftModel

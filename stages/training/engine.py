@@ -16,7 +16,6 @@ CPU tensor fails under NCCL ("No backend type associated with device type cpu"),
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import Any, Protocol
 
 from branchout.core.spec import TrainingSpec
@@ -154,8 +153,8 @@ class DeepSpeedEngine:
                 if use_gpu and torch.cuda.is_available() else None)
         self.early = EarlyEnd()  # pretrain.stop: the wsd schedule cools down from where it is decided
         self.kernels = kernels.decide(t, total_steps, "cuda" if use_gpu else "cpu", deepspeed=True)
-        if self.kernels.liger and not kernels.apply_liger(model, required=t.fused_kernels is True):
-            self.kernels = replace(self.kernels, liger=False)
+        if self.kernels.liger:
+            kernels.apply_liger(model)
         factor = lr_lambda(t.schedule, total_steps, self.early)
         if "optimizer" in self.config:
 
@@ -259,8 +258,8 @@ class TorchEngine:
         import torch
 
         self.kernels = kernels.decide(t, total_steps, device, deepspeed=False)
-        if self.kernels.liger and not kernels.apply_liger(model, required=t.fused_kernels is True):
-            self.kernels = replace(self.kernels, liger=False)
+        if self.kernels.liger:
+            kernels.apply_liger(model)
         if device.startswith("cuda") and t.deepspeed.precision in ("bf16", "fp16"):
             # a frozen base (LoRA) is only read: keep it in 16 bits on the GPU, adapters in fp32
             half = torch.bfloat16 if t.deepspeed.precision == "bf16" else torch.float16

@@ -56,12 +56,12 @@ def export_finetune(model_uri: str, base_uri: str | None, method: str, domain: s
 
 def _load(uri: str):
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from branchout.stages.training.model import load_causal_lm
     from branchout.storage.checkpoint import fetch_verified
 
     # fp32 to merge exactly; the cast to the serving dtype happens once, at the end
-    return AutoModelForCausalLM.from_pretrained(fetch_verified(uri), dtype=torch.float32)
+    return load_causal_lm(fetch_verified(uri), dtype=torch.float32)
 
 
 def _tokenizer(uri: str):

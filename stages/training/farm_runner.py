@@ -67,7 +67,6 @@ class FarmRunner:
     def __init__(self, name: str, base_uri: str, tokenizer_uri: str, precision: str, use_gpu: bool,
                  threads: int, targets: list[str] | None):
         import torch
-        from transformers import AutoModelForCausalLM
 
         from branchout.core.precision import decide, this_worker
         from branchout.stages.prepare.tokenizer import load_tokenizer
@@ -78,8 +77,9 @@ class FarmRunner:
         self.name = name
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.precision = decide(precision, this_worker(device == "cuda"))  # `auto` decided here, for every member
-        model = AutoModelForCausalLM.from_pretrained(fetch_verified(base_uri), dtype=torch.float32)
-        from branchout.stages.training.model import default_lora_targets
+        from branchout.stages.training.model import default_lora_targets, load_causal_lm
+
+        model = load_causal_lm(fetch_verified(base_uri), dtype=torch.float32)
 
         # the members' LoRA targets (they share them), else peft's default for this architecture
         self.targets = targets or default_lora_targets(model.config.model_type)

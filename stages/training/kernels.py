@@ -1,7 +1,7 @@
 """What makes a training step fast on a GPU, decided where the job runs.
 
-Three switches of the training spec, each ``auto`` by default and each measured on its own
-in ``benchmarks/gpu.py``:
+Three switches of the training spec, each measured on its own in ``benchmarks/gpu.py``
+(an ablation of the 171M pretrain on an H200, in benchmarks/RESULTS.md):
 
 - ``optimizer.fused``: torch's fused AdamW, one kernel for every parameter instead of a
   few per tensor. On by default on a GPU; CPUs keep the multi-tensor (foreach) step they
@@ -14,10 +14,11 @@ in ``benchmarks/gpu.py``:
   (``COMPILE_MIN_STEPS``). Under DeepSpeed it is opt-in (``compile: true``), through
   DeepSpeed's own ``engine.compile``, which knows its ZeRO hooks.
 - ``fused_kernels``: Liger's Triton kernels (fused linear cross-entropy: the logits are
-  never materialised; RMSNorm, SwiGLU, RoPE) for the architectures Liger supports, when
-  the ``liger-kernel`` package is installed on the workers. It is not a dependency of
-  branchout (it needs Triton and a GPU), so ``auto`` uses it where it is there and says so
-  in the job's log line; ``true`` makes its absence an error.
+  never materialised; RMSNorm, SwiGLU, RoPE) for the architectures Liger supports. Liger is
+  not a dependency of branchout (it needs Triton and a GPU), and it is off unless asked for:
+  on an H200 (torch 2.11, Triton 3.6, liger-kernel 0.8.5) with compiled layers it halved the
+  step rate, its kernels failing to trace under ``torch.compile``; inductor already fuses what
+  Liger fuses there. ``true`` without the package is an error on the worker.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import asdict, dataclass
 
-# A compile costs tens of seconds (measured in benchmarks/gpu.py); a job shorter than this
-# spends more on compiling than it saves.
+# On the H200 the compile made the first step 33 s longer and each later step of the 171M
+# pretrain (micro-batch 8) 0.07 s shorter: it paid for itself after ~480 steps. A shorter
+# job spends more on compiling than it saves.
 COMPILE_MIN_STEPS = 500
 
 
@@ -59,10 +61,10 @@ def decide(t, steps: int, device: str, deepspeed: bool) -> Kernels:
         compiled = gpu and not deepspeed and steps >= COMPILE_MIN_STEPS
     else:
         compiled = bool(t.compile)
-    if t.fused_kernels is True and not liger_installed():
+    if t.fused_kernels and not liger_installed():
         raise RuntimeError("training fused_kernels: true, but the liger-kernel package is not installed on this "
-                           "worker (pip install liger-kernel), or set fused_kernels: auto")
-    liger = (gpu and liger_installed()) if t.fused_kernels == "auto" else bool(t.fused_kernels)
+                           "worker (pip install liger-kernel), or set fused_kernels: false")
+    liger = bool(t.fused_kernels)
     return Kernels(fused_optimizer=fused, compile=compiled, liger=liger)
 
 
@@ -95,17 +97,17 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-def apply_liger(model, required: bool) -> bool:
-    """Liger's kernels on ``model`` (in place); False when Liger has none for its architecture
-    (an error when ``required``)."""
+def apply_liger(model) -> None:
+    """Liger's kernels on ``model``, in place.
+
+    Raises:
+        RuntimeError: Liger has no kernels for the model's architecture.
+    """
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     base = base_model(model)
     patch = MODEL_TYPE_TO_APPLY_LIGER_FN.get(base.config.model_type)
     if patch is None:
-        if required:
-            raise RuntimeError(f"training fused_kernels: true, but Liger has no kernels for model type "
-                               f"{base.config.model_type!r}; set fused_kernels: auto")
-        return False
+        raise RuntimeError(f"training fused_kernels: true, but Liger has no kernels for model type "
+                           f"{base.config.model_type!r}; set fused_kernels: false")
     patch(model=base)
-    return True

@@ -66,6 +66,21 @@ def max_positions(config) -> int | None:
     return None
 
 
+def load_causal_lm(path: str, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path)`` without the Hugging Face Hub's kernels.
+
+    transformers 5 swaps layers for kernels it downloads from the Hub whenever the
+    ``kernels`` package is installed (``use_kernels`` defaults on), at the model's first
+    ``train()``/``eval()``. On a GPU worker without Hub access that fails the job (seen on an
+    H200: "Kernel repository 'kernels-community/rotary' could not verify publisher trust
+    status"), and where it succeeds it runs a remote publisher's code. branchout's own speed
+    switches are ``stages.training.kernels``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, use_kernels=False, **kwargs)
+
+
 def build_model(config, seed: int | None = None):
     """A freshly initialised causal LM (fp32). Seeded so workers agree on init."""
     import torch
@@ -152,7 +167,6 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None, zero3_config:
     shard plus the layer being built or loaded. Every rank must call it then.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     from branchout.storage.checkpoint import fetch_verified
 
@@ -160,8 +174,8 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None, zero3_config:
     partitioned = zero3_construction(zero3_config) if zero3_config else contextlib.nullcontext()
     if job.kind == "pretrain" and job.model_path:  # continued pretraining of an existing model
         with partitioned:
-            model = AutoModelForCausalLM.from_pretrained(source_dir(job.model_path, job.model_revision),
-                                                         revision=job.model_revision, dtype=torch.float32)
+            model = load_causal_lm(source_dir(job.model_path, job.model_revision), revision=job.model_revision,
+                                   dtype=torch.float32)
         return _checkpointed(model, job)
     if job.kind in ("pretrain", "scratch"):
         with partitioned:
@@ -172,7 +186,7 @@ def prepare_model(job, tokenizer, shared_base: dict | None = None, zero3_config:
     else:
         base_dir = fetch_verified(job.base_model_uri)
         with partitioned:  # under ZeRO-3 transformers loads the parent layer by layer into the shards
-            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+            model = load_causal_lm(base_dir, dtype=torch.float32)
     model = _checkpointed(model, job)
     if job.method == "lora":
         from peft import LoraConfig, get_peft_model

@@ -32,7 +32,8 @@ def process_group():
     dist.destroy_process_group()
 
 
-def _train(parts, engine_name: str, zero_stage: int) -> dict[str, np.ndarray]:
+def _train(parts, engine_name: str, zero_stage: int, compile: bool = False, fused: bool = False,
+           ) -> dict[str, np.ndarray]:
     from branchout.core.spec import PretrainSpec
     from branchout.stages.prepare.data import open_blocks
     from branchout.stages.prepare.tokenizer import load_tokenizer, special_token_ids
@@ -42,12 +43,18 @@ def _train(parts, engine_name: str, zero_stage: int) -> dict[str, np.ndarray]:
 
     root, data_uri, overrides = parts
     t = PretrainSpec(dataset={"path": "unused"}, steps=6, seq_len=32, global_batch_size=4, micro_batch_size=2,
-                     optimizer={"lr": 3e-3, "grad_clip": 0.5}, schedule={"warmup_steps": 2},
-                     deepspeed={"zero_stage": zero_stage, "precision": "fp32"}, checkpoint_every=100)
+                     optimizer={"lr": 3e-3, "grad_clip": 0.5, "fused": fused}, schedule={"warmup_steps": 2},
+                     deepspeed={"zero_stage": zero_stage, "precision": "fp32"}, checkpoint_every=100,
+                     compile=compile)
     tok = load_tokenizer(str(root / "tokenizer"))
     model = build_model(build_config("llama", overrides, len(tok), special_token_ids(tok)), seed=7)
     engine = (TorchEngine(model, t, 6) if engine_name == "torch"
               else DeepSpeedEngine(model, t, 6, world_size=1, use_gpu=False))
+    assert (engine.kernels.compile, engine.kernels.fused_optimizer) == (compile, fused)
+    if compile and engine_name == "torch":
+        from branchout.stages.training.kernels import decoder_layers
+
+        assert all(layer._compiled_call_impl is not None for layer in decoder_layers(engine.model))
     run_steps(engine, open_blocks(data_uri, "train"), t, 6, 0, 0, 1, None, lambda step, loss: None)
     trained = engine.model if engine_name == "torch" else engine.engine.module
     return {k: v.detach().float().numpy().copy() for k, v in trained.state_dict().items()}
@@ -62,6 +69,21 @@ def test_plain_torch_engine_matches_deepspeed_in_fp32(parts, process_group, zero
         assert np.allclose(plain[name], ds[name], rtol=1e-4, atol=1e-5), name
     moved = [n for n in plain if not np.allclose(plain[n], init[n])]
     assert len(moved) > len(plain) // 2  # both trained; equal because they took the same steps
+
+
+@pytest.mark.parametrize("engine_name", ["torch", "deepspeed"])
+def test_compiled_layers_and_fused_adamw_train_the_same_weights(parts, process_group, engine_name):
+    """The GPU switches (``compile``, ``optimizer.fused``) are speed only: the same steps, the
+    same weights under the same names (checkpoints and exports do not change), for the plain
+    engine (layers compiled in place) and DeepSpeed (its engine.compile)."""
+    import torch._dynamo
+
+    eager = _train(parts, engine_name, 2)
+    torch._dynamo.reset()
+    fast = _train(parts, engine_name, 2, compile=True, fused=True)
+    assert fast.keys() == eager.keys()
+    for name in eager:
+        assert np.allclose(fast[name], eager[name], rtol=1e-3, atol=1e-4), name
 
 
 def _train_none(parts) -> dict[str, np.ndarray]:
