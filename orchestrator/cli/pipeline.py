@@ -48,12 +48,15 @@ def plan(
     set_: SetOpt = None,
     gpu: Annotated[str | None, typer.Option(help="GPU type, e.g. H100-80GB, A100-40GB, L4-24GB.")] = None,
     gpu_mem: Annotated[float | None, typer.Option(help="Memory of one GPU in GiB (instead of --gpu).")] = None,
+    step_s: Annotated[float | None, typer.Option(
+        help="Seconds one pretrain step took on one GPU (measured): also predict the step on more GPUs of --gpu's "
+             "type from ZeRO's communication volume.", min=0.0)] = None,
 ) -> None:
     """Per-GPU memory under ZeRO 0-3 with and without offload, and the cheapest setting that fits."""
     from branchout.cluster.gpu_memory import GiB, gpu_memory_gb
     from branchout.orchestrator.config.loader import SpecError, load_spec
     from branchout.orchestrator.config.plan import model_shape
-    from branchout.orchestrator.run.display import print_memory_plan
+    from branchout.orchestrator.run.display import print_memory_plan, print_step_prediction
 
     try:
         spec = load_spec(pipeline, set_)
@@ -62,7 +65,13 @@ def plan(
         fail([f"{e.source}: {p}" for p in e.problems])
     except ValueError as e:
         fail([str(e)])
-    print_memory_plan(console, spec, model_shape(spec), memory, gpu or (f"{gpu_mem:g} GiB" if gpu_mem else None))
+    if step_s is not None and not (gpu or spec.pretrain.resources_per_worker.accelerator):
+        fail(["--step-s: name the GPU type its links are read from (--gpu, or pretrain.resources_per_worker."
+              "accelerator)"])
+    shape = model_shape(spec)
+    print_memory_plan(console, spec, shape, memory, gpu or (f"{gpu_mem:g} GiB" if gpu_mem else None))
+    if step_s is not None:
+        print_step_prediction(console, spec, shape, gpu or spec.pretrain.resources_per_worker.accelerator, step_s)
 
 
 @app.command()

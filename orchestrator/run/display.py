@@ -309,6 +309,35 @@ def print_memory_plan(console: Console, spec, shape, gpu_memory_gb: float | None
     _print_job_fits(console, spec, gpu_memory_gb, gpu_label)
 
 
+def print_step_prediction(console: Console, spec, shape, gpu: str, step_s: float) -> None:
+    """``branchout plan --step-s``: the pretrain's step on more GPUs, from one measured step.
+
+    A prediction, and labelled one: the measured single-GPU step plus ZeRO's communication
+    volume over ``gpu``'s nominal links (``cluster.interconnect``)."""
+    from branchout.cluster.interconnect import links, predict_step
+
+    t = spec.pretrain
+    if links(gpu) is None:
+        console.print(f"pretrain step on more GPUs: no link figures for {gpu!r}; nothing predicted")
+        return
+    width = 2 if t.deepspeed.precision in ("auto", "bf16", "fp16") else 4
+    sizes = sorted({2, 8, 16, 64, t.num_workers} - {0, 1})
+    table = Table(title=f"pretrain step on N × {gpu}, PREDICTED (not measured): {step_s:g} s measured on one GPU "
+                  f"+ ZeRO's volume of {shape.params / 1e6:.0f}M {8 * width}-bit weights over nominal links",
+                  title_justify="left")
+    for col in ("GPUs", "setting", "sent / GPU / step", "communication", "step, overlapped", "step, not overlapped"):
+        table.add_column(col, justify="left" if col == "setting" else "right")
+    for n in sizes:
+        for stage in (2, 3):
+            p = predict_step(step_s, stage, shape.params, width, n, 8, gpu)
+            table.add_row(str(n), f"ZeRO-{stage}", f"{p.volume / 1e9:.2f} GB", f"{p.comm_s:.3f} s",
+                          f"{p.overlapped_s:.3f} s", f"{p.serial_s:.3f} s")
+    console.print(table)
+    console.print("  8 GPUs per node; beyond one node every ring runs at the network's pace. "
+                  "Overlapped assumes overlap_comm hides the communication behind the step's compute.",
+                  highlight=False)
+
+
 def _precision_line(console: Console, name: str, t, embedded: bool, gpu_label: str | None):
     """``pretrain: precision auto → fp32 (CPU … has no AVX512-BF16 or AMX: …)``; returns the
     prediction (None where the workers decide). ``--gpu`` plans for that GPU type."""
