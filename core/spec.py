@@ -252,6 +252,12 @@ class TrainingSpec(StrictModel):
     )
     eval_blocks: int = Field(32, ge=1, description="Held-out blocks (instruction data: examples) in that sample, "
                              "at most; spread over the held-out set, the same at every scoring.")
+    nan_rollbacks: int = Field(
+        2, ge=0, le=100, description="A non-finite loss rolls the job back to its last checkpoint, skips the "
+        "batches it had read since (the bad one among them) and multiplies the learning rate by nan_lr_factor; "
+        "at most this many times, then the job fails. 0: fail at once."
+    )
+    nan_lr_factor: float = Field(0.5, gt=0, le=1, description="Learning-rate factor of each NaN rollback.")
     compile: Literal["auto"] | bool = Field(
         "auto", description="torch.compile each decoder layer in place (fuses its elementwise work; the "
         "weights' names are unchanged). auto: on a GPU, with the plain engine, for jobs of at least "

@@ -206,6 +206,15 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
+    def scale_lr(self, factor: float) -> None:
+        """Every later learning rate × ``factor`` (a NaN rollback). The schedule's base rates
+        are in its checkpointed state, so a resumed job keeps the lowered rate."""
+        _scale_lr(self.engine.optimizer, self.engine.lr_scheduler, factor)
+
+    def poison(self) -> None:
+        """Fault injection: this rank's first trainable weights become NaN."""
+        _poison(self.engine.module)
+
     def score(self, batches: list):
         """``[Σ token loss, tokens]`` of held-out ``batches``, on the engine's device, no gradients.
         Under ZeRO-3 every rank must call it with as many batches (each forward gathers)."""
@@ -317,6 +326,14 @@ class TorchEngine:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
+    def scale_lr(self, factor: float) -> None:
+        """Every later learning rate × ``factor`` (a NaN rollback); kept in the schedule's state."""
+        _scale_lr(self.optimizer, self.scheduler, factor)
+
+    def poison(self) -> None:
+        """Fault injection: the first trainable weights become NaN."""
+        _poison(self.model)
+
     def score(self, batches: list):
         """``[Σ token loss, tokens]`` of held-out ``batches``, on the engine's device, no gradients."""
         import torch
@@ -346,6 +363,21 @@ class TorchEngine:
 
     def state_dict_for_export(self) -> dict | None:
         return None  # the model object itself is exported (save_pretrained handles peft too)
+
+
+def _scale_lr(optimizer, scheduler, factor: float) -> None:
+    # the schedule multiplies its base rates; the current rate is already in the param groups
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+
+
+def _poison(module) -> None:
+    import torch
+
+    with torch.no_grad():
+        p = next(p for p in module.parameters() if p.requires_grad)
+        getattr(p, "ds_tensor", p).fill_(float("nan"))  # a ZeRO-3 rank holds its shard only
 
 
 def score_batches(model, batches: list, device, autocast):

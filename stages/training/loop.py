@@ -24,6 +24,18 @@ from branchout.stages.training.optim import cooldown_steps
 from branchout.stages.training.validation import HeldoutScorer, Selection
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A NaN or infinite loss in steps ``first``..``last`` (the window read at ``last``); every
+    rank raises it at the same step (the window's sum is all-reduced)."""
+
+    def __init__(self, message: str, first: int, last: int):
+        super().__init__(message)
+        self.first, self.last = first, last
+
+    def __reduce__(self):  # crosses Ray's process boundary intact
+        return type(self), (self.args[0], self.first, self.last)
+
+
 @dataclass
 class LoopResult:
     first_step: int  # the step this attempt started from (> 0 when resumed)
@@ -39,7 +51,7 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
               save_checkpoint: Callable[[int, float], None],
               after_step: Callable[[int], None] | None = None, roles=None,
               scorer: HeldoutScorer | None = None, selection: Selection | None = None,
-              prober=None) -> LoopResult:
+              prober=None, data_skip: int = 0, before_step: Callable[[int], None] | None = None) -> LoopResult:
     """Train from ``start_step`` to ``total_steps``; checkpoint every ``t.checkpoint_every``.
 
     The loss stays on the engine's device: each step's loss is added to a window sum there
@@ -55,13 +67,17 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     the step is checkpointed and logged, every rank pauses for the probes; when the rule says
     stop, the run ends after a cooldown (``engine.early``: the wsd schedule decays over it).
 
+    ``data_skip``: the data position runs this many steps ahead of the step number (each NaN
+    rollback skips the batches of the steps it undid). ``before_step(step)`` runs before step
+    ``step + 1`` is taken (fault injection).
+
     ``scorer`` (``eval_every``): the held-out loss every ``t.eval_every`` steps and at the last,
     logged beside the training loss. ``selection`` acts on it: a new best is checkpointed when
     ``keep_best`` (kept past retention by the caller's checkpoints), and ``early_stop`` ends the
     loop (``LoopResult.steps`` is then where it stopped).
 
     Raises:
-        FloatingPointError: a step's loss was NaN or infinite.
+        NonFiniteLoss: a step's loss was NaN or infinite.
     """
     import torch
 
@@ -79,8 +95,10 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
         total_steps = min(total_steps, early.end)
     step = start_step
     while step < total_steps:
+        if before_step is not None:
+            before_step(step)
         micro = []
-        for idx in step_micro_batches(order, step, t.global_batch_size, t.micro_batch_size, rank, world):
+        for idx in step_micro_batches(order, step + data_skip, t.global_batch_size, t.micro_batch_size, rank, world):
             idx = np.sort(idx)
             ids = torch.from_numpy(blocks[idx].astype(np.int64))
             micro.append(ids if roles is None else (ids, torch.from_numpy(roles[idx].astype(np.int64))))
@@ -95,8 +113,8 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
             # every rank takes this branch on the same steps: the reduction is a collective
             loss, total = _read_across_ranks(torch.stack([step_loss, unread_loss]), world)
             if not math.isfinite(total):
-                raise FloatingPointError(f"loss is {total / unread} in steps {done - unread + 1}-{done}; "
-                                         "lower the learning rate")
+                raise NonFiniteLoss(f"loss is {total / unread} in steps {done - unread + 1}-{done}; "
+                                    "lower the learning rate", done - unread + 1, done)
             unread, unread_loss = 0, None
         if first_step_at is None:  # the first step is always read: its work is done by now
             first_step_at = time.time()

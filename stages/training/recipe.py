@@ -45,8 +45,8 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
         decide_precision,
         training_dtype,
     )
-    from branchout.stages.training.faults import killer
-    from branchout.stages.training.loop import run_steps, set_rng_state
+    from branchout.stages.training.faults import killer, poisoner
+    from branchout.stages.training.loop import NonFiniteLoss, run_steps, set_rng_state
     from branchout.stages.training.metrics import MetricsLogger
     from branchout.stages.training.mixture import MixedBlocks
     from branchout.stages.training.model import export_model, prepare_model, zero3_config
@@ -101,9 +101,25 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
 
     scorer = heldout_scorer(job, t, rank, world) if t.eval_every else None
     prober = Prober(job, rank, world, train) if job.kind == "pretrain" and job.probes else None
-    result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger, partial(sink.save, engine),
-                       after_step=killer(job.name, job.out_uri, rank), roles=roles, scorer=scorer,
-                       selection=selection, prober=prober)
+    if client_state:  # what earlier NaN rollbacks decided: the data position runs ahead, and they are reported
+        sink.data_skip, sink.rollbacks = int(client_state.get("data_skip", 0)), list(client_state.get("rollbacks", []))
+    poison = poisoner(job.name, job.out_uri) if rank == 0 else None  # only rank 0: one marker, no race
+
+    def before_step(step: int) -> None:
+        if poison is not None and poison(step + 1):
+            engine.poison()
+
+    first_step = start_step
+    while True:
+        try:
+            result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger,
+                               partial(sink.save, engine), after_step=killer(job.name, job.out_uri, rank),
+                               roles=roles, scorer=scorer, selection=selection, prober=prober,
+                               data_skip=sink.data_skip, before_step=before_step)
+            break
+        except NonFiniteLoss as e:  # every rank raises it at the same step
+            start_step = roll_back(job, t, engine, sink, e, rank, logger)
+    result.first_step = first_step  # where this attempt began, rollbacks or not
     if selection is not None and selection.keep_best and selection.best_step not in (None, result.steps):
         sink.load(engine, selection.best_step)  # keep_best: the best scored step's weights are exported
     mixture_read = _summed(blocks.read, engine.device, world) if job.mixture or job.replay else None
@@ -127,6 +143,8 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     out = {**asdict(result), "started": started, "ended": time.time(), "model_uri": job.model_uri,
            "pid": os.getpid(), "workers": world, "precision": precision.as_dict(),
            "kernels": engine.kernels.as_dict()}
+    if sink.rollbacks:
+        out["rollbacks"] = sink.rollbacks
     if use_gpu:  # what the job took of its GPU at most: for sizing micro-batches and packing
         out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if prober is not None:
@@ -142,6 +160,40 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
         logger.state("succeeded", ended=out["ended"])
         logger.close()
     return out
+
+
+def roll_back(job: TrainJob, t, engine, sink: Checkpoints, error, rank: int, logger) -> int:
+    """Undo a non-finite loss (``training.nan_rollbacks``): load the newest checkpoint (written
+    before the bad window was read: the check runs before a step's checkpoint), move the data
+    position past the batches of the steps undone, scale the learning rate by
+    ``nan_lr_factor``. Returns the step to go on from.
+
+    Raises:
+        NonFiniteLoss: ``error`` again, when the rollbacks are spent or nothing was checkpointed.
+    """
+    step = sink.newest_step()
+    if len(sink.rollbacks) >= t.nan_rollbacks or step is None:
+        why = "no checkpoint to roll back to" if step is None else f"{len(sink.rollbacks)} rollback(s) spent"
+        raise type(error)(f"{error} ({why}; training.nan_rollbacks: {t.nan_rollbacks})", error.first,
+                          error.last) from error
+    from branchout.stages.training.loop import set_rng_state
+
+    state = sink.load(engine, step)
+    set_rng_state(state.get("rng"))
+    skipped = error.last - step
+    engine.scale_lr(t.nan_lr_factor)
+    # In memory, not the checkpoint's: a second rollback to the same checkpoint skips past
+    # both bad stretches, and counts toward the same bound.
+    sink.data_skip += skipped
+    line = (f"loss non-finite in steps {error.first}-{error.last}: rolled back to step {step}, skipping the "
+            f"batches of steps {step + 1}-{error.last}, learning rate × {t.nan_lr_factor:g} "
+            f"(rollback {len(sink.rollbacks) + 1} of at most {t.nan_rollbacks})")
+    sink.rollbacks = [*sink.rollbacks, line]
+    if rank == 0:
+        print(f"[branchout] {job.name}: {line}", flush=True)
+        if logger:
+            logger.state("running", rollbacks=sink.rollbacks)
+    return step
 
 
 def read_result(job: TrainJob) -> dict | None:
@@ -176,6 +228,8 @@ class Checkpoints:
                  selection=None):
         self.job, self.rank, self.world, self.device, self.final = job, rank, world, device, final
         self.selection = selection  # stages.training.validation.Selection: saved with each checkpoint
+        self.data_skip = 0  # steps of data NaN rollbacks skipped: the data position is step + data_skip
+        self.rollbacks: list[str] = []  # what each NaN rollback did, for the report
 
     @property
     def uri(self) -> str:
@@ -231,7 +285,7 @@ class Checkpoints:
             storage.remove_dir(uri)  # left by an attempt that died writing it: never mix two attempts' files
         self._barrier()
         with tempfile.TemporaryDirectory(prefix="branchout-ckpt-") as path:
-            state = {"step": step, "rng": rng_state()}
+            state = {"step": step, "rng": rng_state(), "data_skip": self.data_skip, "rollbacks": self.rollbacks}
             if self.selection is not None:
                 state["selection"] = self.selection.state()
             early = getattr(engine, "early", None)
@@ -266,8 +320,15 @@ class Checkpoints:
         protect = {_step_name(best)} if best is not None else set()  # keep_best: the best outlives retention
         return retain(self.uri, listing[0], keep, self.world, verify=agreed, delete=self.rank == 0, protect=protect)
 
-    def load(self, engine, step: int) -> None:
-        """Load step ``step``'s checkpoint into ``engine`` (every rank; rank 0 verifies it first).
+    def newest_step(self) -> int | None:
+        """The newest checkpoint's step, the same on every rank; None when there is none."""
+        names = [self.names() if self.rank == 0 else None]
+        self._broadcast(names)
+        return int(names[0][-1].removeprefix("step_")) if names[0] else None
+
+    def load(self, engine, step: int) -> dict[str, Any]:
+        """Load step ``step``'s checkpoint into ``engine`` (every rank; rank 0 verifies it
+        first); returns its client state.
 
         Raises:
             CorruptCheckpointError: it does not verify.
@@ -286,7 +347,7 @@ class Checkpoints:
             raise CorruptCheckpointError(uri, problems[0])
         with tempfile.TemporaryDirectory(prefix="branchout-load-") as tmp:
             path = storage.local_path(uri) if storage.is_local(uri) else fetch_verified(uri, tmp, self.world)
-            engine.load(path)
+            return engine.load(path)
 
     def _distributed(self) -> bool:
         import torch.distributed as dist
