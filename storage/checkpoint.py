@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -229,13 +230,45 @@ def _renamed(src: str, dst: str) -> bool:
 
 
 def read_manifest(uri: str, name: str = MANIFEST) -> dict | None:
+    """The manifest ``name`` of the directory at ``uri``; None when there is none. One that
+    does not parse or fails ``manifest_problems`` comes back as ``{"files": None, "invalid":
+    [why]}``: nothing it lists is read or written."""
     manifest_uri = storage.join(uri, name)
     if not storage.exists(manifest_uri):
         return None
     try:
-        return json.loads(storage.read_text(manifest_uri))
+        manifest = json.loads(storage.read_text(manifest_uri))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return {"files": None}
+        return {"files": None, "invalid": [f"{name}: not JSON"]}
+    problems = manifest_problems(manifest)
+    return {"files": None, "invalid": [f"{name}: {p}" for p in problems]} if problems else manifest
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def manifest_problems(manifest) -> list[str]:
+    """Why a manifest read from storage must not be trusted; empty when it may be.
+
+    Whoever can write to the bucket can write a manifest, and its member names become local
+    paths (downloads, verification) and its hashes file names (the block cache): a member is
+    a relative path inside its directory (no absolute path, no ``..``, no backslash or NUL),
+    its size a non-negative integer, its hash 64 lowercase hex digits.
+    """
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return ["no file list"]
+    problems = []
+    for rel, meta in manifest["files"].items():
+        parts = rel.split("/") if isinstance(rel, str) else []
+        if (not parts or rel.startswith("/") or any(p in ("", ".", "..") for p in parts)
+                or "\\" in rel or "\x00" in rel or os.path.isabs(rel)):
+            problems.append(f"member {rel!r} is not a path inside the directory")
+        elif not isinstance(meta, dict) or not isinstance(meta.get("size"), int) or meta["size"] < 0 \
+                or isinstance(meta["size"], bool):
+            problems.append(f"member {rel!r} has no valid size")
+        elif not isinstance(meta.get("sha256"), str) or not _SHA256.fullmatch(meta["sha256"]):
+            problems.append(f"member {rel!r} has no valid SHA-256")
+    return problems
 
 
 def rank_manifest_name(rank: int) -> str:
@@ -304,7 +337,7 @@ def verify_local(local_dir: str, manifests: list[dict], full: bool = True) -> li
     problems, to_hash = [], {}
     for manifest in manifests:
         if not isinstance(manifest.get("files"), dict):
-            problems.append("manifest unreadable")
+            problems += manifest.get("invalid") or ["manifest unreadable"]
             continue
         for rel, meta in manifest["files"].items():
             path = os.path.join(local_dir, rel)
@@ -396,7 +429,9 @@ def rank_problems(uri: str, rank: int, world: int) -> list[str]:
     manifest = read_manifest(uri, rank_manifest_name(rank))
     if manifest is None:
         return [f"{rank_manifest_name(rank)} missing (rank {rank} never finished writing)"]
-    if (manifest.get("extra") or {}).get("world", world) != world or not isinstance(manifest.get("files"), dict):
+    if not isinstance(manifest.get("files"), dict):
+        return manifest.get("invalid") or [f"{rank_manifest_name(rank)} unreadable"]
+    if (manifest.get("extra") or {}).get("world", world) != world:
         return [f"{rank_manifest_name(rank)} does not belong to a {world}-worker job"]
     if storage.is_local(uri):
         return verify_local(storage.local_path(uri), [manifest])

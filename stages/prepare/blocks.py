@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from branchout import storage
-from branchout.storage.checkpoint import MANIFEST, CorruptCheckpointError
+from branchout.storage.checkpoint import MANIFEST, CorruptCheckpointError, manifest_problems
 
 # 8,192 blocks: 32 MiB shards at 2,048 uint16 tokens a block; stages/training/batches.py assumes it.
 SHARD_BLOCKS = 8192
@@ -167,9 +167,13 @@ def manifest_files(uri: str) -> dict:
         CorruptCheckpointError: no readable manifest (never finished publishing).
     """
     try:
-        return json.loads(storage.read_text(storage.join(uri, MANIFEST)))["files"] or {}
-    except (OSError, ValueError, KeyError):
+        manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST)))
+    except (OSError, ValueError):
         raise CorruptCheckpointError(uri, [f"{MANIFEST} missing or unreadable"]) from None
+    problems = manifest_problems(manifest)  # its names and hashes become local file names
+    if problems:
+        raise CorruptCheckpointError(uri, [f"{MANIFEST}: {p}" for p in problems])
+    return manifest["files"]
 
 
 def _want(uri: str, files: dict, name: str) -> dict:

@@ -1,0 +1,82 @@
+"""Manifests read from storage are data anyone with write access to the bucket could have
+written: their member names must not reach outside their directory, and their hashes must not
+become arbitrary file names (issue 32). Each case was a path out of the checkpoint before."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from branchout import storage
+from branchout.storage.checkpoint import (
+    MANIFEST,
+    CorruptCheckpointError,
+    fetch_verified,
+    manifest_problems,
+    rank_manifest_name,
+    rank_problems,
+)
+
+GOOD_HASH = "0" * 64
+HOSTILE = [
+    ({"/tmp/branchout-pwned": {"size": 1, "sha256": GOOD_HASH}}, "is not a path inside the directory"),
+    ({"../../branchout-pwned": {"size": 1, "sha256": GOOD_HASH}}, "is not a path inside the directory"),
+    ({"ok/../../x": {"size": 1, "sha256": GOOD_HASH}}, "is not a path inside the directory"),
+    ({"a\\..\\..\\x": {"size": 1, "sha256": GOOD_HASH}}, "is not a path inside the directory"),
+    ({"a\x00b": {"size": 1, "sha256": GOOD_HASH}}, "is not a path inside the directory"),
+    ({"": {"size": 1, "sha256": GOOD_HASH}}, "is not a path inside the directory"),
+    ({"w.bin": {"size": 1, "sha256": "../../../etc/cron.d/x"}}, "has no valid SHA-256"),
+    ({"w.bin": {"size": 1, "sha256": "A" * 64}}, "has no valid SHA-256"),
+    ({"w.bin": {"size": -1, "sha256": GOOD_HASH}}, "has no valid size"),
+    ({"w.bin": {"size": True, "sha256": GOOD_HASH}}, "has no valid size"),
+    ({"w.bin": "nope"}, "has no valid size"),
+]
+
+
+@pytest.mark.parametrize(("files", "why"), HOSTILE)
+def test_a_hostile_manifest_is_refused_before_any_member_is_touched(files, why):
+    assert any(why in p for p in manifest_problems({"files": files}))
+
+
+def test_a_good_manifest_passes():
+    assert manifest_problems({"files": {"a/b.bin": {"size": 0, "sha256": GOOD_HASH}}}) == []
+
+
+def _plant(directory, name: str, files: dict) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, name), "w") as f:
+        json.dump({"files": files, "extra": {"rank": 0, "world": 1}}, f)
+
+
+def test_a_rank_manifest_on_an_object_store_cannot_write_outside_its_temp_folder(s3_bucket, tmp_path):
+    """Before: rank_problems downloaded each listed member to os.path.join(tmp, rel), so an
+    absolute member name wrote anywhere on the worker."""
+    target = tmp_path / "outside" / "pwned.txt"
+    local = tmp_path / "ckpt"
+    _plant(local, rank_manifest_name(0), {str(target): {"size": 5, "sha256": GOOD_HASH}})
+    uri = f"{s3_bucket}/hostile/step_1"
+    storage.upload_dir(str(local), uri)
+    storage.write_text(storage.join(uri, str(target).lstrip("/")), "owned")  # the member, where S3 keys put it
+    problems = rank_problems(uri, 0, 1)
+    assert any("is not a path inside the directory" in p for p in problems), problems
+    assert not target.exists()
+
+
+def test_a_local_published_directory_with_a_hostile_manifest_does_not_verify(tmp_path):
+    """Before: verification read (and sized) files outside the directory."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("x")
+    _plant(tmp_path / "model", MANIFEST, {str(secret): {"size": 1, "sha256": GOOD_HASH}})
+    with pytest.raises(CorruptCheckpointError, match="is not a path inside the directory"):
+        fetch_verified(str(tmp_path / "model"))
+
+
+def test_packed_data_whose_manifest_names_a_path_as_a_hash_is_refused(tmp_path):
+    """Before: the block cache used a manifest's sha256 value as a file name."""
+    from branchout.stages.prepare.blocks import fetch_member
+
+    _plant(tmp_path / "packed", MANIFEST, {"train.bin": {"size": 1, "sha256": "../../../../tmp/evil"}})
+    with pytest.raises(CorruptCheckpointError, match="has no valid SHA-256"):
+        fetch_member(str(tmp_path / "packed"), "train.bin")
