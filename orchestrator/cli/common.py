@@ -31,10 +31,34 @@ AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray Jobs API,
                                                 "(default: RAY_API_SERVER_ADDRESS / RAY_ADDRESS).")]
 
 
+def untrusted(text: str) -> str:
+    """Text from a user's file, data or storage, made safe to print: control characters
+    (terminal escape sequences among them) shown as ``\\xNN``, rich markup escaped (a name
+    containing ``[/x]`` would otherwise end the print with a MarkupError)."""
+    from rich.markup import escape
+
+    shown = "".join(c if c.isprintable() or c == "\t" else f"\\x{ord(c):02x}" for c in text)
+    return escape(shown)
+
+
 def fail(lines: list[str], code: int = EXIT_USAGE) -> None:
     for line in lines:
-        err.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True, markup=True)
+        err.print(f"[bold red]error:[/] {untrusted(line)}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.print(f"branchout {version('branchout')}", highlight=False)
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                   help="Print the version and exit.")] = False) -> None:
+    """Pre-train once with DeepSpeed on Ray, fine-tune per domain, evaluate."""
 
 
 def load_checked(pipeline: Path, overrides: list[str] | None):

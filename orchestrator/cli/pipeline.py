@@ -4,6 +4,7 @@ submitted run starts on the cluster; export and schema."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -50,7 +51,7 @@ def plan(
     gpu_mem: Annotated[float | None, typer.Option(help="Memory of one GPU in GiB (instead of --gpu).")] = None,
     step_s: Annotated[float | None, typer.Option(
         help="Seconds one pretrain step took on one GPU (measured): also predict the step on more GPUs of --gpu's "
-             "type from ZeRO's communication volume.", min=0.0)] = None,
+             "type from ZeRO's communication volume.")] = None,
 ) -> None:
     """Per-GPU memory under ZeRO 0-3 with and without offload, and the cheapest setting that fits."""
     from branchout.cluster.gpu_memory import GiB, gpu_memory_gb
@@ -58,6 +59,10 @@ def plan(
     from branchout.orchestrator.config.plan import model_shape
     from branchout.orchestrator.run.display import print_memory_plan, print_step_prediction
 
+    if gpu_mem is not None and not (math.isfinite(gpu_mem) and gpu_mem > 0):
+        fail([f"--gpu-mem: {gpu_mem} is not a memory size (GiB > 0)"])
+    if step_s is not None and not (math.isfinite(step_s) and step_s > 0):
+        fail([f"--step-s: {step_s} is not a step time (seconds > 0)"])
     try:
         spec = load_spec(pipeline, set_)
         memory = gpu_mem * GiB / 1e9 if gpu_mem else (gpu_memory_gb(gpu) if gpu else None)

@@ -52,14 +52,32 @@ MAX_VALUES = 100_000  # scalars, lists and mappings after aliases are expanded
 MAX_DEPTH = 64
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
+    last silently: a setting written twice would be half ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     source = str(path)
     try:
-        size = os.path.getsize(path)
-        if size > MAX_FILE_BYTES:
-            raise SpecError(source, [f"file is {size / (1 << 20):.1f} MiB; a pipeline file is at most "
+        if Path(path).exists() and not Path(path).is_dir() and not Path(path).is_file():
+            # /dev/zero, a FIFO, a socket: getsize says 0 and a read never ends
+            raise SpecError(source, ["not a regular file (a device, pipe or socket?)"])
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # bounded whatever the file claims to be
+        if len(data) > MAX_FILE_BYTES:
+            raise SpecError(source, [f"file is over {MAX_FILE_BYTES >> 20} MiB; a pipeline file is at most "
                                      f"{MAX_FILE_BYTES >> 20} MiB (is this a data file?)"])
-        text = Path(path).read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise SpecError(source, ["file not found"]) from None
     except IsADirectoryError:
@@ -68,7 +86,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise SpecError(source, [f"cannot read: {e}"]) from None
     try:
         _check_depth(text, source)
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

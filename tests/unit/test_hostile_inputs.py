@@ -1,0 +1,69 @@
+"""Hostile and careless input to the CLI gets one clean line and exit 2 (issue 32): each case
+below crashed, hung or was silently accepted before."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from branchout.orchestrator.cli import app
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _validate(path) -> object:
+    return CliRunner().invoke(app, ["validate", str(path)])
+
+
+def test_a_key_given_twice_is_refused_not_half_ignored(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: a\npretrain: {steps: 1}\nname: b\n")
+    result = _validate(path)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {path}: line 3, column 1: invalid YAML: duplicate key 'name'"
+
+
+def test_a_nested_key_given_twice_is_refused_too(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: a\npretrain:\n  steps: 1\n  steps: 2\n")
+    result = _validate(path)
+    assert result.exit_code == 2 and "line 4, column 3: invalid YAML: duplicate key 'steps'" in result.stderr
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_a_device_or_pipe_is_refused_without_reading_it(tmp_path, special):
+    if special == "fifo":
+        special = str(tmp_path / "pipe.yaml")
+        os.mkfifo(special)  # a read would block forever: nobody writes to it
+    result = _validate(special)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {special}: not a regular file (a device, pipe or socket?)"
+
+
+def test_markup_and_terminal_escapes_in_keys_print_as_text(tmp_path):
+    path = tmp_path / "markup.yaml"
+    path.write_text('"[/x]": 1\n"\\x1b[2Jkey": 2\nname: ok\npretrain: {steps: 1, dataset: {path: x}}\n')
+    result = _validate(path)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert f"error: {path}: [/x]: unknown key" in lines
+    assert f"error: {path}: \\x1b[2Jkey: unknown key" in lines
+    assert "\x1b" not in result.stderr
+
+
+@pytest.mark.parametrize(("option", "value"), [("--gpu-mem", "nan"), ("--gpu-mem", "-5"), ("--gpu-mem", "0"),
+                                               ("--step-s", "inf"), ("--step-s", "-1")])
+def test_plan_refuses_sizes_and_times_that_are_not(option, value):
+    result = CliRunner().invoke(app, ["plan", str(REPO / "examples" / "llama-1b.yaml"), option, value])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {option}: ")
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"branchout {version('branchout')}"
