@@ -233,7 +233,9 @@ class RunRecord:
         for name, rec in self.jobs.items():
             if rec.state in (JobState.QUEUED, JobState.RUNNING):
                 self.set_job(name, JobState.FAILED, error=reason)
-        if self.state is RunState.RUNNING:
+        # PENDING too: a driver that died before its first job (fingerprinting, a tracker, Ctrl-C)
+        # would otherwise leave the run pending for ever (resume refuses it, schedules skip it)
+        if self.state in (RunState.RUNNING, RunState.PENDING):
             self.set_run_state(run_state, error=run_error or reason)
 
     @classmethod
