@@ -105,7 +105,7 @@ class JobsClient:
         if pip:
             runtime_env["pip"] = pip
         return self._call(
-            self._client.submit_job, entrypoint=" ".join(entrypoint), submission_id=submission_id,
+            self._client.submit_job, entrypoint=entrypoint_command(entrypoint), submission_id=submission_id,
             runtime_env=runtime_env, metadata=metadata,
             # the driver only orchestrates: it must not hold a GPU (or a CPU) workers need
             entrypoint_num_cpus=0, entrypoint_num_gpus=0)
@@ -172,6 +172,14 @@ def probe_storage(client: JobsClient, storage_uri: str, timeout_s: float = 180) 
             raise JobsError(f"storage: the cluster cannot use {storage_uri}: {lines[-1] if lines else status}")
     finally:
         storage.remove_file(marker)
+
+
+def entrypoint_command(argv: list[str]) -> str:
+    """``argv`` as the one shell command line Ray's job supervisor runs, every argument quoted:
+    a storage path with a space stays one argument, and ``;`` or ``$(...)`` in it runs nothing."""
+    import shlex
+
+    return shlex.join(argv)
 
 
 def driver_entrypoint(*args: str) -> list[str]:

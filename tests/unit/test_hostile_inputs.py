@@ -67,3 +67,14 @@ def test_version():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.strip() == f"branchout {version('branchout')}"
+
+
+@pytest.mark.parametrize("path", ["/data/my runs/tiny/r1", "/data/x;touch /tmp/branchout-pwned", "/d/$(id)/`id`/'q'"])
+def test_a_resumed_runs_path_reaches_the_driver_as_one_argument(path):
+    """Before: the entrypoint was joined with spaces and run by a shell on the head node."""
+    import shlex
+
+    from branchout.orchestrator.operate.jobs import driver_entrypoint, entrypoint_command
+
+    argv = driver_entrypoint("--resume", path)
+    assert shlex.split(entrypoint_command(argv)) == argv
