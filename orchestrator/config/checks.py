@@ -16,8 +16,9 @@ from branchout.core.spec import PipelineSpec, TrainingSpec
 
 
 def cross_check(spec: PipelineSpec) -> list[str]:
-    problems: list[str] = []
-    problems += _check_credentials(spec)
+    problems: list[str] = _check_credentials(spec)
+    if problems:  # nothing below may open (or echo) a URI that carries a secret
+        return problems
     problems += _check_training("pretrain", spec.pretrain, spec.pretrain.steps)
     if spec.pretrain.stop is not None and spec.pretrain.schedule.kind != "wsd":
         problems.append("pretrain.stop: an early stop cools down from where it stops, which only "
@@ -71,7 +72,8 @@ def _check_credentials(spec: PipelineSpec) -> list[str]:
     the registry and logs. The message never repeats the URI."""
     uris = [("storage", spec.storage), ("cluster.address", spec.cluster.address),
             ("tracking.mlflow_uri", spec.tracking.mlflow_uri),
-            ("tokenizer.path", spec.tokenizer.path)]
+            ("tokenizer.path", spec.tokenizer.path), ("model.path", spec.model.path),
+            ("evaluate.lm_eval.include_path", spec.evaluate.lm_eval.include_path if spec.evaluate.lm_eval else None)]
     uris += [(f"{c.where}.path", c.dataset.path) for c in corpora(spec.pretrain)]
     uris += [(f"finetune.domains.{i}.dataset.path", d.dataset.path) for i, d in enumerate(spec.finetune.domains)]
     return [f"{where}: the URI embeds credentials, which would be written into spec.yaml, state.json, "
@@ -144,6 +146,8 @@ def spec_config(spec: PipelineSpec):
             config = source_config(spec.model.path, spec.model.revision)
         except ModelConfigError as e:
             return f"model.path: {e}"
+        except OSError as e:  # storage unreachable, no permission: the filesystem's own words, one line
+            return f"model.path: cannot be read from here: {_one_line(e)}"
         vocab = tokenizer_vocab_size(spec)
         if isinstance(vocab, str):
             return vocab

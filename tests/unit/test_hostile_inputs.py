@@ -78,3 +78,17 @@ def test_a_resumed_runs_path_reaches_the_driver_as_one_argument(path):
 
     argv = driver_entrypoint("--resume", path)
     assert shlex.split(entrypoint_command(argv)) == argv
+
+
+@pytest.mark.parametrize("uri", ["s3://AKIAKEY:SECRETVALUE@bucket/model", "https://user:SECRETVALUE@host/model",
+                                 "gs://SECRETVALUE@bucket/model"])
+def test_a_model_path_with_credentials_is_refused_before_it_is_opened(tmp_path, uri):
+    """Before: an s3://KEY:SECRET@ model path was accepted, and an https one failed in a
+    traceback that printed the password."""
+    path = tmp_path / "secret.yaml"
+    path.write_text(f'name: t\nmodel: {{path: "{uri}"}}\npretrain: {{steps: 0, dataset: {{path: x}}}}\n'
+                    "finetune: {domains: [{name: a, dataset: {path: x}}]}\n")
+    result = _validate(path)
+    assert result.exit_code == 2
+    assert f"error: {path}: model.path: the URI embeds credentials" in result.stderr
+    assert "SECRETVALUE" not in result.output and "Traceback" not in result.output
