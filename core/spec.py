@@ -14,16 +14,65 @@ Glossary:
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+MAX_STEPS = 10**9  # optimizer steps: more is a typo (a year at 30 steps/s)
+
 
 class StrictModel(BaseModel):
-    """Base for every spec section: unknown keys are errors, values are not coerced."""
+    """Base for every spec section: unknown keys are errors, values are not coerced.
+
+    pydantic's lax mode would take ``"12"``, ``true`` or ``12.0`` for a count and ``"yes"`` for
+    a switch; here a count must be an integer, a number is not a boolean, a switch is not a
+    string. One coercion stays: a number written as a string, because YAML 1.1 reads ``3e-4``
+    (no dot) as one. Every float must be finite.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=False, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_coerced(cls, v: Any, info):
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if not kinds or v is None:
+            return v
+        numeric = kinds & {int, float}
+        if isinstance(v, bool) and bool not in kinds and numeric:
+            raise ValueError("expected a number, not true/false")
+        whole_only = int in kinds and float not in kinds and not isinstance(v, bool)
+        if whole_only and (isinstance(v, float) or (isinstance(v, str) and str not in kinds)):
+            raise ValueError("expected a whole number")
+        if bool in kinds and isinstance(v, str) and str not in kinds:
+            raise ValueError("expected true or false")
+        if float in kinds and isinstance(v, float | str) and not isinstance(v, bool):
+            try:
+                number = float(v)
+            except ValueError:
+                return v  # not a number at all: pydantic says so
+            if not math.isfinite(number):
+                raise ValueError("must be a finite number")
+        return v
+
+
+
+def _scalar_kinds(annotation) -> set:
+    """The scalar types (int, float, bool, str) a field's annotation admits, through Optional,
+    unions and Literal; empty for anything else (models, lists, dicts)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_scalar_kinds(a) for a in typing.get_args(annotation)))
+    if origin is typing.Literal:
+        return {type(a) for a in typing.get_args(annotation)}
+    if origin is typing.Annotated:
+        return _scalar_kinds(typing.get_args(annotation)[0])
+    return {annotation} & {int, float, bool, str}
 
 
 class Resources(StrictModel):
@@ -189,7 +238,7 @@ class ScheduleSpec(StrictModel):
         "warmup, then a linear cooldown to min_lr_ratio over the last cooldown_fraction of the run (or after "
         "pretrain.stop ends it early): checkpoints before the cooldown are comparable, which probes need."
     )
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int = Field(10, ge=0, le=MAX_STEPS)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     cooldown_fraction: float = Field(0.1, gt=0, le=1, description="wsd: the share of the steps the cooldown takes.")
 
@@ -269,7 +318,7 @@ class TrainingSpec(StrictModel):
         "architectures Liger supports; needs the liger-kernel package on the workers. Off by default: on an "
         "H200 with compiled layers they halved the step rate (benchmarks/RESULTS.md, GPU rows)."
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of initialisation, data order and dropout.")
 
     def uses_deepspeed(self) -> bool:
         """DeepSpeed when it has something to do: ZeRO across several workers, or offload.
@@ -288,7 +337,7 @@ class ProbeSpec(StrictModel):
         "or give `every`."
     )
     every: int | None = Field(None, ge=1, description="A probe point every this many pretrain steps.")
-    steps: int = Field(50, ge=1, description="Optimizer steps of each probe fine-tune (its domain's other options).")
+    steps: int = Field(50, ge=1, le=MAX_STEPS, description="Optimizer steps of each probe fine-tune (its domain's other options).")
     method: Literal["lora", "full"] = "lora"
 
     @field_validator("at")
@@ -334,9 +383,9 @@ class PretrainSpec(TrainingSpec):
         "The tokenizer trains on an equal share of each source (so a new weight keeps it)."
     )
     seq_len: int = Field(256, ge=8)
-    steps: int | None = Field(None, ge=0, description="Optimizer steps, or give `tokens`; 0 skips pretraining "
+    steps: int | None = Field(None, ge=0, le=MAX_STEPS, description="Optimizer steps, or give `tokens`; 0 skips pretraining "
                               "(the fan-out branches straight from model.path).")
-    tokens: int | None = Field(None, ge=1, description="Token budget; steps are derived.")
+    tokens: int | None = Field(None, ge=1, le=10**16, description="Token budget; steps are derived.")
     probes: ProbeSpec | None = Field(
         None, description="At probe points the pretrain's workers fine-tune every domain briefly from the current "
         "weights and score it on the domain's held-out text: eval/forecast.json fits each domain's probe loss "
@@ -382,7 +431,7 @@ class FinetuneOptions(TrainingSpec):
     """Options of one domain fine-tune; ``finetune.defaults`` and each domain's overrides."""
 
     method: Literal["full", "lora"] = "full"
-    steps: int = Field(100, ge=1)
+    steps: int = Field(100, ge=1, le=MAX_STEPS)
     global_batch_size: int = Field(8, ge=1)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     max_retries: int = Field(2, ge=0, description="Retries of a failed domain job (each resumes from its newest good checkpoint).")
@@ -481,7 +530,7 @@ class EvaluateSpec(StrictModel):
     heldout_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of each dataset's documents held out."
     )
-    split_seed: int = Field(0, description="Seed of the document-level held-out split.")
+    split_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the document-level held-out split.")
     models: list[EvalModel] = Field(default_factory=lambda: ["base", "finetuned", "scratch"])
     max_blocks: int = Field(256, ge=1, description="Held-out blocks (instruction data: examples) scored per "
                             "domain at most.")
@@ -598,7 +647,7 @@ _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def _check_slug(v: str) -> str:
-    if not _SLUG.match(v):
+    if not _SLUG.fullmatch(v):  # match() with $ took "legal\n"
         raise ValueError(
             "must be 1-64 characters of letters, digits, '_', '.', '-', starting with a letter or digit"
         )

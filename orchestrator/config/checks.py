@@ -25,7 +25,12 @@ def cross_check(spec: PipelineSpec) -> list[str]:
                         "schedule.kind: wsd does (cosine decays over the whole budget); set pretrain.schedule.kind: wsd")
     if not spec.finetune.domains:
         problems.append("finetune.domains: name at least one domain to fine-tune")
+    folded: dict[str, str] = {}
     for i, domain in enumerate(spec.finetune.domains):
+        other = folded.setdefault(domain.name.casefold(), domain.name)
+        if other != domain.name:  # one directory on a case-insensitive disk, confusable everywhere
+            problems.append(f"finetune.domains.{i}.name: {domain.name!r} differs from {other!r} only by case; "
+                            "domain names must differ by more")
         if domain.name in RESERVED_NAMES:
             problems.append(f"finetune.domains.{i}.name: {domain.name!r} is reserved (a stage, the base model or "
                             f"the general held-out set: {', '.join(RESERVED_NAMES)}); choose another name")

@@ -92,3 +92,54 @@ def test_a_model_path_with_credentials_is_refused_before_it_is_opened(tmp_path, 
     assert result.exit_code == 2
     assert f"error: {path}: model.path: the URI embeds credentials" in result.stderr
     assert "SECRETVALUE" not in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("path", "value", "why"), [
+    ("pretrain.seed", -1, "greater than or equal to 0"),
+    ("pretrain.seed", 2**64, "less than or equal to 4294967295"),
+    ("evaluate.split_seed", -3, "greater than or equal to 0"),
+    ("finetune.domains.0.name", "legal\n", "must be 1-64 characters"),
+    ("pretrain.steps", "12", "expected a whole number"),
+    ("pretrain.steps", 12.0, "expected a whole number"),
+    ("pretrain.steps", True, "expected a number, not true/false"),
+    ("pretrain.steps", 10**30, "less than or equal to 1000000000"),
+    ("pretrain.activation_checkpointing", "yes", "expected true or false"),
+    ("pretrain.optimizer.weight_decay", float("inf"), "must be a finite number"),
+    ("pretrain.optimizer.lr", "nan", "must be a finite number"),
+    ("finetune.domains.2.lora.alpha", float("inf"), "must be a finite number"),
+    ("pretrain.resources_per_worker.cpu", float("nan"), "must be a finite number"),
+    ("finetune.domains.1.name", "Legal", "differs from 'legal' only by case"),
+])
+def test_values_that_were_accepted_or_coerced_are_refused(path, value, why):
+    """Before: each of these was accepted (several failing only once compute had started)."""
+    import copy
+
+    from branchout.orchestrator.config.loader import SpecError, validate_spec
+
+    from conftest import TINY
+
+    raw = copy.deepcopy(TINY)
+    *parents, last = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node[key]
+    node[last] = value
+    with pytest.raises(SpecError) as e:
+        validate_spec(raw, "hostile.yaml")
+    assert any(p.startswith(path) and why in p for p in e.value.problems), e.value.problems
+
+
+def test_a_number_yaml_reads_as_a_string_is_still_a_number():
+    """YAML 1.1 reads 3e-4 (no dot) as a string: that one coercion stays."""
+    import copy
+
+    import yaml
+
+    from branchout.orchestrator.config.loader import validate_spec
+
+    from conftest import TINY
+
+    raw = copy.deepcopy(TINY)
+    raw["pretrain"]["optimizer"]["lr"] = yaml.safe_load("lr: 3e-4")["lr"]
+    assert raw["pretrain"]["optimizer"]["lr"] == "3e-4"
+    assert validate_spec(raw, "t.yaml").pretrain.optimizer.lr == 3e-4
