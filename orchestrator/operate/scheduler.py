@@ -154,6 +154,16 @@ class ScheduleStore:
         with self.registry.engine.begin() as conn:
             conn.execute(schedules.update().where(schedules.c.id == schedule_id).values(**values))
 
+    def claim(self, schedule_id: int, column: str, seen, **values) -> bool:
+        """Set ``values`` only if ``column`` still holds ``seen``, what this scheduler read: one
+        compare-and-set in the database. Two schedulers on one registry read the same due time;
+        only the one whose update lands claims it, the other stands down."""
+        c = schedules.c[column]
+        with self.registry.engine.begin() as conn:
+            done = conn.execute(schedules.update().where(schedules.c.id == schedule_id)
+                                .where(c.is_(None) if seen is None else c == seen).values(**values))
+        return done.rowcount == 1
+
     def remove(self, schedule_id: int) -> None:
         self.get(schedule_id)
         with self.registry.engine.begin() as conn:
@@ -194,6 +204,9 @@ class Scheduler:
         now = self.clock()
         reasons = []
         if s.cron and s.next_fire is not None and s.next_fire <= now:
+            if not self.store.claim(s.id, "next_fire", s.next_fire,
+                                    next_fire=next_cron_time(s.cron, s.timezone, now)):
+                return  # another scheduler on this registry took this fire time
             due = [s.next_fire]
             while (nxt := next_cron_time(s.cron, s.timezone, due[-1])) <= now:
                 due.append(nxt)
@@ -206,8 +219,9 @@ class Scheduler:
                 self.decide(s, "missed", f"{len(late)} fire time(s) passed while no scheduler ran ({when}); {action}")
             if on_time or s.missed == "run-once":
                 reasons.append(f"cron {s.cron!r} at {datetime.fromtimestamp(due[-1], ZoneInfo(s.timezone)).isoformat()}")
-            self.store.update(s.id, next_fire=next_cron_time(s.cron, s.timezone, now))
         if s.on_data_change and (s.last_poll is None or now - s.last_poll >= s.poll_s):
+            if not self.store.claim(s.id, "last_poll", s.last_poll, last_poll=now):
+                return  # another scheduler is polling this schedule's data
             current = self.fingerprints(s)
             if s.watch:  # only the watched datasets can fire; a vanished name is an error, not silence
                 missing = sorted(w for w in s.watch if not any(watched(k, [w]) for k in current))
@@ -215,11 +229,13 @@ class Scheduler:
                     self.decide(s, "error", f"watched dataset(s) {', '.join(missing)} no longer in the pipeline")
                 current = {k: v for k, v in current.items() if watched(k, s.watch)}
             changed = sorted(k for k in current if s.fingerprints is not None and current[k] != s.fingerprints.get(k))
-            self.store.update(s.id, last_poll=now, fingerprints=current)
+            self.store.update(s.id, fingerprints=current)
             if s.fingerprints is None:
                 self.decide(s, "watch", f"recorded the fingerprints of {', '.join(sorted(current))}")
             elif changed:
                 reasons.append(f"data changed: {', '.join(changed)}")
+        if not reasons and s.queued and not self.store.claim(s.id, "queued", True, queued=False):
+            return  # another scheduler fired the queued run
         if reasons or s.queued:
             self._fire(s, "; ".join(reasons) or "queued fire", now)
 

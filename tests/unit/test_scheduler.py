@@ -131,3 +131,35 @@ def test_bad_schedules(registry, tmp_path):
         store.add(str(tmp_path / "p.yaml"), "every monday")
     with pytest.raises(ScheduleError, match="unknown time zone"):
         store.add(str(tmp_path / "p.yaml"), "0 3 * * 1", "Mars/Olympus")
+
+
+@pytest.mark.parametrize("trigger", ["cron", "data", "queued"])
+def test_two_schedulers_on_one_registry_fire_a_due_time_once(registry, tmp_path, trigger):
+    """Both read the schedule before either writes (the race of two processes): the database's
+    compare-and-set gives the fire to one of them (issue 32: both used to fire)."""
+    clock = Clock(utc(2026, 3, 27, 12))
+    launched: list[str] = []
+
+    def launcher(s, reason):
+        launched.append(reason)
+        return f"run-{len(launched)}"
+
+    data = {"version": 1}
+    pair = [Scheduler(registry, launcher, clock=clock, log=lambda m: None, grace_s=1800,
+                      fingerprints=lambda s: {"legal": str(data["version"])}, active_run=lambda s: None)
+            for _ in range(2)]
+    store = pair[0].store
+    if trigger == "cron":
+        store.add(str(tmp_path / "p.yaml"), "0 3 * * *", "UTC", now=clock.t)
+        clock.t = utc(2026, 3, 28, 3, 5)
+    elif trigger == "data":
+        store.add(str(tmp_path / "p.yaml"), None, "UTC", on_data_change=True, now=clock.t)
+        pair[0].tick()  # records the fingerprints
+        data["version"], clock.t = 2, clock.t + 3600
+    else:
+        store.add(str(tmp_path / "p.yaml"), "0 3 * * *", "UTC", now=clock.t)
+        store.update(store.all()[0].id, queued=True)
+    (seen,) = store.all()  # what both read
+    for scheduler in pair:
+        scheduler._tick_one(seen)
+    assert len(launched) == 1, launched
