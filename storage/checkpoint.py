@@ -112,18 +112,33 @@ def _remote_size_problems(uri: str, manifest: dict) -> list[str]:
 
 def _publish_local(src: str, dst: str, manifest: str) -> None:
     staging = _local_staging(dst)
-    shutil.copytree(src, staging)
-    for root, _, names in os.walk(staging):
-        for name in names:
-            _fsync_path(os.path.join(root, name))
-    _replace_local(staging, dst, manifest)
+    try:
+        shutil.copytree(src, staging)
+        for root, _, names in os.walk(staging):
+            for name in names:
+                _fsync_path(os.path.join(root, name))
+        _replace_local(staging, dst, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed publish leaves nothing beside dst
+        raise
+
+
+STALE_STAGING_S = 3600  # a staging copy this old belongs to a writer that died (writes take seconds to minutes)
 
 
 def _local_staging(dst: str) -> str:
-    """A fresh name beside ``dst`` (same filesystem, so it can be renamed into place)."""
+    """A fresh name beside ``dst`` (same filesystem, so it can be renamed into place). Staging
+    copies of ``dst`` an hour old or more, left by writers that were killed, are swept first."""
     parent = os.path.dirname(os.path.abspath(dst))
     os.makedirs(parent, exist_ok=True)
-    return os.path.join(parent, f".tmp-{os.path.basename(dst)}-{uuid.uuid4().hex[:8]}")
+    prefix = f".tmp-{os.path.basename(dst)}-"
+    now = time.time()
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        with contextlib.suppress(OSError):
+            if name.startswith(prefix) and now - os.path.getmtime(path) >= STALE_STAGING_S:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return os.path.join(parent, f"{prefix}{uuid.uuid4().hex[:8]}")
 
 
 def _replace_local(staging: str, dst: str, manifest: str) -> None:

@@ -222,7 +222,8 @@ class RunRecord:
         self._registry_extra = extra
 
     def save(self) -> None:
-        storage.write_text(self.state_uri, self.to_json(), durable=False)
+        # durable: after a crash of the machine, state.json says what had happened, not less
+        storage.write_text(self.state_uri, self.to_json())
         registry = getattr(self, "_registry", None)
         if registry is not None:
             registry.sync(self, **self._registry_extra)

@@ -80,3 +80,36 @@ def test_packed_data_whose_manifest_names_a_path_as_a_hash_is_refused(tmp_path):
     _plant(tmp_path / "packed", MANIFEST, {"train.bin": {"size": 1, "sha256": "../../../../tmp/evil"}})
     with pytest.raises(CorruptCheckpointError, match="has no valid SHA-256"):
         fetch_member(str(tmp_path / "packed"), "train.bin")
+
+
+def test_a_failed_local_publish_leaves_no_staging_copy(tmp_path, monkeypatch):
+    """Before: a publish that failed after copying left a .tmp-<name>-* folder beside it."""
+    from branchout.storage import checkpoint
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"x" * 10)
+
+    def broken(path):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(checkpoint, "_fsync_path", broken)
+    with pytest.raises(OSError, match="disk went away"):
+        checkpoint.publish_dir(str(src), str(tmp_path / "out" / "model"))
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_staging_copies_left_by_killed_writers_are_swept(tmp_path):
+    from branchout.storage.checkpoint import STALE_STAGING_S, publish_dir
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"x")
+    out = tmp_path / "out"
+    stale, fresh = out / ".tmp-model-dead0001", out / ".tmp-model-live0002"
+    for d in (stale, fresh):
+        d.mkdir(parents=True)
+    old = os.path.getmtime(stale) - STALE_STAGING_S - 1
+    os.utime(stale, (old, old))
+    publish_dir(str(src), str(out / "model"))
+    assert sorted(os.listdir(out)) == [".tmp-model-live0002", "model"]  # a live writer's copy is left alone
