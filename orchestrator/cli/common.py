@@ -13,6 +13,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from branchout.orchestrator.run.display import untrusted
+
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Pre-train once with DeepSpeed on Ray, fine-tune per domain, evaluate.")
 # Off a terminal (CI, job logs) rich would wrap at 80 columns; log lines read better long.
@@ -29,16 +31,6 @@ NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Compute every job,
 RerunOpt = Annotated[list[str] | None, typer.Option("--rerun", help="Recompute this job, stage or domain and what depends on it (repeatable).")]
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray Jobs API, e.g. http://HEAD:8265 "
                                                 "(default: RAY_API_SERVER_ADDRESS / RAY_ADDRESS).")]
-
-
-def untrusted(text: str) -> str:
-    """Text from a user's file, data or storage, made safe to print: control characters
-    (terminal escape sequences among them) shown as ``\\xNN``, rich markup escaped (a name
-    containing ``[/x]`` would otherwise end the print with a MarkupError)."""
-    from rich.markup import escape
-
-    shown = "".join(c if c.isprintable() or c == "\t" else f"\\x{ord(c):02x}" for c in text)
-    return escape(shown)
 
 
 def fail(lines: list[str], code: int = EXIT_USAGE) -> None:

@@ -18,6 +18,7 @@ from branchout.orchestrator.cli.common import (
     load_checked,
     open_registry,
     reported,
+    untrusted,
 )
 
 schedule_app = typer.Typer(no_args_is_help=True, help="Retrain on a schedule or when data changes.")
@@ -57,7 +58,7 @@ def schedule_add(
                                    list(set_ or []), watch=list(watch or []) or None)
     s = _store().get(schedule_id)
     nxt = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(s.next_fire)) if s.next_fire else "-"
-    console.print(f"schedule {schedule_id}: {pipeline} cron={cron or '-'} ({timezone}) "
+    console.print(f"schedule {schedule_id}: {untrusted(str(pipeline))} cron={untrusted(cron or '-')} ({timezone}) "
                   f"data-change={', '.join(s.watch) if s.watch else 'any dataset' if s.on_data_change else 'no'}; "
                   f"next cron fire {nxt}")
 
@@ -72,7 +73,7 @@ def schedule_list() -> None:
         table.add_column(col, overflow="fold")
     fmt = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"  # noqa: E731
     for s in _store().all():
-        table.add_row(str(s.id), s.pipeline, s.cron or "-", s.timezone, (f"{', '.join(s.watch) if s.watch else 'any'}, every {s.poll_s:g}s"
+        table.add_row(str(s.id), untrusted(s.pipeline), s.cron or "-", s.timezone, (f"{', '.join(s.watch) if s.watch else 'any'}, every {s.poll_s:g}s"
                       if s.on_data_change else "-"),
                       s.overlap + (" (queued)" if s.queued else ""), s.missed, fmt(s.next_fire), fmt(s.last_fire),
                       s.last_run or "-")
@@ -113,7 +114,7 @@ def scheduler(interval: Annotated[float, typer.Option(help="Seconds between tick
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    service = Scheduler(open_registry(), launch, log=lambda m: console.print(f"{time.strftime('%H:%M:%S')} {m}", highlight=False))
+    service = Scheduler(open_registry(), launch, log=lambda m: console.print(f"{time.strftime('%H:%M:%S')} {untrusted(m)}", highlight=False))
     count = len(service.store.all())
     console.print(f"{time.strftime('%H:%M:%S')} scheduler: {count} schedule(s), tick every {interval:g}s, "
                   f"registry {mask(service.registry.url)}", highlight=False)

@@ -223,8 +223,18 @@ def print_run_list(console: Console, rows, title: str = "runs", registry=None) -
         where = row.address if row.submitted else (row.driver_host or "local")
         table.add_row(row.run_id, row.pipeline, f"[{style}]{row.state}[/]" if style else row.state,
                       row.user or "-", _when(row.started or row.created), _duration(row.started, row.ended),
-                      domains, where, row.run_uri)
+                      domains, untrusted(where), untrusted(row.run_uri))
     console.print(table if rows else f"no {title}")
+
+
+def untrusted(text: str) -> str:
+    """Text from a user's file, data or storage, made safe to print: control characters
+    (terminal escape sequences among them) shown as ``\\xNN``, rich markup escaped (a name
+    containing ``[/x]`` would otherwise end the print with a MarkupError)."""
+    from rich.markup import escape
+
+    shown = "".join(c if c.isprintable() or c == "\t" else f"\\x{ord(c):02x}" for c in text)
+    return escape(shown)
 
 
 def print_status(console: Console, view) -> None:
@@ -263,13 +273,14 @@ def print_status(console: Console, view) -> None:
             progress = f"loss {rec.outputs['final_loss']:.3f}"
         detail = rec.error if rec.state is JobState.FAILED else rec.outputs.get("model_uri", "")
         table.add_row(name, f"[{_STYLE[rec.state]}]{rec.state.value}[/]", str(rec.attempts), progress,
-                      _when(rec.started), _duration(rec.started, rec.ended) if rec.started else "-", detail or "")
+                      _when(rec.started), _duration(rec.started, rec.ended) if rec.started else "-",
+                      untrusted(detail or ""))
         for attempt in rec.history[:-1] if len(rec.history) > 1 else []:
             table.add_row("", f"[dim]attempt {attempt['attempt']}[/]", "", "", _when(attempt["started"]),
                           _duration(attempt["started"], attempt["ended"]),
-                          f"[dim]{attempt['state']}: {attempt.get('error') or ''}[/]")
+                          f"[dim]{attempt['state']}: {untrusted(attempt.get('error') or '')}[/]")
         for warning in rec.outputs.get("warnings", []):
-            table.add_row("", "[yellow]warning[/]", "", "", "", "", f"[yellow]{warning}[/]")
+            table.add_row("", "[yellow]warning[/]", "", "", "", "", f"[yellow]{untrusted(warning)}[/]")
     console.print(table)
 
 

@@ -39,3 +39,22 @@ def test_schedule_add_checks_watched_names(write_pipeline, tmp_path, monkeypatch
     assert good.exit_code == 0 and "data-change=legal" in good.output, good.output
     listed = CliRunner().invoke(app, ["schedule", "list"])
     assert "0 3 * * 1" in listed.output and "Europe/Berlin" in listed.output and "legal, every 600s" in listed.output
+
+
+def test_a_pipeline_path_that_looks_like_markup_is_listed_as_text(write_pipeline, tmp_path, monkeypatch):
+    """Before: `schedule add` of such a path succeeded, and every `schedule list` after it
+    crashed with rich's MarkupError."""
+    from typer.testing import CliRunner
+
+    from branchout.orchestrator.cli import app
+
+    monkeypatch.setenv("BRANCHOUT_REGISTRY", f"sqlite:///{tmp_path / 'reg.db'}")
+    (tmp_path / "[").mkdir()
+    path = write_pipeline(name="[/x].yaml")
+    assert path.name == "x].yaml" and path.parent.name == "["
+    added = CliRunner().invoke(app, ["schedule", "add", str(path), "--cron", "0 3 * * 1"])
+    assert added.exit_code == 0, added.output
+    assert f"schedule 1: {path} cron=0 3 * * 1" in added.output
+    listed = CliRunner().invoke(app, ["schedule", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert "x].yaml" in listed.output  # the path as text (the table may wrap it)
