@@ -105,13 +105,53 @@ def _files(path: str) -> dict[str, str]:
 
     if os.path.isdir(path) and not any(c in path for c in "*?["):
         root = path
-        found = [os.path.join(r, n) for r, _, names in os.walk(path) for n in names]
+        ignored = _gitignore(path)
+        found = []
+        for r, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if d not in NEVER_SHIPPED_DIRS]  # .git, caches: not inputs, maybe secrets
+            found += [os.path.join(r, n) for n in names
+                      if shippable(os.path.relpath(os.path.join(r, n), path), ignored)]
     elif os.path.isfile(path):
         return {os.path.basename(path): path}
     else:  # a glob: the files it matches, relative to their common folder
         found = resolve_source(DatasetSpec(path=path)).files
         root = os.path.commonpath([os.path.dirname(f) for f in found])
     return {os.path.relpath(f, root): f for f in sorted(found) if os.path.basename(f) != "MANIFEST.json"}
+
+
+# What a directory of inputs may hold that is not input, and may be a secret: never shipped.
+NEVER_SHIPPED_DIRS = {".git", ".hg", ".svn", ".venv", "venv", "__pycache__", ".ipynb_checkpoints", ".cache",
+                      ".aws", ".ssh", ".gnupg"}
+NEVER_SHIPPED_FILES = (".env", ".env.*", "*.env", ".netrc", ".npmrc", ".pypirc", ".git-credentials", "*.pem",
+                       "*.key", "id_rsa*", "id_ed25519*", "credentials", "credentials.json", ".DS_Store")
+
+
+def _gitignore(root: str) -> list[str]:
+    """The patterns of ``root/.gitignore`` (comments and negations dropped): what its owner
+    keeps out of version control stays on this machine too."""
+    try:
+        with open(os.path.join(root, ".gitignore"), encoding="utf-8") as f:
+            lines = [x.strip() for x in f]
+    except OSError:
+        return []
+    return [x.rstrip("/") for x in lines if x and not x.startswith(("#", "!"))]
+
+
+def shippable(rel: str, ignored: list[str] = ()) -> bool:
+    """Whether the file ``rel`` (relative to its input directory) may travel to the cluster."""
+    import fnmatch
+
+    parts = rel.split(os.sep)
+    name = parts[-1]
+    if any(p in NEVER_SHIPPED_DIRS for p in parts[:-1]):
+        return False
+    if any(fnmatch.fnmatch(name, pattern) for pattern in NEVER_SHIPPED_FILES):
+        return False
+    for pattern in ignored:
+        anchored = pattern.lstrip("/")
+        if any(fnmatch.fnmatch(p, anchored) for p in parts) or fnmatch.fnmatch(rel, anchored):
+            return False
+    return True
 
 
 def content_hash(files: dict[str, str]) -> str:

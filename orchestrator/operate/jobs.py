@@ -101,7 +101,14 @@ class JobsClient:
                pip: list[str] | None = None) -> str:
         runtime_env: dict[str, Any] = {"env_vars": env}
         if working_dir:
+            from branchout.orchestrator.operate.inputs import (
+                NEVER_SHIPPED_DIRS,
+                NEVER_SHIPPED_FILES,
+            )
+
             runtime_env["working_dir"] = working_dir
+            # Ray keeps .gitignore'd files out already; secrets and VCS folders stay here too
+            runtime_env["excludes"] = sorted({*(f"{d}/" for d in NEVER_SHIPPED_DIRS), *NEVER_SHIPPED_FILES})
         if pip:
             runtime_env["pip"] = pip
         return self._call(

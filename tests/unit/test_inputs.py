@@ -71,3 +71,33 @@ def test_probe_refuses_storage_the_node_does_not_share(tmp_path):
     (tmp_path / ".probes").mkdir()
     (tmp_path / ".probes" / "0123456789ab").write_text("0123456789ab")
     assert run_cli("probe", f"file://{tmp_path}", "0123456789ab").returncode == 0
+
+
+def test_a_shipped_directory_leaves_secrets_vcs_and_ignored_files_behind(write_pipeline, tmp_path, corpus_dir):
+    """Before: submit copied whole input directories, .env and .git/ included (issue 32)."""
+    shards = tmp_path / "shards"
+    (shards / ".git").mkdir(parents=True)
+    (shards / ".git" / "config").write_text("[remote] url = https://user:TOKEN@host/repo")
+    (shards / ".env").write_text("AWS_SECRET_ACCESS_KEY=SECRET")
+    (shards / "server.pem").write_text("-----BEGIN PRIVATE KEY-----")
+    (shards / "scratch").mkdir()
+    (shards / "scratch" / "tmp.jsonl").write_text("{}")
+    (shards / ".gitignore").write_text("# local work\nscratch/\n*.bak\n")
+    (shards / "old.jsonl.bak").write_text("{}")
+    (shards / "a.jsonl").write_bytes((corpus_dir / "code.jsonl").read_bytes())
+    spec = copy.deepcopy(TINY)
+    spec["finetune"]["domains"][1]["dataset"]["path"] = str(shards)
+    shipped = ship_inputs(load_spec(write_pipeline(spec, storage=f"file://{tmp_path / 's'}"))).spec
+    folder = Path(shipped.finetune.domains[1].dataset.path)
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [
+        ".gitignore", "MANIFEST.json", "a.jsonl"]
+
+
+def test_secrets_and_vcs_folders_are_never_shippable():
+    from branchout.orchestrator.operate.inputs import shippable
+
+    for secret in (".env", "conf/.env.production", ".git/config", "keys/id_rsa", "tls/server.pem", ".netrc",
+                   ".aws/credentials"):
+        assert not shippable(secret), secret
+    for kept in ("data/train.jsonl", "model/config.json", "environment.yaml", "README.md"):
+        assert shippable(kept), kept
