@@ -75,9 +75,12 @@ def pipeline_source(pipeline: Path, overrides: list[str] | None) -> dict:
 
 
 def open_registry():
-    from branchout.orchestrator.operate.registry import Registry
+    from branchout.orchestrator.operate.registry import Registry, RegistryConfigError
 
-    return Registry()
+    try:
+        return Registry()
+    except RegistryConfigError as e:
+        fail([str(e)])
 
 
 def find_run(run: str):
@@ -97,13 +100,14 @@ def user_errors():
     from branchout.orchestrator.operate.inputs import ShippingError
     from branchout.orchestrator.operate.jobs import JobsError
     from branchout.orchestrator.operate.migrations import RegistrySchemaError
+    from branchout.orchestrator.operate.registry import RegistryConfigError
     from branchout.orchestrator.operate.scheduler import ScheduleError
     from branchout.stages.prepare.data import DataError
     from branchout.stages.training.export import ExportError
     from branchout.storage import StorageError
 
     return (ClusterError, JobsError, OperateError, StorageError, SpecError, DataError, RegistrySchemaError,
-            ShippingError, ScheduleError, ExportError)
+            ShippingError, ScheduleError, ExportError, RegistryConfigError)
 
 
 def check_rerun(spec, rerun: list[str] | None) -> None:

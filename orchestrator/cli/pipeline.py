@@ -106,9 +106,15 @@ def submit(
     rerun: RerunOpt = None,
 ) -> None:
     """Validate here, then run the pipeline's driver on a Ray cluster as a Ray job."""
+    from branchout.orchestrator.config.checks import requirement_has_credentials
     from branchout.orchestrator.operate.control import submit_pipeline
     from branchout.orchestrator.operate.jobs import resolve_address
 
+    leaked = [i for i, req in enumerate(pip or []) if requirement_has_credentials(req)]
+    if leaked:  # never echoed: the requirement is the secret
+        fail([f"--pip #{i + 1}: the requirement embeds credentials, which would be written into the Ray job's "
+              "runtime_env (visible to anyone who can list jobs); use a package index the cluster can reach "
+              "without them, or PIP_INDEX_URL set on the cluster" for i in leaked])
     spec = load_checked(pipeline, set_)
     check_rerun(spec, rerun)
     with reported():

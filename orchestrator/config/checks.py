@@ -81,10 +81,52 @@ def _check_credentials(spec: PipelineSpec) -> list[str]:
             ("evaluate.lm_eval.include_path", spec.evaluate.lm_eval.include_path if spec.evaluate.lm_eval else None)]
     uris += [(f"{c.where}.path", c.dataset.path) for c in corpora(spec.pretrain)]
     uris += [(f"finetune.domains.{i}.dataset.path", d.dataset.path) for i, d in enumerate(spec.finetune.domains)]
-    return [f"{where}: the URI embeds credentials, which would be written into spec.yaml, state.json, "
-            "the registry and logs; give them through the environment (AWS_ACCESS_KEY_ID/"
-            "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or an instance role instead"
-            for where, uri in uris if uri and has_credentials(uri)]
+    problems = [f"{where}: the URI embeds credentials, which would be written into spec.yaml, state.json, "
+                "the registry and logs; give them through the environment (AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) or an instance role instead"
+                for where, uri in uris if uri and has_credentials(uri)]
+    free = [("model.config", spec.model.config), ("pretrain.deepspeed.config", spec.pretrain.deepspeed.config),
+            ("finetune.defaults.deepspeed.config", spec.finetune.defaults.deepspeed.config)]
+    free += [(f"finetune.domains.{i}.deepspeed.config", d.deepspeed.config) for i, d in enumerate(spec.finetune.domains)]
+    problems += [f"{path}: a setting named like a secret, which would be written into spec.yaml, the job's "
+                 "environment and tracking params; give it through the environment of the workers instead"
+                 for where, value in free for path in _secret_settings(where, value)]
+    return problems
+
+
+def requirement_has_credentials(requirement: str) -> bool:
+    """A pip requirement (``git+https://user:TOKEN@host/...``, ``pkg @ https://TOKEN@host/...``)
+    carrying any userinfo or secret query: a bare user is a token for most git hosts."""
+    from urllib.parse import urlsplit
+
+    for word in requirement.replace("@ ", " ").split():
+        url = word.split("+", 1)[1] if word.startswith(("git+", "hg+", "svn+", "bzr+")) else word
+        if "://" not in url:
+            continue
+        try:
+            parts = urlsplit(url)
+            # ssh's user is an account name (git@github.com), not a secret; elsewhere a bare
+            # user is how most git hosts take a token
+            if (parts.username and parts.scheme != "ssh") or has_credentials(url):
+                return True
+        except ValueError:
+            return True
+    return False
+
+
+def _secret_settings(where: str, value) -> list[str]:
+    """Paths of free-form settings (``deepspeed.config``, ``model.config``) named like secrets."""
+    from branchout.orchestrator.operate.secrets import secret_key
+
+    if isinstance(value, dict):
+        found = []
+        for k, v in value.items():
+            path = f"{where}.{k}"
+            found += [path] if secret_key(k) and v not in (None, "", False) else _secret_settings(path, v)
+        return found
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _secret_settings(f"{where}.{i}", v)]
+    return []
 
 
 def has_credentials(uri: str) -> bool:

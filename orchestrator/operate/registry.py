@@ -107,6 +107,10 @@ class RegistryError(LookupError):
     """A run id or prefix matches no run, or more than one."""
 
 
+class RegistryConfigError(RuntimeError):
+    """The registry's settings cannot be used (an unreadable password file)."""
+
+
 @dataclass
 class RunRow:
     run_id: str
@@ -277,10 +281,21 @@ def _default_path() -> str:
     return os.path.join(os.path.expanduser("~"), ".branchout", "registry.db")
 
 
+PASSWORD_FILE = "BRANCHOUT_REGISTRY_PASSWORD_FILE"
+
+
 def _engine(url: str) -> sa.Engine:
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return sa.create_engine(url, pool_pre_ping=True)
+        secret_file = os.environ.get(PASSWORD_FILE)
+        if secret_file and parsed.password is None:
+            # a mounted secret (deploy/): the URL that travels and is printed never holds it
+            try:
+                with open(secret_file, encoding="utf-8") as f:
+                    parsed = parsed.set(password=f.read().strip())
+            except OSError as e:
+                raise RegistryConfigError(f"{PASSWORD_FILE}: cannot read {secret_file} ({e.strerror})") from None
+        return sa.create_engine(parsed, pool_pre_ping=True)
     path = parsed.database
     if path and path != ":memory:" and "uri" not in parsed.query:
         _private_sqlite_file(os.path.abspath(path))

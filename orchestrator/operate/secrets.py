@@ -36,7 +36,19 @@ def has_password(url: str | None) -> bool:
         return True
 
 
+def secret_key(name: str) -> bool:
+    """Whether a setting or query parameter called ``name`` holds a secret."""
+    import re
+
+    return bool(re.search(r"pass(word|wd)?$|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credential"
+                          r"|signature|auth", str(name), re.IGNORECASE))
+
+
 def _replace_password(url: str, replacement: str | None) -> str:
+    """The password and every secret query parameter (``?password=``, ``sslpassword``,
+    ``token``, ...) replaced by ``replacement``, or removed when it is None."""
+    from urllib.parse import parse_qsl, urlencode
+
     if "://" not in url:
         return url
     try:
@@ -44,6 +56,12 @@ def _replace_password(url: str, replacement: str | None) -> str:
         password = parts.password
     except ValueError:
         return MASK  # unparsable userinfo: show nothing of it
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(secret_key(k) for k, _ in query):
+        kept = [(k, replacement) if secret_key(k) else (k, v) for k, v in query
+                if replacement is not None or not secret_key(k)]
+        parts = parts._replace(query=urlencode(kept, safe="*"))
+        url = urlunsplit(parts)
     if not password:
         return url
     host = parts.hostname or ""

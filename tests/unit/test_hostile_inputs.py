@@ -143,3 +143,67 @@ def test_a_number_yaml_reads_as_a_string_is_still_a_number():
     raw["pretrain"]["optimizer"]["lr"] = yaml.safe_load("lr: 3e-4")["lr"]
     assert raw["pretrain"]["optimizer"]["lr"] == "3e-4"
     assert validate_spec(raw, "t.yaml").pretrain.optimizer.lr == 3e-4
+
+
+@pytest.mark.parametrize(("url", "masked", "forwarded"), [
+    ("postgresql://u:PW@h/db?sslpassword=SECRET&application_name=b",
+     "postgresql://u:***@h/db?sslpassword=***&application_name=b", "postgresql://u@h/db?application_name=b"),
+    ("postgresql://u@h/db?password=SECRET&sslmode=require",
+     "postgresql://u@h/db?password=***&sslmode=require", "postgresql://u@h/db?sslmode=require"),
+])
+def test_a_registry_url_loses_its_query_secrets_too(url, masked, forwarded):
+    """Before: ?password= in the registry URL went verbatim into the job's runtime_env and
+    the scheduler's start-up line."""
+    from branchout.orchestrator.operate.secrets import mask, without_password
+
+    assert mask(url) == masked and without_password(url) == forwarded
+
+
+@pytest.mark.parametrize(("requirement", "secret"), [
+    ("git+https://u:TOKEN@github.com/org/pkg", True), ("git+https://TOKEN@github.com/org/pkg", True),
+    ("pkg @ https://TOKEN@host/pkg.whl", True), ("https://host/pkg.whl?token=TOKEN", True),
+    ("git+ssh://git@github.com/org/pkg", False), ("git+https://github.com/org/pkg@v1.0", False),
+    ("torch==2.13.0", False),
+])
+def test_pip_requirements_with_credentials_are_recognised(requirement, secret):
+    from branchout.orchestrator.config.checks import requirement_has_credentials
+
+    assert requirement_has_credentials(requirement) is secret
+
+
+def test_submit_refuses_a_pip_requirement_with_a_token_without_echoing_it(write_pipeline):
+    result = CliRunner().invoke(app, ["submit", str(write_pipeline()), "--address", "http://127.0.0.1:9",
+                                      "--pip", "torch", "--pip", "git+https://u:TOPSECRET@github.com/org/pkg"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --pip #2: the requirement embeds credentials")
+    assert "TOPSECRET" not in result.output
+
+
+def test_free_form_settings_named_like_secrets_are_refused():
+    """Before: deepspeed.config.comet.api_key reached spec.yaml, the job environment and MLflow params."""
+    import copy
+
+    from branchout.orchestrator.config.loader import SpecError, validate_spec
+
+    from conftest import TINY
+
+    raw = copy.deepcopy(TINY)
+    raw["pretrain"]["deepspeed"]["config"] = {"comet": {"enabled": True, "api_key": "TOPSECRET"}}
+    with pytest.raises(SpecError) as e:
+        validate_spec(raw, "t.yaml")
+    assert e.value.problems == ["pretrain.deepspeed.config.comet.api_key: a setting named like a secret, which would "
+                                "be written into spec.yaml, the job's environment and tracking params; give it "
+                                "through the environment of the workers instead"]
+
+
+def test_the_registry_password_file_is_read_not_forwarded(tmp_path, monkeypatch):
+    """Documented before, never implemented: BRANCHOUT_REGISTRY_PASSWORD_FILE."""
+    from branchout.orchestrator.operate.registry import RegistryConfigError, _engine
+
+    secret = tmp_path / "pgpass"
+    secret.write_text("s3cr3t\n")
+    monkeypatch.setenv("BRANCHOUT_REGISTRY_PASSWORD_FILE", str(secret))
+    assert _engine("postgresql+psycopg2://branchout@127.0.0.1:9/registry").url.password == "s3cr3t"
+    monkeypatch.setenv("BRANCHOUT_REGISTRY_PASSWORD_FILE", str(tmp_path / "missing"))
+    with pytest.raises(RegistryConfigError, match="BRANCHOUT_REGISTRY_PASSWORD_FILE: cannot read"):
+        _engine("postgresql+psycopg2://branchout@127.0.0.1:9/registry")
