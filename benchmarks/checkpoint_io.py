@@ -57,7 +57,8 @@ def main() -> int:
         cp = _timed(lambda d=cp_dst: (subprocess.run(["cp", "-r", str(src), str(d)], check=True), os.sync()))
         save = _timed(lambda d=pub_dst: publish_dir(str(src), str(d)))
         cold = _drop_caches()
-        read = _timed(lambda d=cp_dst: subprocess.run(f"cat {d}/* > /dev/null", shell=True, check=True))
+        read = _timed(lambda d=cp_dst: subprocess.run(["cat", *map(str, sorted(d.iterdir()))],
+                                                      stdout=subprocess.DEVNULL, check=True))
         _drop_caches()
         load = _timed(lambda d=pub_dst: fetch_verified(str(d)))
         rows.append((cp, save, read, load, cold))

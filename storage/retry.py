@@ -63,7 +63,7 @@ def retrying(what: str, fn: Callable[..., T], *args, **kwargs) -> T:
         except Exception as e:
             if not transient(e) or attempt == ATTEMPTS:
                 raise
-            delay = min(MAX_DELAY_S, BASE_DELAY_S * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+            delay = min(MAX_DELAY_S, BASE_DELAY_S * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)  # noqa: S311 (jitter)
             print(f"[branchout] storage: {what} failed ({type(e).__name__}: {e}); "
                   f"retry {attempt} of {ATTEMPTS - 1} in {delay:.1f} s", file=sys.stderr, flush=True)
             time.sleep(delay)

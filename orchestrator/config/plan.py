@@ -133,7 +133,8 @@ def model_shape(spec: PipelineSpec) -> ModelShape:
     from branchout.stages.training.model import MAX_META_LAYERS, meta_model, parameter_counts
 
     config = spec_config(spec)
-    assert not isinstance(config, str), "the plan needs a cross-checked spec"
+    if isinstance(config, str):  # a programming error: callers validate first
+        raise ValueError(f"the plan needs a cross-checked spec: {config}")
     vocab = int(config.vocab_size)
     params, non_emb = parameter_counts(config)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)

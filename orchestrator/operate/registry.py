@@ -281,7 +281,7 @@ def _default_path() -> str:
     return os.path.join(os.path.expanduser("~"), ".branchout", "registry.db")
 
 
-PASSWORD_FILE = "BRANCHOUT_REGISTRY_PASSWORD_FILE"
+PASSWORD_FILE = "BRANCHOUT_REGISTRY_PASSWORD_FILE"  # noqa: S105 (the variable's name, not a password)
 
 
 def _engine(url: str) -> sa.Engine:
