@@ -43,6 +43,39 @@ def validate(pipeline: PipelineArg, set_: SetOpt = None) -> None:
     console.print(f"[green]{pipeline} is valid[/]")
 
 
+def memory_plan_json(spec, shape, memory: float | None, gpu: str | None, step_s: float | None) -> dict:
+    """``plan --json``: the model, and per distributed job every ZeRO option's bytes per GPU and
+    the pick; with ``--step-s`` the predicted multi-GPU steps (marked as predictions)."""
+    from dataclasses import asdict
+
+    from branchout.cluster.gpu_memory import pick
+    from branchout.cluster.interconnect import predict_step
+    from branchout.core.graph import Kind, build_graph
+    from branchout.orchestrator.config.plan import _gpu_memory, memory_options
+
+    jobs = []
+    for n in build_graph(spec).of(Kind.PRETRAIN, Kind.FINETUNE):
+        if n.kind is not Kind.PRETRAIN and n.workers <= 1:
+            continue
+        budget = memory or _gpu_memory(n.section)
+        options = memory_options(shape, n.section, n.seq_len, budget) if budget else []
+        best = pick(options)
+        jobs.append({"job": n.name, "workers": n.section.num_workers, "gpu_memory_gb": budget,
+                     "options": [{"setting": e.option.label, "model_states_bytes": e.model_states,
+                                  "activations_bytes": e.activations, "total_bytes": e.total,
+                                  "usable_bytes": e.budget, "host_bytes_per_node": e.cpu_per_node, "fits": e.fits}
+                                 for e in options],
+                     "pick": best.option.label if best else None})
+    out = {"pipeline": spec.name, "model": asdict(shape), "jobs": jobs}
+    accelerator = gpu or spec.pretrain.resources_per_worker.accelerator
+    if step_s is not None and accelerator:
+        width = 2 if spec.pretrain.deepspeed.precision in ("auto", "bf16", "fp16") else 4
+        out["step_prediction"] = {"predicted": True, "measured_single_gpu_step_s": step_s, "gpu": accelerator,
+                                  "rows": [{"stage": stage, **asdict(p)} for n in (2, 8, 16, 64) for stage in (2, 3)
+                                           if (p := predict_step(step_s, stage, shape.params, width, n, 8, accelerator))]}
+    return out
+
+
 @app.command()
 def plan(
     pipeline: PipelineArg,
@@ -52,6 +85,7 @@ def plan(
     step_s: Annotated[float | None, typer.Option(
         help="Seconds one pretrain step took on one GPU (measured): also predict the step on more GPUs of --gpu's "
              "type from ZeRO's communication volume.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of tables.")] = False,
 ) -> None:
     """Per-GPU memory under ZeRO 0-3 with and without offload, and the cheapest setting that fits."""
     from branchout.cluster.gpu_memory import GiB, gpu_memory_gb
@@ -74,6 +108,9 @@ def plan(
         fail(["--step-s: name the GPU type its links are read from (--gpu, or pretrain.resources_per_worker."
               "accelerator)"])
     shape = model_shape(spec)
+    if as_json:
+        sys.stdout.write(json.dumps(memory_plan_json(spec, shape, memory, gpu, step_s), indent=2) + "\n")
+        return
     print_memory_plan(console, spec, shape, memory, gpu or (f"{gpu_mem:g} GiB" if gpu_mem else None))
     if step_s is not None:
         print_step_prediction(console, spec, shape, gpu or spec.pretrain.resources_per_worker.accelerator, step_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -20,9 +21,23 @@ from branchout.orchestrator.cli.common import (
     reported,
 )
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of tables.")]
+
+
+def _row_json(row) -> dict:
+    """A registry row for scripts; the pipeline's source text stays out (it can be long)."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(row).items() if k != "source"}
+
+
+def _print_json(value) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
 
 @app.command()
-def status(run: Annotated[str | None, typer.Argument(help="Run id or prefix; omit for active runs.")] = None) -> None:
+def status(run: Annotated[str | None, typer.Argument(help="Run id or prefix; omit for active runs.")] = None,
+           as_json: JsonOpt = False) -> None:
     """A run's stages and domain jobs: state, attempts, progress, times, models."""
     from branchout.orchestrator.operate.control import refresh
     from branchout.orchestrator.run.display import print_run_list, print_status
@@ -30,11 +45,18 @@ def status(run: Annotated[str | None, typer.Argument(help="Run id or prefix; omi
     with reported():
         if run is None:
             registry = open_registry()
-            rows = registry.list_runs(states=["pending", "running"])
-            print_run_list(console, [refresh(registry, r).row for r in rows], title="active runs")
+            rows = [refresh(registry, r).row for r in registry.list_runs(states=["pending", "running"])]
+            if as_json:
+                _print_json([_row_json(r) for r in rows])
+            else:
+                print_run_list(console, rows, title="active runs")
             return
         row = find_run(run)
         view = refresh(open_registry(), row)
+    if as_json:
+        _print_json({"run": _row_json(view.row), "record": json.loads(view.record.to_json()) if view.record else None,
+                     "ray_job_status": view.job_status, "note": view.note})
+        return
     print_status(console, view)
 
 
@@ -43,6 +65,7 @@ def list_(
     pipeline: Annotated[str | None, typer.Option(help="Only runs of this pipeline.")] = None,
     state: Annotated[list[str] | None, typer.Option(help="Only runs in this state (repeatable).")] = None,
     limit: int = 50,
+    as_json: JsonOpt = False,
 ) -> None:
     """Every run: state, timing, domains done, where its models are."""
     from branchout.orchestrator.run.display import print_run_list
@@ -57,6 +80,9 @@ def list_(
     rows = registry.list_runs(pipeline=pipeline, states=state, limit=limit)
     with reported():  # an active row may be stale (its driver died, or a submitted one never started)
         rows = [refresh(registry, r).row if not RunState(r.state).is_terminal() else r for r in rows]
+    if as_json:
+        _print_json([_row_json(r) for r in rows])
+        return
     print_run_list(console, rows, registry=registry)
 
 
