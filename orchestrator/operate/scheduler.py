@@ -114,8 +114,7 @@ def validate(cron: str | None, tz: str, on_data_change: bool, overlap: str, miss
 
 class ScheduleStore:
     def __init__(self, registry: Registry):
-        self.registry = registry
-        metadata.create_all(registry.engine, tables=[schedules])
+        self.registry = registry  # its migrations made the table (revision 0002)
 
     def add(self, pipeline: str, cron: str | None, tz: str = "UTC", on_data_change: bool = False,
             poll_s: float = 300.0, address: str | None = None, overlap: str = "skip",

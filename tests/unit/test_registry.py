@@ -200,9 +200,11 @@ def _schema_diff(engine: sa.Engine, tables: sa.MetaData) -> list:
 
 
 def _registry_tables() -> sa.MetaData:
-    """The tables registry.py reads and writes (its metadata may also hold others' tables)."""
+    """The tables the registry's migrations make: registry.py's and the scheduler's."""
+    from branchout.orchestrator.operate.scheduler import schedules
+
     tables = sa.MetaData()
-    for table in (registry.runs, registry.jobs, registry.attempts, registry.events):
+    for table in (registry.runs, registry.jobs, registry.attempts, registry.events, schedules):
         table.to_metadata(tables)
     return tables
 
@@ -363,3 +365,23 @@ def test_existing_world_readable_registry_is_tightened(where, tmp_path, monkeypa
     # ~/.branchout is branchout's own; a directory the user named may be shared: theirs to set
     assert _mode(db.parent) == (0o700 if where == "default" else 0o755)
     old.close()
+
+
+def test_a_schedules_table_from_before_migrations_gains_its_missing_columns(tmp_path):
+    """It was made by create_all when a ScheduleStore first opened a registry; one made before
+    the `watch` column kept lacking it (issue 32). Migration 0002 adds what is missing."""
+    from branchout.orchestrator.operate.scheduler import ScheduleStore
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    PRE_MIGRATION.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE schedules (id INTEGER PRIMARY KEY, pipeline TEXT NOT NULL, "
+                             "overrides TEXT NOT NULL, cron VARCHAR(128), timezone VARCHAR(64) NOT NULL, "
+                             "on_data_change BOOLEAN NOT NULL, poll_s FLOAT NOT NULL, address TEXT, "
+                             "overlap VARCHAR(16) NOT NULL, missed VARCHAR(16) NOT NULL, created FLOAT NOT NULL, "
+                             "next_fire FLOAT, last_fire FLOAT, last_run VARCHAR(64), last_poll FLOAT, "
+                             "fingerprints TEXT, queued BOOLEAN NOT NULL)"))
+    store = ScheduleStore(Registry(url))
+    schedule_id = store.add(str(tmp_path / "p.yaml"), "0 3 * * *", watch=["legal"], now=0.0)
+    assert store.get(schedule_id).watch == ["legal"]
