@@ -51,8 +51,9 @@ def test_raycluster():
     assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"  # no LoadBalancer / NodePort dashboard
     for group in spec["workerGroupSpecs"]:
         assert group["minReplicas"] == 0 <= group["replicas"] <= group["maxReplicas"]
-    for _, template in pod_templates(cr):  # head and workers read and write run storage
-        assert template["spec"]["serviceAccountName"] == "branchout"
+    # head and workers read and write run storage; only the head holds the autoscaler's Role
+    accounts = {where.split(".")[1].split("[")[0]: t["spec"]["serviceAccountName"] for where, t in pod_templates(cr)}
+    assert accounts == {"headGroupSpec": "branchout", "workerGroupSpecs": "branchout-worker"}
 
     namespaced = copy.deepcopy(cr)
     namespaced["metadata"]["namespace"] = "default"  # the operator fills it in
@@ -168,6 +169,67 @@ def test_token_paths_point_into_mounted_secrets():
                 assert key in _created()[("Secret", secrets[volume])], f"{rel} {where}: no key {key}"
                 checked += 1
     assert checked  # the CronJob's submitter at least
+
+
+# ---- Pod Security, identities, network ----
+
+def _restricted_problems(pod: dict) -> list[str]:
+    """What keeps a pod spec from Kubernetes' "restricted" Pod Security Standard (v1.30)."""
+    problems = []
+    ctx = pod.get("securityContext", {})
+    if pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC"):
+        problems.append("host namespaces")
+    allowed = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+               "secret"}
+    problems += [f"volume {v['name']}: {kind}" for v in pod.get("volumes", []) for kind in set(v) - {"name"}
+                 if kind not in allowed]
+    for c in pod["containers"] + pod.get("initContainers", []):
+        cc = c.get("securityContext", {})
+        if cc.get("runAsNonRoot", ctx.get("runAsNonRoot")) is not True:
+            problems.append(f"{c['name']}: runAsNonRoot")
+        if (cc.get("runAsUser", ctx.get("runAsUser")) or 1) == 0:
+            problems.append(f"{c['name']}: runAsUser 0")
+        if cc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{c['name']}: allowPrivilegeEscalation")
+        if cc.get("privileged"):
+            problems.append(f"{c['name']}: privileged")
+        caps = cc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{c['name']}: capabilities")
+        seccomp = cc.get("seccompProfile", ctx.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{c['name']}: seccompProfile")
+    return problems
+
+
+def test_every_pod_meets_the_restricted_pod_security_level():
+    checked = 0
+    for rel, obj in MANIFESTS.items():
+        for where, template in pod_templates(obj):
+            assert _restricted_problems(template["spec"]) == [], f"{rel} {where}"
+            checked += 1
+    assert checked >= 6  # head, 2 worker groups, the CronJob's pod, 2 RayJob submitters
+    assert _restricted_problems({"containers": [{"name": "c"}]})  # the check can fail
+
+
+def test_no_password_is_an_environment_variable():
+    for rel, obj in MANIFESTS.items():
+        for where, template in pod_templates(obj):
+            for c in template["spec"]["containers"]:
+                names = [e["name"] for e in c.get("env", [])]
+                assert not [n for n in names if "PASSWORD" in n and not n.endswith("_FILE")], f"{rel} {where}"
+
+
+def test_the_network_policy_selects_the_ray_pods_and_lets_branchouts_pods_in():
+    policy = MANIFESTS["kuberay/networkpolicy.yaml"]["spec"]
+    name = MANIFESTS["kuberay/raycluster.yaml"]["metadata"]["name"]
+    assert policy["podSelector"] == {"matchLabels": {"ray.io/cluster": name}} and policy["policyTypes"] == ["Ingress"]
+    allowed = [peer["podSelector"]["matchLabels"] for rule in policy["ingress"] for peer in rule["from"]]
+    assert {"ray.io/cluster": name} in allowed and {"app.kubernetes.io/name": "kuberay-operator"} in allowed
+    for rel in ("kuberay/cronjob.yaml", "kuberay/rayjob.yaml", "kuberay/raycronjob.yaml"):  # submitters
+        (template,) = [t for _, t in pod_templates(MANIFESTS[rel])]
+        labels = template.get("metadata", {}).get("labels", {})
+        assert any(all(labels.get(k) == v for k, v in peer.items()) for peer in allowed), rel
 
 
 # ---- Ray's cluster launcher ----
