@@ -257,6 +257,14 @@ def test_cluster_launcher_config(rel):
         assert f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={target} " in start
 
 
+def test_aws_nodes_require_imdsv2():
+    """A container on a node must not read the instance role's keys with one plain GET (issue 32)."""
+    config = load("aws/cluster.yaml")
+    for name, node_type in config["available_node_types"].items():
+        options = node_type["node_config"].get("MetadataOptions", {})
+        assert options.get("HttpTokens") == "required" and options.get("HttpPutResponseHopLimit", 1) <= 2, name
+
+
 def test_aws_nodes_reach_storage_through_instance_profiles():
     types = load("aws/cluster.yaml")["available_node_types"]
     profiles = {name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in types.items()}
