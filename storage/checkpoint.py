@@ -150,14 +150,34 @@ def _replace_local(staging: str, dst: str, manifest: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     if os.path.exists(dst):
-        # rename() cannot replace a non-empty directory; move the old one aside first.
-        old = f"{staging}.old"
-        os.replace(dst, old)
-        os.replace(staging, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        if exchange(staging, dst):  # one atomic step: a reader sees the old copy or the new one
+            shutil.rmtree(staging, ignore_errors=True)  # now the old copy
+        else:
+            # rename() cannot replace a non-empty directory; move the old one aside first (a
+            # crash between the two renames leaves both copies beside dst, none at it)
+            old = f"{staging}.old"
+            os.replace(dst, old)
+            os.replace(staging, dst)
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, dst)
     _fsync_path(parent)
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the system or the filesystem cannot, and nothing was changed."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:  # glibc before 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 class Publisher:

@@ -113,3 +113,26 @@ def test_staging_copies_left_by_killed_writers_are_swept(tmp_path):
     os.utime(stale, (old, old))
     publish_dir(str(src), str(out / "model"))
     assert sorted(os.listdir(out)) == [".tmp-model-live0002", "model"]  # a live writer's copy is left alone
+
+
+def test_republishing_a_directory_swaps_it_in_one_step(tmp_path, monkeypatch):
+    """Before: the old copy was renamed aside and the new one renamed in, two steps; a crash
+    between them left nothing at the path. Where the system can swap (Linux), it does."""
+    from branchout.storage import checkpoint
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_text("old")
+    dst = tmp_path / "out" / "model"
+    checkpoint.publish_dir(str(src), str(dst))
+    (src / "w.bin").write_text("new")
+    renames: list[tuple[str, str]] = []
+    real = os.replace
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: (renames.append((a, b)), real(a, b))[1])
+    checkpoint.publish_dir(str(src), str(dst))
+    assert (dst / "w.bin").read_text() == "new"
+    assert os.listdir(tmp_path / "out") == ["model"]  # the old copy is gone, nothing left beside it
+    (tmp_path / "p1").mkdir()
+    (tmp_path / "p2").mkdir()
+    if checkpoint.exchange(str(tmp_path / "p1"), str(tmp_path / "p2")):  # this system swaps
+        assert not [r for r in renames if r[0] == str(dst)], renames  # the old copy never left dst by a rename
