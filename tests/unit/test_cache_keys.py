@@ -99,3 +99,18 @@ def test_rerun_names(write_pipeline):
     assert "data/code" in graph.select(["tokenizer"])
     with pytest.raises(ValueError, match="--rerun 'legl': not a job, stage or domain of tiny"):
         graph.select(["legl"])
+
+
+def test_the_code_hash_is_in_every_jobs_key(write_pipeline, monkeypatch):
+    """Deleting the code hash from code_version left the suite green (issue 33): each job's key
+    must move when the worker code's bytes do."""
+    from branchout.orchestrator.run import cache
+
+    before = _keys(write_pipeline)
+    monkeypatch.setattr(cache, "code_hash", lambda root, entries: "edited")
+    cache.code_version.cache_clear()
+    try:
+        after = _keys(write_pipeline)
+    finally:
+        cache.code_version.cache_clear()
+    assert _changed(before, after) == set(before)
