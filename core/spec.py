@@ -531,6 +531,12 @@ class EvaluateSpec(StrictModel):
         0.1, gt=0, lt=0.5, description="Share of each dataset's documents held out."
     )
     split_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the document-level held-out split.")
+    min_heldout_docs: int = Field(
+        10, ge=0, description="Below this many held-out documents (after near-duplicates of training text "
+        "moved to training) a dataset's scores are flagged as unreliable: on the terminal, in `status` and "
+        "in the report's warnings."
+    )
+    min_heldout_tokens: int = Field(512, ge=0, description="The same floor in held-out tokens.")
     models: list[EvalModel] = Field(default_factory=lambda: ["base", "finetuned", "scratch"])
     max_blocks: int = Field(256, ge=1, description="Held-out blocks (instruction data: examples) scored per "
                             "domain at most.")

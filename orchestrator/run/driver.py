@@ -276,7 +276,32 @@ def stage_data(ctx: RunContext, tokenizer: dict[str, str]) -> dict[str, PackedIn
         wave = [item(n) for n in nodes if n.name not in done
                 and all(p in done for p in n.parents.values() if ctx.graph[p].kind is Kind.DATA)]
         done.update(_require(ctx.run(wave), ctx.record, [i.name for i in wave]))
-    return {n.domain: PackedInfo.from_dict(done[n.name]) for n in nodes}
+    packed = {n.domain: PackedInfo.from_dict(done[n.name]) for n in nodes}
+    for n in nodes:  # computed now or reused from the cache alike
+        line = small_heldout(packed[n.domain], ev)
+        if line:
+            ctx.view.note(f"warning: {n.name}: {line}")
+            record = ctx.record.job(n.name)
+            if line not in record.outputs.get("warnings", []):
+                ctx.record.set_job(n.name, record.state, outputs={"warnings": [*record.outputs.get("warnings", []), line]})
+    return packed
+
+
+def small_heldout(info: PackedInfo, ev) -> str | None:
+    """Why a dataset's held-out scores are not to be relied on, or None: fewer held-out
+    documents or tokens than ``evaluate.min_heldout_docs``/``min_heldout_tokens`` (what
+    decontamination left: repeated documents move to training)."""
+    short = []
+    if info.heldout_docs < ev.min_heldout_docs:
+        short.append(f"{info.heldout_docs} held-out documents (evaluate.min_heldout_docs: {ev.min_heldout_docs})")
+    if info.heldout_tokens < ev.min_heldout_tokens:
+        short.append(f"{info.heldout_tokens:,} held-out tokens (evaluate.min_heldout_tokens: {ev.min_heldout_tokens})")
+    if not short:
+        return None
+    moved = f"; {info.heldout_moved_near_duplicates} near-duplicates of training text moved to training" \
+        if info.heldout_moved_near_duplicates else ""
+    return (f"only {' and '.join(short)}{moved}: its perplexity is not reliable (more data, or a larger "
+            "evaluate.heldout_fraction)")
 
 
 def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, PackedInfo]) -> str:
