@@ -240,11 +240,37 @@ class FarmSet:
     submitted as its own call and comes back as its own future."""
 
     def __init__(self, base_uri: str, tokenizer_uri: str):
+        import threading
+
         self.base_uri, self.tokenizer_uri = base_uri, tokenizer_uri
         self._actors: dict[str, Any] = {}
+        self._running: dict[str, int] = {}  # members submitted to each farm and not yet returned
+        self._lock = threading.Lock()
 
     def submit(self, job: TrainJob, farm: str, resources: dict[str, float], members: int) -> cf.Future:
-        return self._actor(job, farm, resources, members).train.remote(job).future()
+        import threading
+
+        with self._lock:
+            actor = self._actor(job, farm, resources, members)
+            self._running[farm] = self._running.get(farm, 0) + 1
+        future = actor.train.remote(job).future()
+        # Ray runs done-callbacks on its own I/O thread, where a ray.kill deadlocks: hand it over
+        future.add_done_callback(lambda _: threading.Thread(target=self._returned, args=(farm, actor),
+                                                            daemon=True).start())
+        return future
+
+    def _returned(self, farm: str, actor) -> None:
+        """A member came back. Once a farm's every member has, its actor goes: it holds its
+        worker's bundle, which the next farms (or lone jobs) wait for. (Left alive, two finished
+        farms held both CPUs of a 2-core machine while 32 members of two more farms waited.)"""
+        import ray
+
+        with self._lock:
+            self._running[farm] -= 1
+            if self._running[farm] or self._actors.get(farm) is not actor:
+                return
+            del self._actors[farm], self._running[farm]
+        ray.kill(actor)
 
     def _actor(self, job: TrainJob, farm: str, resources: dict[str, float], members: int):
         import ray
@@ -265,6 +291,9 @@ class FarmSet:
     def shutdown(self) -> None:
         import ray
 
-        for actor in self._actors.values():
+        with self._lock:
+            actors = list(self._actors.values())
+            self._actors.clear()
+            self._running.clear()
+        for actor in actors:
             ray.kill(actor)
-        self._actors.clear()
