@@ -168,6 +168,7 @@ class Farm:
         import torch
 
         from branchout.stages.training.batches import BlockOrder
+        from branchout.stages.training.kernels import fused_optimizer
         from branchout.stages.training.optim import adamw, build_scheduler
 
         o = member.options
@@ -185,9 +186,8 @@ class Farm:
             layer.scaling[_key(member.name)] = o.lora.alpha / o.lora.rank
             member.params += [layer.lora_A[_key(member.name)], layer.lora_B[_key(member.name)]]
         # every adapter weight is a matrix: one decayed group, as param_groups makes for a lone job
-        fused = str(self.device).startswith("cuda") if o.optimizer.fused == "auto" else bool(o.optimizer.fused)
         member.optimizer = adamw([{"params": member.params, "weight_decay": o.optimizer.weight_decay}],
-                                 o.optimizer, fused)
+                                 o.optimizer, fused_optimizer(o.optimizer, self.device))
         member.scheduler = build_scheduler(member.optimizer, o.schedule, o.steps)
         member.order = BlockOrder(len(member.blocks), o.seed)
         self.members[member.name] = member

@@ -48,6 +48,11 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
+def fused_optimizer(opt, device) -> bool:
+    """``optimizer.fused`` on ``device``: ``auto`` is the fused step on GPUs only."""
+    return str(device).startswith("cuda") if opt.fused == "auto" else bool(opt.fused)
+
+
 def decide(t, steps: int, device: str, deepspeed: bool) -> Kernels:
     """The switches for a job of ``steps`` optimizer steps, training ``t`` (a TrainingSpec) on
     ``device`` ("cpu", "cuda", "cuda:N"), under DeepSpeed or the plain engine.
@@ -56,7 +61,7 @@ def decide(t, steps: int, device: str, deepspeed: bool) -> Kernels:
         RuntimeError: ``fused_kernels: true`` and liger-kernel is not installed here.
     """
     gpu = str(device).startswith("cuda")
-    fused = gpu if t.optimizer.fused == "auto" else bool(t.optimizer.fused)
+    fused = fused_optimizer(t.optimizer, device)
     if t.compile == "auto":
         compiled = gpu and not deepspeed and steps >= COMPILE_MIN_STEPS
     else:

@@ -49,18 +49,12 @@ def test_keys_follow_inputs(write_pipeline):
 def test_a_library_upgrade_changes_every_key(write_pipeline, monkeypatch, library):
     import importlib.metadata
 
-    from branchout.orchestrator.run import cache
 
     before = _keys(write_pipeline)
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version",
                         lambda name: "999.0" if name == library else real(name))
-    cache.code_version.cache_clear()
-    try:
-        after = _keys(write_pipeline)
-    finally:
-        cache.code_version.cache_clear()
-    assert _changed(before, after) == set(before)
+    assert _changed(before, _keys_with_fresh_code_version(write_pipeline)) == set(before)
 
 
 def test_code_that_changes_changes_the_key_at_any_depth(tmp_path):
@@ -108,9 +102,16 @@ def test_the_code_hash_is_in_every_jobs_key(write_pipeline, monkeypatch):
 
     before = _keys(write_pipeline)
     monkeypatch.setattr(cache, "code_hash", lambda root, entries: "edited")
+    assert _changed(before, _keys_with_fresh_code_version(write_pipeline)) == set(before)
+
+
+def _keys_with_fresh_code_version(write_pipeline):
+    """The jobs' keys with code_version computed again (it is cached per process), then
+    forgotten, so the next test sees the real one."""
+    from branchout.orchestrator.run import cache
+
     cache.code_version.cache_clear()
     try:
-        after = _keys(write_pipeline)
+        return _keys(write_pipeline)
     finally:
         cache.code_version.cache_clear()
-    assert _changed(before, after) == set(before)
