@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from gloo import gloo_group
 
 from conftest import job_parts
 
@@ -69,11 +70,7 @@ for _name in ("allreduce", "allreduce_coalesced", "broadcast", "allgather", "_al
 
 
 def _create_group(store, rank, size, timeout):
-    group = torch.distributed.ProcessGroup(store, rank, size)
-    group._set_default_backend(torch.distributed.ProcessGroup.BackendType.GLOO)
-    group._register_backend(torch.device("cpu"), torch.distributed.ProcessGroup.BackendType.GLOO,
-                            torch.distributed.ProcessGroupGloo(store, rank, size, timeout))
-    return DeviceCheckedGroup(group, rank, size)
+    return DeviceCheckedGroup(gloo_group(store, rank, size, timeout), rank, size)
 
 
 def _rank_main(rank: int, world: int, port: int, root: str, data_uri: str, overrides: dict, zero: int) -> None:
