@@ -144,6 +144,26 @@ def model_hidden_size(model_or_config) -> int | None:
     return hidden if isinstance(hidden, int) else None
 
 
+def skip_inference_comm_op() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory all-reduce, which training never calls.
+
+    On the CPU accelerator DeepSpeed's first ``init_distributed`` JIT-compiles
+    ``deepspeed_shm_comm`` (measured 29 s on a 2-core machine, once per machine and per install
+    path, then a ninja check and a load in every process). Only ``inference_all_reduce``
+    (tensor-parallel inference) uses it; ZeRO's collectives go through the process group.
+    DeepSpeed keeps its probe of compatible ops in one module-level dict whose edits persist
+    (``deepspeed.ops.__getattr__``), and ``build_shm_op`` skips an op marked incompatible there.
+    GPU accelerators have no such builder, so nothing is probed for them.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine:
     """ZeRO 0-3 with optional offload, on an already-initialised process group (Ray Train).
 
@@ -157,6 +177,7 @@ class DeepSpeedEngine:
         import deepspeed
         import torch
 
+        skip_inference_comm_op()
         self.config = deepspeed_config(t, world_size, use_gpu, model_hidden_size(model))
         # DeepSpeed picks its GPU from LOCAL_RANK; Ray Train has already made this worker's
         # GPU current, and the two differ when a worker has several GPUs or Ray orders them

@@ -289,8 +289,11 @@ def zero3_construction(ds_config: dict):
     import deepspeed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
+    from branchout.stages.training.engine import skip_inference_comm_op
+
     # zero.Init reads the world size from deepspeed.comm, which wraps the process group
     # Ray Train made only once asked to; without this it partitions for a world of 1.
+    skip_inference_comm_op()
     deepspeed.init_distributed()
     keep = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
     try:

@@ -111,8 +111,12 @@ def _rank_main(rank: int, world: int, port: int, root: str, data_uri: str, overr
     run_steps(engine, open_blocks(data_uri, "train"), t, STEPS, 0, rank, world, None, lambda step, loss: None,
               after_step=lambda step: marks.append(dict(CountingGroup.sent)))
     ops = {op: (marks[-1][op] - marks[0].get(op, 0)) / (STEPS - 1) / (4 * params) for op in marks[-1]}
+    from deepspeed.comm import comm
+
     with open(f"{root}/volume-zero{zero}-{reuse}-rank{rank}.json", "w") as f:
         json.dump({"per_step": sum(ops.values()) * 4 * params, "params": params,
+                   # training never calls DeepSpeed's CPU shared-memory all-reduce: not built (engine.py)
+                   "shm_op_built": comm.cdb.shm_comm_op is not None,
                    "psi_by_op": {op: round(v, 3) for op, v in ops.items() if v}}, f)
     dist.barrier()
     dist.destroy_process_group()
@@ -140,4 +144,5 @@ def test_zero_sends_what_its_theory_says_per_step(parts, zero, reuse, psi):
     theory = step_volume(zero, params, 4, REUSE_DISTANCE if reuse is None else reuse)
     assert theory == psi * params * 4
     for r in ranks:
+        assert r["shm_op_built"] is False
         assert r["per_step"] == pytest.approx(theory, rel=0.10), r["psi_by_op"]
