@@ -29,7 +29,9 @@ from branchout.stages.training.metrics import read_metrics
 def metrics_row(r: dict[str, Any], method: str, data_kind: str) -> dict[str, Any]:
     """One domain's row of ``eval/metrics.json`` from its evaluation job's outputs.
 
-    ``exact_match`` and ``rouge_l`` (instruction domains) map each scored model to its score.
+    ``exact_match`` and ``rouge_l`` (instruction domains) map each scored model to its score,
+    ``exact_match_ci`` to its 95% interval; ``majority`` is the leave-one-out majority answer's
+    exact match, interval and most given answer, over ``questions`` prompts.
     """
     row: dict[str, Any] = {f"{m}_ppl": r[f"{m}_ppl"] for m in MODELS if f"{m}_ppl" in r}
     if "heldout_tokens" in r:
@@ -38,10 +40,14 @@ def metrics_row(r: dict[str, Any], method: str, data_kind: str) -> dict[str, Any
         row["transfer_gain"] = 1 - row["finetuned_ppl"] / row["base_ppl"]
     if "scratch_ppl" in row and "finetuned_ppl" in row:
         row["gain_vs_scratch"] = 1 - row["finetuned_ppl"] / row["scratch_ppl"]
-    for metric in ("exact_match", "rouge_l"):
+    for metric in ("exact_match", "exact_match_ci", "rouge_l"):
         scores = {m: r[f"{m}_{metric}"] for m in MODELS if f"{m}_{metric}" in r}
         if scores:
             row[metric] = scores
+    if "majority_exact_match" in r:
+        row["questions"] = r["questions"]
+        row["majority"] = {"exact_match": r["majority_exact_match"], "exact_match_ci": r["majority_exact_match_ci"],
+                           "answer": r["majority_answer"]}
     row["method"] = method
     row["data"] = "instruction" if data_kind == "instruct" else "text"
     if isinstance(r.get("precision"), dict):
@@ -126,13 +132,15 @@ def write_report(record: RunRecord, metrics: dict[str, Any]) -> str:
     samples_uri = storage.join(record.run_uri, "eval", "samples.json")
     samples = json.loads(storage.read_text(samples_uri)) if storage.exists(samples_uri) else {}
     notes = [("Worse than a baseline.", n) for n in findings(metrics)] + \
+        [("Answers no better than a baseline.", n) for n in answer_findings(metrics)] + \
         [("Forgot the general text.", n) for n in forgetting_findings(metrics)]
     harness = harness_rows(metrics)
+    answers = answer_rows(metrics)
     probes = forecast_rows(forecast)
     storage.write_text(storage.join(record.run_uri, "report.md"),
-                       _markdown(record, rows, plots, notes, samples, harness, probes))
+                       _markdown(record, rows, plots, notes, samples, harness, probes, answers))
     uri = storage.join(record.run_uri, "report.html")
-    storage.write_text(uri, _html(record, rows, plots, notes, samples, harness, probes))
+    storage.write_text(uri, _html(record, rows, plots, notes, samples, harness, probes, answers))
     return uri
 
 
@@ -296,13 +304,64 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
+ANSWER_HEADER = ["domain", "questions", "answered by", "exact match", "95% interval", "fine-tune vs it"]
+ANSWER_NOTE = ("Exact match of greedy answers to held-out questions, with its 95% Wilson interval. The majority "
+               "answer gives each question the answer most common among the other held-out questions: a model "
+               "that learned the task must beat it. \"beats\" means higher with the intervals apart; \"within "
+               "noise\" higher but overlapping (more questions: evaluate.generation_samples).")
+
+
+def answer_rows(metrics: dict[str, Any]) -> list[list[str]]:
+    """Per instruction domain: each model's exact match and interval, the majority answer's,
+    and how the fine-tune compares with each."""
+    rows = []
+    for name, m in metrics.get("domains", {}).items():
+        if "majority" not in m or "finetuned" not in (m.get("exact_match") or {}):
+            continue
+        scored = {model: (m["exact_match"][model], m["exact_match_ci"][model])
+                  for model in MODELS if model in m["exact_match"]}
+        scored["majority answer"] = (m["majority"]["exact_match"], m["majority"]["exact_match_ci"])
+        ft, ft_ci = scored["finetuned"]
+        for who, (em, ci) in scored.items():
+            rows.append([name, str(m["questions"]), who if who != "majority answer" else
+                         f"majority answer (mostly `{_inline(m['majority']['answer'])}`)", f"{em:.1%}",
+                         f"{ci[0]:.1%}-{ci[1]:.1%}", "" if who == "finetuned" else _versus(ft, ft_ci, em, ci)])
+    return rows
+
+
+def _versus(ft: float, ft_ci: list[float], other: float, other_ci: list[float]) -> str:
+    if ft > other and ft_ci[0] > other_ci[1]:
+        return "beats"
+    if ft > other:
+        return "higher, within noise"
+    return "does not beat"
+
+
+def answer_findings(metrics: dict[str, Any]) -> list[str]:
+    """One sentence per instruction domain whose fine-tune does not beat the from-scratch model
+    or the majority answer beyond noise."""
+    rows = answer_rows(metrics)
+    fine_tuned = {r[0]: r[3] for r in rows if r[2] == "finetuned"}
+    out = []
+    for domain, questions, who, em, _, verdict in rows:
+        if who in ("finetuned", "base") or verdict == "beats":
+            continue
+        them = "the from-scratch model's" if who == "scratch" else "the majority answer's"
+        how = "is above but within noise of" if verdict.startswith("higher") else "is not above"
+        out.append(f"{domain}: the fine-tune's exact match {how} {them} ({fine_tuned[domain]} vs {em}, "
+                   f"{questions} questions). Try: more fine-tune steps or data; more questions "
+                   "(evaluate.generation_samples) to tell them apart.")
+    return out
+
+
 def harness_rows(metrics: dict[str, Any]) -> list[list[str]]:
     return [[model, task, metric, f"{value:.4f}"] for model, tasks in (metrics.get("lm_eval") or {}).items()
             for task, values in tasks.items() for metric, value in values.items()]
 
 
 def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[tuple[str, str]],
-              samples: dict[str, list[dict]], harness: list[list[str]] = (), probes: list[list[str]] = ()) -> str:
+              samples: dict[str, list[dict]], harness: list[list[str]] = (), probes: list[list[str]] = (),
+              answers: list[list[str]] = ()) -> str:
     lines = [f"# branchout report: {record.pipeline}", "", *_summary(record), "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -311,6 +370,7 @@ def _markdown(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes],
         lines += ["## Findings", ""] + [f"- **{kind}** {n}" for kind, n in notes] + [""]
     if job_warnings(record):
         lines += ["## Warnings", ""] + [f"- {w}" for w in job_warnings(record)] + [""]
+    lines += _section_md("Answers", ANSWER_NOTE, ANSWER_HEADER, list(answers))
     lines += _section_md("Held-out split", SPLIT_NOTE, SPLIT_HEADER, split_rows(record))
     lines += _section_md("Precision", PRECISION_NOTE, PRECISION_HEADER, precision_rows(record))
     lines += _section_md("Benchmarks (lm-evaluation-harness)", HARNESS_NOTE, HARNESS_HEADER, list(harness))
@@ -369,7 +429,8 @@ def _section_html(title: str, note: str, header: list[str], rows: list[list[str]
 
 
 def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], notes: list[tuple[str, str]],
-          samples: dict[str, list[dict]], harness: list[list[str]] = (), probes: list[list[str]] = ()) -> str:
+          samples: dict[str, list[dict]], harness: list[list[str]] = (), probes: list[list[str]] = (),
+          answers: list[list[str]] = ()) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in HEADER)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -389,6 +450,7 @@ def _html(record: RunRecord, rows: list[list[str]], plots: dict[str, bytes], not
             "</style></head><body>"
             f"<h1>branchout report: {esc(record.pipeline)}</h1>{summary}"
             f"<table><tr>{head}</tr>{body}</table>{found}"
+            f"{_section_html('Answers', ANSWER_NOTE, ANSWER_HEADER, list(answers))}"
             f"{_section_html('Held-out split', SPLIT_NOTE, SPLIT_HEADER, split_rows(record))}"
             f"{_section_html('Precision', PRECISION_NOTE, PRECISION_HEADER, precision_rows(record), 'sample')}"
             f"{_section_html('Benchmarks (lm-evaluation-harness)', HARNESS_NOTE, HARNESS_HEADER, list(harness))}"

@@ -152,6 +152,7 @@ def evaluate_domain(job: EvalJob) -> dict:
     release()
     if gen is not None:
         out["samples"] = gen.shown()
+        out.update(gen.majority())
     out["ended"] = time.time()
     return out
 

@@ -118,3 +118,53 @@ def test_cross_scores_join_the_evaluations_and_name_a_fine_tune_that_forgot(tmp_
     html = (run / "report.html").read_text()
     assert "<h2>Perplexity of every model on every held-out set</h2>" in html
     assert "loss_curves.png</h2>" not in html  # headings say what a plot shows, not its file
+
+
+def _answered(ft: float, ft_ci: list[float], scratch: float, scratch_ci: list[float], majority: float,
+              majority_ci: list[float]) -> dict:
+    return metrics_row(_outputs(base_exact_match=0.0, base_exact_match_ci=[0.0, 0.02], finetuned_exact_match=ft,
+                                finetuned_exact_match_ci=ft_ci, scratch_exact_match=scratch,
+                                scratch_exact_match_ci=scratch_ci, majority_exact_match=majority,
+                                majority_exact_match_ci=majority_ci, majority_answer="gpl-2+", questions=200),
+                       "full", "instruct")
+
+
+def test_answers_stand_beside_scratch_and_the_majority_answer_with_intervals(tmp_path):
+    from branchout.orchestrator.run.report import answer_findings, answer_rows
+
+    clear = _answered(0.40, [0.33, 0.47], 0.20, [0.15, 0.26], 0.05, [0.03, 0.09])
+    assert clear["questions"] == 200 and clear["majority"]["answer"] == "gpl-2+"
+    assert clear["exact_match_ci"]["finetuned"] == [0.33, 0.47]
+    rows = answer_rows({"domains": {"qa": clear}})
+    assert [r[2] for r in rows] == ["base", "finetuned", "scratch", "majority answer (mostly `gpl-2+`)"]
+    assert rows[2][3:] == ["20.0%", "15.0%-26.0%", "beats"] and rows[3][5] == "beats"
+    assert answer_findings({"domains": {"qa": clear}}) == []
+    # above scratch only within the intervals, and below the majority answer: both said
+    close = _answered(0.22, [0.17, 0.28], 0.20, [0.15, 0.26], 0.25, [0.20, 0.31])
+    assert [r[5] for r in answer_rows({"domains": {"qa": close}})][2:] == ["higher, within noise", "does not beat"]
+    said = answer_findings({"domains": {"qa": close}})
+    assert said[0].startswith("qa: the fine-tune's exact match is above but within noise of the from-scratch "
+                              "model's (22.0% vs 20.0%, 200 questions)")
+    assert said[1].startswith("qa: the fine-tune's exact match is not above the majority answer's (22.0% vs 25.0%")
+    record = RunRecord(run_id="r1", pipeline="p", run_uri=str(tmp_path), spec_hash="x")
+    record.jobs["finetune/qa"] = JobRecord("finetune/qa")
+    write_report(record, {"domains": {"qa": close}})
+    md = (tmp_path / "report.md").read_text()
+    assert "## Answers" in md and "| qa | 200 | scratch | 20.0% | 15.0%-26.0% | higher, within noise |" in md
+    assert "**Answers no better than a baseline.** qa: the fine-tune's exact match is not above" in md
+    assert "Answers" in (tmp_path / "report.html").read_text()
+
+
+def test_wilson_interval_and_the_leave_one_out_majority_answer():
+    from branchout.stages.evaluation.generation import exact_hits, majority_answers, wilson
+
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and 0.27 < hi < 0.28  # not empty at 0 hits
+    lo, hi = wilson(100, 200)
+    assert abs(lo - 0.4314) < 1e-3 and abs(hi - 0.5686) < 1e-3
+    assert wilson(10, 10)[1] == 1.0
+    refs = ["GPL-2+", "gpl-2+ ", "MIT", "MIT", "MIT", "BSD"]
+    # each question gets the others' commonest answer; a two-way tie goes to the alphabetically first
+    assert majority_answers(refs) == ["mit", "mit", "gpl-2+", "gpl-2+", "gpl-2+", "mit"]
+    assert exact_hits(majority_answers(refs), refs) == 0  # its own label never counts for it
+    assert exact_hits(majority_answers(["a", "a", "a", "b"]), ["a", "a", "a", "b"]) == 3
