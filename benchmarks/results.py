@@ -3,11 +3,13 @@ benchmark that measured it, and the only place measured numbers live (README lin
 and copies none: a copy is one more place to go stale).
 
 A benchmark replaces only its own section (``write_section``), so running one does not
-erase another's numbers, and each section says when and on what it was measured.
+erase another's numbers, and each section says when and on what it was measured
+(``stamp``) and, per target, whether this run met it (``targets_table``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -75,3 +77,55 @@ def stamp() -> str:
 
     return (f"commit {commit}; {cpu.name}, {os.cpu_count()} cores, {cpu.why} "
             f"(native bf16: {'yes' if cpu.bf16 else 'no'}); Python {platform.python_version()}, {', '.join(libs)}")
+
+
+# A target is met or missed by what this run measured, or not measured by it: there is no
+# "reported" or "see below", so a reader never has to work out a verdict from the numbers.
+STATUSES = ("met", "missed", "not measured")
+
+
+def status(ok: bool | None) -> str:
+    """The status of a comparison the script made (``None``: it could not make it)."""
+    return "not measured" if ok is None else "met" if ok else "missed"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target and what this run made of it.
+
+    ``what`` and ``target`` are the words and the threshold ("warm dispatch → first step",
+    "≤ 0.5 s"); ``measured`` is this run's number as text; ``why`` says why a target was
+    missed or not measured (it is not shown for a met one, so a script may always pass it).
+    A target the run did not measure carries no number: a number there would read as one it
+    measured.
+    """
+
+    what: str
+    target: str
+    measured: str | None
+    status: str
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"{self.what}: status {self.status!r} is not one of {STATUSES}")
+        if self.status == "not measured" and self.measured:
+            raise ValueError(f"{self.what}: not measured, yet it carries a number ({self.measured})")
+        if self.status == "met" and not self.measured:
+            raise ValueError(f"{self.what}: met, with nothing measured")
+        if self.status != "met" and not self.why.strip():
+            raise ValueError(f"{self.what}: {self.status} needs its why")
+
+
+def targets_table(targets: list[Target]) -> list[str]:
+    """``| target | measured | status |`` with one row per target, the why after a status
+    that is not met; the lines a section ends with."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| target | measured | status |", "|---|---|---|"]
+    for t in targets:
+        verdict = f"**{t.status}**" + ("" if t.status == "met" else f": {t.why}")
+        lines.append(f"| {cell(f'{t.what}: {t.target}')} | {cell(t.measured or '-')} | {cell(verdict)} |")
+    return lines

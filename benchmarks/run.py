@@ -13,7 +13,13 @@
 5. memory of 4 concurrent LoRA jobs vs 1 on a 0.83B base: Σ PSS of every runner process and
    of the raylet (which holds the object store's shared base), measured (≤ 1.2×), without
    and with activation checkpointing
-6. 2-worker ZeRO-2 and ZeRO-3 vs 1 worker, same global batch (reported; 2 cores limit it)
+6. 2-worker ZeRO-2 and ZeRO-3 vs 1 worker, same global batch (no target: 2 cores limit it)
+
+Rule, fixed before measuring: the statistic each row names (rows 1: the median of 3
+alternating rounds' ratios; 3: the median dispatch time; 4, 5, 6: one run). Rows 2, 3 (cold)
+and 6 carry no target; every other row's target is judged in code from its number, and the
+section ends with one status per target. Issue 27's "2-worker DeepSpeed engine ≥ 0.95 of the
+raw loop" is not measured here: row 1 runs the DeepSpeed engine on 1 worker.
 
 GPU rows are benchmarks/gpu.py's section; nothing here pretends to measure a GPU.
 """
@@ -22,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,11 +42,20 @@ import corpus  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from results import Target, stamp, status, targets_table, write_section  # noqa: E402
+
 # The quickstart's model: a 3.3M-parameter Llama.
 MODEL = {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
          "num_key_value_heads": 4, "max_position_embeddings": 512}
 SEQ, MICRO = 128, 8
 rows: list[tuple[str, str, str, str]] = []  # (benchmark, ratio, raw numbers, target)
+targets: list[Target] = []  # each row's target, judged from its number as it is measured
+NO_TARGET = "-"
+
+
+def limits(n: int) -> str:
+    """The why of a missed target: the row's note under "What limits each row"."""
+    return f"see 'What limits each row', {n}"
 
 
 def row(name: str, ratio: str, raw: str, target: str) -> None:
@@ -205,7 +219,7 @@ def main() -> int:
         parameter_counts,
     )
 
-    started = time.time()
+    started, stamped = time.time(), stamp()
     work = Path(tempfile.mkdtemp(prefix="branchout-bench-"))
     general, legal = build_parts(work)
     tok = load_tokenizer(str(work / "tokenizer"))
@@ -226,17 +240,22 @@ def main() -> int:
             ratios[engine].append(runs[engine][-1] / runs["raw"][-1])
     raw = statistics.median(runs["raw"])
     for engine, label in (("plain", "plain torch engine"), ("deepspeed", "DeepSpeed engine")):
-        ours = statistics.median(runs[engine])
-        row(f"1. 1-worker pretrain, {label}, vs raw torch loop (tokens/s)", f"{statistics.median(ratios[engine]):.3f}",
+        ours, ratio = statistics.median(runs[engine]), statistics.median(ratios[engine])
+        row(f"1. 1-worker pretrain, {label}, vs raw torch loop (tokens/s)", f"{ratio:.3f}",
             f"median of 3 alternating rounds ({', '.join(f'{r:.3f}' for r in ratios[engine])}); {ours:,.0f} vs "
             f"{raw:,.0f} tok/s; fp32, 2 threads, micro-batch {MICRO} × {SEQ}", "≥ 0.97")
+        targets.append(Target(f"1-worker pretrain, {label}, tokens/s vs a raw torch loop (median of 3 rounds)",
+                              "≥ 0.97", f"{ratio:.3f}", status(ratio >= 0.97), why=limits(1)))
+    targets.append(Target("2-worker pretrain, DeepSpeed engine, tokens/s vs a raw torch loop (issue 27)", "≥ 0.95",
+                          None, "not measured", why="this suite runs the DeepSpeed engine against the raw loop on "
+                          "1 worker (row 1); its 2-worker rows (6) compare with 1 worker, not with the raw loop"))
     ours = statistics.median(runs["plain"])
     _, non_emb = parameter_counts(build_config("llama", MODEL, 4096))
     flops_per_token = 6 * non_emb + 12 * MODEL["num_hidden_layers"] * MODEL["hidden_size"] * SEQ
     peak = matmul_peak_flops()
     row("2. MFU of the 1-worker pretrain (CPU, fp32)", f"{ours * flops_per_token / peak:.1%}",
         f"{ours * flops_per_token / 1e9:.1f} GFLOP/s of {peak / 1e9:.0f} GFLOP/s measured 2048² matmul peak",
-        "report")
+        NO_TARGET)
 
     # 3: per-job fan-out overhead, dispatch → first optimizer step
     trainer = []  # one TorchTrainer per job (before the pool holds the CPUs)
@@ -259,9 +278,13 @@ def main() -> int:
     warm_s, cold_s = statistics.median(warm), statistics.median(first)
     row("3. fan-out overhead, first wave (cold pool) vs TorchTrainer per job", f"{trainer_s / cold_s:.1f}× better",
         f"{cold_s:.2f} s vs {trainer_s:.1f} s dispatch → first step (median; runners start, base loaded on a worker)",
-        "report")
+        NO_TARGET)
     row("3. fan-out overhead, warm dispatch vs TorchTrainer per job", f"{trainer_s / warm_s:.0f}× better",
         f"{warm_s:.3f} s vs {trainer_s:.1f} s dispatch → first step (median of 6)", "≤ 0.5 s, ≥ 20×")
+    targets.extend([Target("fan-out, warm dispatch → first step (median of 6)", "≤ 0.5 s", f"{warm_s:.3f} s",
+                       status(warm_s <= 0.5), why=limits(3)),
+                Target("fan-out, warm dispatch vs a TorchTrainer per job, dispatch → first step", "≥ 20× sooner",
+                       f"{trainer_s / warm_s:.0f}×", status(trainer_s / warm_s >= 20), why=limits(3))])
     pool = next(iter(pools.pools.values()))
 
     # 4: makespan of 16 small fine-tunes on 2 slots
@@ -271,6 +294,8 @@ def main() -> int:
     ideal = sum(r["ended"] - r["started"] for r in results) / 2
     row("4. makespan of 16 fine-tunes on 2 slots vs ideal", f"{makespan / ideal:.2f}×",
         f"{makespan:.1f} s vs {ideal:.1f} s = Σ job time ÷ 2", "≤ 1.1×")
+    targets.append(Target("makespan of 16 fine-tunes on 2 slots vs Σ job time ÷ 2", "≤ 1.1×",
+                          f"{makespan / ideal:.2f}×", status(makespan / ideal <= 1.1), why=limits(4)))
     pool.shutdown()
 
     # 5: memory of 4 concurrent LoRA jobs vs 1 on a 0.83B-parameter (3.1 GiB fp32) base:
@@ -306,6 +331,10 @@ def main() -> int:
             f"Σ PSS {four['total'] / 2**30:.2f} GiB vs {one['total'] / 2**30:.2f} GiB (runners + raylet's object "
             f"store); private per runner {four['runner_uss'] / 2**20:,.0f} MiB with 4 vs {one['runner_uss'] / 2**20:,.0f}"
             f" MiB alone; raylet {four['raylet_pss'] / 2**30:.2f} GiB", "≤ 1.2×")
+        targets.append(Target(f"Σ PSS of 4 concurrent LoRA jobs vs 1 on a 0.83B base"
+                              f"{', activation checkpointing' if ckpt else ''}", "≤ 1.2×",
+                              f"{four['total'] / one['total']:.2f}×", status(four["total"] / one["total"] <= 1.2),
+                              why=limits(5)))
 
     # 6: data parallelism on 2 cores
     one = run_distributed(pretrain_job(work, general, "dp-1w", 1, 2, 80, 2.0, global_batch=16))
@@ -314,11 +343,11 @@ def main() -> int:
         run_distributed(pretrain_job(work, general, f"dp-2w-z{zero}", 2, zero, 80, 1.0, global_batch=16))
         tps[f"z{zero}"] = steady_tokens_per_s(work, f"dp-2w-z{zero}")
         row(f"6. 2-worker ZeRO-{zero} vs 1 worker (tokens/s, global batch 16)", f"{tps[f'z{zero}'] / tps['1w']:.2f}",
-            f"{tps[f'z{zero}']:,.0f} vs {tps['1w']:,.0f} tok/s", "report")
+            f"{tps[f'z{zero}']:,.0f} vs {tps['1w']:,.0f} tok/s", NO_TARGET)
     del one
     ray.shutdown()
     elapsed = time.time() - started
-    write_results(elapsed)
+    write_results(elapsed, stamped)
     return 0
 
 
@@ -355,24 +384,17 @@ def notes() -> list[str]:
 """.splitlines()
 
 
-def write_results(elapsed: float) -> None:
-    from results import write_section
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    lines = [f"`python benchmarks/run.py` on {time.strftime('%Y-%m-%d')}: {os.cpu_count()} cores ({cpu}), "
-             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, Python "
-             f"{platform.python_version()}, {torch_version()}; no GPU. Took {elapsed / 60:.1f} minutes.", "",
+def write_results(elapsed: float, stamped: str) -> None:
+    lines = [f"`python benchmarks/run.py` on {time.strftime('%Y-%m-%d')}: {stamped}; "
+             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; no GPU. "
+             f"Took {elapsed / 60:.1f} minutes.", "",
+             "Rule: each row's statistic is named in its raw numbers (rows 1: median of 3 alternating rounds; "
+             "3: medians; 4, 5, 6: one run). Rows whose target is `-` have none.", "",
              "| benchmark | ratio | raw numbers | target |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    write_section("Suite: orchestration, fan-out, memory (benchmarks/run.py)", lines + ["", *notes()])
+    lines += ["", *notes(), "", *targets_table(targets)]  # the misses' whys point at the notes
+    write_section("Suite: orchestration, fan-out, memory (benchmarks/run.py)", lines)
     print("\n".join(lines))
-
-
-def torch_version() -> str:
-    out = subprocess.run([sys.executable, "-c", "import torch, ray, deepspeed; print(f'torch {torch.__version__}, "
-                          "ray {ray.__version__}, deepspeed {deepspeed.__version__}')"], capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[-1]  # DeepSpeed prints an accelerator warning first
 
 
 if __name__ == "__main__":
