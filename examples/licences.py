@@ -165,7 +165,12 @@ def build(out_dir: str, max_examples: int = DEFAULT_MAX_EXAMPLES, doc_root: str 
     """Write ``<out_dir>/licences.jsonl`` and the multiple-choice task (``licence_mc.jsonl``,
     ``tasks/licence_mc.yaml``); returns the example, byte and multiple-choice item counts."""
     everything = examples(doc_root, max_examples + 10 * MC_ITEMS)
-    rows, unseen = everything[:max_examples], everything[max_examples:]
+    # the multiple-choice items come from packages the Q&A set leaves out: the last ones, as
+    # many rows as 10 × MC_ITEMS or a fifth of what this machine has, whichever is fewer (a
+    # machine with fewer than max_examples would otherwise leave none, and the task empty)
+    reserve = min(10 * MC_ITEMS, len(everything) // 5)
+    rows = everything[:min(max_examples, len(everything) - reserve)]
+    unseen = everything[len(rows):]
     licences = [r["response"] for r in everything if r["prompt"].startswith("Which licence")]
     items = choice_items(unseen, licences)
     os.makedirs(os.path.join(out_dir, "tasks"), exist_ok=True)

@@ -180,3 +180,15 @@ def test_exact_match_and_rouge_l():
     assert rouge_l(["1998 Richard Braakman"], ["1998 Richard Braakman"]) == 1.0
     assert 0 < rouge_l(["1998 Richard Stallman"], ["1998 Richard Braakman"]) < 1
     assert rouge_l(["Expat"], ["GPL-2+"]) == 0.0
+
+
+def test_the_multiple_choice_task_is_never_empty_and_never_holds_a_trained_question(tmp_path):
+    """On a machine with fewer copyright files than the default Q&A size the task once came out
+    empty (every example went to the Q&A set); its items come from the rows the set leaves out."""
+    import licences
+
+    counts = licences.build(str(tmp_path), max_examples=10**6)  # more than any machine has
+    assert counts["choice_items"] > 0
+    trained = {json.loads(line)["prompt"] for line in (tmp_path / "licences.jsonl").read_text().splitlines()}
+    items = [json.loads(line) for line in (tmp_path / "licence_mc.jsonl").read_text().splitlines()]
+    assert len(items) == counts["choice_items"] and not {i["question"] for i in items} & trained
