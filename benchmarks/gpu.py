@@ -29,7 +29,11 @@ median of its steady windows.
    defaults (fused AdamW on the GPU): that the paths run, and their throughput.
 
 Each row is printed as it is measured and a failing row is reported as failed; the table is
-written at the end, stamped with commit, GPU and library versions.
+written at the end, stamped with commit, GPU and library versions, and ends with the targets
+(bf16 MFU ≥ 45% on the last pretrain row; the 4 packed LoRA fine-tunes < 4× one alone), each met,
+missed or not measured (its row failed or did not run). Without a GPU nothing is measured: the
+targets are printed as not measured, and written so only where RESULTS.md has no GPU section
+(a measured one is kept).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ SECTION = "GPU rows (benchmarks/gpu.py)"
 sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import stamp, write_section  # noqa: E402
+from results import Target, sections, stamp, status, targets_table, write_section  # noqa: E402
 
 FULL = {"model": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 16,
                   "num_key_value_heads": 16, "max_position_embeddings": 1024},
@@ -283,6 +287,7 @@ def measure(size: dict, write=None) -> tuple[list, dict]:
                      {"fused": True, "compile": True, "fused_kernels": False}))
     previous = None
     best = None
+    facts["mfu_row"] = f"1. pretrain {ablation[-1][0]}"  # the MFU target's row
     for i, (label, micro, switches) in enumerate(ablation):
         name = f"1. pretrain {label}"
 
@@ -337,11 +342,13 @@ def measure(size: dict, write=None) -> tuple[list, dict]:
         pools.shutdown()
         spans = [(r["started"], r["ended"]) for r in packed]
         together = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
-        rows.append(("3. 4 LoRA fine-tunes packed on one GPU (gpu: 0.25) vs one alone", f"{makespan / single:.2f}×",
+        facts["packed"] = makespan / single
+        rows.append((f"{facts['packing_row']} (gpu: 0.25) vs one alone", f"{makespan / single:.2f}×",
                      f"makespan {makespan:.1f} s vs {single:.1f} s alone; {together} ran at once", "< 4×"))
         return jobs[0]
 
-    lone = rows.attempt("3. 4 LoRA fine-tunes packed on one GPU", "< 4×", packing)
+    facts["packing_row"] = "3. 4 LoRA fine-tunes packed on one GPU"
+    lone = rows.attempt(facts["packing_row"], "< 4×", packing)
 
     def evaluation():
         from branchout.stages.evaluation.evaluate import evaluate_domain
@@ -391,17 +398,51 @@ def measure(size: dict, write=None) -> tuple[list, dict]:
     return rows, facts
 
 
+MFU_TARGET = "bf16 MFU of the 171M pretrain with the product's switches on (the last pretrain row)", "≥ 45%"
+PACKING_TARGET = "4 LoRA fine-tunes packed on one GPU (gpu: 0.25), makespan vs one alone", "< 4×"
+
+
+def gpu_targets(rows: list, facts: dict, done: bool, gpu: bool = True) -> list[Target]:
+    """The targets from the rows measured so far: one whose row failed, or has not run yet, or
+    that needs a GPU where there is none, is not measured."""
+    if not gpu:
+        return [Target(*t, None, "not measured", why="no GPU on this machine") for t in (MFU_TARGET, PACKING_TARGET)]
+
+    def unmeasured(row: str | None, unreached: str) -> str:
+        failed = next((r for r in rows if row and r[0].startswith(row) and r[1] == "failed"), None)
+        if failed:
+            return f"its row failed: {failed[2]}"
+        return unreached if done else "the run ended before its row"
+
+    mfu, packed = facts.get("mfu"), facts.get("packed")
+    return [Target(*MFU_TARGET, None, "not measured", why=unmeasured(facts.get("mfu_row"), "its row did not run"))
+            if mfu is None else
+            Target(*MFU_TARGET, f"{mfu:.1%}", status(mfu >= 0.45), why=f"{mfu:.1%}, below 45%"),
+            Target(*PACKING_TARGET, None, "not measured",
+                   why=unmeasured(facts.get("packing_row"), "not run: no pretrain row produced a base to fine-tune"))
+            if packed is None else
+            Target(*PACKING_TARGET, f"{packed:.2f}×", status(packed < 4), why=f"{packed:.2f}×, not under 4×")]
+
+
 def main() -> int:
     import torch
 
     smoke = "--smoke" in sys.argv
     if not torch.cuda.is_available() and not smoke:
-        print("no GPU on this machine: nothing measured, RESULTS.md unchanged (run this on a GPU machine)")
+        table = targets_table(gpu_targets([], {}, done=True, gpu=False))
+        if SECTION in sections():  # a measured GPU section is not replaced by a run that measured nothing
+            print("no GPU on this machine: nothing measured, RESULTS.md unchanged (run this on a GPU machine)")
+        else:
+            write_section(SECTION, [f"`python benchmarks/gpu.py` on {time.strftime('%Y-%m-%d')}: no GPU on this "
+                                    f"machine, nothing measured; {stamp()}.", "", *table])
+            print("no GPU on this machine: nothing measured; RESULTS.md's GPU section says so")
+        print("\n".join(table))
         return 0
     started = time.time()
     if smoke:
         rows, facts = measure(SMOKE)
         failed = [r for r in rows if r[1] == "failed"]
+        print("\n".join(targets_table(gpu_targets(rows, facts, done=True))))
         print(f"--smoke: the script ran end to end on the CPU, {len(rows)} rows, {len(failed)} failed; nothing written")
         return 1 if failed else 0
 
@@ -414,10 +455,7 @@ def main() -> int:
                 "of the job's own logged tokens/s windows after the first third of its steps; one run per row.", "",
                 "| benchmark | MFU / ratio | raw numbers | target |", "|---|---|---|---|"]
         body += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-        mfu = facts.get("mfu")
-        verdict = ("not measured" if mfu is None else f"met ({mfu:.1%})" if mfu >= 0.45 else f"missed ({mfu:.1%})")
-        body += ["", f"Target, bf16 MFU ≥ 45% for the 171M pretrain with the product's switches on (the last "
-                 f"pretrain row): {verdict}."]
+        body += ["", *targets_table(gpu_targets(rows, facts, done))]
         write_section(SECTION, body)
 
     rows, facts = measure(FULL, write)

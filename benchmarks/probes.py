@@ -20,6 +20,7 @@ stopped at ≤ 50% with fine-tunes within 1%) is not measured by this script.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quickstart import OUT, REPO  # noqa: E402
-from results import stamp, write_section  # noqa: E402
+from results import Target, stamp, status, targets_table, write_section  # noqa: E402
 
 PROBE_STEPS = 20
 
@@ -39,6 +40,32 @@ PROBE_STEPS = 20
 def spearman(a: list[float], b: list[float]) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def probe_targets(rho: float, pairs: int, errors: dict[str, tuple[float, float, str]], probe_seconds: float,
+                  wall: float, shape: str) -> list[Target]:
+    """The four targets from the run's numbers: ``errors`` maps a domain to (the forecast from the
+    first half, the last probe's loss, the forecast's verdict); ``shape`` says how many probes ran."""
+    spearman_target = f"Spearman ρ (probe vs full fine-tune held-out loss, {pairs} pairs)", "≥ 0.9"
+    targets = [Target(*spearman_target, None, "not measured", why="ρ is undefined for fewer than 2 pairs")
+               if math.isnan(rho) else
+               Target(*spearman_target, f"ρ = {rho:.3f}", status(rho >= 0.9), why=f"ρ = {rho:.3f}, below 0.9")]
+    forecast = "Forecast from the first half", "within 2% of the last probe"
+    if errors:
+        off = [d for d, (a, b, _) in errors.items() if abs(a / b - 1) > 0.02]
+        targets.append(Target(*forecast, ", ".join(f"{d}: {a:.4f} vs {b:.4f}, {a / b - 1:+.1%}, {v}"
+                                                   for d, (a, b, v) in errors.items()),
+                              status(not off), why=f"more than 2% off for {', '.join(off)}"))
+    else:
+        targets.append(Target(*forecast, None, "not measured", why="no forecast from the first half"))
+    overhead = probe_seconds / max(1e-9, wall - probe_seconds)
+    targets += [Target("Probes", "≤ 10% of the pretrain's wall time",
+                       f"{overhead:.1%} ({probe_seconds:.0f} s of probes beside {wall - probe_seconds:.0f} s of "
+                       f"pretraining; {shape} on the pretrain's 2 workers)", status(overhead <= 0.10),
+                       why=f"{overhead:.1%}, over 10%"),
+                Target("The stop rule on a 4× budget", "stopped at ≤ 50% with fine-tunes within 1%", None,
+                       "not measured", why="this script does not run it")]
+    return targets
 
 
 def main() -> None:
@@ -97,25 +124,14 @@ def main() -> None:
         early = [h for h in f["forecast_after"] if h["step"] <= half and h["final_loss"] is not None]
         if early and f["losses"]:
             errors[domain] = (early[-1]["final_loss"], f["losses"][-1], early[-1]["verdict"])
-    overhead = probe_seconds / max(1e-9, wall - probe_seconds)
-    verdicts = [
-        f"- Spearman ρ (probe vs full fine-tune held-out loss, {len(pairs)} pairs) ≥ 0.9: "
-        f"**{'met' if rho >= 0.9 else 'missed'}** (ρ = {rho:.3f}).",
-        "- Forecast from the first half within 2% of the last probe: " + (
-            f"**{'met' if errors and all(abs(a / b - 1) <= 0.02 for a, b, _ in errors.values()) else 'missed'}** ("
-            + ", ".join(f"{d}: {a:.4f} vs {b:.4f}, {a / b - 1:+.1%}, {v}" for d, (a, b, v) in errors.items()) + ")"
-            if errors else "**not measured** (no forecast from the first half)"),
-        f"- Probes ≤ 10% of the pretrain's wall time: **{'met' if overhead <= 0.10 else 'missed'}** "
-        f"({probe_seconds:.0f} s of probes beside {wall - probe_seconds:.0f} s of pretraining: {overhead:.1%}; "
-        f"{len(points)} points × {len(spec['finetune']['domains'])} domains × {PROBE_STEPS} steps on the pretrain's "
-        "2 workers).",
-        "- The stop rule on a 4× budget: **not measured** (this script does not run it).",
-    ]
+    targets = probe_targets(rho, len(pairs), errors, probe_seconds, wall,
+                            f"{len(points)} points × {len(spec['finetune']['domains'])} domains × {PROBE_STEPS} steps")
     body = [f"Measured by `python benchmarks/probes.py`: {stamp()}.", "",
             f"The shipped quickstart with `pretrain.probes: {{steps: {PROBE_STEPS}}}` (LoRA probes at steps "
             f"{', '.join(map(str, points))}); then the quickstart's full fine-tune of each domain from each probe "
             "checkpoint, scored on the same held-out sample.", "",
-            "| domain | probe step | probe loss | full fine-tune loss |", "|---|---|---|---|", *rows, "", *verdicts]
+            "| domain | probe step | probe loss | full fine-tune loss |", "|---|---|---|---|", *rows, "",
+            *targets_table(targets)]
     print("\n".join(body))
     write_section("Probes: forecasting the pretrain's worth (benchmarks/probes.py)", body)
 

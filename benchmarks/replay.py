@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quickstart import OUT, REPO  # noqa: E402
-from results import stamp, write_section  # noqa: E402
+from results import Target, stamp, status, targets_table, write_section  # noqa: E402
 
 REPLAY = 0.1
 
@@ -41,6 +41,16 @@ def run(storage: Path, data: Path, *extra: str) -> Path:
         raise SystemExit(f"quickstart failed ({' '.join(extra) or 'no replay'})")
     runs = sorted((storage / "quickstart").iterdir())
     return runs[-1]
+
+
+def replay_target(verdicts: list[tuple[str, float]]) -> Target:
+    """The target from each full fine-tune's general-text perplexity ratio, replay / no replay."""
+    what, target = ("every full fine-tune forgets less of the general text with replay",
+                    "ratio < 1 (general-text perplexity, replay / no replay)")
+    if not verdicts:
+        return Target(what, target, None, "not measured", why="the quickstart has no full fine-tune")
+    return Target(what, target, ", ".join(f"{j} {r:.3f}" for j, r in verdicts), status(all(r < 1 for _, r in verdicts)),
+                  why="ratio ≥ 1 for " + ", ".join(j for j, r in verdicts if r >= 1))
 
 
 def main() -> None:
@@ -73,7 +83,6 @@ def main() -> None:
         if method == "full":
             verdicts.append((job, g1 / g0))
     base = cross["plain"]["base"]["general"]
-    met = all(r < 1 for _, r in verdicts)
     body = [
         f"Measured by `python benchmarks/replay.py`: {stamp()}.",
         "",
@@ -86,8 +95,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"- Target, every full fine-tune forgets less of the general text with replay (ratio < 1): "
-        f"**{'met' if met else 'missed'}** ({', '.join(f'{j} {r:.3f}' for j, r in verdicts)}).",
+        *targets_table([replay_target(verdicts)]),
     ]
     print("\n".join(body))
     write_section("Replay: what a fine-tune forgets of the general text", body)

@@ -15,19 +15,6 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
-# Scripts that write their own per-target met/missed lines (computed in code) instead of
-# targets_table; strict xfail: moving one onto the shared table fails here until it leaves
-# this list.
-OWN_TARGET_LINES = {
-    "farm.py": "its own | target | form | measured | status | table",
-    "farm_pipeline.py": "its own '- Target, ...: **met**' lines",
-    "probes.py": "its own '- Target ...: **met**' lines",
-    "replay.py": "its own '- Target, ...: **met**' line",
-    "quickstart.py": "its own target and result columns",
-    "gpu.py": "its own 'Target, ...: met' line",
-}
-
-
 def _results():
     """benchmarks/results.py under a name of its own (it imports nothing heavy at import)."""
     spec = importlib.util.spec_from_file_location("benchmark_results_under_test", BENCHMARKS / "results.py")
@@ -57,8 +44,8 @@ WRITERS = sorted(p for p in BENCHMARKS.glob("*.py") if p.name != "results.py" an
 
 def test_the_section_writers_are_found():
     assert {p.name for p in WRITERS} >= {"run.py", "data_scale.py", "zero3_memory.py", "contamination.py",
-                                         "cache.py", "checkpoint_io.py", "autoscale_lead.py", "farm.py"}
-    assert set(OWN_TARGET_LINES) <= {p.name for p in WRITERS}, "a listed script no longer writes a section"
+                                         "cache.py", "checkpoint_io.py", "autoscale_lead.py", "farm.py",
+                                         "farm_pipeline.py", "probes.py", "replay.py", "quickstart.py", "gpu.py"}
 
 
 @pytest.mark.parametrize("path", WRITERS, ids=lambda p: p.name)
@@ -66,9 +53,7 @@ def test_every_section_writer_stamps_its_section(path):
     assert "stamp" in _called(path), f"{path.name} writes a section without stamp()"
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=OWN_TARGET_LINES[p.name]))
-    if p.name in OWN_TARGET_LINES else p for p in WRITERS], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", WRITERS, ids=lambda p: p.name)
 def test_every_section_writer_ends_with_a_targets_table(path):
     assert "targets_table" in _called(path), f"{path.name} writes a section without targets_table()"
 
