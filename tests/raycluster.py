@@ -28,13 +28,14 @@ def free_port() -> int:
 
 
 class LocalRayCluster:
-    def __init__(self, workdir: Path, head_cpus: int = 2, worker_cpus: int = 1, extra_env: dict | None = None):
+    def __init__(self, workdir: Path, head_cpus: int = 2, worker_cpus: int = 1, extra_env: dict | None = None,
+                 worker_nodes: int = 1):
         self.workdir = workdir
         self.extra_env = extra_env or {}  # e.g. an S3 endpoint and keys the nodes use
         self.token = uuid.uuid4().hex
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
-        self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
+        self.head_cpus, self.worker_cpus, self.worker_nodes = head_cpus, worker_cpus, worker_nodes
         self.registry = f"sqlite:///{workdir / 'registry.db'}"
 
     @property
@@ -63,7 +64,8 @@ class LocalRayCluster:
         subprocess.run(head, check=True, env=self.env(), capture_output=True, timeout=120)
         worker = ["ray", "start", f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1",
                   f"--num-cpus={self.worker_cpus}", "--num-gpus=0"]
-        subprocess.run(worker, check=True, env=self.env(), capture_output=True, timeout=120)
+        for _ in range(self.worker_nodes):
+            subprocess.run(worker, check=True, env=self.env(), capture_output=True, timeout=120)
         self._wait_for_jobs_api()
         return self
 

@@ -9,6 +9,7 @@ continue from, across every earlier run of the job, and Ray Train is given none.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -20,13 +21,45 @@ class TrainingFailedError(RuntimeError):
     """A distributed job failed after Ray Train's retries; the message is the root cause."""
 
 
+# Preemption notices a job may live through, each a new Ray Train run from the step it was
+# checkpointed at (they cost no steps); more means the cluster keeps losing the nodes it offers.
+PREEMPTIONS = 50
+
+
 def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
-    """Run ``job`` on ``num_workers`` Ray Train workers; returns its result dict."""
+    """Run ``job`` on ``num_workers`` Ray Train workers; returns its result dict.
+
+    A preemption notice ends a Ray Train run with the step checkpointed and
+    ``<job>/preempted.json`` written instead of a result (``stages.training.recipe.preempted``);
+    the job then starts again at once, as a new run whose workers are placed on the nodes that
+    are not being drained, and resumes from that step.
+    """
+    from branchout.stages.training.recipe import read_result
+
+    notice_uri = storage.join(job.out_uri, "preempted.json")
+    for preemptions in range(PREEMPTIONS + 1):
+        if storage.exists(notice_uri):  # an earlier run's: what is there after this one is this one's
+            storage.remove_file(notice_uri)
+        _fit(job, max_failures, attempt=preemptions)
+        result = read_result(job)
+        if result is not None:
+            if preemptions:
+                result["preemptions"] = preemptions
+            return result
+        notice = json.loads(storage.read_text(notice_uri)) if storage.exists(notice_uri) else None
+        if notice is None:
+            raise TrainingFailedError(f"{job.name}: finished without writing its result")
+        print(f"[branchout] {job.name}: preempted at step {notice['step']} (checkpointed); starting again on the "
+              f"nodes that remain ({preemptions + 1} of at most {PREEMPTIONS})", flush=True)
+    raise TrainingFailedError(f"{job.name}: preempted {PREEMPTIONS + 1} times; the cluster keeps losing its nodes")
+
+
+def _fit(job: TrainJob, max_failures: int, attempt: int) -> None:
+    """One Ray Train run of ``job``: its workers train from the job's newest good checkpoint."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from branchout.stages.training.distributed import train_worker
-    from branchout.stages.training.recipe import read_result
 
     t = job.spec()
     r = t.resources_per_worker
@@ -38,18 +71,14 @@ def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=r.uses_gpu,
                                      resources_per_worker=r.ray_bundle()),
         run_config=RunConfig(
-            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=path, storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=max_failures),
+            name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{attempt}", storage_path=path,
+            storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
     try:
         trainer.fit()
     except Exception as e:  # Ray wraps worker errors in several types; report the root cause
         raise TrainingFailedError(root_cause(e)) from e
-    result = read_result(job)
-    if result is None:
-        raise TrainingFailedError(f"{job.name}: finished without writing its result")
-    return result
 
 
 def process_group_backend(uses_gpu: bool) -> str:

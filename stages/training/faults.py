@@ -12,12 +12,17 @@ after the job ended. Unset, it costs one dictionary lookup per step.
 ``name@step:nan`` instead makes the job's loss non-finite at that step (an adapter farm
 member's weights set to NaN before the step: ``poisoner``), once per job directory too,
 so the attempt that follows it trains normally.
+
+``name@step:hold`` makes every rank of the job wait after that step until a preemption notice
+has reached it (``held``), so a test's node drain lands at an exact step instead of racing
+the training.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 from branchout import storage
 
@@ -25,7 +30,7 @@ ENV = "BRANCHOUT_FAULTS"
 
 
 def planned(kind: str = "kill") -> dict[str, int]:
-    """``{job name: step}`` of the faults of ``kind`` ("kill" or "nan") in the environment."""
+    """``{job name: step}`` of the faults of ``kind`` ("kill", "nan" or "hold") in the environment."""
     faults = {}
     for item in os.environ.get(ENV, "").split(","):
         name, sep, rest = item.strip().rpartition("@")
@@ -66,3 +71,24 @@ def killer(job: str, out_uri: str, rank: int):
             os.kill(os.getpid(), signal.SIGKILL)
 
     return after_step
+
+
+HOLD_S = 300  # a hold gives up after this long, so a drain that never comes cannot hang a job
+
+
+def held(job: str, preemption):
+    """For ``before_step``: a function of the steps done that, right after the planned step, waits until ``preemption()`` says a notice arrived; None when no hold is planned.
+    ``preemption`` is a collective that agrees on rank 0's answer, so every rank asks it the
+    same number of times and all of them go on together."""
+    step = planned("hold").get(job)
+    if step is None or preemption is None:
+        return None
+
+    def wait(done: int) -> None:
+        if done != step:
+            return
+        deadline = time.time() + HOLD_S
+        while not preemption() and time.time() < deadline:
+            time.sleep(0.2)
+
+    return wait

@@ -44,6 +44,7 @@ class LoopResult:
     tokens_per_s: float
     seconds: float
     first_step_at: float | None = None  # wall time when the first optimizer step of this attempt ended
+    preempted: bool = False  # ended early on a preemption notice, checkpointed at ``steps``
 
 
 def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: int,
@@ -51,7 +52,8 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
               save_checkpoint: Callable[[int, float], None],
               after_step: Callable[[int], None] | None = None, roles=None,
               scorer: HeldoutScorer | None = None, selection: Selection | None = None,
-              prober=None, data_skip: int = 0, before_step: Callable[[int], None] | None = None) -> LoopResult:
+              prober=None, data_skip: int = 0, before_step: Callable[[int], None] | None = None,
+              preemption: Callable[[], bool] | None = None) -> LoopResult:
     """Train from ``start_step`` to ``total_steps``; checkpoint every ``t.checkpoint_every``.
 
     The loss stays on the engine's device: each step's loss is added to a window sum there
@@ -70,6 +72,11 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     ``data_skip``: the data position runs this many steps ahead of the step number (each NaN
     rollback skips the batches of the steps it undid). ``before_step(step)`` runs before step
     ``step + 1`` is taken (fault injection).
+
+    ``preemption()`` is asked on every report step (every rank, the same steps: it may be a
+    collective): True when a node of this job is about to be taken away (Ray's drain of a
+    preempted node). The step is then checkpointed at once and the loop ends with
+    ``LoopResult.preempted``, so that the job continues elsewhere from exactly this step.
 
     ``scorer`` (``eval_every``): the held-out loss every ``t.eval_every`` steps and at the last,
     logged beside the training loss. ``selection`` acts on it: a new best is checkpointed when
@@ -94,6 +101,7 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
     if early is not None and early.end is not None:  # a resumed run that was already told to stop
         total_steps = min(total_steps, early.end)
     step = start_step
+    preempted = False
     while step < total_steps:
         if before_step is not None:
             before_step(step)
@@ -116,6 +124,12 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
                 raise NonFiniteLoss(f"loss is {total / unread} in steps {done - unread + 1}-{done}; "
                                     "lower the learning rate", done - unread + 1, done)
             unread, unread_loss = 0, None
+        # a notice between two report steps waits for the next: it costs a collective, and a
+        # preemption notice gives tens of seconds at least (GCP 30 s, AWS 120 s)
+        preempted = (checkpoint_due or log_due or eval_due) and preemption is not None and preemption() \
+            and done < total_steps
+        if preempted:
+            checkpoint_due = True
         if first_step_at is None:  # the first step is always read: its work is done by now
             first_step_at = time.time()
         scores = scorer(engine) if eval_due else {}  # every rank: a collective
@@ -140,18 +154,18 @@ def run_steps(engine: Engine, blocks: np.ndarray, t: TrainingSpec, total_steps: 
             window_start, window_steps = time.perf_counter(), 0
         if after_step is not None:
             after_step(done)
-        if prober is not None and prober.due(done) and prober(engine, done) and done < total_steps:
+        if prober is not None and not preempted and prober.due(done) and prober(engine, done) and done < total_steps:
             total_steps = min(total_steps, done + cooldown_steps(t.schedule, done))
             if early is not None:
                 early.stop_at, early.end = done, total_steps
-        if stop:
+        if stop or preempted:
             break
         step += 1
     seconds = time.perf_counter() - started
     trained = done - start_step
     return LoopResult(first_step=start_step, steps=done, final_loss=loss,
                       tokens_per_s=trained * tokens_per_step / max(seconds, 1e-9), seconds=seconds,
-                      first_step_at=first_step_at)
+                      first_step_at=first_step_at, preempted=preempted)
 
 
 def _read_across_ranks(values, world: int) -> list[float]:

@@ -26,12 +26,16 @@ from branchout.stages.job import TrainJob
 
 
 def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None = None,
-          tokenizer=None) -> dict[str, Any]:
+          tokenizer=None, preemption=None) -> dict[str, Any]:
     """Train ``job`` to completion and export it; returns the result (every rank) that rank 0
     also writes to ``<job>/result.json``.
 
     ``shared_base``: the parent's weights from Ray's object store (warm runners); ``tokenizer``:
     one already loaded. Both only save time; the result is the same without them.
+    ``preemption``: asked on report steps whether a node of the job is being preempted
+    (``stages.training.loop.run_steps``); on a notice the step is checkpointed, rank 0 writes
+    ``<job>/preempted.json`` instead of a result, and the caller starts the job again elsewhere
+    (``orchestrator.run.ray_train``).
     """
     import torch
 
@@ -45,7 +49,7 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
         decide_precision,
         training_dtype,
     )
-    from branchout.stages.training.faults import killer, poisoner
+    from branchout.stages.training.faults import held, killer, poisoner
     from branchout.stages.training.loop import NonFiniteLoss, run_steps, set_rng_state
     from branchout.stages.training.metrics import MetricsLogger
     from branchout.stages.training.mixture import MixedBlocks
@@ -104,10 +108,13 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     if client_state:  # what earlier NaN rollbacks decided: the data position runs ahead, and they are reported
         sink.data_skip, sink.rollbacks = int(client_state.get("data_skip", 0)), list(client_state.get("rollbacks", []))
     poison = poisoner(job.name, job.out_uri) if rank == 0 else None  # only rank 0: one marker, no race
+    hold = held(job.name, preemption)
 
     def before_step(step: int) -> None:
         if poison is not None and poison(step + 1):
             engine.poison()
+        if hold is not None:
+            hold(step)
 
     first_step = start_step
     while True:
@@ -115,11 +122,13 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
             result = run_steps(engine, blocks, t, job.steps, start_step, rank, world, logger,
                                partial(sink.save, engine), after_step=killer(job.name, job.out_uri, rank),
                                roles=roles, scorer=scorer, selection=selection, prober=prober,
-                               data_skip=sink.data_skip, before_step=before_step)
+                               data_skip=sink.data_skip, before_step=before_step, preemption=preemption)
             break
         except NonFiniteLoss as e:  # every rank raises it at the same step
             start_step = roll_back(job, t, engine, sink, e, rank, logger)
     result.first_step = first_step  # where this attempt began, rollbacks or not
+    if result.preempted:
+        return preempted(job, result, rank, logger)
     if selection is not None and selection.keep_best and selection.best_step not in (None, result.steps):
         sink.load(engine, selection.best_step)  # keep_best: the best scored step's weights are exported
     mixture_read = _summed(blocks.read, engine.device, world) if job.mixture or job.replay else None
@@ -158,6 +167,23 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     if rank == 0:
         storage.write_text(storage.join(job.out_uri, "result.json"), json.dumps(out))
         logger.state("succeeded", ended=out["ended"])
+        logger.close()
+    return out
+
+
+def preempted(job: TrainJob, result, rank: int, logger) -> dict[str, Any]:
+    """End this attempt on a preemption notice: its step is checkpointed (``run_steps``); rank 0
+    says so in ``<job>/preempted.json``, which the launcher reads to start the job again."""
+    import json
+
+    from branchout import storage
+
+    out = {"preempted": True, "step": result.steps, "first_step": result.first_step, "at": time.time(),
+           "pid": os.getpid()}
+    if rank == 0:
+        storage.write_text(storage.join(job.out_uri, "preempted.json"), json.dumps(out))
+        print(f"[branchout] {job.name}: preemption notice: checkpointed step {result.steps}; this attempt ends "
+              "so the job continues on the nodes that remain, from that step", flush=True)
         logger.close()
     return out
 

@@ -64,6 +64,22 @@ def test_raycluster():
     assert types["h100-pretrain"]["min_workers"] == 0 and types["l4-finetune"]["max_workers"] == 12
 
 
+def test_a_deleted_worker_pod_drains_its_node_as_preempted_within_its_grace():
+    """Spot reclaim or scale-down: the preStop hook (branchout.cluster.drain, exercised against a
+    real cluster in tests/integration/test_preemption.py) runs inside the grace period."""
+    from branchout.cluster import drain
+
+    for group in MANIFESTS["kuberay/raycluster.yaml"]["spec"]["workerGroupSpecs"]:
+        pod_spec = group["template"]["spec"]
+        [container] = pod_spec["containers"]
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[:3] == ["python", "-m", "branchout.cluster.drain"], group["groupName"]
+        args = drain.parse(command[3:])  # the hook accepts what the manifest passes
+        # the hook's wait ends before the kubelet's SIGKILL, with room for the drain call itself
+        assert args.grace + 5 <= pod_spec["terminationGracePeriodSeconds"], group["groupName"]
+        assert args.address == "auto" and args.node_id is None  # this pod's own node
+
+
 def test_rayjob_and_raycronjob_run_the_pipeline_on_the_cluster():
     spec = MANIFESTS["kuberay/rayjob.yaml"]["spec"]
     assert spec["clusterSelector"] == {"ray.io/cluster": MANIFESTS["kuberay/raycluster.yaml"]["metadata"]["name"]}
