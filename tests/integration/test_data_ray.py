@@ -50,8 +50,11 @@ def test_ray_data_path_is_byte_identical_and_datasets_run_at_once(ray_local, cor
                                      tokenizer_uri=tokenizer_dir, tokenizer_hash=h, seq_len=16,
                                      heldout_fraction=0.2, split_seed=0, cache_root=str(tmp_path / "local")))
         assert _digests(info.uri) == _digests(local.uri), name
-    time.sleep(1.5)  # the hub is updated fire-and-forget
-    progress = ray.get(hub.snapshot.remote())["data/general"]
+    # the hub is updated fire-and-forget: wait for the last update to land, not for a fixed time
+    deadline = time.time() + 60
+    while (progress := ray.get(hub.snapshot.remote()).get("data/general", {})).get("tokens") != infos[0].tokens:
+        assert time.time() < deadline, progress
+        time.sleep(0.1)
     assert progress["tokens"] == infos[0].tokens and progress["docs"] > 0
     assert progress["tokens_per_s"] > 0 and progress["eta_s"] is not None
 

@@ -171,7 +171,11 @@ def test_shutdown_with_jobs_running_and_queued_returns_and_fails_them(parts):
     ray.get(pool._idle[0].ready.remote())
     running = pool.submit(job_for(parts, "long", "full", steps=10_000))
     queued = pool.submit(job_for(parts, "never", "full"))
-    time.sleep(3)
+    metrics = parts[0] / "logs" / "finetune-long.metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and '"loss"' in metrics.read_text()):  # it is training, not starting
+        assert time.monotonic() < deadline and not running.done(), "the long job never trained a step"
+        time.sleep(0.1)
     started = time.monotonic()
     pool.shutdown()  # once deadlocked: ray.kill under the lock the killed job's callback needs
     assert time.monotonic() - started < 30
