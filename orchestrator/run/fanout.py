@@ -96,6 +96,7 @@ class Tracked:
     # the dead attempt's "running" for a moment, and it must not pass for the retry
     seen_starts: set[float] = field(default_factory=set)
     warnings_seen: set[str] = field(default_factory=set)  # worker warnings already reported
+    preemptions_seen: set[int] = field(default_factory=set)  # steps of preemption notices already reported
 
     @property
     def name(self) -> str:
@@ -205,9 +206,18 @@ class FanOut:
             self.record.set_job(job.name, JobState.RUNNING, when=live.get("started"), outputs=process)
         elif _restarted(self.record.job(job.name), live) and live.get("started") not in job.seen_starts:
             job.seen_starts.add(live["started"])
-            note = f"worker died at step ~{job.last_step}; restarted from step {live.get('resumed_from', 0)}"
-            self.record.set_job(job.name, JobState.FAILED, error=note)
-            self.record.set_job(job.name, JobState.RUNNING, when=live.get("started"), outputs=process)
+            preempted = live.get("preempted_at")
+            if preempted is not None and preempted not in job.preemptions_seen:
+                # not a failure: the job checkpointed on a preemption notice and goes on elsewhere
+                job.preemptions_seen.add(preempted)
+                note = (f"preempted at step {preempted} (checkpointed there); continuing on the nodes that remain "
+                        f"from step {live.get('resumed_from', 0)}")
+                kept = [*self.record.job(job.name).outputs.get("warnings", []), note]
+                self.record.set_job(job.name, JobState.RUNNING, outputs={**process, "warnings": kept})
+            else:
+                note = f"worker died at step ~{job.last_step}; restarted from step {live.get('resumed_from', 0)}"
+                self.record.set_job(job.name, JobState.FAILED, error=note)
+                self.record.set_job(job.name, JobState.RUNNING, when=live.get("started"), outputs=process)
             if self.hooks.note:
                 self.hooks.note(f"{job.name}: {note}")
         if self.record.job(job.name).state is JobState.RUNNING and "step" in live:

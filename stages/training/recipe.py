@@ -182,6 +182,7 @@ def preempted(job: TrainJob, result, rank: int, logger) -> dict[str, Any]:
            "pid": os.getpid()}
     if rank == 0:
         storage.write_text(storage.join(job.out_uri, "preempted.json"), json.dumps(out))
+        logger.state("preempted", preempted_at=result.steps)  # the driver says so, not "worker died"
         print(f"[branchout] {job.name}: preemption notice: checkpointed step {result.steps}; this attempt ends "
               "so the job continues on the nodes that remain, from that step", flush=True)
         logger.close()

@@ -198,3 +198,34 @@ def test_a_workers_warning_reaches_the_terminal_and_the_record_once(record, pool
     assert record.job("warned").state is JobState.SUCCEEDED
     assert record.job("warned").outputs["warnings"] == [f"skipped damaged checkpoint: {skipped}"]
     assert job_warnings(record) == [f"warned: skipped damaged checkpoint: {skipped}"]
+
+
+def test_a_preempted_job_going_on_elsewhere_is_said_once_and_not_recorded_as_a_failure(record, pool, monkeypatch):
+    """A pretrain that checkpointed on a preemption notice starts a new worker group (a new
+    rank-0 process): the driver says why, keeps it among the job's warnings, and does not
+    record a worker death."""
+    hub: dict[str, dict] = {}
+    monkeypatch.setattr("branchout.orchestrator.run.fanout._snapshot", lambda h: {k: dict(v) for k, v in hub.items()})
+
+    def seen(predicate) -> None:  # the loop has recorded what the hub says: go on
+        deadline = time.time() + 30
+        while not predicate(record.job("pretrain")):
+            assert time.time() < deadline
+            time.sleep(0.05)
+
+    def run() -> dict:
+        hub["pretrain"] = {"state": "running", "pid": 1, "started": time.time()}
+        seen(lambda rec: rec.outputs.get("pid") == 1)
+        hub["pretrain"].update(state="preempted", preempted_at=21)  # rank 0 of the first group
+        hub["pretrain"].update(state="running", pid=2, started=time.time() + 1, resumed_from=21)
+        seen(lambda rec: rec.outputs.get("pid") == 2)
+        return {"started": hub["pretrain"]["started"], "ended": time.time(), "value": 1}
+
+    notes: list[str] = []
+    item = WorkItem("pretrain", lambda: pool.submit(run), on_success=lambda r: {"value": r["value"]})
+    run_jobs(record, [item], object(), Hooks(note=notes.append))
+    line = "preempted at step 21 (checkpointed there); continuing on the nodes that remain from step 21"
+    rec = record.job("pretrain")
+    assert notes == [f"pretrain: {line}"]
+    assert rec.state is JobState.SUCCEEDED and rec.attempts == 1 and [h["state"] for h in rec.history] == ["succeeded"]
+    assert rec.outputs["warnings"] == [line]
