@@ -8,7 +8,6 @@ all so a file is fixed in one pass. Nothing here starts Ray or reads datasets (t
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from branchout.core.graph import KINDS, corpora, farm_blockers
@@ -67,8 +66,6 @@ def _check_instruction_data(spec: PipelineSpec) -> list[str]:
 # cross scores name the base model "base" and the pretraining corpus's held-out set "general".
 RESERVED_NAMES = (*KINDS, "base", "general")
 
-_SECRET_QUERY = re.compile(r"(access|secret|session)[_-]?key|token|password|passwd|credential|signature",
-                           re.IGNORECASE)
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "hdfs"}
 
 
@@ -77,7 +74,9 @@ def _check_credentials(spec: PipelineSpec) -> list[str]:
     the registry and logs. The message never repeats the URI."""
     uris = [("storage", spec.storage), ("cluster.address", spec.cluster.address),
             ("tracking.mlflow_uri", spec.tracking.mlflow_uri),
-            ("tokenizer.path", spec.tokenizer.path), ("model.path", spec.model.path),
+            # a tokenizer read from the model's folder (its default) is said once, as model.path
+            ("tokenizer.path", spec.tokenizer.path if spec.tokenizer.path != spec.model.path else None),
+            ("model.path", spec.model.path),
             ("evaluate.lm_eval.include_path", spec.evaluate.lm_eval.include_path if spec.evaluate.lm_eval else None)]
     uris += [(f"{c.where}.path", c.dataset.path) for c in corpora(spec.pretrain)]
     uris += [(f"finetune.domains.{i}.dataset.path", d.dataset.path) for i, d in enumerate(spec.finetune.domains)]
@@ -142,7 +141,11 @@ def has_credentials(uri: str) -> bool:
         return True  # unparsable userinfo: treat as secret rather than echo it anywhere
     if password or (user and parts.scheme.lower() in _OBJECT_STORES):
         return True
-    return any(_SECRET_QUERY.search(key) for key, _ in parse_qsl(parts.query))
+    from branchout.orchestrator.operate.secrets import secret_key
+
+    # one rule for secret names everywhere (query keys, free-form settings): it knows
+    # private_key, api_key and the rest
+    return any(secret_key(key) for key, _ in parse_qsl(parts.query))
 
 
 def _check_training(where: str, t: TrainingSpec, steps: int | None) -> list[str]:

@@ -40,7 +40,8 @@ def secret_key(name: str) -> bool:
     """Whether a setting or query parameter called ``name`` holds a secret."""
     import re
 
-    return bool(re.search(r"pass(word|wd)?$|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|credential"
+    return bool(re.search(r"pass(word|wd)?$|secret|token|api[_-]?key|access[_-]?key|private[_-]?key|session[_-]?key"
+                          r"|credential"
                           r"|signature|auth", str(name), re.IGNORECASE))
 
 

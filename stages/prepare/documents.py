@@ -76,6 +76,8 @@ def resolve_source(ds: DatasetSpec) -> Source:
                        if os.path.splitext(n)[1].lower() in _EXTENSION_FORMATS)
     elif os.path.isfile(path):
         files = [path]
+    elif os.path.exists(path):  # a device, a FIFO, a socket: reading one may never end
+        raise DataError(f"{path}: not a regular file or a directory")
     elif ds.format == "auto" and "/" not in path and not os.path.splitext(path)[1]:
         return Source(path, [], path)  # a bare name: a hub dataset
     else:
