@@ -65,7 +65,10 @@ def stamp() -> str:
     # A lent GPU machine gets a copy of the tree whose .git may be older than the tree: there
     # the caller names the commit it sent.
     commit = os.environ.get("BRANCHOUT_COMMIT") or git("rev-parse", "--short", "HEAD") or "unknown commit"
-    if "BRANCHOUT_COMMIT" not in os.environ and git("status", "--porcelain", "--untracked-files=no"):
+    # RESULTS.md is what benchmarks write, not what they measure: an earlier benchmark's fresh
+    # section does not make the measured tree dirty
+    if "BRANCHOUT_COMMIT" not in os.environ and git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                                    ":!benchmarks/RESULTS.md"):
         commit += "+dirty"
     from branchout.core.precision import cpu_hardware
 
