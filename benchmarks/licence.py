@@ -113,7 +113,7 @@ def main() -> int:
                                f"({asked['answerable'] / asked['questions']:.0%}) have an answer that training gives "
                                "for the same package and question kind, the ceiling for recalling what it trained "
                                f"on ({asked['licence']} ask for a licence, the rest for a copyright holder); the "
-                               f"fine-tune gets {ft[0]:.1%}, scratch {scored['scratch'][0]:.1%}, the majority answer "
+                               f"fine-tune gets {ft[0]:.1%}, scratch {scored.get('scratch', (float('nan'),))[0]:.1%}, the majority answer "
                                f"(mostly `{row['majority']['answer']}`) {row['majority']['exact_match']:.1%}")
             targets.append(Target(f"{domain}: held-out questions", f"≥ {MIN_QUESTIONS}", str(row["questions"]),
                                   status(row["questions"] >= MIN_QUESTIONS),
