@@ -161,6 +161,7 @@ class FanOut:
         self.outputs: dict[str, dict[str, Any]] = {}
         self.pending: deque[Tracked] = deque()
         self.running: dict[cf.Future, Tracked] = {}
+        self.hub_lost = False  # said once: a hub that stops answering costs only live numbers
 
     def run(self, items: list[WorkItem]) -> dict[str, dict[str, Any]]:
         self.pending.extend(Tracked(item) for item in items if not self._already_done(item))
@@ -171,7 +172,10 @@ class FanOut:
                 self.record.set_job(job.name, JobState.QUEUED)
                 self.running[job.submit()] = job
             finished, _ = cf.wait(list(self.running), timeout=0.5, return_when=cf.FIRST_COMPLETED)
-            snapshot = _snapshot(self.hub)
+            snapshot, problem = _snapshot(self.hub)
+            if problem and not self.hub_lost and self.hooks.note:
+                self.hub_lost = True
+                self.hooks.note(f"live progress unavailable ({problem}); jobs go on, each recorded from its result")
             now = time.time()
             for job in self.running.values():
                 self._observe(job, snapshot.get(job.name, {}), now)
@@ -274,15 +278,16 @@ def _restarted(rec, live: dict[str, Any]) -> bool:
             and live.get("started", 0) > (rec.history[-1]["started"] or 0))
 
 
-def _snapshot(hub) -> dict[str, dict[str, Any]]:
+def _snapshot(hub) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """What the progress hub knows of every job, and why not when it did not answer."""
     if hub is None:
-        return {}
+        return {}, None
     import ray
 
     try:
-        return ray.get(hub.snapshot.remote(), timeout=5)
-    except Exception:  # a slow or lost hub only costs the live numbers
-        return {}
+        return ray.get(hub.snapshot.remote(), timeout=5), None
+    except Exception as e:  # a slow or lost hub only costs the live numbers, but it is said
+        return {}, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no message'}"
 
 
 def _started(result: Any) -> float | None:

@@ -114,7 +114,7 @@ def test_a_quick_retry_is_not_mistaken_for_a_restart(record, pool, monkeypatch):
     the retry is queued: that entry must not be taken for the retry's process, or the
     retry's own start later reads as a second death ("worker died ... restarted")."""
     hub: dict[str, dict] = {}
-    monkeypatch.setattr("branchout.orchestrator.run.fanout._snapshot", lambda h: {k: dict(v) for k, v in hub.items()})
+    monkeypatch.setattr("branchout.orchestrator.run.fanout._snapshot", lambda h: ({k: dict(v) for k, v in hub.items()}, None))
 
     def run(attempt: int) -> dict:
         if attempt == 2:
@@ -183,7 +183,7 @@ def test_a_workers_warning_reaches_the_terminal_and_the_record_once(record, pool
     from branchout.orchestrator.run.report import job_warnings
 
     hub: dict[str, dict] = {}
-    monkeypatch.setattr("branchout.orchestrator.run.fanout._snapshot", lambda h: {k: dict(v) for k, v in hub.items()})
+    monkeypatch.setattr("branchout.orchestrator.run.fanout._snapshot", lambda h: ({k: dict(v) for k, v in hub.items()}, None))
     skipped = "checkpoint …/step_00000020 is damaged: state.pt: SHA-256 mismatch (corrupted)"
 
     def run() -> dict:
@@ -205,7 +205,7 @@ def test_a_preempted_job_going_on_elsewhere_is_said_once_and_not_recorded_as_a_f
     rank-0 process): the driver says why, keeps it among the job's warnings, and does not
     record a worker death."""
     hub: dict[str, dict] = {}
-    monkeypatch.setattr("branchout.orchestrator.run.fanout._snapshot", lambda h: {k: dict(v) for k, v in hub.items()})
+    monkeypatch.setattr("branchout.orchestrator.run.fanout._snapshot", lambda h: ({k: dict(v) for k, v in hub.items()}, None))
 
     def seen(predicate) -> None:  # the loop has recorded what the hub says: go on
         deadline = time.time() + 30
@@ -229,3 +229,22 @@ def test_a_preempted_job_going_on_elsewhere_is_said_once_and_not_recorded_as_a_f
     assert notes == [f"pretrain: {line}"]
     assert rec.state is JobState.SUCCEEDED and rec.attempts == 1 and [h["state"] for h in rec.history] == ["succeeded"]
     assert rec.outputs["warnings"] == [line]
+
+
+def test_a_hub_that_stops_answering_is_said_once_and_the_jobs_go_on(record, pool):
+    """The progress hub (a Ray actor) lost or stuck: the loop says so once and records every
+    job from its result, as it would have."""
+
+    class Broken:
+        class snapshot:  # noqa: N801 (the actor method's name)
+            @staticmethod
+            def remote():
+                raise ConnectionError("the hub's node is gone")
+
+    notes: list[str] = []
+    jobs = [Job(pool, f"j{i}", seconds=0.6) for i in range(2)]
+    out = run_jobs(record, _items(jobs), Broken(), Hooks(note=notes.append))
+    assert notes == ["live progress unavailable (ConnectionError: the hub's node is gone); jobs go on, each "
+                     "recorded from its result"]
+    assert {name: o["value"] for name, o in out.items()} == {"j0": 1, "j1": 1}
+    assert all(record.job(j.name).state is JobState.SUCCEEDED for j in jobs)
