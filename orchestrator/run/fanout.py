@@ -229,17 +229,20 @@ class FanOut:
         self._warnings(job, live)
 
     def _warnings(self, job: Tracked, live: dict[str, Any]) -> None:
-        """What a worker warned of (a damaged checkpoint it skipped when it resumed): said on
-        the terminal and kept in the job's record (status, the report), once each."""
-        new = [w for w in live.get("checkpoint_warnings") or [] if w not in job.warnings_seen]
+        """What a worker warned of (a damaged checkpoint it skipped when it resumed, tracking
+        that stopped): said on the terminal and kept in the job's record (status, the report),
+        once each."""
+        said = [f"skipped damaged checkpoint: {w}" for w in live.get("checkpoint_warnings") or []]
+        said += list(live.get("warnings") or [])  # MetricsLogger.warn: tracking that stopped, and the like
+        new = [w for w in said if w not in job.warnings_seen]
         if not new:
             return
         job.warnings_seen.update(new)
-        kept = [*self.record.job(job.name).outputs.get("warnings", []), *(f"skipped damaged checkpoint: {w}" for w in new)]
+        kept = [*self.record.job(job.name).outputs.get("warnings", []), *new]
         self.record.set_job(job.name, self.record.job(job.name).state, outputs={"warnings": kept})
         for line in new:
             if self.hooks.note:
-                self.hooks.note(f"{job.name}: skipped damaged checkpoint: {line}")
+                self.hooks.note(f"{job.name}: {line}")
 
     def _finish(self, job: Tracked, future: cf.Future, snapshot: dict) -> None:
         try:

@@ -29,14 +29,23 @@ class MetricsLogger:
         # kept open for the job's life; appended so a retried attempt adds to the history
         self._jsonl = open(os.path.join(self._local, f"{self.slug}.metrics.jsonl"), "a")  # noqa: SIM115
         self._tb = None
+        self._hub = connect_hub(hub)
+        self.warnings: list[str] = []
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(self._local, "tensorboard", self.slug))
-        except ImportError:  # tensorboard is a dependency; a broken install still trains
-            self._tb = None
-        self._hub = connect_hub(hub)
-        self._mlflow = _MlflowSink(tracking) if tracking else None
+        except Exception as e:  # tensorboard is a dependency; a broken install still trains, and says so
+            self.warn(f"TensorBoard events off: {type(e).__name__}: {e}")
+        self._mlflow = _MlflowSink(tracking, self.warn) if tracking else None
+
+    def warn(self, text: str) -> None:
+        """Something the user should know that does not stop the job: printed here, and sent
+        to the driver, which says it on the terminal and keeps it in the job's record (a
+        worker's own output is not forwarded everywhere)."""
+        print(f"[branchout] {self.job}: {text}", flush=True)
+        self.warnings.append(text)
+        self._push({"warnings": list(self.warnings)})
 
     def state(self, state: str, **fields: Any) -> None:
         """Tell the driver the job's state (``running``, ``succeeded``, ...)."""
@@ -67,13 +76,14 @@ class MetricsLogger:
 
 class _MlflowSink:
     """Step metrics into the job's MLflow child run (``orchestrator.run.tracking`` made it), live.
-    A server that fails costs its records, never the job: the first failure is printed
-    and the sink goes quiet."""
+    A server that fails costs its records, never the job: the first failure is said (the
+    logger's ``warn``: the driver shows it and keeps it) and the sink goes quiet."""
 
-    def __init__(self, tracking: dict[str, str]):
+    def __init__(self, tracking: dict[str, str], warn):
         self.run_id = tracking["run_id"]
         self._client = None
         self._uri = tracking["uri"]
+        self._warn = warn
 
     def log(self, step: int, when: float, metrics: dict[str, float]) -> None:
         if self._uri is None:
@@ -86,7 +96,7 @@ class _MlflowSink:
             self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), int(when * 1000), step)
                                                          for k, v in metrics.items()])
         except Exception as e:  # tracking is a record of the job, never a reason to stop it
-            print(f"[branchout] MLflow tracking at {self._uri} stopped: {type(e).__name__}: {e}", flush=True)
+            self._warn(f"MLflow tracking at {self._uri} stopped: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             self._uri = None
 
 

@@ -4,6 +4,7 @@ retries, failures that stay local, the in-flight limit, cached and finished item
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import threading
 import time
 
@@ -248,3 +249,33 @@ def test_a_hub_that_stops_answering_is_said_once_and_the_jobs_go_on(record, pool
                      "recorded from its result"]
     assert {name: o["value"] for name, o in out.items()} == {"j0": 1, "j1": 1}
     assert all(record.job(j.name).state is JobState.SUCCEEDED for j in jobs)
+
+
+def test_tracking_that_stopped_in_a_worker_reaches_the_terminal_and_the_record(record, pool, monkeypatch, tmp_path):
+    """MLflow (or TensorBoard) failing inside a worker: the worker's MetricsLogger says it to the
+    driver through the hub, which shows it once and keeps it with the job."""
+    from branchout.stages.training.metrics import MetricsLogger
+
+    logger = MetricsLogger("finetune/qa", str(tmp_path / "logs"), None, 10,
+                           tracking={"uri": f"file://{tmp_path / 'mlruns'}", "run_id": "no-such-run"})
+    logger.log(1, loss=2.0)  # the tracking server refuses the run: the job goes on
+    logger.log(2, loss=1.5)
+    logger.close()
+    [warning] = logger.warnings
+    assert warning.startswith(f"MLflow tracking at file://{tmp_path / 'mlruns'} stopped: ")
+    logged = (tmp_path / "logs" / "finetune-qa.metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in logged] == [1, 2]
+
+    hub: dict[str, dict] = {}
+    monkeypatch.setattr("branchout.orchestrator.run.fanout._snapshot", lambda h: ({k: dict(v) for k, v in hub.items()}, None))
+
+    def run() -> dict:
+        hub["finetune/qa"] = {"state": "running", "pid": 7, "started": time.time(), "warnings": logger.warnings}
+        time.sleep(1.2)  # several of the loop's ticks see the same warning: said once
+        return {"started": hub["finetune/qa"]["started"], "ended": time.time(), "value": 1}
+
+    notes: list[str] = []
+    run_jobs(record, [WorkItem("finetune/qa", lambda: pool.submit(run), on_success=lambda r: {"value": r["value"]})],
+             object(), Hooks(note=notes.append))
+    assert notes == [f"finetune/qa: {warning}"]
+    assert record.job("finetune/qa").outputs["warnings"] == [warning]
