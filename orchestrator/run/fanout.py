@@ -290,7 +290,7 @@ def _snapshot(hub) -> tuple[dict[str, dict[str, Any]], str | None]:
     try:
         return ray.get(hub.snapshot.remote(), timeout=5), None
     except Exception as e:  # a slow or lost hub only costs the live numbers, but it is said
-        return {}, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no message'}"
+        return {}, describe_error(e)
 
 
 def _started(result: Any) -> float | None:

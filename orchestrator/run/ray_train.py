@@ -38,8 +38,7 @@ def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
 
     notice_uri = storage.join(job.out_uri, "preempted.json")
     for preemptions in range(PREEMPTIONS + 1):
-        if storage.exists(notice_uri):  # an earlier run's: what is there after this one is this one's
-            storage.remove_file(notice_uri)
+        storage.remove_file(notice_uri)  # an earlier run's, if any: what is there after this one is this one's
         _fit(job, max_failures, attempt=preemptions)
         result = read_result(job)
         if result is not None:
