@@ -408,17 +408,30 @@ def fetch_verified(uri: str, local_dir: str | None = None, world: int | None = N
     return path
 
 
+def written_world(uri: str) -> int | None:
+    """How many ranks wrote the sharded checkpoint at ``uri``, as its rank-0 manifest says;
+    None when it has none or the number is not one."""
+    manifest = read_manifest(uri, rank_manifest_name(0))
+    extra = manifest.get("extra") if isinstance(manifest, dict) else None
+    world = extra.get("world") if isinstance(extra, dict) else None
+    return world if isinstance(world, int) and not isinstance(world, bool) and 1 <= world <= 1 << 20 else None
+
+
 def newest_good(parent_uri: str, names: list[str], world: int | None = None,
-                local_dir: str | None = None) -> tuple[str | None, str | None, list[str]]:
+                local_dir: str | None = None, any_world: bool = False) -> tuple[str | None, str | None, list[str]]:
     """Walk ``names`` (oldest first) from the newest back to the first that verifies.
+
+    ``any_world``: a sharded checkpoint verifies against as many rank manifests as it was
+    written by (``written_world``), not ``world`` (a job that can reshard it).
 
     Returns:
         (name, local path, one line per checkpoint skipped and why).
     """
     skipped = []
     for name in reversed(names):
+        uri = storage.join(parent_uri, name)
         try:
-            path = fetch_verified(storage.join(parent_uri, name), local_dir, world)
+            path = fetch_verified(uri, local_dir, (written_world(uri) or world) if any_world else world)
         except CorruptCheckpointError as e:
             skipped.append(str(e))
             continue

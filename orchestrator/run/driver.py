@@ -378,7 +378,7 @@ def replay_sources(spec: PipelineSpec, node: Node, data: dict[str, PackedInfo]) 
 def training_outputs(job: TrainJob, r: dict[str, Any]) -> dict[str, Any]:
     """What the run record keeps of a training job's result (pretrain, fine-tune, baseline)."""
     out = {"model_uri": job.model_uri, "final_loss": r["final_loss"], "tokens_per_s": r["tokens_per_s"],
-           "resumed_from": r["first_step"], "precision": r.get("precision")}
+           "resumed_from": r["first_step"], "precision": r.get("precision"), "workers": r.get("workers")}
     if r.get("rollbacks"):  # training.nan_rollbacks: the report's warnings say what was undone
         out["warnings"] = [f"NaN rollback: {line}" for line in r["rollbacks"]]
     if r.get("farm"):  # trained in an adapter farm (the report says which domains trained together)

@@ -11,10 +11,18 @@ permutation, the ranks taking turns through it. Data in several shards is read
 shard-aware, as MosaicML Streaming does, so that a worker on object storage fetches only a
 few shards per epoch instead of all of them: each epoch the shards are put in a random
 order and grouped into windows of ``WINDOW_SHARDS`` shards; blocks are shuffled within a
-window; and each rank reads its own contiguous ``1/world`` of that sequence. A rank
-therefore touches about ``shards / world + WINDOW_SHARDS`` shards an epoch, and each
-micro-batch mixes blocks of up to ``WINDOW_SHARDS`` shards (shards hold consecutive
-documents, so the window is what keeps a batch from being one region of the corpus).
+window; and the sequence is cut into *lanes*, one per micro-batch of a step
+(``global_batch / micro``), each a contiguous ``1/lanes`` of it. A rank reads its
+``accumulation`` lanes, so it touches about ``shards / world + 2 · accumulation ·
+WINDOW_SHARDS`` shards an epoch, and each micro-batch mixes blocks of up to
+``WINDOW_SHARDS`` shards (shards hold consecutive documents, so the window is what keeps
+a batch from being one region of the corpus).
+
+In both layouts the samples of a step do not depend on the worker count: only which rank
+reads which micro-batch does. A job resumed on another number of workers
+(``stages.training.reshard``) therefore reads exactly the blocks the uninterrupted job
+would have, none skipped or repeated. (Changing ``micro_batch_size`` changes the lanes of
+sharded data, and the job's cache key.)
 """
 
 from __future__ import annotations
@@ -88,7 +96,7 @@ class BlockOrder:
         return out
 
     def rank_blocks(self, rank: int, world: int, start: int, count: int) -> np.ndarray:
-        """Samples ``start`` .. of ``rank``'s own stream: its ``1/world`` of every epoch."""
+        """Samples ``start`` .. of lane ``rank`` of ``world`` lanes: its ``1/world`` of every epoch."""
         span = max(1, self.n // world)
         k = np.arange(start, start + count)
         epochs, within = k // span, (rank * span + k % span) % self.n
@@ -103,9 +111,9 @@ def step_micro_batches(order: BlockOrder, step: int, global_batch: int, micro: i
                        rank: int, world: int) -> list[np.ndarray]:
     """Block indices of each accumulation micro-batch of ``rank`` at optimizer ``step``."""
     accum = global_batch // (micro * world)
-    if order.sharded:
-        base = step * (global_batch // world)
-        return [order.rank_blocks(rank, world, base + a * micro, micro) for a in range(accum)]
+    if order.sharded:  # micro-batch a of this rank is lane a·world + rank, at the step's place in it
+        lanes = global_batch // micro
+        return [order.rank_blocks(a * world + rank, lanes, step * micro, micro) for a in range(accum)]
     base = step * global_batch
     return [order.blocks(base + (a * world + rank) * micro, micro) for a in range(accum)]
 

@@ -15,7 +15,9 @@ CPU tensor fails under NCCL ("No backend type associated with device type cpu"),
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from branchout.core.spec import TrainingSpec
@@ -28,6 +30,8 @@ from branchout.stages.training.optim import (
     lr_lambda,
     param_groups,
 )
+
+TAG = "state"  # the tag every DeepSpeed checkpoint here is saved under (``<checkpoint>/state/``)
 
 
 class Engine(Protocol):
@@ -248,13 +252,26 @@ class DeepSpeedEngine:
             self.engine.train()
 
     def save(self, path: str, client_state: dict[str, Any]) -> None:
-        self.engine.save_checkpoint(path, tag="state", client_state=client_state)
+        self.engine.save_checkpoint(path, tag=TAG, client_state=client_state)
 
     def load(self, path: str) -> dict[str, Any]:
         # DeepSpeed's own loader unpickles anything (weights_only=False); checkpoints come
         # from shared storage, so its files are read through safe_load instead.
         self.engine.checkpoint_engine.load = safe_load
-        _, client_state = self.engine.load_checkpoint(path, tag="state")
+        _, client_state = self.engine.load_checkpoint(path, tag=TAG)
+        return client_state or {}
+
+    def load_universal(self, path: str) -> dict[str, Any]:
+        """Load the universal checkpoint at ``path`` (``stages.training.reshard.to_universal``),
+        written by any number of workers: each rank takes its own partitions of it."""
+        self.engine.checkpoint_engine.load = safe_load
+        # read at load time only (DeepSpeed's load_checkpoint and the optimizers' loaders)
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            with weights_only_loads():
+                _, client_state = self.engine.load_checkpoint(path, tag=TAG)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         return client_state or {}
 
     def release_optimizer_state(self) -> None:
@@ -447,6 +464,29 @@ def safe_load(path: str, map_location=None):
 
     with torch.serialization.safe_globals(_deepspeed_globals()):
         return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside is ``weights_only`` (``engine.safe_load``), whatever its caller asked.
+
+    DeepSpeed's converter and its universal loader unpickle with ``weights_only=False``;
+    the files come from shared storage, where whoever can write could plant objects whose
+    unpickling runs code. Their contents are tensors, numbers and a few DeepSpeed types.
+    """
+    import torch
+
+    original = torch.load
+
+    def load(f, map_location=None, *args, **kwargs):
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return original(f, map_location=map_location, weights_only=True)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def _deepspeed_globals() -> list:

@@ -65,7 +65,10 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     torch.set_num_threads(max(1, int(t.resources_per_worker.cpu)))
 
     tokenizer = tokenizer or load_tokenizer(fetch_verified(job.tokenizer_uri))
-    if t.uses_deepspeed():
+    # One worker trains with the plain engine unless its job resumes a DeepSpeed checkpoint
+    # (written by more workers): that engine can reshard it, the plain one cannot read it.
+    deepspeed = t.uses_deepspeed() or (world == 1 and Checkpoints(job).newest_is_deepspeed())
+    if deepspeed:
         # ZeRO-3: built in shards, never whole on any rank
         model = prepare_model(job, tokenizer, zero3_config=zero3_config(job, tokenizer, world, use_gpu))
         engine = DeepSpeedEngine(model, t, job.steps, world, use_gpu)
@@ -74,9 +77,11 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
         engine = TorchEngine(model, t, job.steps, device="cuda" if use_gpu else "cpu")
 
     logger = MetricsLogger(job.name, job.logs_uri, job.hub_name, job.steps, job.tracking) if rank == 0 else None
+    if logger and deepspeed and not t.uses_deepspeed():
+        logger.warn("its checkpoints are DeepSpeed's: this one-worker attempt trains with DeepSpeed to resume them")
     # what the held-out scores decide (fine-tunes: keep_best, early_stop) rides in every checkpoint
     selection = Selection.of(t) if t.eval_every and job.kind != "pretrain" else None
-    sink = Checkpoints(job, rank, world, engine.device, final=t.uses_deepspeed(), selection=selection)
+    sink = Checkpoints(job, rank, world, engine.device, final=deepspeed, selection=selection)
     client_state = sink.resume(engine, logger)
     start_step = int(client_state.get("step", 0)) if client_state else 0
     if client_state:
@@ -134,13 +139,13 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     mixture_read = _summed(blocks.read, engine.device, world) if job.mixture or job.replay else None
 
     weights = None
-    if t.uses_deepspeed():
+    if deepspeed:
         engine.release_optimizer_state()  # the last checkpoint holds them; the export needs the room
         weights = engine.state_dict_for_export()  # collective under ZeRO-3: every rank must call it
     if rank == 0:
         job.check_lease()
         extra = {"job": job.name, "steps": job.steps}
-        if t.uses_deepspeed():
+        if deepspeed:
             # DeepSpeed's 16-bit weights as they are; the module only lends names and config
             export_model(engine.module, tokenizer, job.model_uri, state_dict=weights, extra=extra)
         else:
@@ -231,6 +236,10 @@ def read_result(job: TrainJob) -> dict | None:
     return json.loads(storage.read_text(uri)) if storage.exists(uri) else None
 
 
+class ReshardError(RuntimeError):
+    """A checkpoint this job's engine cannot load on its number of workers."""
+
+
 class Checkpoints:
     """A training job's checkpoints, one layout for one process and for a worker group:
     ``<job>/checkpoints/step_<N>/`` (zero-padded: name order is step order), into which
@@ -275,17 +284,19 @@ class Checkpoints:
                 restart a long job from step 0).
         """
         from branchout import storage
-        from branchout.storage.checkpoint import CorruptCheckpointError, fetch_verified, newest_good
+        from branchout.storage.checkpoint import CorruptCheckpointError, newest_good, written_world
 
         with tempfile.TemporaryDirectory(prefix="branchout-load-") as tmp:
-            choice: list = [None, [], None]  # name ("" when none verifies), skipped, rank 0's verified copy
+            # name ("" when none verifies), skipped, rank 0's verified copy, how many ranks wrote it
+            choice: list = [None, [], None, self.world]
             if self.rank == 0:
                 names = self.names()
                 if names:
-                    name, path, skipped = newest_good(self.uri, names, self.world, local_dir=tmp)
-                    choice = [name or "", skipped, path]
+                    name, path, skipped = newest_good(self.uri, names, self.world, local_dir=tmp, any_world=True)
+                    written = written_world(storage.join(self.uri, name)) if name else None
+                    choice = [name or "", skipped, path, written or self.world]
             self._broadcast(choice)
-            name, skipped, path = choice
+            name, skipped, path, written = choice
             if logger and skipped:
                 logger.state("running", checkpoint_warnings=skipped)
             for line in skipped if self.rank == 0 else []:
@@ -294,10 +305,66 @@ class Checkpoints:
                 raise CorruptCheckpointError(self.uri, ["no checkpoint verifies: " + " | ".join(skipped)])
             if name is None:
                 return None
-            uri = storage.join(self.uri, name)
+            return self._load(engine, name, path, written, tmp, logger)
+
+    def _load(self, engine, name: str, path: str | None, written: int, tmp: str, logger=None) -> dict[str, Any]:
+        """Every rank loads checkpoint ``name``, written by ``written`` ranks, that rank 0 has
+        verified (its copy: ``path``); returns its client state. Written by another number of
+        workers, it is resharded (``stages.training.reshard``)."""
+        from branchout import storage
+        from branchout.stages.training.engine import TAG
+        from branchout.stages.training.reshard import partitioned
+        from branchout.storage.checkpoint import fetch_verified
+
+        uri = storage.join(self.uri, name)
+        plan = [None]
+        if self.rank == 0:
+            plan = ["as is" if written == self.world else
+                    "torch" if not os.path.isdir(os.path.join(path, TAG)) else  # the plain engine's state.pt
+                    "reshard" if partitioned(path) else "as is"]  # stage 0 in fp32: the optimizer is whole
+        self._broadcast(plan)
+        if plan[0] == "torch":
+            raise ReshardError(f"{self.job.name}: checkpoint {name} was written by the plain torch engine (one worker, "
+                               f"engine: auto), which this {self.world}-worker DeepSpeed job cannot read: resume it on "
+                               "1 worker, or set deepspeed.engine: deepspeed for a pretrain that may change its "
+                               "worker count")
+        if plan[0] == "as is":
             if self.rank != 0:  # rank 0 verified it: shared disk is read in place, an object store downloaded
-                path = storage.local_path(uri) if storage.is_local(uri) else fetch_verified(uri, tmp, self.world)
+                path = storage.local_path(uri) if storage.is_local(uri) else fetch_verified(uri, tmp, written)
             return engine.load(path)
+        return self._load_resharded(engine, name, path, written, tmp, logger)
+
+    def _load_resharded(self, engine, name: str, path: str | None, written: int, tmp: str, logger) -> dict[str, Any]:
+        """Rank 0 joins the ``written`` ranks' partitions into DeepSpeed's universal checkpoint
+        and publishes it beside the checkpoints; every rank loads its own partitions of it;
+        the copy goes once all have."""
+        from branchout import storage
+        from branchout.stages.training.reshard import to_universal
+        from branchout.storage.checkpoint import fetch_verified, publish_dir
+
+        if not hasattr(engine, "load_universal"):  # train() keeps DeepSpeed for DeepSpeed's checkpoints
+            raise ReshardError(f"{self.job.name}: checkpoint {name} is DeepSpeed's and this job trains with the plain "
+                               "torch engine")
+        universal_uri = storage.join(self.uri, f"universal-{name}")  # not step_*: never taken for a checkpoint
+        local = None
+        if self.rank == 0:
+            line = (f"checkpoint {name} was written by {written} worker(s); resharding it for {self.world} "
+                    "(DeepSpeed universal checkpoint)")
+            if logger is not None:  # the driver says it and keeps it with the job
+                logger.warn(line)
+            else:
+                print(f"[branchout] {self.job.name}: {line}", flush=True)
+            local = to_universal(path, os.path.join(tmp, "universal"))
+            publish_dir(local, universal_uri, {"job": self.job.name, "from_world": written})
+        self._barrier()
+        if self.rank != 0:
+            local = (storage.local_path(universal_uri) if storage.is_local(universal_uri)
+                     else fetch_verified(universal_uri, os.path.join(tmp, "universal")))
+        state = engine.load_universal(local)
+        self._barrier()
+        if self.rank == 0:
+            storage.remove_dir(universal_uri)
+        return state
 
     def save(self, engine, step: int, loss: float) -> None:
         """Make step ``step``'s checkpoint durable, then apply retention."""
@@ -347,6 +414,17 @@ class Checkpoints:
         protect = {_step_name(best)} if best is not None else set()  # keep_best: the best outlives retention
         return retain(self.uri, listing[0], keep, self.world, verify=agreed, delete=self.rank == 0, protect=protect)
 
+    def newest_is_deepspeed(self) -> bool:
+        """Whether the newest checkpoint was written by the DeepSpeed engine (one process: no broadcast)."""
+        from branchout import storage
+        from branchout.stages.training.engine import TAG
+        from branchout.storage.checkpoint import rank_manifest_name, read_manifest
+
+        names = self.names()
+        manifest = read_manifest(storage.join(self.uri, names[-1]), rank_manifest_name(0)) if names else None
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        return isinstance(files, dict) and any(rel.startswith(f"{TAG}/") for rel in files)
+
     def newest_step(self) -> int | None:
         """The newest checkpoint's step, the same on every rank; None when there is none."""
         names = [self.names() if self.rank == 0 else None]
@@ -364,17 +442,24 @@ class Checkpoints:
         from branchout.storage.checkpoint import (
             CorruptCheckpointError,
             fetch_verified,
-            full_problems,
+            written_world,
         )
 
-        uri = storage.join(self.uri, _step_name(step))
-        problems = [full_problems(uri, self.world) if self.rank == 0 else []]
-        self._broadcast(problems)
-        if problems[0]:
-            raise CorruptCheckpointError(uri, problems[0])
+        name = _step_name(step)
+        uri = storage.join(self.uri, name)
         with tempfile.TemporaryDirectory(prefix="branchout-load-") as tmp:
-            path = storage.local_path(uri) if storage.is_local(uri) else fetch_verified(uri, tmp, self.world)
-            return engine.load(path)
+            verdict: list = [None, [], self.world]  # rank 0's verified copy, problems, how many ranks wrote it
+            if self.rank == 0:  # a rollback past a resume on another worker count meets the older layout
+                written = written_world(uri) or self.world
+                try:
+                    verdict = [fetch_verified(uri, tmp, written), [], written]
+                except CorruptCheckpointError as e:
+                    verdict = [None, e.problems, written]
+            self._broadcast(verdict)
+            path, problems, written = verdict
+            if problems:
+                raise CorruptCheckpointError(uri, problems)
+            return self._load(engine, name, path, written, tmp)
 
     def _distributed(self) -> bool:
         import torch.distributed as dist

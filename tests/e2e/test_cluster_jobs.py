@@ -98,9 +98,13 @@ def test_stop_then_resume_continues_from_checkpoints(cluster, corpus_dir, tmp_pa
     assert RunRecord.load(run_dir).state is RunState.STOPPED
     assert cluster.job_state(run_id) == "STOPPED"
 
-    # an edited pipeline file is refused unless --force
+    # an edited pipeline file is refused unless --force; the edit is the one a user makes
+    # when nodes are gone: the pretrain goes on with fewer workers (its ZeRO-2 checkpoint is
+    # resharded: tests/integration/test_reshard.py checks the losses)
     edited = yaml.safe_load(Path(path).read_text())
     edited["description"] = "edited"
+    assert edited["pretrain"]["num_workers"] == 2
+    edited["pretrain"]["num_workers"] = 1
     with open(path, "w") as f:
         yaml.safe_dump(edited, f)
     refused = cli(cluster, "resume", run_id)
@@ -114,6 +118,9 @@ def test_stop_then_resume_continues_from_checkpoints(cluster, corpus_dir, tmp_pa
     assert record.state is RunState.SUCCEEDED, record.error
     resumed_from = record.job("pretrain").outputs["resumed_from"]
     assert resumed_from >= 20 and resumed_from % 20 == 0  # from a reported checkpoint, not step 0
+    assert record.job("pretrain").outputs["workers"] == 1
+    warnings = record.job("pretrain").outputs.get("warnings", [])  # said on the terminal, kept with the job
+    assert any("was written by 2 worker(s); resharding it for 1" in w for w in warnings), warnings
     assert record.job("tokenizer").attempts == 1  # finished jobs are never redone
     # the driver records the end of the run a moment before its Ray job exits
     wait_for(lambda: f"Ray job {run_id}-r1 (SUCCEEDED)" in cli(cluster, "status", run_id).stdout, timeout=60)
