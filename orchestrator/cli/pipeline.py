@@ -190,17 +190,20 @@ def driver(
     source = os.environ.get("BRANCHOUT_SOURCE")
     raw_spec = os.environ.get("BRANCHOUT_SPEC")
     options = json.loads(os.environ.get("BRANCHOUT_RUN_OPTIONS") or "{}")
+    # the pipeline as its user wrote it (BRANCHOUT_SPEC is the copy whose inputs submit shipped)
+    source_hash = os.environ.get("BRANCHOUT_SPEC_HASH")
     with reported():
         if resume_uri:
             record = RunRecord.load(resume_uri)
             spec = (PipelineSpec.model_validate_json(raw_spec) if raw_spec else validate_spec(
                 yaml.safe_load(storage.read_text(storage.join(resume_uri, "spec.yaml"))), resume_uri))
-            result = run_pipeline(spec, console, record=record, source=source)
+            result = run_pipeline(spec, console, record=record, source=source, spec_hash_of_source=source_hash)
         else:
             if not (run_id and raw_spec):
                 fail(["driver: needs --run-id and BRANCHOUT_SPEC, or --resume RUN_URI"])
             spec = PipelineSpec.model_validate_json(raw_spec)
-            result = run_pipeline(spec, console, source=source, run_id=run_id, **options)
+            result = run_pipeline(spec, console, source=source, run_id=run_id, spec_hash_of_source=source_hash,
+                                  **options)
     raise typer.Exit(0 if result.state is RunState.SUCCEEDED else EXIT_FAILED)
 
 

@@ -1,4 +1,4 @@
-"""Commands that operate on runs already started: status, list, logs, stop, resume, lineage."""
+"""Commands that operate on runs already started: status, list, logs, stop, resume, recover, lineage."""
 
 from __future__ import annotations
 
@@ -145,6 +145,68 @@ def resume(run: RunArg, force: Annotated[bool, typer.Option(help="Resume even th
             return
         record = run_pipeline(spec, console, record=record, source=row.source)
     raise typer.Exit(0 if record.state is RunState.SUCCEEDED else EXIT_FAILED)
+
+
+@app.command()
+def recover(
+    address: Annotated[str | None, typer.Option(help="Resume lost runs on this cluster (default: RAY_ADDRESS, "
+                                                     "else the cluster each ran on).")] = None,
+    pipeline: Annotated[str | None, typer.Option(help="Only this pipeline's runs.")] = None,
+    watch: Annotated[float | None, typer.Option(help="Keep watching: look again every WATCH seconds.")] = None,
+    lost_after: Annotated[float, typer.Option(help="A driver out of reach is lost after this many seconds "
+                                                   "without a heartbeat.")] = 600.0,
+    max_recoveries: Annotated[int, typer.Option(help="Resume a run at most this many times.")] = 3,
+) -> None:
+    """Resume every run whose driver was lost (its head node died, its driver was killed), unattended.
+
+    A driver is lost when its Ray job ended while the run was unfinished, when its cluster
+    answers but no longer knows the job (a restarted head), or when it cannot be reached and
+    its heartbeat is older than --lost-after. Stopped, finished and genuinely failed runs are
+    left alone. Run it on a schedule (deploy/kuberay/recover-cronjob.yaml) or with --watch.
+    """
+    import signal
+
+    from branchout.orchestrator.operate.control import recover_lost
+    from branchout.orchestrator.operate.jobs import JobsError, resolve_address
+
+    if watch is not None and watch <= 0:
+        fail(["--watch: must be a number of seconds > 0"])
+    if lost_after <= 0 or max_recoveries < 1:
+        fail(["--lost-after must be > 0 and --max-recoveries ≥ 1"])
+    try:
+        target = resolve_address(address)
+    except JobsError as e:
+        if address:
+            fail([f"--address: {e}"])
+        target = None  # each run goes back to the cluster it ran on
+    registry = open_registry()
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+
+    said: set[str] = set()
+
+    def say(line: str) -> None:  # a watcher says a thing once, not at every pass
+        if line not in said:  # plain lines: a watcher's output is a log, never wrapped
+            said.add(line)
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    while True:
+        try:
+            recover_lost(registry, target, pipeline, lost_after, max_recoveries, say=say)
+        except Exception as e:  # a watcher outlives a registry or cluster hiccup; a one-shot says it and fails
+            from branchout.orchestrator.run.fanout import describe_error
+
+            say(f"error: recover: {describe_error(e)}")
+            if watch is None:
+                raise typer.Exit(EXIT_FAILED) from None
+        if watch is None or stopping:
+            return
+        deadline = time.time() + watch
+        while time.time() < deadline and not stopping:
+            time.sleep(min(0.5, watch))
+        if stopping:
+            return
 
 
 @app.command()

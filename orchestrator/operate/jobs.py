@@ -30,6 +30,11 @@ class JobsError(RuntimeError):
     """The Jobs API refused or could not be reached; the message is one line for the user."""
 
 
+class JobNotFound(JobsError):
+    """The cluster answered and has no such job: a cluster that was restarted (a head lost
+    without GCS fault tolerance) or another cluster at the same address."""
+
+
 def resolve_address(flag: str | None, spec_address: str | None = None) -> str:
     """``--address``, else ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS``, else the spec's.
 
@@ -93,7 +98,7 @@ class JobsClient:
         except RuntimeError as e:
             message = _first_line(e)
             if "does not exist" in message or "not found" in message.lower():
-                raise JobsError(f"the cluster at {self.address} has no such job: {message}") from None
+                raise JobNotFound(f"the cluster at {self.address} has no such job: {message}") from None
             raise JobsError(f"the Ray Jobs API at {self.address} answered: {message}") from None
 
     def submit(self, submission_id: str, entrypoint: list[str], env: dict[str, str],

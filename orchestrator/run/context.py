@@ -65,6 +65,7 @@ class RunContext:
                 on_tick(snapshot)
             self.hints.refresh()
             self.view.update(self.record, snapshot)
+            self.record.beat()
 
         def waiting(item: WorkItem, waited: float) -> None:
             if item.resources:

@@ -72,11 +72,13 @@ class StageFailedError(RuntimeError):
 
 def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None = None,
                  source: str | None = None, run_id: str | None = None, use_cache: bool = True,
-                 rerun: list[str] | None = None) -> RunRecord:
+                 rerun: list[str] | None = None, spec_hash_of_source: str | None = None) -> RunRecord:
     """Run every stage of ``spec``; returns the final run record (never raises for job failures).
 
     With ``record`` (``branchout resume``) the run continues: jobs it shows as succeeded are
     not run again, and unfinished ones resume from their newest checkpoint.
+    ``spec_hash_of_source``: the hash of the pipeline as the user wrote it, when ``spec`` is
+    the copy a submit rewrote (shipped inputs): what `branchout resume` compares the file with.
     """
     from branchout.orchestrator.operate.registry import Registry, driver_identity
 
@@ -89,6 +91,8 @@ def run_pipeline(spec: PipelineSpec, console: Console, record: RunRecord | None 
         check_capacity(spec, cluster)
         resuming = record is not None
         record = record or create_run(spec, graph, run_id)
+        if spec_hash_of_source:
+            record.spec_hash = spec_hash_of_source
         record.attach(Registry(), source=source, **driver_identity())
         if resuming:
             record.interrupted("interrupted: its driver stopped before it finished")

@@ -139,6 +139,9 @@ class JobRecord:
         return (self.ended - self.started) if self.started and self.ended else None
 
 
+HEARTBEAT_S = 30.0  # how often a running driver writes its heartbeat
+
+
 @dataclass
 class RunRecord:
     run_id: str
@@ -152,6 +155,9 @@ class RunRecord:
     error: str | None = None
     jobs: dict[str, JobRecord] = field(default_factory=dict)  # stages and domain jobs by name
     tracking: dict[str, Any] = field(default_factory=dict)  # MLflow run ids (orchestrator.run.tracking)
+    # when the driver last said it is alive (``beat``): how a driver on another host, or on a
+    # cluster that cannot be reached, is known to be gone (``operate.control.refresh``)
+    heartbeat: float | None = None
 
     # ---- transitions -------------------------------------------------------------
 
@@ -162,6 +168,7 @@ class RunRecord:
         if new is RunState.RUNNING:
             self.started = self.started or time.time()
             self.ended, self.error = None, None
+            self.heartbeat = time.time()
         if new.is_terminal():
             self.ended = time.time()
             self.error = error
@@ -194,6 +201,13 @@ class RunRecord:
         rec.metrics.update(metrics or {})
         self.save()
         return rec
+
+    def beat(self, every_s: float = HEARTBEAT_S) -> None:
+        """The driver is alive: say so in ``state.json`` (at most once every ``every_s``)."""
+        now = time.time()
+        if not self.state.is_terminal() and now - (self.heartbeat or 0) >= every_s:
+            self.heartbeat = now
+            self.save()
 
     def job(self, name: str) -> JobRecord:
         """The record of ``name``; a detached PENDING one when the run has no such job."""

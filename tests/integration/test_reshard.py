@@ -47,29 +47,38 @@ def _job(parts, out: str, stage: int, workers: int, engine: str = "deepspeed", c
                     out_uri=str(root / out), logs_uri=str(root / out / "logs"), run_id="test")
 
 
-def _train(job, world: int) -> list[str]:
-    """``train(job)`` on ``world`` ranks, one process each; returns rank 0's output."""
+def _train(jobs: list, world: int) -> str:
+    """``train(job)`` for each of ``jobs`` in turn, on ``world`` ranks, one process each (a
+    launch costs seconds of imports and group set-up; the jobs share it); returns rank 0's output."""
     from raycluster import free_port
 
-    path = f"{job.out_uri}.job.pkl"
-    os.makedirs(job.out_uri, exist_ok=True)
+    path = f"{jobs[0].out_uri}.jobs.pkl"
     with open(path, "wb") as f:
-        pickle.dump(job, f)
-    # the group is closed as a launcher closes it: gloo's threads left to the interpreter's
-    # exit can abort it after the job is done
-    script = ("import pickle, sys; import torch.distributed as dist; from branchout.stages.training.recipe import train; "
-              "train(pickle.load(open(sys.argv[1], 'rb')), int(sys.argv[2]), int(sys.argv[3])); "
-              "dist.destroy_process_group()")
+        pickle.dump(jobs, f)
+    # Once every job's results are written the ranks meet, close the group and skip the
+    # interpreter's teardown: gloo's threads left to it can abort a rank after its work is
+    # done (as tests/integration/test_gpu_paths.py's ranks do).
+    script = ("import os, pickle, sys; import torch.distributed as dist; from branchout.stages.training.recipe import train\n"
+              "for job in pickle.load(open(sys.argv[1], 'rb')):\n"
+              "    print('=== job', job.out_uri, flush=True)\n"
+              "    train(job, int(sys.argv[2]), int(sys.argv[3]))\n"
+              "dist.barrier(); dist.destroy_process_group(); sys.stdout.flush(); os._exit(0)")
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", script, path, str(rank), str(world)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
                                    "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"})
              for rank in range(world)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-4000:]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        said = "\n".join(x for x in out.splitlines() if "Warning" not in x and "return func(" not in x)
+        assert p.returncode == 0, f"rank {rank} of {world} exited {p.returncode}:\n{said[-4000:]}"
     return outputs[0]
+
+
+def _said(output: str, job) -> str:
+    """What rank 0 printed while it trained ``job`` (``_train`` marks where each job begins)."""
+    return output.split(f"=== job {job.out_uri}\n", 1)[1].split("=== job ", 1)[0]
 
 
 def _losses(job) -> dict[int, float]:
@@ -88,9 +97,8 @@ def _resumed_from(parts, done, out: str, stop: int, **job):
     return resumed
 
 
-def _continues(job, world: int, stop: int, expected: dict[int, float]) -> str:
-    """Run ``job`` on ``world`` workers: it goes on from ``stop`` and loses what ``expected`` says."""
-    out = _train(job, world)
+def _continues(job, world: int, stop: int, expected: dict[int, float]) -> None:
+    """``job``, trained on ``world`` workers, went on from ``stop`` and lost what ``expected`` says."""
     with open(os.path.join(job.out_uri, "result.json")) as f:
         result = json.load(f)
     assert result["first_step"] == stop and result["workers"] == world and result["steps"] == STEPS
@@ -100,21 +108,35 @@ def _continues(job, world: int, stop: int, expected: dict[int, float]) -> str:
         assert got[step] == pytest.approx(expected[step], rel=1e-4), (step, world)
     # nothing of the conversion is left beside the checkpoints
     assert not [n for n in os.listdir(job.checkpoints_uri) if n.startswith("universal-")]
-    return out
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_a_checkpoint_resumes_on_another_worker_count_and_trains_on_as_before(parts, stage):
-    whole = _job(parts, f"whole-{stage}", stage, 2)
+STAGES = [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def runs(parts):
+    """Per ZeRO stage: (uninterrupted 2-worker job, 2 → 1 job, 1 → 2 job, rank 0's output of each
+    continuation). Three launches in all, every stage's job in each."""
+    whole = [_job(parts, f"whole-{stage}", stage, 2) for stage in STAGES]
     _train(whole, 2)
+    one = [_resumed_from(parts, w, f"one-{stage}", STOP, stage=stage, workers=1, engine="auto", checkpoint_every=2)
+           for stage, w in zip(STAGES, whole, strict=True)]
+    out_one = _train(one, 1)
+    two = [_resumed_from(parts, o, f"two-{stage}", STOP_ONE, stage=stage, workers=2)
+           for stage, o in zip(STAGES, one, strict=True)]
+    out_two = _train(two, 2)
+    return {stage: (whole[i], one[i], two[i], _said(out_one, one[i]), _said(out_two, two[i]))
+            for i, stage in enumerate(STAGES)}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_checkpoint_resumes_on_another_worker_count_and_trains_on_as_before(runs, stage):
+    whole, one, two, out_one, out_two = runs[stage]
     expected = _losses(whole)
     assert sorted(expected) == list(range(1, STEPS + 1))
-
-    one = _resumed_from(parts, whole, f"one-{stage}", STOP, stage=stage, workers=1, engine="auto", checkpoint_every=2)
-    out = _continues(one, 1, STOP, expected)
-    assert "its checkpoints are DeepSpeed's: this one-worker attempt trains with DeepSpeed" in out
-    two = _resumed_from(parts, one, f"two-{stage}", STOP_ONE, stage=stage, workers=2)
-    out_two = _continues(two, 2, STOP_ONE, expected)
-    for before, after, printed in ((2, 1, out), (1, 2, out_two)):
+    _continues(one, 1, STOP, expected)
+    assert "its checkpoints are DeepSpeed's: this one-worker attempt trains with DeepSpeed" in out_one
+    _continues(two, 2, STOP_ONE, expected)
+    for before, after, printed in ((2, 1, out_one), (1, 2, out_two)):
         # ZeRO (1-3) partitions the optimizer: joined and cut again; stage 0 in fp32 keeps it whole
         assert (f"written by {before} worker(s); resharding it for {after}" in printed) == (stage > 0), printed[-2000:]
