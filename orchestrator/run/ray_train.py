@@ -53,8 +53,12 @@ def run_distributed(job: TrainJob, max_failures: int = 0) -> dict:
     raise TrainingFailedError(f"{job.name}: preempted {PREEMPTIONS + 1} times; the cluster keeps losing its nodes")
 
 
+SIGTERM_HOOK = "branchout.stages.training.sigterm.install"
+
+
 def _fit(job: TrainJob, max_failures: int, attempt: int) -> None:
     """One Ray Train run of ``job``: its workers train from the job's newest good checkpoint."""
+    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -72,6 +76,10 @@ def _fit(job: TrainJob, max_failures: int, attempt: int) -> None:
         run_config=RunConfig(
             name=f"train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{attempt}", storage_path=path,
             storage_filesystem=fs, failure_config=FailureConfig(max_failures=max_failures),
+            # a SIGTERM to a worker checkpoints the step it is at (stages.training.sigterm). The
+            # hook goes in as the variable Ray's worker reads at start: Ray turns the
+            # runtime_env field into it for a job's runtime_env only, not an actor's
+            worker_runtime_env={"env_vars": {WORKER_PROCESS_SETUP_HOOK_ENV_VAR: SIGTERM_HOOK}},
         ),
     )
     try:

@@ -20,11 +20,13 @@ def train_worker(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: the recipe on this rank."""
     import ray.train
 
+    from branchout.stages.training import sigterm
     from branchout.stages.training.recipe import train
 
     job: TrainJob = config["job"]
     ctx = ray.train.get_context()
-    train(job, ctx.get_world_rank(), ctx.get_world_size(), preemption=preemption_notice)
+    with sigterm.training():  # a SIGTERM now checkpoints the step first (stages.training.sigterm)
+        train(job, ctx.get_world_rank(), ctx.get_world_size(), preemption=preemption_notice)
 
 
 def preemption_notice() -> bool:

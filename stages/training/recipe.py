@@ -112,6 +112,8 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     prober = Prober(job, rank, world, train) if job.kind == "pretrain" and job.probes else None
     if client_state:  # what earlier NaN rollbacks decided: the data position runs ahead, and they are reported
         sink.data_skip, sink.rollbacks = int(client_state.get("data_skip", 0)), list(client_state.get("rollbacks", []))
+    if preemption is not None:  # a node drain, or a SIGTERM to any rank (stages.training.sigterm)
+        preemption = partial(notice, preemption, engine.device, world)
     poison = poisoner(job.name, job.out_uri) if rank == 0 else None  # only rank 0: one marker, no race
     hold = held(job.name, preemption)
 
@@ -192,6 +194,22 @@ def preempted(job: TrainJob, result, rank: int, logger) -> dict[str, Any]:
               "so the job continues on the nodes that remain, from that step", flush=True)
         logger.close()
     return out
+
+
+def notice(drain, device, world: int) -> bool:
+    """Whether this attempt should checkpoint and end: ``drain()`` (Ray's preemption notice,
+    asked on every rank alike) or a SIGTERM any rank received. One MAX all-reduce on the
+    engine's device (a CPU tensor fails under NCCL); every rank calls it on the same steps."""
+    import torch
+    import torch.distributed as dist
+
+    from branchout.stages.training import sigterm
+
+    drained = bool(drain())
+    flag = torch.tensor(int(drained or sigterm.requested()), dtype=torch.int32, device=device)
+    if world > 1 and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def roll_back(job: TrainJob, t, engine, sink: Checkpoints, error, rank: int, logger) -> int:
@@ -354,6 +372,9 @@ class Checkpoints:
                 logger.warn(line)
             else:
                 print(f"[branchout] {self.job.name}: {line}", flush=True)
+            for stale in storage.listdir(self.uri):  # left by an attempt that died resharding
+                if stale.startswith("universal-"):
+                    storage.remove_dir(storage.join(self.uri, stale))
             local = to_universal(path, os.path.join(tmp, "universal"))
             publish_dir(local, universal_uri, {"job": self.job.name, "from_world": written})
         self._barrier()

@@ -1,4 +1,5 @@
-"""A preemption notice costs no steps (issue 31).
+"""A preemption notice costs no steps (issue 31), whether it comes as a node drain or as a
+SIGTERM to the training worker's process.
 
 On a cloud cluster a spot node's reclaim reaches Ray as a *drain* of the node with a deadline:
 the autoscaler sends it on the cloud's notice, and on Kubernetes the pod's preStop hook sends
@@ -12,7 +13,9 @@ periodic checkpoint is the last step's, so nothing else could have been resumed 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -66,7 +69,8 @@ def _logged_steps(root) -> list[int]:
     return [r["step"] for r in rows if "loss" in r]
 
 
-def test_a_drained_node_costs_no_steps_the_job_goes_on_elsewhere(cluster, corpus_dir, tmp_path):
+def _start(cluster, corpus_dir, tmp_path):
+    """(job root, the driver's process) once the pretrain holds at step ``HOLD``."""
     root, data_uri, overrides = job_parts(tmp_path, corpus_dir)
     job = _job(root, data_uri, overrides)
     with open(tmp_path / "job.pkl", "wb") as f:
@@ -77,12 +81,42 @@ def test_a_drained_node_costs_no_steps_the_job_goes_on_elsewhere(cluster, corpus
               "print('RESULT', json.dumps(run_distributed(pickle.load(open(sys.argv[1], 'rb')))))")
     driver = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "job.pkl"), f"127.0.0.1:{cluster.gcs_port}"],
                               env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while max(_logged_steps(root), default=0) < HOLD:
+        if driver.poll() is not None or time.time() > deadline:
+            driver.kill()
+            raise AssertionError(f"the pretrain did not reach step {HOLD}: {driver.communicate()[1][-3000:]}")
+        time.sleep(0.5)
+    return root, driver
+
+
+def _went_on_from_the_step_after_the_notice(root, driver, stdout: str, stderr: str) -> None:
+    assert driver.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout.split("RESULT ", 1)[1])
+    [notice] = [line for line in stdout.splitlines() if "preempted at step" in line]
+    step = int(notice.split("preempted at step ")[1].split()[0])
+    # the first step the loop finished after the notice (it asks on every logged step); its
+    # checkpoint is the notice's own: the only other one is the last step's
+    assert step == HOLD + 1, notice
+    assert result["preemptions"] == 1 and result["steps"] == STEPS
+    assert result["first_step"] == step  # the second run resumed from exactly the step checkpointed
+    assert _logged_steps(root) == list(range(1, STEPS + 1))  # every step trained and logged once: none redone
+
+
+def test_a_sigterm_to_the_training_worker_costs_no_steps(cluster, corpus_dir, tmp_path):
+    root, driver = _start(cluster, corpus_dir, tmp_path)
     try:
-        deadline = time.time() + 240
-        while max(_logged_steps(root), default=0) < HOLD:
-            assert driver.poll() is None, driver.communicate()[1][-3000:]
-            assert time.time() < deadline, f"the pretrain did not reach step {HOLD}"
-            time.sleep(0.5)
+        [worker] = [w for w in _train_workers(cluster) if w["state"] == "ALIVE"]
+        os.kill(worker["pid"], signal.SIGTERM)  # what a node agent relaying a spot notice sends
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    _went_on_from_the_step_after_the_notice(root, driver, stdout, stderr)
+
+
+def test_a_drained_node_costs_no_steps_the_job_goes_on_elsewhere(cluster, corpus_dir, tmp_path):
+    root, driver = _start(cluster, corpus_dir, tmp_path)
+    try:
         [worker] = [w for w in _train_workers(cluster) if w["state"] == "ALIVE"]
         # the deploy manifests' preStop hook, pointed at that node: it drains it and returns once
         # no training worker is left there (the pod may then go)
@@ -94,16 +128,7 @@ def test_a_drained_node_costs_no_steps_the_job_goes_on_elsewhere(cluster, corpus
         stdout, stderr = driver.communicate(timeout=300)
     finally:
         driver.kill()
-    assert driver.returncode == 0, stderr[-3000:]
-    result = json.loads(stdout.split("RESULT ", 1)[1])
-    [notice] = [line for line in stdout.splitlines() if "preempted at step" in line]
-    step = int(notice.split("preempted at step ")[1].split()[0])
-    # the first step the loop finished after the notice (it asks on every logged step); its
-    # checkpoint is the notice's own: the only other one is the last step's
-    assert step == HOLD + 1, notice
-    assert result["preemptions"] == 1 and result["steps"] == STEPS
-    assert result["first_step"] == step  # the second run resumed from exactly the step checkpointed
-    assert _logged_steps(root) == list(range(1, STEPS + 1))  # every step trained and logged once: none redone
+    _went_on_from_the_step_after_the_notice(root, driver, stdout, stderr)
     # the second run's worker was placed on the node that was not drained
     nodes = {w["node_id"] for w in _train_workers(cluster)}
     assert len(nodes) == 2 and worker["node_id"] in nodes
