@@ -268,29 +268,6 @@ def eval_job(parts, candidates: dict, precision: str, use_gpu: bool = False):
                    tokenizer_uri=None, generation_samples=0, max_new_tokens=0)
 
 
-# The quickstart as a client submits it: same file, model and data, cut to a few steps. What is
-# tested with it is where things go (storage, checkpoints, secrets), not how well it learns
-# (tests/e2e/test_quickstart.py).
-QUICK = ["pretrain.steps=12", "pretrain.checkpoint_every=6", "pretrain.schedule.warmup_steps=2",
-         "finetune.defaults.steps=4", "finetune.defaults.checkpoint_every=2", "finetune.defaults.schedule.warmup_steps=1",
-         "evaluate.models=[base,finetuned]", "evaluate.max_blocks=8",
-         # its scoring reads storage as the evaluation's does; tests/e2e/test_quickstart.py runs it
-         "evaluate.cross=false"]
-
-
-def quickstart_client(folder: Path) -> Path:
-    """A laptop's copy of the quickstart: examples/quickstart.yaml beside a small data/ built
-    by the quickstart's own corpus builder. Returns the pipeline file."""
-    import shutil
-
-    import corpus
-
-    folder.mkdir(parents=True)
-    corpus.build(str(folder / "data"), {"general": 200_000, "legal": 80_000, "code": 80_000, "docs": 80_000})
-    shutil.copy(REPO / "examples" / "quickstart.yaml", folder / "quickstart.yaml")
-    return folder / "quickstart.yaml"
-
-
 @pytest.fixture(scope="module")
 def s3_bucket():
     """A real S3 API on loopback (moto's server), one per test module, with a bucket."""

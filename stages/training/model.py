@@ -286,7 +286,9 @@ def zero3_construction(ds_config: dict):
     The config is unset on exit so that later loads in this process (evaluation, export)
     are ordinary ones.
     """
-    import deepspeed
+    from branchout.stages.training.engine import import_deepspeed
+
+    deepspeed = import_deepspeed()
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     from branchout.stages.training.engine import skip_inference_comm_op

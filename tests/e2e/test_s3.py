@@ -1,6 +1,7 @@
 """Storage on s3:// against a real S3 server on loopback (moto's server mode), and secrets.
 
-The quickstart is submitted from a "laptop" folder to a real two-node Ray cluster whose
+A pipeline (the tiny one, its data beside it) is submitted from a "laptop" folder to a real
+two-node Ray cluster whose
 nodes reach the same S3 endpoint; the laptop's files are deleted the moment submit returns,
 so the run can only succeed on what submit uploaded.
 
@@ -26,7 +27,7 @@ import sqlalchemy as sa
 import yaml
 from raycluster import LocalRayCluster, free_port
 
-from conftest import QUICK, quickstart_client, run_cli
+from conftest import TINY, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -95,8 +96,25 @@ def _keys() -> list[str]:
             for o in page.get("Contents", [])]
 
 
-def test_quickstart_submitted_with_s3_storage_needs_no_client_and_leaks_no_secret(
-        s3_env, cluster, registry_url, write_pipeline, tmp_path):
+def _laptop(folder, corpus_dir):
+    """A laptop's folder: the tiny pipeline (two ZeRO-2 pretrain workers, three domains, one of
+    them LoRA) and its data beside it, named by relative paths."""
+    data = folder / "data"
+    data.mkdir(parents=True)
+    spec = yaml.safe_load(yaml.safe_dump(TINY))
+    for name in ("general", "legal", "code", "docs"):
+        shutil.copy(corpus_dir / f"{name}.jsonl", data / f"{name}.jsonl")
+    spec["pretrain"]["dataset"]["path"] = "data/general.jsonl"
+    for d in spec["finetune"]["domains"]:
+        d["dataset"]["path"] = f"data/{d['dataset']['path']}"
+    spec["evaluate"].update(models=["base", "finetuned"])
+    path = folder / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_pipeline_submitted_with_s3_storage_needs_no_client_and_leaks_no_secret(
+        s3_env, cluster, registry_url, corpus_dir, tmp_path):
     import boto3
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -106,10 +124,10 @@ def test_quickstart_submitted_with_s3_storage_needs_no_client_and_leaks_no_secre
     env = _client_env(cluster, registry_url)
     printed = []
 
-    # the quickstart submitted from a laptop folder that disappears at once; the driver runs
-    # on the cluster and reads only what submit shipped to the run storage
-    pipeline = quickstart_client(tmp_path / "laptop")
-    sets = [a for s in [f"storage=s3://{BUCKET}/runs", *QUICK] for a in ("--set", s)]
+    # a pipeline submitted from a laptop folder that disappears at once; the driver runs on
+    # the cluster and reads only what submit shipped to the run storage
+    pipeline = _laptop(tmp_path / "laptop", corpus_dir)
+    sets = ["--set", f"storage=s3://{BUCKET}/runs"]
     out = run_cli("submit", str(pipeline), "--address", cluster.address, *sets, env=env)
     printed.append(out.stdout + out.stderr)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -118,7 +136,7 @@ def test_quickstart_submitted_with_s3_storage_needs_no_client_and_leaks_no_secre
     assert "input pretrain.dataset.path:" in out.stdout and "input finetune.domains.2.dataset.path:" in out.stdout
     assert cluster.wait_for_job(run_id) == "SUCCEEDED", run_cli("logs", run_id, env=env).stdout[-3000:]
     shown = {}
-    for args in (("status", run_id[:17]), ("list", "--pipeline", "quickstart"), ("logs", run_id), ("lineage", run_id)):
+    for args in (("status", run_id[:17]), ("list", "--pipeline", "tiny"), ("logs", run_id), ("lineage", run_id)):
         result = run_cli(*args, env=env)
         printed.append(result.stdout + result.stderr)
         assert result.returncode == 0, (args, result.stderr)
@@ -138,7 +156,7 @@ def test_quickstart_submitted_with_s3_storage_needs_no_client_and_leaks_no_secre
     assert unknown.stderr.strip() == "error: no run matches '19990101-000000' (see `branchout list`)"
 
     keys = _keys()
-    run_prefix = f"runs/quickstart/{run_id}"
+    run_prefix = f"runs/tiny/{run_id}"
     for rel in ("spec.yaml", "state.json", "tokenizer/tokenizer.json", "pretrain/model/model.safetensors",
                 "pretrain/model/MANIFEST.json", "finetune/legal/model/model.safetensors",
                 "finetune/docs/model/adapter_model.safetensors", "eval/metrics.json", "report.html",
@@ -162,7 +180,7 @@ def test_quickstart_submitted_with_s3_storage_needs_no_client_and_leaks_no_secre
         rows = [str(row) for table in sa.inspect(conn).get_table_names()
                 for row in conn.execute(sa.text(f"SELECT * FROM {table}"))]
     engine.dispose()
-    assert any(run_id in r for r in rows) and len({r for r in rows if "quickstart" in r or "tiny" in r}) >= 2
+    assert any(run_id in r for r in rows) and len({r for r in rows if "tiny" in r}) >= 2
     # in a child with the cluster's token: this test process has none (nor ~/.ray/auth_token on CI)
     job_env = subprocess.run(
         [sys.executable, "-c", "import json, sys; from ray.job_submission import JobSubmissionClient as C; "
