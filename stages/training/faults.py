@@ -15,7 +15,7 @@ so the attempt that follows it trains normally.
 
 ``name@step:hold`` makes every rank of the job wait after that step until a preemption notice
 has reached it (``held``), so a test's node drain lands at an exact step instead of racing
-the training.
+the training; a job may hold at several steps (``pretrain@20:hold,pretrain@40:hold``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,17 @@ def planned(kind: str = "kill") -> dict[str, int]:
         if sep and name and step.isdigit() and (what or "kill") == kind:
             faults[name] = int(step)
     return faults
+
+
+def hold_steps(job: str) -> set[int]:
+    """Every step after which ``job`` holds (``name@step:hold``, any number of them)."""
+    steps = set()
+    for item in os.environ.get(ENV, "").split(","):
+        name, sep, rest = item.strip().rpartition("@")
+        step, _, what = rest.partition(":")
+        if sep and name == job and step.isdigit() and what == "hold":
+            steps.add(int(step))
+    return steps
 
 
 def poisoner(job: str, out_uri: str):
@@ -80,12 +91,12 @@ def held(job: str, preemption):
     """For ``before_step``: a function of the steps done that, right after the planned step, waits until ``preemption()`` says a notice arrived; None when no hold is planned.
     ``preemption`` is a collective that agrees on rank 0's answer, so every rank asks it the
     same number of times and all of them go on together."""
-    step = planned("hold").get(job)
-    if step is None or preemption is None:
+    steps = hold_steps(job)
+    if not steps or preemption is None:
         return None
 
     def wait(done: int) -> None:
-        if done != step:
+        if done not in steps:
             return
         deadline = time.time() + HOLD_S
         while not preemption() and time.time() < deadline:

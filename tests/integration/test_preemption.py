@@ -1,6 +1,8 @@
-"""A preemption notice costs no steps (issue 31), whether it comes as a node drain or as a
-SIGTERM to the training worker's process.
+"""A preemption notice costs no steps (issue 31), whether it comes as a SIGTERM to the training
+worker's process or as a node drain: one pretrain meets both, at steps it holds at.
 
+A SIGTERM is what a node agent relaying a spot notice, or a container runtime, sends the
+process; the worker's setup hook (stages/training/sigterm.py) turns it into a checkpoint.
 On a cloud cluster a spot node's reclaim reaches Ray as a *drain* of the node with a deadline:
 the autoscaler sends it on the cloud's notice, and on Kubernetes the pod's preStop hook sends
 it when the pod is deleted (deploy/). Here a real two-worker-node Ray cluster gets the same
@@ -26,7 +28,8 @@ from raycluster import LocalRayCluster
 from conftest import job_parts
 
 STEPS = 60
-HOLD = 20  # BRANCHOUT_FAULTS=pretrain@20:hold: after step 20 the job waits for the notice
+HOLD = 20  # BRANCHOUT_FAULTS=pretrain@20:hold: after step 20 the job waits for a notice (a SIGTERM)
+HOLD_AGAIN = 40  # and after step 40 (a node drain)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def cluster(tmp_path_factory):
     # planned hold makes the notice land at an exact step, whatever the machine's speed.
     c = LocalRayCluster(tmp_path_factory.mktemp("preempt"), head_cpus=0, worker_cpus=1, worker_nodes=2,
                         extra_env={"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
-                                   "BRANCHOUT_FAULTS": f"pretrain@{HOLD}:hold"}).start()
+                                   "BRANCHOUT_FAULTS": f"pretrain@{HOLD}:hold,pretrain@{HOLD_AGAIN}:hold"}).start()
     yield c
     c.stop()
 
@@ -69,8 +72,25 @@ def _logged_steps(root) -> list[int]:
     return [r["step"] for r in rows if "loss" in r]
 
 
-def _start(cluster, corpus_dir, tmp_path):
-    """(job root, the driver's process) once the pretrain holds at step ``HOLD``."""
+def _wait_for_step(root, driver, step: int) -> None:
+    deadline = time.time() + 240
+    while max(_logged_steps(root), default=0) < step:
+        if driver.poll() is not None or time.time() > deadline:
+            driver.kill()
+            raise AssertionError(f"the pretrain did not reach step {step}: {driver.communicate()[1][-3000:]}")
+        time.sleep(0.5)
+
+
+def _alive_worker(cluster) -> dict:
+    deadline = time.time() + 120
+    while not (alive := [w for w in _train_workers(cluster) if w["state"] == "ALIVE"]):
+        assert time.time() < deadline, "no training worker came up"
+        time.sleep(0.5)
+    [worker] = alive
+    return worker
+
+
+def test_a_sigterm_then_a_drained_node_cost_no_steps_the_job_goes_on_elsewhere(cluster, corpus_dir, tmp_path):
     root, data_uri, overrides = job_parts(tmp_path, corpus_dir)
     job = _job(root, data_uri, overrides)
     with open(tmp_path / "job.pkl", "wb") as f:
@@ -81,45 +101,16 @@ def _start(cluster, corpus_dir, tmp_path):
               "print('RESULT', json.dumps(run_distributed(pickle.load(open(sys.argv[1], 'rb')))))")
     driver = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "job.pkl"), f"127.0.0.1:{cluster.gcs_port}"],
                               env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while max(_logged_steps(root), default=0) < HOLD:
-        if driver.poll() is not None or time.time() > deadline:
-            driver.kill()
-            raise AssertionError(f"the pretrain did not reach step {HOLD}: {driver.communicate()[1][-3000:]}")
-        time.sleep(0.5)
-    return root, driver
-
-
-def _went_on_from_the_step_after_the_notice(root, driver, stdout: str, stderr: str) -> None:
-    assert driver.returncode == 0, stderr[-3000:]
-    result = json.loads(stdout.split("RESULT ", 1)[1])
-    [notice] = [line for line in stdout.splitlines() if "preempted at step" in line]
-    step = int(notice.split("preempted at step ")[1].split()[0])
-    # the first step the loop finished after the notice (it asks on every logged step); its
-    # checkpoint is the notice's own: the only other one is the last step's
-    assert step == HOLD + 1, notice
-    assert result["preemptions"] == 1 and result["steps"] == STEPS
-    assert result["first_step"] == step  # the second run resumed from exactly the step checkpointed
-    assert _logged_steps(root) == list(range(1, STEPS + 1))  # every step trained and logged once: none redone
-
-
-def test_a_sigterm_to_the_training_worker_costs_no_steps(cluster, corpus_dir, tmp_path):
-    root, driver = _start(cluster, corpus_dir, tmp_path)
     try:
-        [worker] = [w for w in _train_workers(cluster) if w["state"] == "ALIVE"]
-        os.kill(worker["pid"], signal.SIGTERM)  # what a node agent relaying a spot notice sends
-        stdout, stderr = driver.communicate(timeout=300)
-    finally:
-        driver.kill()
-    _went_on_from_the_step_after_the_notice(root, driver, stdout, stderr)
-
-
-def test_a_drained_node_costs_no_steps_the_job_goes_on_elsewhere(cluster, corpus_dir, tmp_path):
-    root, driver = _start(cluster, corpus_dir, tmp_path)
-    try:
-        [worker] = [w for w in _train_workers(cluster) if w["state"] == "ALIVE"]
-        # the deploy manifests' preStop hook, pointed at that node: it drains it and returns once
-        # no training worker is left there (the pod may then go)
+        # 1. SIGTERM to the training worker's process, what a node agent relaying a spot notice sends
+        _wait_for_step(root, driver, HOLD)
+        first = _alive_worker(cluster)
+        os.kill(first["pid"], signal.SIGTERM)
+        # 2. the next run holds again; the deploy manifests' preStop hook drains its node and
+        # returns once no training worker is left there (the pod may then go)
+        _wait_for_step(root, driver, HOLD_AGAIN)
+        worker = _alive_worker(cluster)
+        assert worker["actor_id"] != first["actor_id"]
         hook = subprocess.run([sys.executable, "-m", "branchout.cluster.drain", "--address",
                                f"127.0.0.1:{cluster.gcs_port}", "--node-id", worker["node_id"], "--grace", "120",
                                "--poll", "0.5"], env=cluster.env(), capture_output=True, text=True, timeout=180)
@@ -128,7 +119,16 @@ def test_a_drained_node_costs_no_steps_the_job_goes_on_elsewhere(cluster, corpus
         stdout, stderr = driver.communicate(timeout=300)
     finally:
         driver.kill()
-    _went_on_from_the_step_after_the_notice(root, driver, stdout, stderr)
-    # the second run's worker was placed on the node that was not drained
-    nodes = {w["node_id"] for w in _train_workers(cluster)}
-    assert len(nodes) == 2 and worker["node_id"] in nodes
+    assert driver.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout.split("RESULT ", 1)[1])
+    notices = [int(line.split("preempted at step ")[1].split()[0]) for line in stdout.splitlines()
+               if "preempted at step" in line]
+    # each the first step the loop finished after its notice (it asks on every logged step);
+    # its checkpoint is the notice's own: the only periodic one is the last step's
+    assert notices == [HOLD + 1, HOLD_AGAIN + 1], stdout[-2000:]
+    assert result["preemptions"] == 2 and result["steps"] == STEPS
+    assert result["first_step"] == HOLD_AGAIN + 1  # the last run resumed from exactly the step checkpointed
+    assert _logged_steps(root) == list(range(1, STEPS + 1))  # every step trained and logged once: none redone
+    # the last run's worker was placed on the node that was not drained
+    [last] = [w for w in _train_workers(cluster) if w["actor_id"] not in (first["actor_id"], worker["actor_id"])]
+    assert last["node_id"] != worker["node_id"]
