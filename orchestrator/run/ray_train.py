@@ -3,7 +3,7 @@
 Ray Train owns the worker group, the process group and restarts after a worker dies.
 Each launch is a new Ray Train run whose bookkeeping goes to ``<job dir>/ray/train-<time>``;
 the checkpoints are the recipe's own (``<job dir>/checkpoints/step_N``, see
-``stages.training.recipe.Checkpoints``): branchout, not Ray's run snapshot, decides which one to
+``stages.training.checkpoints.Checkpoints``): branchout, not Ray's run snapshot, decides which one to
 continue from, across every earlier run of the job, and Ray Train is given none.
 """
 

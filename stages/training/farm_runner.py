@@ -6,7 +6,7 @@ each call returns that job's result, or raises that job's error, exactly as a lo
 fine-tune's task would, so the fan-out records, retries and caches every member as its own
 job. One trainer thread owns the farm: it admits members between steps (a member that
 arrives late joins the next step), steps all of them together, and for each member logs
-its progress, writes its checkpoints (``recipe.Checkpoints``, the lone layout: a member's
+its progress, writes its checkpoints (``checkpoints.Checkpoints``, the lone layout: a member's
 checkpoint resumes alone and a lone job's in a farm), and exports its adapter when it
 is done.
 
@@ -49,7 +49,7 @@ class _Run:
     waiter: _Waiter
     member: Any  # farm.Member
     logger: Any
-    sink: Any  # recipe.Checkpoints
+    sink: Any  # checkpoints.Checkpoints
     engine: Any  # _MemberEngine
     after_step: Any
     poison: Any
@@ -156,10 +156,10 @@ class FarmRunner:
     def _admit(self, waiter: _Waiter, runs: dict[str, _Run]) -> None:
         from branchout.stages.prepare.data import open_blocks
         from branchout.stages.prepare.instruct import open_roles
+        from branchout.stages.training.checkpoints import Checkpoints
         from branchout.stages.training.farm import Member
         from branchout.stages.training.faults import killer, poisoner
         from branchout.stages.training.metrics import MetricsLogger
-        from branchout.stages.training.recipe import Checkpoints
 
         job = waiter.job
         try:
@@ -233,7 +233,7 @@ class FarmRunner:
 
 
 class _MemberEngine:
-    """What ``recipe.Checkpoints`` saves and loads, for one member: a lone LoRA job's
+    """What ``checkpoints.Checkpoints`` saves and loads, for one member: a lone LoRA job's
     ``state.pt`` (its adapter under peft's names, optimizer, schedule, client state)."""
 
     def __init__(self, farm, member):
