@@ -240,13 +240,13 @@ class _MemberEngine:
         self.farm, self.member = farm, member
 
     def save(self, path: str, client_state: dict[str, Any]) -> None:
-        from branchout.stages.training.engine import write_state
+        from branchout.stages.training.ds_files import write_state
 
         write_state(path, self.farm.adapter_state(self.member.name), self.member.optimizer, self.member.scheduler,
                     client_state)
 
     def load(self, path: str) -> dict[str, Any]:
-        from branchout.stages.training.engine import read_state
+        from branchout.stages.training.ds_files import read_state
 
         state = read_state(path, self.member.optimizer, self.member.scheduler, self.farm.device)
         self.farm.load_adapter(self.member.name, state["model"])

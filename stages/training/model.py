@@ -286,7 +286,7 @@ def zero3_construction(ds_config: dict):
     The config is unset on exit so that later loads in this process (evaluation, export)
     are ordinary ones.
     """
-    from branchout.stages.training.engine import import_deepspeed
+    from branchout.stages.training.ds_files import import_deepspeed
 
     deepspeed = import_deepspeed()
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config

@@ -18,7 +18,7 @@ saves it): any worker count loads it as it is.
 One rank converts (the one that verified the checkpoint and holds a copy of it) and
 publishes the universal copy beside the checkpoints with a manifest; every rank then
 loads it and the copy is removed. The conversion reads the checkpoint's files with
-``weights_only`` loads, as every checkpoint read here does (``engine.safe_load``).
+``weights_only`` loads, as every checkpoint read here does (``ds_files.safe_load``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import contextlib
 import io
 import os
 
-from branchout.stages.training.engine import TAG, weights_only_loads
+from branchout.stages.training.ds_files import weights_only_loads
+from branchout.stages.training.engine import TAG
 
 
 def partitioned(checkpoint_dir: str) -> bool:

@@ -59,7 +59,7 @@ def test_a_nan_is_rolled_back_and_the_run_finishes(parts, engine):
     import torch
     from safetensors.torch import load_file
 
-    from branchout.stages.training.engine import safe_load
+    from branchout.stages.training.ds_files import safe_load
 
     job = _job(parts, f"rolled-{engine}", engine)
     done = _train(job)

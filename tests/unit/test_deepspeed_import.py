@@ -8,7 +8,7 @@ import sys
 
 
 def test_deepspeed_loads_without_mlflow_and_mlflow_still_loads_after():
-    script = ("import sys; from branchout.stages.training.engine import import_deepspeed; import_deepspeed(); "
+    script = ("import sys; from branchout.stages.training.ds_files import import_deepspeed; import_deepspeed(); "
               "from deepspeed.autotuning import autotuner; print('mlflow' in sys.modules, autotuner.has_mlflow); "
               "import mlflow; print(mlflow.start_run is not None)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

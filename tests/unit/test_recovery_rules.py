@@ -66,7 +66,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
 
     import torch
 
-    from branchout.stages.training.engine import safe_load
+    from branchout.stages.training.ds_files import safe_load
 
     marker = tmp_path / "code-ran"
     torch.save({"model": {"w": torch.zeros(2)}, "client_state": {"step": 3, "x": _Payload(str(marker))}},
