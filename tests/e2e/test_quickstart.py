@@ -59,6 +59,13 @@ def test_quickstart_transfers_to_every_domain(tmp_path):
     assert set(metrics["forgetting"]["general_ppl_vs_base"]) == {f"finetune/{d}" for d in ("legal", "code", "docs")}
     assert (run_dir / "eval" / "cross.png").stat().st_size > 1000
     assert "## Perplexity of every model on every held-out set" in report
+    # ... and a real browser decodes and paints it, and every other plot, whole (tests/browser.py)
+    from browser import rendered_images
+
+    shown = {row["alt"]: row for row in rendered_images(run_dir / "report.html")}
+    heatmap = shown["Perplexity of every model on every held-out set"]
+    assert heatmap["colours"] > 100 and heatmap["non_white"] > 0.3, heatmap
+    assert len(shown) >= 4 and all(row["complete"] and row["opaque"] == 1.0 for row in shown.values()), shown
     # eval_every: fine-tunes scored at 20 and 40 (and baselines, which share their options),
     # the best of them exported (keep_best); the pretrain scored at its last step, 60
     record = RunRecord.load(str(run_dir))
