@@ -9,6 +9,9 @@ erase another's numbers, and each section says when and on what it was measured
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +34,39 @@ def sections(text: str | None = None) -> dict[str, list[str]]:
     return {k: _trim(v) for k, v in found.items()}
 
 
+SEAL = re.compile(r"^<!-- sealed: (?P<script>benchmarks/[\w.]+\.py) sha256 (?P<digest>[0-9a-f]{64}) -->$")
+
+
+def seal_digest(title: str, body: list[str]) -> str:
+    """The SHA-256 of a section as its script wrote it (the seal line itself excluded)."""
+    return hashlib.sha256("\n".join([title, *_trim(body)]).encode()).hexdigest()
+
+
+def unsealed(body: list[str]) -> tuple[list[str], re.Match | None]:
+    """A section's lines without its seal, and the seal (None when it has none)."""
+    if body and (seal := SEAL.match(body[-1].strip())):
+        return _trim(body[:-1]), seal
+    return body, None
+
+
+def _writer() -> str:
+    """The benchmark script that called ``write_section``, as ``benchmarks/<name>.py``."""
+    here = Path(__file__).resolve()
+    for frame in inspect.stack():
+        path = Path(frame.filename).resolve()
+        if path.parent == here.parent and path != here:
+            return f"benchmarks/{path.name}"
+    raise RuntimeError("write_section is called by a script in benchmarks/ only")
+
+
 def write_section(title: str, body: list[str]) -> None:
-    """Replace (or append) section ``title`` of RESULTS.md; the others stay."""
+    """Replace (or append) section ``title`` of RESULTS.md; the others stay. The section ends
+    with a seal (an HTML comment, not rendered): the writing script and the SHA-256 of what it
+    wrote, so a section edited by hand afterwards no longer matches its seal
+    (tests/unit/test_results_sections.py checks every seal)."""
     found = sections()
-    found[title] = _trim(body)
+    body = _trim(body)
+    found[title] = [*body, "", f"<!-- sealed: {_writer()} sha256 {seal_digest(title, body)} -->"]
     text = "\n".join([TITLE, *(f"\n## {t}\n\n" + "\n".join(lines) for t, lines in found.items())])
     RESULTS.write_text(text.rstrip() + "\n")
 

@@ -104,3 +104,59 @@ def test_a_missed_or_unmeasured_target_carries_its_why():
 def test_a_pipe_in_a_cell_does_not_add_a_column():
     (row,) = results.targets_table([results.Target("a | b", "≤ 1", "2", "missed", why="x | y\nz")])[2:]
     assert _cells(row) == [r"a \| b: ≤ 1", "2", r"**missed**: x \| y z"]
+
+
+REPO = BENCHMARKS.parent
+
+# Sections written before write_section sealed what it wrote (issue 33). Each leaves this set
+# when its script runs again; a test fails if a sealed section is still listed, so it only shrinks.
+WRITTEN_BEFORE_SEALS = {
+    "Contamination", "GPU rows (benchmarks/gpu.py)", "Quickstart (benchmarks/quickstart.py)",
+    "ZeRO-3 vs ZeRO-2 per-rank peak memory (2 CPU ranks, gloo)", "Data stage at scale",
+    "Suite: orchestration, fan-out, memory (benchmarks/run.py)", "Adapter farm (benchmarks/farm.py)",
+    "Replay: what a fine-tune forgets of the general text", "Adapter farms in pipeline runs (benchmarks/farm_pipeline.py)",
+    "Probes: forecasting the pretrain's worth (benchmarks/probes.py)", "Licence assistant answers (benchmarks/licence.py)",
+    "Autoscaling lead (benchmarks/autoscale_lead.py)", "Checkpoint I/O (benchmarks/checkpoint_io.py)",
+    "Stage cache (benchmarks/cache.py)",
+}
+
+
+def test_every_section_is_sealed_by_its_script_and_unchanged_since():
+    found = results.sections()
+    assert found, "benchmarks/RESULTS.md has no section"
+    for title, body in found.items():
+        lines, seal = results.unsealed(body)
+        if seal is None:
+            assert title in WRITTEN_BEFORE_SEALS, f"{title}: no seal; sections are written by their script only"
+            continue
+        assert title not in WRITTEN_BEFORE_SEALS, f"{title} is sealed now: take it out of WRITTEN_BEFORE_SEALS"
+        assert (REPO / seal["script"]).is_file(), f"{title}: sealed by {seal['script']}, which does not exist"
+        assert seal["digest"] == results.seal_digest(title, lines), \
+            f"{title}: changed after {seal['script']} wrote it (run the script again instead of editing)"
+
+
+def test_a_hand_edit_breaks_the_seal(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "RESULTS", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(results, "_writer", lambda: "benchmarks/run.py")
+    results.write_section("Speed", ["measured 0.94×", "", "| target | measured | status |"])
+    body = results.sections()["Speed"]
+    lines, seal = results.unsealed(body)
+    assert seal["script"] == "benchmarks/run.py" and seal["digest"] == results.seal_digest("Speed", lines)
+    edited = [line.replace("0.94", "0.97") for line in lines]
+    assert results.seal_digest("Speed", edited) != seal["digest"]
+    assert results.unsealed(lines)[1] is None  # a section without its last line has no seal
+
+
+def test_every_stamp_names_a_commit_of_this_repository():
+    import subprocess
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+    if git("rev-parse", "--is-shallow-repository").stdout.strip() != "false":
+        pytest.skip("a shallow clone lacks the older commits the stamps name")
+    for title, body in results.sections().items():
+        commits = re.findall(r"commit `?([0-9a-f]{7,40})\b", "\n".join(body))
+        assert commits, f"{title}: no stamp naming the commit it measured"
+        for commit in commits:
+            assert git("cat-file", "-e", f"{commit}^{{commit}}").returncode == 0, f"{title}: commit {commit} does not exist"

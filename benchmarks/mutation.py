@@ -1,0 +1,246 @@
+"""Mutation testing of the code that decides correctness, with cosmic-ray.
+
+    python benchmarks/mutation.py              # every area, ~40 minutes on 2 cores
+    python benchmarks/mutation.py --area cache # one area (the section keeps only a full run)
+
+For each area below (a module, the functions in it that decide the area's correctness, and the
+unit tests that guard it) cosmic-ray changes one thing at a time in those functions (a
+comparison flipped, a constant changed, a loop that never runs, ...), runs the area's tests,
+and restores the file. A mutant is *killed* when the tests fail (or time out); one that
+*survives* is a change no test noticed: either a missing test, or an equivalent mutant (the
+program means the same, e.g. ``>= 0`` vs ``> 0`` where the value can never be 0).
+``EQUIVALENT`` lists the survivors read and judged equivalent, each with why; every other
+survivor is listed in RESULTS.md as uncaught.
+
+Rule, fixed before measuring: one run, every mutant of the selected lines run once. Score =
+killed / (killed + survived − those judged equivalent); target (issue 33) ≥ 85% over all areas together;
+each area's own score is shown. Operators: cosmic-ray's, with one replacement per binary and
+comparison operator instead of every other operator (mutmut's choice: ``+`` → ``-``, ``*`` →
+``/``, ``<`` → ``<=``, ``==`` → ``!=``, ...): cosmic-ray's ten swaps of ``a + b`` (to ``a << b``,
+``a ^ b``, ...) are killed by whatever kills ``a - b`` and would triple the run.
+
+The tree must be clean in the mutated modules (cosmic-ray edits them in place and restores
+them); the script refuses otherwise and checks they are unchanged afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results import Target, stamp, status, targets_table, write_section  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TITLE = "Mutation testing (benchmarks/mutation.py)"
+PYTEST = f"{sys.executable} -m pytest -x -q -p no:cacheprovider --no-header"
+TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class Area:
+    name: str
+    module: str
+    functions: tuple[str, ...]  # "func", "Class.method", or "@validators" for every pydantic validator
+    tests: tuple[str, ...]
+
+
+AREAS = [
+    Area("cache", "orchestrator/run/cache.py",
+         ("code_version", "code_hash", "model_fingerprint", "_h", "data_fingerprints", "job_keys",
+          "StageCache.lookup", "StageCache.store"),
+         ("tests/unit/test_cache_keys.py",)),
+    Area("checkpoint", "storage/checkpoint.py",
+         ("build_manifest", "_hash_all", "read_manifest", "manifest_problems", "write_rank_manifest", "_manifests",
+          "verify_local", "fetch_verified", "written_world", "newest_good", "rank_problems", "full_problems",
+          "_sha256_file"),
+         ("tests/unit/test_checkpoints.py", "tests/unit/test_hostile_manifests.py")),
+    Area("split", "stages/prepare/split.py",
+         ("is_heldout", "shingles", "_sampled_hashes", "_sorted_unique", "_partition", "contains_sorted",
+          "Decontaminator.add_train", "Decontaminator._spill", "Decontaminator.add_heldout",
+          "Decontaminator._train_partition", "Decontaminator.finish", "Decontaminator._settle"),
+         ("tests/unit/test_data_split.py",)),
+    Area("batches", "stages/training/batches.py",
+         ("BlockOrder.__init__", "BlockOrder._perm", "BlockOrder._layout", "BlockOrder._window_blocks",
+          "BlockOrder._at", "BlockOrder.blocks", "BlockOrder.rank_blocks", "step_micro_batches", "epochs_for"),
+         ("tests/unit/test_data_stream.py", "tests/unit/test_units.py", "tests/unit/test_mixture.py")),
+    Area("spec", "core/spec.py", ("@validators", "_check_slug", "_scalar_kinds", "ProbeSpec.points"),
+         ("tests/unit/test_spec.py", "tests/unit/test_bad_input_corpus.py")),
+]
+
+# One replacement kept per binary and comparison operator (see the docstring); cosmic-ray's
+# other swaps of those operators are filtered out by name.
+KEPT_SWAPS = {"Add_Sub", "Sub_Add", "Mul_Div", "Div_Mul", "FloorDiv_Div", "Mod_FloorDiv", "Pow_Mul",
+              "LShift_RShift", "RShift_LShift", "BitOr_BitAnd", "BitAnd_BitOr", "BitXor_BitOr",
+              "Eq_NotEq", "NotEq_Eq", "Lt_LtE", "LtE_Lt", "Gt_GtE", "GtE_Gt", "Is_IsNot", "IsNot_Is"}
+
+
+def excluded_operators() -> list[str]:
+    names = cr("cosmic-ray", "operators").split()
+    swaps = [n for n in names if n.startswith(("core/ReplaceBinaryOperator_", "core/ReplaceComparisonOperator_"))]
+    return [f"^{n}$" for n in swaps if n.split("Operator_", 1)[1] not in KEPT_SWAPS]
+
+# Survivors read and judged equivalent: (module, the mutated line's text, operator) → why.
+EQUIVALENT: dict[tuple[str, str, str], str] = {}
+
+
+def line_ranges(module: Path, names: tuple[str, ...]) -> list[tuple[int, int]]:
+    """The line ranges (decorators included) of the named functions; "@validators" picks every
+    function decorated with a pydantic ``field_validator`` or ``model_validator``."""
+    tree = ast.parse(module.read_text())
+    found: dict[str, ast.AST] = {}
+    validators = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            found[node.name] = node
+        elif isinstance(node, ast.ClassDef):
+            for sub in node.body:
+                if isinstance(sub, ast.FunctionDef):
+                    found[f"{node.name}.{sub.name}"] = sub
+                    decorators = [ast.unparse(d) for d in sub.decorator_list]
+                    if any("field_validator" in d or "model_validator" in d for d in decorators):
+                        validators.append(sub)
+    nodes = []
+    for name in names:
+        if name == "@validators":
+            nodes += validators
+        elif name in found:
+            nodes.append(found[name])
+        else:
+            raise SystemExit(f"{module}: no function {name} (the area's list is out of date)")
+    return sorted({(min([n.lineno, *(d.lineno for d in n.decorator_list)]), n.end_lineno) for n in nodes})
+
+
+def config(area: Area, ranges: list[tuple[int, int]]) -> str:
+    tests = " ".join(area.tests)
+    lines = ", ".join(f'"{a}-{b}"' for a, b in ranges)
+    excluded = ", ".join(json.dumps(r) for r in excluded_operators())
+    return (f'[cosmic-ray]\nmodule-path = "{area.module}"\ntimeout = {TIMEOUT_S}\nexcluded-modules = []\n'
+            f'test-command = "{PYTEST} {tests}"\n\n[cosmic-ray.distributor]\nname = "local"\n\n'
+            f"[cosmic-ray.filters.operators-filter]\nexclude-operators = [{excluded}]\n\n"
+            f'[cosmic-ray.filters.line-filter]\nlines = {{ "{area.module}" = [{lines}] }}\n')
+
+
+def cr(*args: str) -> str:
+    bindir = Path(sys.executable).parent
+    done = subprocess.run([str(bindir / args[0]), *args[1:]], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def mutated_line(module: str, diff: str) -> str:
+    """The original text of the line a mutant changed, read from its diff."""
+    for line in diff.splitlines():
+        if line.startswith("-") and not line.startswith("---"):
+            return line[1:].strip()
+    return ""
+
+
+def run_area(area: Area, work: Path) -> dict:
+    ranges = line_ranges(REPO / area.module, area.functions)
+    cfg, session = work / f"{area.name}.toml", work / f"{area.name}.sqlite"
+    cfg.write_text(config(area, ranges))
+    started = time.time()
+    baseline = subprocess.run(f"{PYTEST} {' '.join(area.tests)}".split(), cwd=REPO, capture_output=True, text=True)
+    if baseline.returncode != 0:
+        raise SystemExit(f"{area.name}: the tests fail without any mutant:\n{baseline.stdout[-3000:]}")
+    base_s = time.time() - started
+    cr("cosmic-ray", "init", str(cfg), str(session))
+    cr("cr-filter-operators", str(session), str(cfg))
+    cr("cr-filter-lines", "--config", str(cfg), str(session))
+    started = time.time()
+    cr("cosmic-ray", "exec", str(cfg), str(session))
+    seconds = time.time() - started
+    killed = survived = incompetent = 0
+    survivors = []
+    for raw in cr("cosmic-ray", "dump", str(session)).splitlines():
+        item, result = json.loads(raw)
+        if result is None or result.get("worker_outcome") == "skipped":
+            continue
+        outcome = result.get("test_outcome")
+        if outcome == "killed":
+            killed += 1
+        elif outcome == "survived":
+            survived += 1
+            mutation = item["mutations"][0]
+            text = mutated_line(area.module, result.get("diff") or "")
+            op = mutation["operator_name"].replace("core/", "")
+            survivors.append({"line": mutation["start_pos"][0], "operator": op, "text": text,
+                              "diff": result.get("diff") or "",
+                              "equivalent": EQUIVALENT.get((area.module, text, op))})
+        else:
+            incompetent += 1
+    print(f"{area.name}: {killed} killed, {survived} survived, {incompetent} incompetent in {seconds:.0f} s", flush=True)
+    return {"area": area, "ranges": ranges, "killed": killed, "survived": survived, "incompetent": incompetent,
+            "survivors": survivors, "seconds": seconds, "baseline_s": base_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--area", choices=[a.name for a in AREAS], action="append")
+    args = parser.parse_args()
+    areas = [a for a in AREAS if not args.area or a.name in args.area]
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *(a.module for a in areas)], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    if dirty:
+        raise SystemExit(f"commit or stash the modules first (cosmic-ray edits them in place):\n{dirty}")
+    measured_stamp = stamp()
+    with tempfile.TemporaryDirectory(prefix="branchout-mutation-") as tmp:
+        results = [run_area(a, Path(tmp)) for a in areas]
+    after = subprocess.run(["git", "status", "--porcelain", "--", *(a.module for a in areas)], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    if after:
+        raise SystemExit(f"a module was left mutated (restore it with git checkout):\n{after}")
+
+    rows, listed = [], []
+    total_killed = total_mutants = total_equivalent = 0
+    for r in results:
+        area: Area = r["area"]
+        mutants = r["killed"] + r["survived"]  # incompetent: the test command could not run at all
+        equivalent = sum(1 for s in r["survivors"] if s["equivalent"])
+        score = r["killed"] / max(1, mutants - equivalent)
+        total_killed += r["killed"]
+        total_mutants += mutants
+        total_equivalent += equivalent
+        spans = ", ".join(f"{a}-{b}" for a, b in r["ranges"])
+        rows.append(f"| {area.name} | `{area.module}` lines {spans} | {', '.join(f'`{t}`' for t in area.tests)} | "
+                    f"{mutants} | {r['killed']} | {r['survived'] - equivalent} | {equivalent} | {r['incompetent']} | "
+                    f"{score:.1%} | {r['seconds']:.0f} |")
+        for s in r["survivors"]:
+            verdict = f"equivalent: {s['equivalent']}" if s["equivalent"] else "**not caught**"
+            listed.append(f"| {area.name} | {s['line']} | {s['operator']} | `{s['text'][:90]}` | {verdict} |")
+    score = total_killed / max(1, total_mutants - total_equivalent)
+    full_run = len(areas) == len(AREAS)
+    target = (Target("Mutants killed, every area together", "≥ 85% (equivalent mutants set aside)",
+                     f"{score:.1%} ({total_killed} of {total_mutants - total_equivalent})", status(score >= 0.85),
+                     why=f"{score:.1%}: the survivors below are changes no test notices")
+              if full_run else
+              Target("Mutants killed, every area together", "≥ 85%", None, "not measured",
+                     why=f"only {', '.join(a.name for a in areas)} ran"))
+    body = [f"Measured by `python benchmarks/mutation.py` (cosmic-ray): {measured_stamp}.", "",
+            "Rule: one run; every mutant of the listed functions' lines, each against its area's unit tests "
+            "(`pytest -x`); score = killed / (killed + survived − judged equivalent). Operators: cosmic-ray's, "
+            "one replacement per binary and comparison operator (`+`→`-`, `<`→`<=`, `==`→`!=`, ...). Incompetent (not in the score): the test "
+            "command could not be started for that mutant.", "",
+            "| area | mutated | tests | mutants | killed | survived | equivalent | incompetent | score | s |",
+            "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    if listed:
+        body += ["Survivors:", "", "| area | line | operator | line's text | verdict |", "|---|---|---|---|---|",
+                 *listed, ""]
+    body += targets_table([target])
+    print("\n".join(body))
+    if full_run:
+        write_section(TITLE, body)
+
+
+if __name__ == "__main__":
+    main()
