@@ -32,8 +32,8 @@ Each row is printed as it is measured and a failing row is reported as failed; t
 written at the end, stamped with commit, GPU and library versions, and ends with the targets
 (bf16 MFU ≥ 45% on the last pretrain row; the 4 packed LoRA fine-tunes < 4× one alone), each met,
 missed or not measured (its row failed or did not run). Without a GPU nothing is measured: the
-targets are printed as not measured, and written so only where RESULTS.md has no GPU section
-(a measured one is kept).
+targets are written as not measured, and the last GPU run's rows are kept under a line that says
+they are stale (never erased).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ SECTION = "GPU rows (benchmarks/gpu.py)"
 sys.path.insert(0, str(REPO / "examples"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from results import Target, sections, stamp, status, targets_table, write_section  # noqa: E402
+from results import Target, sections, stamp, status, targets_table, unsealed, write_section  # noqa: E402
 
 FULL = {"model": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12, "num_attention_heads": 16,
                   "num_key_value_heads": 16, "max_position_embeddings": 1024},
@@ -424,14 +424,36 @@ def gpu_targets(rows: list, facts: dict, done: bool, gpu: bool = True) -> list[T
             Target(*PACKING_TARGET, f"{packed:.2f}×", status(packed < 4), why=f"{packed:.2f}×, not under 4×")]
 
 
+STALE = "**Stale:**"
+NOTES = "Notes written by people about these runs: [docs/gpu-runs.md](../docs/gpu-runs.md)."
+
+
+def stale_section(body: list[str], table: list[str]) -> list[str]:
+    """The GPU section after a run that found no GPU: the last measured rows kept as that run
+    wrote them (its own stamp says what they measured), under a line saying they are stale,
+    and this run's targets, not measured. An earlier stale line and table are replaced."""
+    rows, _ = unsealed(body)
+    if rows and rows[0].startswith(STALE):
+        rows = rows[1:]
+    if "| target | measured | status |" in rows:  # this run's table replaces the last one
+        rows = rows[:rows.index("| target | measured | status |")]
+    rows = [r for r in rows if r != NOTES and not r.startswith("The notes written by hand about this run")]
+    while rows and not rows[-1].strip():
+        rows = rows[:-1]
+    return [f"{STALE} `python benchmarks/gpu.py` on {time.strftime('%Y-%m-%d')} found no GPU ({stamp()}): the rows "
+            "below are the last GPU run's, kept as it wrote them; they measure the commit their own stamp names, "
+            "not this one.", "", *rows, "", NOTES, "", *table]
+
+
 def main() -> int:
     import torch
 
     smoke = "--smoke" in sys.argv
     if not torch.cuda.is_available() and not smoke:
         table = targets_table(gpu_targets([], {}, done=True, gpu=False))
-        if SECTION in sections():  # a measured GPU section is not replaced by a run that measured nothing
-            print("no GPU on this machine: nothing measured, RESULTS.md unchanged (run this on a GPU machine)")
+        if SECTION in sections():  # a measured GPU section is kept, marked stale, never erased
+            write_section(SECTION, stale_section(sections()[SECTION], table))
+            print("no GPU on this machine: nothing measured; RESULTS.md's GPU rows kept, marked stale")
         else:
             write_section(SECTION, [f"`python benchmarks/gpu.py` on {time.strftime('%Y-%m-%d')}: no GPU on this "
                                     f"machine, nothing measured; {stamp()}.", "", *table])
