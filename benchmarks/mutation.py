@@ -2,6 +2,7 @@
 
     python benchmarks/mutation.py              # every area, ~40 minutes on 2 cores
     python benchmarks/mutation.py --area cache # one area (the section keeps only a full run)
+    python benchmarks/mutation.py --fresh      # rerun areas whose inputs did not change too
 
 For each area below (a module, the functions in it that decide the area's correctness, and the
 unit tests that guard it) cosmic-ray changes one thing at a time in those functions (a
@@ -19,6 +20,11 @@ comparison operator instead of every other operator (mutmut's choice: ``+`` → 
 ``/``, ``<`` → ``<=``, ``==`` → ``!=``, ...): cosmic-ray's ten swaps of ``a + b`` (to ``a << b``,
 ``a ^ b``, ...) are killed by whatever kills ``a - b`` and would triple the run.
 
+An area's result is kept in benchmarks/out/mutation/ under the SHA-256 of its inputs (the
+module, its tests, tests/conftest.py, its function list, the operators, the test command,
+cosmic-ray's version) and reused while they are unchanged; the
+section says which areas ran and which were reused.
+
 The tree must be clean in the mutated modules (cosmic-ray edits them in place and restores
 them); the script refuses otherwise and checks they are unchanged afterwards.
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import subprocess
 import sys
@@ -145,8 +152,30 @@ def mutated_line(module: str, diff: str) -> str:
     return ""
 
 
-def run_area(area: Area, work: Path) -> dict:
+CACHE = REPO / "benchmarks" / "out" / "mutation"
+
+
+def inputs_digest(area: Area) -> str:
+    """What an area's result depends on: the module, its tests and the conftest they load, the
+    area's functions, the operators kept, the test command and cosmic-ray's version (not the
+    EQUIVALENT judgments, applied when the section is written). The same inputs give the same
+    mutants and verdicts (the tests are deterministic), so a result is reused only while none
+    of them changed."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(repr((area, sorted(KEPT_SWAPS), PYTEST.split()[1:], version("cosmic-ray"))).encode())
+    for path in [REPO / area.module, REPO / "tests" / "conftest.py", *(REPO / t for t in area.tests)]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def run_area(area: Area, work: Path, reuse: bool) -> dict:
     ranges = line_ranges(REPO / area.module, area.functions)
+    cached = CACHE / f"{area.name}-{inputs_digest(area)}.json"
+    if reuse and cached.exists():
+        out = json.loads(cached.read_text())
+        print(f"{area.name}: reused (module, tests and this script unchanged since it ran)", flush=True)
+        return {**out, "area": area, "ranges": [tuple(r) for r in out["ranges"]], "reused": True}
     cfg, session = work / f"{area.name}.toml", work / f"{area.name}.sqlite"
     cfg.write_text(config(area, ranges))
     started = time.time()
@@ -175,18 +204,21 @@ def run_area(area: Area, work: Path) -> dict:
             text = mutated_line(area.module, result.get("diff") or "")
             op = mutation["operator_name"].replace("core/", "")
             survivors.append({"line": mutation["start_pos"][0], "operator": op, "text": text,
-                              "diff": result.get("diff") or "",
-                              "equivalent": EQUIVALENT.get((area.module, text, op))})
+                              "diff": result.get("diff") or ""})
         else:
             incompetent += 1
     print(f"{area.name}: {killed} killed, {survived} survived, {incompetent} incompetent in {seconds:.0f} s", flush=True)
-    return {"area": area, "ranges": ranges, "killed": killed, "survived": survived, "incompetent": incompetent,
-            "survivors": survivors, "seconds": seconds, "baseline_s": base_s}
+    out = {"ranges": ranges, "killed": killed, "survived": survived, "incompetent": incompetent,
+           "survivors": survivors, "seconds": seconds, "baseline_s": base_s}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(out))
+    return {**out, "area": area}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--area", choices=[a.name for a in AREAS], action="append")
+    parser.add_argument("--fresh", action="store_true", help="run every area, even one whose inputs did not change")
     args = parser.parse_args()
     areas = [a for a in AREAS if not args.area or a.name in args.area]
     dirty = subprocess.run(["git", "status", "--porcelain", "--", *(a.module for a in areas)], cwd=REPO,
@@ -195,7 +227,7 @@ def main() -> None:
         raise SystemExit(f"commit or stash the modules first (cosmic-ray edits them in place):\n{dirty}")
     measured_stamp = stamp()
     with tempfile.TemporaryDirectory(prefix="branchout-mutation-") as tmp:
-        results = [run_area(a, Path(tmp)) for a in areas]
+        results = [run_area(a, Path(tmp), reuse=not args.fresh) for a in areas]
     after = subprocess.run(["git", "status", "--porcelain", "--", *(a.module for a in areas)], cwd=REPO,
                            capture_output=True, text=True).stdout.strip()
     if after:
@@ -205,6 +237,8 @@ def main() -> None:
     total_killed = total_mutants = total_equivalent = 0
     for r in results:
         area: Area = r["area"]
+        for s in r["survivors"]:
+            s["equivalent"] = EQUIVALENT.get((area.module, s["text"], s["operator"]))
         mutants = r["killed"] + r["survived"]  # incompetent: the test command could not run at all
         equivalent = sum(1 for s in r["survivors"] if s["equivalent"])
         score = r["killed"] / max(1, mutants - equivalent)
@@ -212,9 +246,10 @@ def main() -> None:
         total_mutants += mutants
         total_equivalent += equivalent
         spans = ", ".join(f"{a}-{b}" for a, b in r["ranges"])
+        took = f"{r['seconds']:.0f}" + (" (reused)" if r.get("reused") else "")
         rows.append(f"| {area.name} | `{area.module}` lines {spans} | {', '.join(f'`{t}`' for t in area.tests)} | "
                     f"{mutants} | {r['killed']} | {r['survived'] - equivalent} | {equivalent} | {r['incompetent']} | "
-                    f"{score:.1%} | {r['seconds']:.0f} |")
+                    f"{score:.1%} | {took} |")
         for s in r["survivors"]:
             verdict = f"equivalent: {s['equivalent']}" if s["equivalent"] else "**not caught**"
             listed.append(f"| {area.name} | {s['line']} | {s['operator']} | `{s['text'][:90]}` | {verdict} |")
@@ -230,7 +265,9 @@ def main() -> None:
             "Rule: one run; every mutant of the listed functions' lines, each against its area's unit tests "
             "(`pytest -x`); score = killed / (killed + survived − judged equivalent). Operators: cosmic-ray's, "
             "one replacement per binary and comparison operator (`+`→`-`, `<`→`<=`, `==`→`!=`, ...). Incompetent (not in the score): the test "
-            "command could not be started for that mutant.", "",
+            "command could not be started for that mutant. s: seconds of mutants run; \"reused\": the "
+            "area's inputs (module, tests, functions, operators) are byte-identical to a run kept in "
+            "benchmarks/out/mutation/.", "",
             "| area | mutated | tests | mutants | killed | survived | equivalent | incompetent | score | s |",
             "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
     if listed:
