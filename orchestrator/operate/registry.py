@@ -341,8 +341,21 @@ def _tighten(path: str) -> None:
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    import sqlite3
+
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    # first: every later statement waits up to 30 s for another process's lock instead of failing
     cur.execute("PRAGMA busy_timeout=30000")
+    # WAL belongs to the database file and is set once, by whichever process gets there first.
+    # Switching needs the file to itself, and SQLite answers "locked" at once there instead of
+    # waiting (three CLIs opening a new registry together lost that race), so wait here.
+    deadline = time.monotonic() + 30
+    while cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
