@@ -25,8 +25,10 @@ module, its tests, tests/conftest.py, its function list, the operators, the test
 cosmic-ray's version) and reused while they are unchanged; the
 section says which areas ran and which were reused.
 
-The tree must be clean in the mutated modules (cosmic-ray edits them in place and restores
-them); the script refuses otherwise and checks they are unchanged afterwards.
+Mutants run in copies of the tree (one per core, each served by a ``cosmic-ray http-worker``
+with the copy first on PYTHONPATH so ``import branchout`` finds it): the checkout itself is
+never edited. The copies hold the tree as it is, uncommitted changes included, and the stamp
+says ``+dirty`` then.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import argparse
 import ast
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,14 +130,74 @@ def line_ranges(module: Path, names: tuple[str, ...]) -> list[tuple[int, int]]:
     return sorted({(min([n.lineno, *(d.lineno for d in n.decorator_list)]), n.end_lineno) for n in nodes})
 
 
-def config(area: Area, ranges: list[tuple[int, int]]) -> str:
+def config(area: Area, ranges: list[tuple[int, int]], urls: list[str]) -> str:
     tests = " ".join(area.tests)
     lines = ", ".join(f'"{a}-{b}"' for a, b in ranges)
     excluded = ", ".join(json.dumps(r) for r in excluded_operators())
     return (f'[cosmic-ray]\nmodule-path = "{area.module}"\ntimeout = {TIMEOUT_S}\nexcluded-modules = []\n'
-            f'test-command = "{PYTEST} {tests}"\n\n[cosmic-ray.distributor]\nname = "local"\n\n'
+            f'test-command = "{PYTEST} {tests}"\n\n[cosmic-ray.distributor]\nname = "http"\n\n'
+            f"[cosmic-ray.distributor.http]\nworker-urls = {json.dumps(urls)}\n\n"
             f"[cosmic-ray.filters.operators-filter]\nexclude-operators = [{excluded}]\n\n"
             f'[cosmic-ray.filters.line-filter]\nlines = {{ "{area.module}" = [{lines}] }}\n')
+
+
+class Workers:
+    """``n`` copies of the tree under ``root``, each with a cosmic-ray http-worker in it."""
+
+    def __init__(self, root: Path, n: int):
+        import socket
+
+        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.split("\0")
+        self.procs, self.urls, self.copies = [], [], []
+        for i in range(n):
+            copy = root / f"worker-{i}" / "branchout"  # the folder's name is the package's
+            for name in filter(None, files):
+                src = REPO / name
+                if src.is_file():
+                    (copy / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, copy / name)
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            # the copy's parent first on the path: `import branchout` finds the copy, not the
+            # editable install (whose finder comes after the path's)
+            env = {**os.environ, "PYTHONPATH": str(copy.parent), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+            with open(root / f"worker-{i}.log", "w") as log:  # the child keeps its own descriptor
+                self.procs.append(subprocess.Popen([str(Path(sys.executable).parent / "cosmic-ray"), "http-worker",
+                                                    "--port", str(port)], cwd=copy, env=env, stdout=log, stderr=log))
+            self.urls.append(f"http://127.0.0.1:{port}")
+            self.copies.append(copy)
+        for url in self.urls:
+            wait_for_port(int(url.rsplit(":", 1)[1]))
+
+    def check_imports(self) -> None:
+        for copy in self.copies:
+            env = {**os.environ, "PYTHONPATH": str(copy.parent)}
+            where = subprocess.run([sys.executable, "-c", "import branchout; print(branchout.__file__)"], cwd=copy,
+                                   env=env, capture_output=True, text=True).stdout.strip()
+            if not where.startswith(str(copy)):
+                raise SystemExit(f"a worker's copy imports branchout from {where}, not from {copy}")
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(30)
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    import socket
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise SystemExit(f"no cosmic-ray worker answered on port {port}") from None
+            time.sleep(0.2)
 
 
 def cr(*args: str) -> str:
@@ -169,7 +233,7 @@ def inputs_digest(area: Area) -> str:
     return digest.hexdigest()
 
 
-def run_area(area: Area, work: Path, reuse: bool) -> dict:
+def run_area(area: Area, work: Path, reuse: bool, workers: Workers) -> dict:
     ranges = line_ranges(REPO / area.module, area.functions)
     cached = CACHE / f"{area.name}-{inputs_digest(area)}.json"
     if reuse and cached.exists():
@@ -177,9 +241,11 @@ def run_area(area: Area, work: Path, reuse: bool) -> dict:
         print(f"{area.name}: reused (module, tests and this script unchanged since it ran)", flush=True)
         return {**out, "area": area, "ranges": [tuple(r) for r in out["ranges"]], "reused": True}
     cfg, session = work / f"{area.name}.toml", work / f"{area.name}.sqlite"
-    cfg.write_text(config(area, ranges))
+    cfg.write_text(config(area, ranges, workers.urls))
     started = time.time()
-    baseline = subprocess.run(f"{PYTEST} {' '.join(area.tests)}".split(), cwd=REPO, capture_output=True, text=True)
+    copy = workers.copies[0]
+    baseline = subprocess.run(f"{PYTEST} {' '.join(area.tests)}".split(), cwd=copy, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(copy.parent), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     if baseline.returncode != 0:
         raise SystemExit(f"{area.name}: the tests fail without any mutant:\n{baseline.stdout[-3000:]}")
     base_s = time.time() - started
@@ -219,19 +285,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--area", choices=[a.name for a in AREAS], action="append")
     parser.add_argument("--fresh", action="store_true", help="run every area, even one whose inputs did not change")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
     args = parser.parse_args()
     areas = [a for a in AREAS if not args.area or a.name in args.area]
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", *(a.module for a in areas)], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    if dirty:
-        raise SystemExit(f"commit or stash the modules first (cosmic-ray edits them in place):\n{dirty}")
     measured_stamp = stamp()
     with tempfile.TemporaryDirectory(prefix="branchout-mutation-") as tmp:
-        results = [run_area(a, Path(tmp), reuse=not args.fresh) for a in areas]
-    after = subprocess.run(["git", "status", "--porcelain", "--", *(a.module for a in areas)], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    if after:
-        raise SystemExit(f"a module was left mutated (restore it with git checkout):\n{after}")
+        workers = Workers(Path(tmp), args.workers)
+        try:
+            workers.check_imports()
+            results = [run_area(a, Path(tmp), not args.fresh, workers) for a in areas]
+        finally:
+            workers.close()
 
     rows, listed = [], []
     total_killed = total_mutants = total_equivalent = 0
