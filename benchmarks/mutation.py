@@ -10,6 +10,7 @@ comparison flipped, a constant changed, a loop that never runs, ...), runs the a
 and restores the file. A mutant is *killed* when the tests fail (or time out); one that
 *survives* is a change no test noticed: either a missing test, or an equivalent mutant (the
 program means the same, e.g. ``>= 0`` vs ``> 0`` where the value can never be 0).
+Mutants inside type annotations are not run (see ``annotation_spans``).
 ``EQUIVALENT`` lists the survivors read and judged equivalent, each with why; every other
 survivor is listed in RESULTS.md as uncaught.
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -200,6 +202,38 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
             time.sleep(0.2)
 
 
+def annotation_spans(module: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions of every type annotation of ``module``'s functions. Every module
+    here starts with ``from __future__ import annotations``: a function's annotations are
+    strings nobody evaluates, so a mutant there (``str | None`` → ``str & None``) changes
+    nothing and is not run."""
+    spans = []
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            notes = [a.annotation for a in [*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg]
+                     if a is not None and a.annotation is not None]
+            for note in [*notes, node.returns]:
+                if note is not None:
+                    spans.append(((note.lineno, note.col_offset), (note.end_lineno, note.end_col_offset)))
+    return spans
+
+
+def skip_annotations(session: Path, module: Path) -> int:
+    """Mark the session's mutants inside annotations as skipped; how many."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    spans = annotation_spans(module)
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        inside = [item.job_id for item in db.pending_work_items
+                  if all(any(a <= tuple(m.start_pos) and tuple(m.end_pos) <= b for a, b in spans) for m in item.mutations)]
+        if inside:
+            db.set_multiple_results(inside, WorkResult(output="in a type annotation (never evaluated)",
+                                                       worker_outcome=WorkerOutcome.SKIPPED))
+    return len(inside)
+
+
 def cr(*args: str) -> str:
     bindir = Path(sys.executable).parent
     done = subprocess.run([str(bindir / args[0]), *args[1:]], cwd=REPO, capture_output=True, text=True)
@@ -227,7 +261,8 @@ def inputs_digest(area: Area) -> str:
     of them changed."""
     from importlib.metadata import version
 
-    digest = hashlib.sha256(repr((area, sorted(KEPT_SWAPS), PYTEST.split()[1:], version("cosmic-ray"))).encode())
+    digest = hashlib.sha256(repr((area, sorted(KEPT_SWAPS), PYTEST.split()[1:], version("cosmic-ray"),
+                                  inspect.getsource(annotation_spans))).encode())
     for path in [REPO / area.module, REPO / "tests" / "conftest.py", *(REPO / t for t in area.tests)]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -252,6 +287,7 @@ def run_area(area: Area, work: Path, reuse: bool, workers: Workers) -> dict:
     cr("cosmic-ray", "init", str(cfg), str(session))
     cr("cr-filter-operators", str(session), str(cfg))
     cr("cr-filter-lines", "--config", str(cfg), str(session))
+    skip_annotations(session, REPO / area.module)
     started = time.time()
     cr("cosmic-ray", "exec", str(cfg), str(session))
     seconds = time.time() - started
