@@ -102,7 +102,17 @@ def excluded_operators() -> list[str]:
     return [f"^{n}$" for n in swaps if n.split("Operator_", 1)[1] not in KEPT_SWAPS]
 
 # Survivors read and judged equivalent: (module, the mutated line's text, operator) → why.
-EQUIVALENT: dict[tuple[str, str, str], str] = {}
+CACHE_PY = "orchestrator/run/cache.py"
+EQUIVALENT: dict[tuple[str, str, str], str] = {
+    (CACHE_PY, "@lru_cache(maxsize=1)", "NumberReplacer"):
+        "the size of a per-process memo of code_version; any size (0 included) returns the same version",
+    (CACHE_PY, 'return f"{__version__}+{h.hexdigest()[:12]}"', "NumberReplacer"):
+        "how many hex digits of the code hash the version shows; any length keys the same code the same",
+    (CACHE_PY, "return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]",
+     "NumberReplacer"): "the length of a key (23 or 25 of SHA-256's hex digits): equal inputs still give equal keys",
+    (CACHE_PY, 'storage.write_text(storage.join(self.root, f"{key}.json"), json.dumps(entry, indent=1))',
+     "NumberReplacer"): "the indentation of the index entry's JSON; it reads back the same",
+}
 
 
 def line_ranges(module: Path, names: tuple[str, ...]) -> list[tuple[int, int]]:

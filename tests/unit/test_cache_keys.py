@@ -115,3 +115,76 @@ def _keys_with_fresh_code_version(write_pipeline):
         return _keys(write_pipeline)
     finally:
         cache.code_version.cache_clear()
+
+
+def test_an_existing_models_files_are_in_the_keys_of_the_jobs_built_on_them(write_pipeline, tmp_path):
+    """``model.path``: the pretrain (a continued or copied model) and the from-scratch baselines
+    (its architecture) depend on the model's files; a new revision or changed file recomputes
+    them and what follows, never the tokenizer or the data."""
+    from branchout.orchestrator.run.cache import model_fingerprint
+
+    graph = build_graph(load_spec(write_pipeline(copy.deepcopy(TINY))))
+    scratch = {f"scratch/{d}" for d in ("legal", "code", "docs")}
+    downstream = {"pretrain", *scratch, *(f"{k}/{d}" for k in ("finetune", "evaluate") for d in ("legal", "code", "docs"))}
+    built = job_keys(graph, FPS)
+    graph.spec.model.path = "org/base-model"  # a hub id: no files here, named by id and revision
+    assert model_fingerprint("org/base-model", None) == "hub:org/base-model@main"
+    hub = job_keys(graph, FPS)
+    assert _changed(built, hub) == downstream
+    graph.spec.model.revision = "v2"
+    assert _changed(hub, job_keys(graph, FPS)) == downstream
+    # a folder: every file's name, size and time, at any depth
+    folder = tmp_path / "model"
+    (folder / "shards").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "shards" / "model-1.safetensors").write_bytes(b"w" * 64)
+    graph.spec.model.path = str(folder)
+    local = job_keys(graph, FPS)
+    assert local == job_keys(graph, FPS) and _changed(hub, local) == downstream
+    (folder / "shards" / "model-1.safetensors").write_bytes(b"w" * 65)
+    assert _changed(local, job_keys(graph, FPS)) == downstream
+
+
+def test_key_parts_hash_the_same_whatever_their_order_in_a_mapping():
+    from branchout.orchestrator.run.cache import _h
+
+    assert _h({"lr": 1e-3, "steps": 8}) == _h({"steps": 8, "lr": 1e-3})
+    assert _h({"lr": 1e-3, "steps": 8}) != _h({"lr": 1e-3, "steps": 9})
+
+
+def test_the_cache_answers_only_with_outputs_that_still_verify(tmp_path):
+    from pathlib import Path
+
+    from branchout.orchestrator.run.cache import StageCache
+    from branchout.storage.checkpoint import publish_dir
+
+    def published(name: str) -> str:
+        src = tmp_path / "src" / name
+        src.mkdir(parents=True)
+        (src / "weights.bin").write_bytes(b"x" * 100)
+        uri = str(tmp_path / "runs" / name)
+        publish_dir(str(src), uri)
+        return uri
+
+    storage_root = str(tmp_path / "runs")
+    cache = StageCache(storage_root)
+    assert cache.lookup("pretrain", "k1") is None  # nothing recorded
+    model, blocks = published("model"), published("blocks")
+    cache.store("pretrain", "k1", "run-1", {"model_uri": model, "steps": 12, "pid": 7, "node": "n1"})
+    cache.store("data/legal", "k2", "run-1", {"uri": blocks, "cached_from": "run-0"})
+    assert cache.lookup("pretrain", "k1") == {"model_uri": model, "steps": 12, "cached_from": "run-1", "key": "k1"}
+    assert cache.lookup("data/legal", "k2") == {"uri": blocks, "cached_from": "run-1", "key": "k2"}
+    # off, or the job asked to run anyway (--rerun): no answer; other jobs still answered
+    assert StageCache(storage_root, enabled=False).lookup("pretrain", "k1") is None
+    assert StageCache(storage_root, skip={"pretrain"}).lookup("pretrain", "k1") is None
+    assert StageCache(storage_root, skip={"pretrain"}).lookup("data/legal", "k2") is not None
+    # a recorded output changed since (same size, other bytes): computed again
+    (Path(model) / "weights.bin").write_bytes(b"y" * 100)
+    assert cache.lookup("pretrain", "k1") is None
+    (Path(blocks) / "weights.bin").unlink()
+    assert cache.lookup("data/legal", "k2") is None
+    # an index entry that does not parse is a miss, not an error
+    (tmp_path / "runs" / "cache" / "stages" / "k3.json").write_text("{not json")
+    assert cache.lookup("pretrain", "k3") is None
+    (tmp_path / "runs" / "cache" / "stages" / "k4.json").mkdir()  # nor one that cannot be read
+    assert cache.lookup("pretrain", "k4") is None
