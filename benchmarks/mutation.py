@@ -63,7 +63,7 @@ class Area:
     name: str
     module: str
     functions: tuple[str, ...]  # "func", "Class.method", or "@validators" for every pydantic validator
-    tests: tuple[str, ...]
+    tests: tuple[str, ...]  # files, or pytest node ids (file::test) where a file's other tests test other things
 
 
 AREAS = [
@@ -84,7 +84,12 @@ AREAS = [
     Area("batches", "stages/training/batches.py",
          ("BlockOrder.__init__", "BlockOrder._perm", "BlockOrder._layout", "BlockOrder._window_blocks",
           "BlockOrder._at", "BlockOrder.blocks", "BlockOrder.rank_blocks", "step_micro_batches", "epochs_for"),
-         ("tests/unit/test_data_stream.py", "tests/unit/test_units.py", "tests/unit/test_mixture.py")),
+         ("tests/unit/test_data_stream.py::test_a_rank_reads_only_the_shards_its_blocks_come_from",
+          "tests/unit/test_data_stream.py::test_shard_aware_order_is_a_pure_function_and_ranks_are_disjoint",
+          "tests/unit/test_units.py::test_block_order_visits_every_block_once_per_epoch",
+          "tests/unit/test_units.py::test_ranks_read_disjoint_blocks_within_a_step",
+          "tests/unit/test_mixture.py::test_every_prefix_holds_each_source_by_weight",
+          "tests/unit/test_mixture.py::test_the_order_is_a_function_of_the_position_and_any_world_reads_the_same_samples")),
     Area("spec", "core/spec.py", ("@validators", "_check_slug", "_scalar_kinds", "ProbeSpec.points"),
          ("tests/unit/test_spec.py", "tests/unit/test_bad_input_corpus.py")),
 ]
@@ -290,7 +295,8 @@ def inputs_digest(area: Area) -> str:
 
     digest = hashlib.sha256(repr((area, sorted(KEPT_SWAPS), PYTEST.split()[1:], version("cosmic-ray"),
                                   inspect.getsource(annotation_spans))).encode())
-    for path in [REPO / area.module, REPO / "tests" / "conftest.py", *(REPO / t for t in area.tests)]:
+    tests = sorted({t.split("::")[0] for t in area.tests})  # a file, or tests of it by node id
+    for path in [REPO / area.module, REPO / "tests" / "conftest.py", *(REPO / t for t in tests)]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
