@@ -106,9 +106,11 @@ def excluded_operators() -> list[str]:
     swaps = [n for n in names if n.startswith(("core/ReplaceBinaryOperator_", "core/ReplaceComparisonOperator_"))]
     return [f"^{n}$" for n in swaps if n.split("Operator_", 1)[1] not in KEPT_SWAPS]
 
-# Survivors read and judged equivalent: (module, the mutated line's text, operator) → why.
+# Survivors read and judged equivalent: (module, the line's text, operator) → why, for every
+# mutant of that operator on that line; or (module, line, operator, the line as mutated) → why,
+# for that one mutant.
 CACHE_PY = "orchestrator/run/cache.py"
-EQUIVALENT: dict[tuple[str, str, str], str] = {
+EQUIVALENT: dict[tuple[str, ...], str] = {
     (CACHE_PY, "@lru_cache(maxsize=1)", "NumberReplacer"):
         "the size of a per-process memo of code_version; any size (0 included) returns the same version",
     (CACHE_PY, 'return f"{__version__}+{h.hexdigest()[:12]}"', "NumberReplacer"):
@@ -118,6 +120,36 @@ EQUIVALENT: dict[tuple[str, str, str], str] = {
     (CACHE_PY, 'storage.write_text(storage.join(self.root, f"{key}.json"), json.dumps(entry, indent=1))',
      "NumberReplacer"): "the indentation of the index entry's JSON; it reads back the same",
 }
+SPLIT = "stages/prepare/split.py"
+_SPILL = "if self._pending_n >= 1 << 21:  # spill ~16 MB at a time: few, large appends"
+_SPLIT_POOL = "with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:"
+_SLICE = "t = tokens[a:b + NGRAM - 1].astype(np.uint64)"
+_H8 = "h = h4[:b - a] + h4[4:4 + b - a] * _P4"
+EQUIVALENT.update({
+    (SPLIT, 'return int.from_bytes(digest, "big") / 2**64 < fraction', "ReplaceComparisonOperator_Lt_LtE"):
+        "differs only for a document whose hash is exactly fraction × 2**64 (probability 2**-64)",
+    (SPLIT, "if len(tokens) < NGRAM + 1:", "NumberReplacer", "if len(tokens) < NGRAM + 0:"):
+        "an input of exactly NGRAM tokens ends in its EOS: its one n-gram is not text and is dropped either way",
+    (SPLIT, "n = len(tokens) - NGRAM + 1", "NumberReplacer"):
+        "the input's last n-gram always covers the last document's EOS, so it is dropped anyway",
+    **{(SPLIT, _SLICE, op): "a longer slice of tokens: the hashes are taken from its first b - a positions "
+       "only, the same values" for op in ("ReplaceBinaryOperator_Sub_Add", "NumberReplacer")},
+    **{(SPLIT, _H8, op): "the second slice reaches past h4's end, which clips it to the same b - a values"
+       for op in ("ReplaceBinaryOperator_Sub_Add", "NumberReplacer")},
+    **{(SPLIT, _SPILL, op): "when pending training shingles are spilled to disk: any batching appends the same "
+       "values to the same partitions" for op in ("ReplaceComparisonOperator_GtE_Gt", "ReplaceBinaryOperator_LShift_RShift",
+                                                 "AddNot", "NumberReplacer")},
+    (SPLIT, "self._pending, self._pending_n = [], 0", "NumberReplacer"):
+        "the spill counter's start after a spill: it only moves when the next spill happens",
+    **{(SPLIT, _SPLIT_POOL, op): "how many threads check the partitions (at least one): each writes its own "
+       "slice, the same result" for op in ("NumberReplacer", "ReplaceOrWithAnd")},
+    (SPLIT, "held = np.concatenate(self._held) if self._held else np.empty(0, np.uint64)", "NumberReplacer",
+     "held = np.concatenate(self._held) if self._held else np.empty( 1, np.uint64)"):
+        "with no held-out document, one unset shingle that belongs to no document: nothing moves or is written",
+    (SPLIT, "if len(haystack) == 0 or len(needles) == 0:", "NumberReplacer",
+     "if len(haystack) == 0 or len(needles) == -1:"):
+        "no needles: the general path also returns an empty answer",
+})
 CKPT = "storage/checkpoint.py"
 _POOL = "with ThreadPoolExecutor(min(8, os.cpu_count() or 1, len(paths))) as pool:"
 _MEMO = "if len(_DIGESTS) > 100_000:"
@@ -301,6 +333,14 @@ def inputs_digest(area: Area) -> str:
     return digest.hexdigest()
 
 
+def changed_line(diff: str) -> str:
+    """The mutated line, as the mutant's diff shows it."""
+    for line in diff.splitlines():
+        if line.startswith("+") and not line.startswith("+++"):
+            return line[1:].strip()
+    return ""
+
+
 def run_area(area: Area, work: Path, reuse: bool, workers: Workers) -> dict:
     ranges = line_ranges(REPO / area.module, area.functions)
     cached = CACHE / f"{area.name}-{inputs_digest(area)}.json"
@@ -371,7 +411,9 @@ def main() -> None:
     for r in results:
         area: Area = r["area"]
         for s in r["survivors"]:
-            s["equivalent"] = EQUIVALENT.get((area.module, s["text"], s["operator"]))
+            becomes = changed_line(s["diff"])
+            s["equivalent"] = (EQUIVALENT.get((area.module, s["text"], s["operator"], becomes))
+                               or EQUIVALENT.get((area.module, s["text"], s["operator"])))
         mutants = r["killed"] + r["survived"]  # incompetent: the test command could not run at all
         equivalent = sum(1 for s in r["survivors"] if s["equivalent"])
         score = r["killed"] / max(1, mutants - equivalent)

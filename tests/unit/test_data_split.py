@@ -137,3 +137,148 @@ def test_shingle_hashes_are_the_documented_polynomial_across_hashing_chunks():
             want.append(h)
     got, counts = shingles(tokens, lengths)
     assert got.tolist() == want and counts.sum() == len(want) and (counts > 0).all()
+
+
+def _reference(tokens: np.ndarray, lengths: np.ndarray) -> tuple[list[int], list[int]]:
+    """The documented shingles, computed plainly: every n-gram inside one document's text
+    (never over its EOS), hashed as the polynomial and mixed, 1 in 8 kept by the top bits."""
+    from branchout.stages.prepare.split import _MIX, _P, NGRAM
+
+    hashes, counts = [], []
+    start = 0
+    for length in lengths.tolist():
+        kept = 0
+        for j in range(start, start + length - 1 - NGRAM + 1):  # the EOS is the document's last token
+            h = sum((int(tokens[j + k]) + 1) * pow(_P, k, 1 << 64) for k in range(NGRAM)) % (1 << 64)
+            h ^= h >> 31
+            h = h * int(_MIX) % (1 << 64)
+            h ^= h >> 29
+            if h >> (64 - SAMPLE_BITS) == 0:
+                hashes.append(h)
+                kept += 1
+        counts.append(kept)
+        start += length
+    return hashes, counts
+
+
+def _docs(rng, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    parts = [np.append(rng.integers(0, 5000, n - 1), 4999) for n in lengths]  # text, then its EOS
+    return np.concatenate(parts).astype(np.uint16), np.array(lengths)
+
+
+def test_shingles_of_many_short_documents_are_the_reference_ones():
+    """Documents shorter than an n-gram, just long enough for one, and longer: edges decide."""
+    rng = np.random.default_rng(7)
+    tokens, lengths = _docs(rng, rng.integers(1, 40, 300).tolist())
+    got, counts = shingles(tokens, lengths)
+    want, want_counts = _reference(tokens, lengths)
+    assert got.tolist() == want and counts.tolist() == want_counts
+    assert sum(c > 0 for c in want_counts) > 50  # the check had material
+
+
+def test_the_first_and_the_only_n_gram_count():
+    from branchout.stages.prepare.split import NGRAM
+
+    def sampled_at_start(n: int):
+        for seed in range(1000):  # a text whose first n-gram is sampled (1 in 8)
+            tokens, lengths = _docs(np.random.default_rng(seed), [n])
+            if _reference(tokens[:NGRAM + 1], np.array([NGRAM + 1]))[0]:
+                return tokens, lengths
+        raise AssertionError("no seed")
+
+    tokens, lengths = sampled_at_start(NGRAM + 1)  # exactly one n-gram of text
+    got, counts = shingles(tokens, lengths)
+    assert len(got) == 1 and counts.tolist() == [1] and got.tolist() == _reference(tokens, lengths)[0]
+    tokens, lengths = sampled_at_start(200)
+    got, _ = shingles(tokens, lengths)
+    assert got.tolist() == _reference(tokens, lengths)[0] and got[0] == _reference(tokens[:NGRAM + 1],
+                                                                                  np.array([NGRAM + 1]))[0][0]
+    for n in (1, NGRAM - 1, NGRAM):  # no n-gram of text at all
+        got, counts = shingles(*_docs(np.random.default_rng(n), [n]))
+        assert len(got) == 0 and counts.tolist() == [0]
+
+
+def test_sorted_unique_contains_and_partitions():
+    from branchout.stages.prepare.split import (
+        PARTITION_BITS,
+        _partition,
+        _sorted_unique,
+        contains_sorted,
+    )
+
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 50, 200).astype(np.uint64)
+    assert _sorted_unique(values).tolist() == np.unique(values).tolist()
+    assert _sorted_unique(np.array([9], np.uint64)).tolist() == [9] and len(_sorted_unique(values[:0])) == 0
+    hay = np.array([3, 5, 9], np.uint64)
+    needles = np.array([1, 3, 4, 9, 12], np.uint64)
+    assert contains_sorted(hay, needles).tolist() == [False, True, False, True, False]
+    assert contains_sorted(np.array([5], np.uint64), np.array([5], np.uint64)).tolist() == [True]
+    assert contains_sorted(hay[:0], needles).tolist() == [False] * 5
+    assert contains_sorted(hay, needles[:0]).tolist() == []
+    shift = 64 - SAMPLE_BITS - PARTITION_BITS  # sampled hashes have their top bits 0: the next 8 choose
+    top = (1 << PARTITION_BITS) - 1
+    assert _partition(np.array([0, 1 << shift, top << shift | 12345], np.uint64)).tolist() == [0, 1, top]
+
+
+def test_a_text_is_held_out_at_the_fraction_asked():
+    held = sum(is_heldout(f"document {i}", seed=11, fraction=0.2) for i in range(4000))
+    assert 0.17 < held / 4000 < 0.23
+
+
+def _hashes(rng, n: int, partitions=range(256)) -> np.ndarray:
+    """Sampled-looking shingle hashes (top bits 0) spread over ``partitions``."""
+    from branchout.stages.prepare.split import PARTITION_BITS
+
+    shift = 64 - SAMPLE_BITS - PARTITION_BITS
+    parts = rng.choice(np.array(list(partitions), np.uint64), n)
+    return (parts << np.uint64(shift)) | rng.integers(0, 1 << shift, n, dtype=np.uint64)
+
+
+def test_the_decontaminator_moves_exactly_the_contained_documents(tmp_path):
+    """Held-out documents by containment in the training shingles, at any partition: fully
+    contained and at the threshold move, a chain follows a moved document, below it or
+    empty stay, the pretraining corpus's text is dropped; the set written is training plus
+    moved, nothing of what stayed."""
+    from branchout.stages.prepare.split import Decontaminator
+
+    rng = np.random.default_rng(5)
+    train = _hashes(rng, 6000, [p for p in range(256) if p != 7])  # partition 7 has no training text
+    fresh = _hashes(rng, 400)
+    reference = np.sort(_hashes(rng, 100))
+    in_7 = _hashes(rng, 20, [7])
+    docs = {
+        "contained": train[:100],
+        "at threshold": np.concatenate([train[100:150], fresh[:50]]),      # 50% = THRESHOLD: moves
+        "below": np.concatenate([train[150:199], fresh[50:101]]),        # 49%: stays
+        "chain": np.concatenate([train[200:220], fresh[:40]]),           # 33%, then all once "at threshold" moved
+        "one shingle": train[300:301],
+        "empty": train[:0],
+        "fresh in partition 7": in_7,
+        "pretraining's": reference[:80],
+    }
+    d = Decontaminator(str(tmp_path / "work"))
+    for chunk in np.array_split(train, 7):
+        d.add_train(chunk)
+    for values in docs.values():
+        d.add_heldout(values, np.array([len(values)]))
+    decisions = d.finish(str(tmp_path / "set.u64"), [reference])
+    fate = dict(zip(docs, decisions.fate.tolist(), strict=True))
+    assert fate == {"contained": 1, "at threshold": 1, "below": 0, "chain": 1, "one shingle": 1, "empty": 0,
+                    "fresh in partition 7": 0, "pretraining's": 2}, fate
+    assert (decisions.moved, decisions.dropped) == (4, 1)
+    written = np.fromfile(tmp_path / "set.u64", np.uint64)
+    moved = np.concatenate([docs[k] for k, f in fate.items() if f])
+    assert written.tolist() == np.unique(np.concatenate([train, moved])).tolist()
+
+
+def test_a_decontaminator_with_no_held_out_text_writes_the_training_set(tmp_path):
+    from branchout.stages.prepare.split import Decontaminator
+
+    train = _hashes(np.random.default_rng(2), 500)
+    d = Decontaminator(str(tmp_path / "work"))
+    assert len(d._train_partition(3)) == 0  # a partition no training text reached is empty
+    d.add_train(train)
+    decisions = d.finish(str(tmp_path / "set.u64"))
+    assert len(decisions.fate) == 0
+    assert np.fromfile(tmp_path / "set.u64", np.uint64).tolist() == np.unique(train).tolist()
