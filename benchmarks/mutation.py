@@ -150,6 +150,9 @@ EQUIVALENT.update({
      "if len(haystack) == 0 or len(needles) == -1:"):
         "no needles: the general path also returns an empty answer",
 })
+SPEC = "core/spec.py"
+EQUIVALENT[(SPEC, "@classmethod", "RemoveDecorator")] = (
+    "pydantic 2 calls field and model validators as class methods whether or not @classmethod is written")
 CKPT = "storage/checkpoint.py"
 _POOL = "with ThreadPoolExecutor(min(8, os.cpu_count() or 1, len(paths))) as pool:"
 _MEMO = "if len(_DIGESTS) > 100_000:"
@@ -309,7 +312,7 @@ def cr(*args: str) -> str:
 def mutated_line(module: str, diff: str) -> str:
     """The original text of the line a mutant changed, read from its diff."""
     for line in diff.splitlines():
-        if line.startswith("-") and not line.startswith("---"):
+        if line.startswith("-") and not line.startswith("---") and line[1:].strip():
             return line[1:].strip()
     return ""
 

@@ -192,3 +192,102 @@ def test_schema_reports_a_wrong_field_as_validate_does(write_pipeline):
     assert "stepz" in where.get("pretrain", "") and "'qlora' is not one of" in where["finetune.domains.0.method"]
     assert set(problems_of(write_pipeline, lambda d: d.update(data))) >= {
         "pretrain.stepz: unknown key", "finetune.domains.0.method: Input should be 'full' or 'lora' (got 'qlora')"}
+
+
+# --- the validators themselves, model by model (mutation testing found them untested here) ---
+
+def _refused(model, data: dict, says: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        model.model_validate(data)
+    assert says in str(e.value), str(e.value)
+
+
+def test_numbers_switches_and_counts_are_not_coerced():
+    from branchout.core.spec import DeepSpeedSpec, OptimizerSpec, ScheduleSpec, TokenizerSpec
+
+    _refused(ScheduleSpec, {"warmup_steps": True}, "expected a number, not true/false")
+    _refused(ScheduleSpec, {"warmup_steps": 2.5}, "expected a whole number")
+    _refused(ScheduleSpec, {"warmup_steps": "12"}, "expected a whole number")
+    _refused(DeepSpeedSpec, {"offload_optimizer": "yes"}, "expected true or false")
+    for bad in (float("inf"), float("nan"), "inf", "-inf"):
+        _refused(OptimizerSpec, {"weight_decay": bad}, "must be a finite number")
+    _refused(OptimizerSpec, {"lr": "fast"}, "valid number")  # pydantic's own words for text
+    assert OptimizerSpec.model_validate({"lr": "3e-4"}).lr == 3e-4  # YAML 1.1 reads 3e-4 as text
+    assert OptimizerSpec.model_validate({"lr": 1}).lr == 1.0  # an int is a number
+    assert ScheduleSpec.model_validate({"warmup_steps": 7}).warmup_steps == 7
+    assert TokenizerSpec.model_validate({"path": None}).path is None
+
+
+def test_scalar_kinds_of_annotations():
+    from typing import Annotated, Literal
+
+    from branchout.core.spec import _scalar_kinds
+
+    assert _scalar_kinds(int | None) == {int}
+    assert _scalar_kinds(Literal["auto", 3]) == {str, int}
+    assert _scalar_kinds(Annotated[float, "why"]) == {float}
+    assert _scalar_kinds(Annotated[bool, int]) == {bool}
+    assert _scalar_kinds(list[int]) == set() and _scalar_kinds(dict) == set()
+
+
+def test_betas_and_zero_stage_bounds():
+    from branchout.core.spec import DeepSpeedSpec, OptimizerSpec
+
+    assert OptimizerSpec.model_validate({"betas": [0.0, 0.999]}).betas == (0.0, 0.999)
+    for betas in ([0.9, 1.0], [-0.1, 0.9]):
+        _refused(OptimizerSpec, {"betas": betas}, "each beta must be in [0, 1)")
+    for stage in (0, 3, "auto"):
+        assert DeepSpeedSpec.model_validate({"zero_stage": stage}).zero_stage == stage
+    for stage in (-1, 4, True, "2"):
+        _refused(DeepSpeedSpec, {"zero_stage": stage}, "must be 0, 1, 2, 3 or 'auto'")
+
+
+def test_probe_points_and_their_settings():
+    from branchout.core.spec import ProbeSpec
+
+    assert ProbeSpec().points(160) == [10, 20, 40, 80, 120, 160]  # the default fractions
+    assert ProbeSpec(at=[0.01]).points(10) == [1]  # never step 0
+    assert ProbeSpec(every=10).points(35) == [10, 20, 30] and ProbeSpec(every=10).points(30) == [10, 20, 30]
+    assert ProbeSpec(at=[0.5, 0.25, 0.5, 1]).at == [0.25, 0.5, 1]
+    assert ProbeSpec(at=None).at is None
+    for at in ([], [0], [1.5], [-0.5]):
+        _refused(ProbeSpec, {"at": at}, "probe points are fractions of the pretrain in (0, 1]")
+    _refused(ProbeSpec, {"at": [0.5], "every": 10}, "give `at` (fractions) or `every` (steps), not both")
+
+
+def test_model_and_tokenizer_sources(write_pipeline):
+    import copy
+
+    from branchout.core.spec import ModelSpec, PipelineSpec
+
+    for both in ({"path": "org/m", "type": "llama"}, {"path": "org/m", "config": {"hidden_size": 8}}):
+        _refused(ModelSpec, both, "give either `path`")
+    _refused(ModelSpec, {"revision": "v1"}, "`revision` pins a hub `path`; there is none")
+    assert ModelSpec.model_validate({"path": "org/m", "revision": "v1"}).revision == "v1"
+    assert ModelSpec.model_validate({}).type == "llama"
+    spec = copy.deepcopy(TINY)
+    del spec["tokenizer"]
+    spec["model"] = {"path": "org/base"}
+    assert PipelineSpec.model_validate(spec).tokenizer.path == "org/base"  # the model's own tokenizer
+    spec["tokenizer"] = {"path": "org/other-tokenizer"}
+    assert PipelineSpec.model_validate(spec).tokenizer.path == "org/other-tokenizer"
+    assert PipelineSpec.model_validate(copy.deepcopy(TINY)).tokenizer.path is None  # a new model, a new tokenizer
+
+
+def test_pretraining_sources_stop_and_domains(write_pipeline):
+    from branchout.core.spec import FinetuneSpec, PretrainSpec
+
+    sources = [{"name": "web", "path": "a.jsonl", "weight": 0.8}, {"name": "books", "path": "b.jsonl", "weight": 0.2}]
+    assert len(PretrainSpec.model_validate({"datasets": sources, "steps": 4}).datasets) == 2
+    _refused(PretrainSpec, {"datasets": [sources[0], {**sources[1], "name": "web"}], "steps": 4},
+             "source names must be unique; repeated: web")
+    _refused(PretrainSpec, {"dataset": {"path": "a.jsonl"}, "steps": 4, "stop": {}},
+             "`stop` acts on the probes' forecasts: set `probes` too")
+    with_probes = {"dataset": {"path": "a.jsonl"}, "steps": 4, "probes": {}, "stop": {}}
+    assert PretrainSpec.model_validate(with_probes).stop is not None
+    domain = {"name": "legal", "dataset": {"path": "l.jsonl"}}
+    _refused(FinetuneSpec, {"domains": [domain, domain]}, "domain names must be unique; repeated: legal")
+    _refused(FinetuneSpec, {"defaults": ["steps"], "domains": [domain]}, "defaults")  # a clean error, not a crash
+    assert FinetuneSpec.model_validate({"defaults": {"steps": 9}, "domains": [domain]}).domains[0].steps == 9
