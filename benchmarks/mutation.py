@@ -301,9 +301,9 @@ def skip_annotations(session: Path, module: Path) -> int:
     return len(inside)
 
 
-def cr(*args: str) -> str:
+def cr(*args: str, cwd: Path = REPO) -> str:
     bindir = Path(sys.executable).parent
-    done = subprocess.run([str(bindir / args[0]), *args[1:]], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([str(bindir / args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout
@@ -320,7 +320,7 @@ def mutated_line(module: str, diff: str) -> str:
 CACHE = REPO / "benchmarks" / "out" / "mutation"
 
 
-def inputs_digest(area: Area) -> str:
+def inputs_digest(area: Area, root: Path) -> str:
     """What an area's result depends on: the module, its tests and the conftest they load, the
     area's functions, the operators kept, the test command and cosmic-ray's version (not the
     EQUIVALENT judgments, applied when the section is written). The same inputs give the same
@@ -331,7 +331,7 @@ def inputs_digest(area: Area) -> str:
     digest = hashlib.sha256(repr((area, sorted(KEPT_SWAPS), PYTEST.split()[1:], version("cosmic-ray"),
                                   inspect.getsource(annotation_spans))).encode())
     tests = sorted({t.split("::")[0] for t in area.tests})  # a file, or tests of it by node id
-    for path in [REPO / area.module, REPO / "tests" / "conftest.py", *(REPO / t for t in tests)]:
+    for path in [root / area.module, root / "tests" / "conftest.py", *(root / t for t in tests)]:
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -345,8 +345,11 @@ def changed_line(diff: str) -> str:
 
 
 def run_area(area: Area, work: Path, reuse: bool, workers: Workers) -> dict:
-    ranges = line_ranges(REPO / area.module, area.functions)
-    cached = CACHE / f"{area.name}-{inputs_digest(area)}.json"
+    # everything from the copy the workers test (made at the start), not from the checkout,
+    # which may have changed since
+    copy = workers.copies[0]
+    ranges = line_ranges(copy / area.module, area.functions)
+    cached = CACHE / f"{area.name}-{inputs_digest(area, copy)}.json"
     if reuse and cached.exists():
         out = json.loads(cached.read_text())
         print(f"{area.name}: reused (module, tests and this script unchanged since it ran)", flush=True)
@@ -354,16 +357,15 @@ def run_area(area: Area, work: Path, reuse: bool, workers: Workers) -> dict:
     cfg, session = work / f"{area.name}.toml", work / f"{area.name}.sqlite"
     cfg.write_text(config(area, ranges, workers.urls))
     started = time.time()
-    copy = workers.copies[0]
     baseline = subprocess.run(f"{PYTEST} {' '.join(area.tests)}".split(), cwd=copy, capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": str(copy.parent), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     if baseline.returncode != 0:
         raise SystemExit(f"{area.name}: the tests fail without any mutant:\n{baseline.stdout[-3000:]}")
     base_s = time.time() - started
-    cr("cosmic-ray", "init", str(cfg), str(session))
+    cr("cosmic-ray", "init", str(cfg), str(session), cwd=copy)
     cr("cr-filter-operators", str(session), str(cfg))
     cr("cr-filter-lines", "--config", str(cfg), str(session))
-    skip_annotations(session, REPO / area.module)
+    skip_annotations(session, copy / area.module)
     started = time.time()
     cr("cosmic-ray", "exec", str(cfg), str(session))
     seconds = time.time() - started
