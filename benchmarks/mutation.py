@@ -146,6 +146,11 @@ EQUIVALENT.update({
     (SPLIT, "held = np.concatenate(self._held) if self._held else np.empty(0, np.uint64)", "NumberReplacer",
      "held = np.concatenate(self._held) if self._held else np.empty( 1, np.uint64)"):
         "with no held-out document, one unset shingle that belongs to no document: nothing moves or is written",
+    **{(SPLIT, f"{name} = np.searchsorted({of}, np.arange((1 << PARTITION_BITS) + 1))", "NumberReplacer",
+        f"{name} = np.searchsorted({of}, np.arange({more}))"):
+       "bounds past the last partition all equal the array's length: empty partitions nothing reads"
+       for name, of in (("bounds", "parts[order]"), ("edges", "_partition(uniq)"))
+       for more in ("( 2 << PARTITION_BITS) + 1", "(1 << PARTITION_BITS) + 2")},
     (SPLIT, "if len(haystack) == 0 or len(needles) == 0:", "NumberReplacer",
      "if len(haystack) == 0 or len(needles) == -1:"):
         "no needles: the general path also returns an empty answer",
