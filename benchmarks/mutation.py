@@ -87,6 +87,7 @@ AREAS = [
          ("tests/unit/test_data_stream.py::test_a_rank_reads_only_the_shards_its_blocks_come_from",
           "tests/unit/test_data_stream.py::test_shard_aware_order_is_a_pure_function_and_ranks_are_disjoint",
           "tests/unit/test_units.py::test_block_order_visits_every_block_once_per_epoch",
+          "tests/unit/test_units.py::test_block_order_edges_and_the_shard_aware_sequence",
           "tests/unit/test_units.py::test_ranks_read_disjoint_blocks_within_a_step",
           "tests/unit/test_mixture.py::test_every_prefix_holds_each_source_by_weight",
           "tests/unit/test_mixture.py::test_the_order_is_a_function_of_the_position_and_any_world_reads_the_same_samples")),
@@ -154,6 +155,14 @@ EQUIVALENT.update({
     (SPLIT, "if len(haystack) == 0 or len(needles) == 0:", "NumberReplacer",
      "if len(haystack) == 0 or len(needles) == -1:"):
         "no needles: the general path also returns an empty answer",
+})
+BATCHES = "stages/training/batches.py"
+_WINDOWS = "if len(self._windows) > 4:  # a rank moves through windows in order: keep a few"
+EQUIVALENT.update({
+    (BATCHES, "epochs, within = k // span, (rank * span + k % span) % self.n", "ReplaceBinaryOperator_FloorDiv_Div"):
+        "float epochs: each position becomes its own group, and int() floors it to the same epoch (same blocks)",
+    **{(BATCHES, _WINDOWS, op): "how many shuffled windows the memo keeps; an evicted one is drawn again from "
+       "the same seed" for op in ("ReplaceComparisonOperator_Gt_GtE", "AddNot", "NumberReplacer")},
 })
 SPEC = "core/spec.py"
 EQUIVALENT[(SPEC, "@classmethod", "RemoveDecorator")] = (

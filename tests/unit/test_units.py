@@ -28,6 +28,40 @@ def test_block_order_visits_every_block_once_per_epoch():
     assert order.blocks(5, 10).tolist() == BlockOrder(10, 3).blocks(5, 10).tolist()
 
 
+def test_block_order_edges_and_the_shard_aware_sequence():
+    """The order's edge cases, read directly (mutation testing found them unchecked)."""
+    from branchout.stages.training.batches import WINDOW_SHARDS, epochs_for
+
+    with pytest.raises(ValueError, match="no blocks to train on"):
+        BlockOrder(0, seed=1)
+    assert BlockOrder(1, seed=1).blocks(0, 3).tolist() == [0, 0, 0]  # one block: every epoch is it
+    # one shard: the plain permutation of each epoch, drawn from (seed, epoch)
+    one = BlockOrder(10, seed=3)
+    assert not one.sharded
+    assert one.blocks(0, 20).tolist() == [*np.random.default_rng([3, 0]).permutation(10),
+                                          *np.random.default_rng([3, 1]).permutation(10)]
+    # shards exactly filled: 8 shards of 32, never a ninth
+    order = BlockOrder(256, seed=5, shard_blocks=32)
+    assert order.sharded and order.n_shards == 8 and BlockOrder(64, 5, shard_blocks=32).sharded
+    # an epoch of the windowed sequence: every block once, each window from its own 4 shards
+    epoch = order.blocks(0, 256)
+    assert sorted(epoch.tolist()) == list(range(256))
+    window = WINDOW_SHARDS * 32
+    for w in range(0, 256, window):
+        assert len(set((epoch[w:w + window] // 32).tolist())) == WINDOW_SHARDS
+    assert sorted(order.blocks(256, 256).tolist()) == list(range(256)) and not (order.blocks(256, 256) == epoch).all()
+    # lanes: each a contiguous 1/lanes of the epoch's sequence, together every block once
+    lanes = 8
+    read = np.concatenate([order.rank_blocks(lane, lanes, 0, 256 // lanes) for lane in range(lanes)])
+    assert read.tolist() == epoch.tolist()
+    assert order.rank_blocks(3, lanes, 256 // lanes, 4).tolist() == order.blocks(256 + 3 * 32, 4).tolist()  # next epoch
+    # fewer blocks than lanes: each lane reads one block an epoch
+    tiny = BlockOrder(3, seed=2, shard_blocks=1)
+    for lane in range(4):
+        assert tiny.rank_blocks(lane, 4, 0, 2).tolist() == [tiny.blocks(lane % 3, 1)[0], tiny.blocks(3 + lane % 3, 1)[0]]
+    assert epochs_for(100, 8, 400) == 2.0
+
+
 def test_ranks_read_disjoint_blocks_within_a_step():
     order = BlockOrder(1000, 0)
     seen = []
