@@ -366,7 +366,7 @@ def run_area(area: Area, work: Path, reuse: bool, workers: Workers) -> dict:
     cached = CACHE / f"{area.name}-{inputs_digest(area, copy)}.json"
     if reuse and cached.exists():
         out = json.loads(cached.read_text())
-        print(f"{area.name}: reused (module, tests and this script unchanged since it ran)", flush=True)
+        print(f"{area.name}: reused (its module, tests, functions and operators unchanged since it ran)", flush=True)
         return {**out, "area": area, "ranges": [tuple(r) for r in out["ranges"]], "reused": True}
     cfg, session = work / f"{area.name}.toml", work / f"{area.name}.sqlite"
     cfg.write_text(config(area, ranges, workers.urls))
