@@ -322,7 +322,7 @@ def cr(*args: str, cwd: Path = REPO) -> str:
     return done.stdout
 
 
-def mutated_line(module: str, diff: str) -> str:
+def mutated_line(diff: str) -> str:
     """The original text of the line a mutant changed, read from its diff."""
     for line in diff.splitlines():
         if line.startswith("-") and not line.startswith("---") and line[1:].strip():
@@ -398,7 +398,7 @@ def run_area(area: Area, work: Path, reuse: bool, workers: Workers) -> dict:
         elif outcome == "survived":
             survived += 1
             mutation = item["mutations"][0]
-            text = mutated_line(area.module, result.get("diff") or "")
+            text = mutated_line(result.get("diff") or "")
             op = mutation["operator_name"].replace("core/", "")
             survivors.append({"line": mutation["start_pos"][0], "operator": op, "text": text,
                               "diff": result.get("diff") or ""})
