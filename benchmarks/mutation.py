@@ -166,6 +166,9 @@ EQUIVALENT.update({
 SPEC = "core/spec.py"
 EQUIVALENT[(SPEC, "@classmethod", "RemoveDecorator")] = (
     "pydantic 2 calls field and model validators as class methods whether or not @classmethod is written")
+EQUIVALENT[(SPEC, "if not kinds or v is None:", "ReplaceOrWithAnd")] = (
+    "the early return is a shortcut: with no scalar kinds every later test asks `X in kinds` and is false, and "
+    "None is no bool, float or str, so each check passes it through to the same `return v`")
 CKPT = "storage/checkpoint.py"
 _POOL = "with ThreadPoolExecutor(min(8, os.cpu_count() or 1, len(paths))) as pool:"
 _MEMO = "if len(_DIGESTS) > 100_000:"

@@ -26,6 +26,7 @@ import yaml
 from raycluster import LocalRayCluster
 
 from branchout.orchestrator.run.state import RunRecord, RunState
+from branchout.storage.checkpoint import full_problems
 
 from conftest import TINY, run_cli
 
@@ -54,14 +55,44 @@ def _pipeline(corpus_dir, tmp_path) -> Path:
     return path
 
 
-def _wait_for(predicate, timeout: float, what: str):
+def _wait_for(predicate, timeout: float, what: str, explain=lambda: ""):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}\n{explain()}")
+
+
+def _explain(cluster: LocalRayCluster, run_dir: Path, watcher_log: Path) -> str:
+    """What a timed-out wait needs to be understood from CI's output alone: the run's state,
+    what the watcher said and the end of the newest Ray job's log."""
+    lines = [f"logged steps: {_logged_steps(run_dir)[-8:]}"]
+    try:
+        record = RunRecord.load(str(run_dir))
+        lines.append(f"run: {record.state.value} {record.error or ''}")
+        lines += [f"  {j.name}: {j.state.value} attempts={j.attempts} {j.error or ''}" for j in record.jobs.values()]
+    except (OSError, ValueError, KeyError) as e:
+        lines.append(f"run: unreadable ({e!r})")
+    lines.append("watcher said:\n" + (watcher_log.read_text()[-3000:] if watcher_log.exists() else "(nothing)"))
+    env = cluster.env()
+    jobs = subprocess.run(["ray", "job", "list", "--address", cluster.address], env=env, capture_output=True,
+                          text=True, timeout=60)
+    lines.append(f"ray job list: {jobs.stdout[-1500:]}{jobs.stderr[-500:]}")
+    ids = [x.split("'")[1] for x in jobs.stdout.split("submission_id=")[1:]]
+    for sid in ids[-1:]:
+        logs = subprocess.run(["ray", "job", "logs", sid, "--address", cluster.address], env=env,
+                              capture_output=True, text=True, timeout=60)
+        lines.append(f"ray job logs {sid} (end):\n{(logs.stdout + logs.stderr)[-4000:]}")
+    return "\n".join(lines)
+
+
+def _newest_whole_checkpoint(run_dir: Path) -> int:
+    """The newest pretrain checkpoint every rank finished writing (manifests and hashes agree), or 0."""
+    parent = run_dir / "pretrain" / "checkpoints"
+    names = sorted((p.name for p in parent.glob("step_*")), reverse=True) if parent.exists() else []
+    return next((int(n.removeprefix("step_")) for n in names if not full_problems(str(parent / n), world=2)), 0)
 
 
 def _logged_steps(run_dir: Path) -> list[int]:
@@ -78,8 +109,10 @@ def test_a_run_survives_its_head_unattended_then_a_stop_and_resumes_on_fewer_wor
     def cli(*args):
         return run_cli(*args, env=env)
 
-    watcher = subprocess.Popen([sys.executable, "-m", "branchout", "recover", "--watch", "1"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher_log = tmp_path / "watcher.log"
+    with watcher_log.open("w") as sink:  # a file, not a pipe: readable while the watcher runs
+        watcher = subprocess.Popen([sys.executable, "-m", "branchout", "recover", "--watch", "1"], env=env,
+                                   stdout=sink, stderr=subprocess.STDOUT, text=True)
     try:
         path = _pipeline(corpus_dir, tmp_path)
         out = cli("submit", str(path), "--address", cluster.address)
@@ -87,27 +120,31 @@ def test_a_run_survives_its_head_unattended_then_a_stop_and_resumes_on_fewer_wor
         run_id = next(x for x in out.stdout.splitlines() if x.startswith("submitted run ")).split()[2]
         run_dir = tmp_path / "runs" / "tiny" / run_id
 
-        # 1. the head is lost after the step-40 checkpoint; a new one comes up at the same address
-        _wait_for(lambda: max(_logged_steps(run_dir), default=0) >= 40, 300, "pretrain step 40")
+        def explain():
+            return _explain(cluster, run_dir, watcher_log)
+
+        # 1. the head is lost once the step-40 checkpoint is whole; a new one comes up at the same address
+        _wait_for(lambda: _newest_whole_checkpoint(run_dir) >= 40, 300, "the step-40 checkpoint", explain)
         cluster.stop()
-        lost_at = max(_logged_steps(run_dir))
+        before = _logged_steps(run_dir)  # every process is gone: nothing more is written to it
+        lost_at, whole = before[-1], _newest_whole_checkpoint(run_dir)
         assert RunRecord.load(str(run_dir)).state is RunState.RUNNING  # nobody recorded anything: it crashed
         cluster.start()
-        def restarted():  # the log's steps go back: a new attempt began from a checkpoint
-            steps = _logged_steps(run_dir)
-            return next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), None)
-
-        restart = _wait_for(restarted, 300, "the recovered pretrain's first logged step")
+        # the recovered attempt appends to the same log; where it starts says which checkpoint it read
+        # (the kill may land just after a checkpoint's step was logged, so the steps need not go back)
+        restart = len(before)
+        _wait_for(lambda: len(_logged_steps(run_dir)) > restart, 300, "the recovered pretrain's first logged step",
+                  explain)
         steps = _logged_steps(run_dir)
-        assert steps[restart - 1] == lost_at
         checkpoint = steps[restart] - 1
-        assert checkpoint >= 40 and checkpoint % 20 == 0, steps  # from the last checkpoint, not from 0
+        # from the newest whole checkpoint (or one completed as the head died), not from 0
+        assert whole <= checkpoint <= lost_at and checkpoint % 20 == 0, (whole, lost_at, steps)
         rows = json.loads(cli("status", run_id, "--json").stdout)
         assert rows["run"]["submissions"] == [run_id, f"{run_id}-r1"], rows
 
         # 2. stopped by a person, resumed with fewer workers once --force says so
-        _wait_for(lambda: max(_logged_steps(run_dir)[restart:], default=0) >= checkpoint + 20, 300,
-                  "a checkpoint of the recovered pretrain")
+        _wait_for(lambda: _newest_whole_checkpoint(run_dir) >= checkpoint + 20, 300,
+                  "a checkpoint of the recovered pretrain", explain)
         stopped = cli("stop", run_id)
         assert stopped.returncode == 0, stopped.stderr
         assert RunRecord.load(str(run_dir)).state is RunState.STOPPED
@@ -120,12 +157,13 @@ def test_a_run_survives_its_head_unattended_then_a_stop_and_resumes_on_fewer_wor
         assert RunRecord.load(str(run_dir)).state is RunState.STOPPED
         resumed = cli("resume", run_id, "--force")
         assert resumed.returncode == 0, resumed.stderr
-        _wait_for(lambda: RunRecord.load(str(run_dir)).state is not RunState.STOPPED, 120, "the resumed driver")
-        record = _wait_for(lambda: (r := RunRecord.load(str(run_dir))).state.is_terminal() and r, 400, "the run's end")
+        _wait_for(lambda: RunRecord.load(str(run_dir)).state is not RunState.STOPPED, 120, "the resumed driver", explain)
+        record = _wait_for(lambda: (r := RunRecord.load(str(run_dir))).state.is_terminal() and r, 400, "the run's end", explain)
         assert record.state is RunState.SUCCEEDED, record.error
     finally:
         watcher.terminate()
-        said = watcher.communicate(timeout=30)[0]
+        watcher.wait(timeout=30)
+        said = watcher_log.read_text()
     assert watcher.returncode == 0, said
     assert said.count("recovered run ") == 1, said
     assert f"recovered run {run_id} (the cluster at {cluster.address} no longer knows its Ray job (restarted))" in said

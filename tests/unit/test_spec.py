@@ -218,6 +218,28 @@ def test_numbers_switches_and_counts_are_not_coerced():
     assert OptimizerSpec.model_validate({"lr": 1}).lr == 1.0  # an int is a number
     assert ScheduleSpec.model_validate({"warmup_steps": 7}).warmup_steps == 7
     assert TokenizerSpec.model_validate({"path": None}).path is None
+    # what is neither a number nor a switch is left to pydantic's own words, not called a number
+    _refused(TokenizerSpec, {"path": True}, "valid string")
+    # text that reads as a number is still text where text is asked for
+    assert TokenizerSpec.model_validate({"path": "inf"}).path == "inf"
+    # a number too large for a float, or no number at all, is one clean error, not a crash
+    _refused(OptimizerSpec, {"lr": 10**400}, "valid number")
+    _refused(OptimizerSpec, {"lr": [1e-3]}, "valid number")
+
+
+def test_a_misshapen_domain_list_is_one_clean_error(write_pipeline):
+    assert problems_of(write_pipeline, lambda d: d["finetune"].update(domains={"legal": {"steps": 3}})) == [
+        "finetune.domains: Input should be a valid list"]
+    # defaults with no domains: the missing list is named, not tripped over
+    assert problems_of(write_pipeline, lambda d: d["finetune"].pop("domains")) == [
+        "finetune.domains: name at least one domain to fine-tune"]
+
+
+def test_a_mixture_source_name_is_a_slug():
+    from branchout.core.spec import SourceSpec
+
+    _refused(SourceSpec, {"path": "a.jsonl", "name": "web/../crawl", "weight": 1}, "must be 1-64 characters")
+    assert SourceSpec.model_validate({"path": "a.jsonl", "name": "web.v2", "weight": 1}).name == "web.v2"
 
 
 def test_scalar_kinds_of_annotations():
@@ -250,6 +272,7 @@ def test_probe_points_and_their_settings():
     assert ProbeSpec().points(160) == [10, 20, 40, 80, 120, 160]  # the default fractions
     assert ProbeSpec(at=[0.01]).points(10) == [1]  # never step 0
     assert ProbeSpec(every=10).points(35) == [10, 20, 30] and ProbeSpec(every=10).points(30) == [10, 20, 30]
+    assert ProbeSpec(every=10).points(39) == [10, 20, 30]  # never past the pretrain's last step
     assert ProbeSpec(at=[0.5, 0.25, 0.5, 1]).at == [0.25, 0.5, 1]
     assert ProbeSpec(at=None).at is None
     for at in ([], [0], [1.5], [-0.5]):
