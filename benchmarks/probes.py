@@ -14,7 +14,7 @@ fine-tunes returned. Targets (issue 30): Spearman ρ ≥ 0.9 between probe held-
 full fine-tune's held-out loss from the same checkpoint, over domains × probe points; the
 forecast made from the first half of the pretrain predicts the last probe's loss within 2% per
 domain; probes cost ≤ 10% of the pretrain's wall time. The stop rule's target (a 4× budget
-stopped at ≤ 50% with fine-tunes within 1%) is not measured by this script.
+stopped at ≤ 50% with fine-tunes within 1%) is benchmarks/stop_rule.py's.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def probe_targets(rho: float, pairs: int, errors: dict[str, tuple[float, float, 
                        f"pretraining; {shape} on the pretrain's 2 workers)", status(overhead <= 0.10),
                        why=f"{overhead:.1%}, over 10%"),
                 Target("The stop rule on a 4× budget", "stopped at ≤ 50% with fine-tunes within 1%", None,
-                       "not measured", why="this script does not run it")]
+                       "not measured", why="benchmarks/stop_rule.py measures it")]
     return targets
 
 

@@ -1,0 +1,61 @@
+"""benchmarks/stop_rule.py's verdicts, from made-up run outputs (the runs themselves are the
+benchmark's): the share of the budget counts the cooldown, and a fine-tune 1% worse misses."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def stop_rule():
+    """benchmarks/stop_rule.py under a name of its own; the script puts benchmarks/ on sys.path
+    and imports its neighbours (quickstart, results): both are undone after, so no later test
+    imports a benchmark by a common name."""
+    path, modules = list(sys.path), set(sys.modules)
+    try:
+        spec = importlib.util.spec_from_file_location("stop_rule_under_test", REPO / "benchmarks" / "stop_rule.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path[:] = path
+        for name in set(sys.modules) - modules:
+            del sys.modules[name]
+
+
+def _run(ppl: dict[str, float], tokens_saved: int = 0, stopped_at: int | None = None) -> dict:
+    outputs = {"tokens_saved": tokens_saved, "stop_reason": "saturated" if stopped_at else "no stop rule"}
+    if stopped_at:
+        outputs["stopped_at"] = stopped_at
+    return {"pretrain": {"outputs": outputs}, "forecast": {"tokens_per_step": 2048},
+            "metrics": {"domains": {d: {"finetuned_ppl": p} for d, p in ppl.items()}}}
+
+
+FULL = _run({"legal": 100.0, "code": 50.0, "docs": 80.0})
+
+
+def test_a_stop_at_half_the_budget_with_fine_tunes_within_one_percent_is_met(stop_rule):
+    # stopped at 700, cooled down for 100 more: 800 of 1,600 steps
+    stopped = _run({"legal": 100.9, "code": 49.0, "docs": 80.0}, tokens_saved=800 * 2048, stopped_at=700)
+    assert stop_rule.steps_trained(stopped) == 800
+    steps, ppl = stop_rule.stop_targets(FULL, stopped)
+    assert (steps.status, ppl.status) == ("met", "met")
+    assert steps.measured == "800 steps, 50% (stopped at 700)"
+
+
+def test_the_cooldown_counts_and_one_domain_past_one_percent_misses(stop_rule):
+    stopped = _run({"legal": 101.5, "code": 50.0, "docs": 80.0}, tokens_saved=799 * 2048, stopped_at=700)
+    steps, ppl = stop_rule.stop_targets(FULL, stopped)
+    assert steps.status == "missed" and "801" in steps.measured
+    assert ppl.status == "missed" and ppl.why == "more than 1% worse for legal"
+
+
+def test_a_rule_that_never_fired_misses_and_says_why(stop_rule):
+    steps, _ = stop_rule.stop_targets(FULL, _run({"legal": 100.0, "code": 50.0, "docs": 80.0}))
+    assert steps.status == "missed" and steps.measured.endswith("(never stopped)")
+    assert "no stop rule" in steps.why
