@@ -111,7 +111,7 @@ REPO = BENCHMARKS.parent
 # Sections written before write_section sealed what it wrote (issue 33). Each leaves this set
 # when its script runs again; a test fails if a sealed section is still listed, so it only shrinks.
 WRITTEN_BEFORE_SEALS = {
-    "Contamination", "Quickstart (benchmarks/quickstart.py)",
+    "Contamination",
     "ZeRO-3 vs ZeRO-2 per-rank peak memory (2 CPU ranks, gloo)", "Data stage at scale",
     "Suite: orchestration, fan-out, memory (benchmarks/run.py)", "Adapter farm (benchmarks/farm.py)",
     "Replay: what a fine-tune forgets of the general text", "Adapter farms in pipeline runs (benchmarks/farm_pipeline.py)",
