@@ -92,7 +92,14 @@ def _newest_whole_checkpoint(run_dir: Path) -> int:
     """The newest pretrain checkpoint every rank finished writing (manifests and hashes agree), or 0."""
     parent = run_dir / "pretrain" / "checkpoints"
     names = sorted((p.name for p in parent.glob("step_*")), reverse=True) if parent.exists() else []
-    return next((int(n.removeprefix("step_")) for n in names if not full_problems(str(parent / n), world=2)), 0)
+    return next((int(n.removeprefix("step_")) for n in names if _whole(str(parent / n))), 0)
+
+
+def _whole(uri: str) -> bool:
+    try:
+        return not full_problems(uri, world=2)
+    except OSError:  # retention removed it while it was read: not a checkpoint to count on
+        return False
 
 
 def _logged_steps(run_dir: Path) -> list[int]:
