@@ -1,6 +1,7 @@
 """Does ``pretrain.stop`` end a too-long pretrain early without costing the fine-tunes? (issue 30)
 
     python benchmarks/stop_rule.py            # ~20 minutes on 2 CPU cores (two runs)
+    python benchmarks/stop_rule.py --reuse    # the section again from the last two runs (their stamp kept)
 
 Two ``branchout run``s of the shipped quickstart, one after the other, identical but for
 ``pretrain.stop``:
@@ -68,13 +69,22 @@ def run(label: str, data: Path, stop: bool) -> dict:
     if proc.returncode != 0:
         print(proc.stdout[-4000:], proc.stderr[-4000:], file=sys.stderr)
         raise SystemExit(f"{label}: the run failed (exit {proc.returncode})")
+    # what only this process saw, kept beside the run so --reuse reports it as measured
+    (OUT / "runs" / label / "measured.json").write_text(json.dumps({"wall": wall, "stamp": stamp()}))
+    return read(label)
+
+
+def read(label: str) -> dict:
+    """A finished run of ``label``: what it wrote and what this script measured of it."""
+    measured = json.loads((OUT / "runs" / label / "measured.json").read_text())
+    wall = measured["wall"]
     run_dir = max((OUT / "runs" / label / "quickstart").iterdir(), key=os.path.getmtime)
     state = json.loads((run_dir / "state.json").read_text())
     pretrain = state["jobs"]["pretrain"]
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     forecast = json.loads((run_dir / "pretrain" / "probes" / "forecast.json").read_text())
     r = {"label": label, "wall": wall, "pretrain": pretrain, "metrics": metrics, "forecast": forecast,
-         "pretrain_s": pretrain["ended"] - pretrain["started"]}
+         "pretrain_s": pretrain["ended"] - pretrain["started"], "stamp": measured["stamp"]}
     print(f"{label}: {wall:.0f} s, pretrain {steps_trained(r)} steps", flush=True)
     return r
 
@@ -88,19 +98,22 @@ def stop_targets(full: dict, stopped: dict) -> list[Target]:
     trained = steps_trained(stopped)
     share = trained / BUDGET
     at = stopped["pretrain"]["outputs"].get("stopped_at")
+    last = (stopped["forecast"].get("stop") or {}).get("why") or "no reason recorded"
     targets = [Target("The stopped pretrain's steps (cooldown included)", f"≤ 50% of the {BUDGET}-step budget",
                       f"{trained} steps, {share:.0%}" + (f" (stopped at {at})" if at else " (never stopped)"),
                       status(share <= 0.5),
                       why=(f"{share:.0%} of the budget: " + (f"stopped at step {at}" if at else
-                                                             stopped["pretrain"]["outputs"].get("stop_reason")
-                                                             or "the rule never fired")))]
+                                                             f"the rule never fired; at the last probe: {last}")))]
+    what, target = "Fine-tuned perplexity after the stopped pretrain", "within 1% of the full budget's"
+    if not at:  # both runs trained the whole budget: equal perplexities would prove nothing
+        return [*targets, Target(what, target, None, "not measured",
+                                 why="the rule never stopped the pretrain, so both runs trained the same steps")]
     worse = {}
     for d in DOMAINS:
         a, b = full["metrics"]["domains"][d]["finetuned_ppl"], stopped["metrics"]["domains"][d]["finetuned_ppl"]
         worse[d] = b / a - 1
     off = [d for d, w in worse.items() if w > 0.01]
-    targets.append(Target("Fine-tuned perplexity after the stopped pretrain", "within 1% of the full budget's",
-                          ", ".join(f"{d} {w:+.2%}" for d, w in worse.items()), status(not off),
+    targets.append(Target(what, target, ", ".join(f"{d} {w:+.2%}" for d, w in worse.items()), status(not off),
                           why=f"more than 1% worse for {', '.join(off)}"))
     return targets
 
@@ -109,8 +122,10 @@ def main() -> None:
     data = OUT / "data"
     if not (data / "general.jsonl").exists():
         subprocess.run([sys.executable, str(REPO / "examples" / "corpus.py"), str(data)], check=True)
-    full = run("stop-full", data, stop=False)
-    stopped = run("stop-rule", data, stop=True)
+    if "--reuse" in sys.argv:
+        full, stopped = read("stop-full"), read("stop-rule")
+    else:
+        full, stopped = run("stop-full", data, stop=False), run("stop-rule", data, stop=True)
 
     rows = []
     for d in DOMAINS:
@@ -127,7 +142,8 @@ def main() -> None:
             premise.append(f"{d} {losses[quarter]:.3f} → {losses[points[-1]]:.3f} "
                            f"({losses[points[-1]] / losses[quarter] - 1:+.1%})")
     out = stopped["pretrain"]["outputs"]
-    body = [f"Measured by `python benchmarks/stop_rule.py`: {stamp()}.", "",
+    written = "" if full["stamp"] == stamp() else f" (this section written again by {stamp().split(';')[0]})"
+    body = [f"Measured by `python benchmarks/stop_rule.py`: {full['stamp']}{written}.", "",
             f"The shipped quickstart with a {BUDGET}-step pretrain (4× its own 400), `schedule.kind: wsd`, LoRA "
             f"probes of {PROBE_STEPS} steps every {EVERY} steps, run twice: to the end of the budget, and with "
             f"`pretrain.stop: {{epsilon: {EPSILON}}}` (patience 2). Fine-tunes and held-out sets as the quickstart's.",
@@ -136,7 +152,8 @@ def main() -> None:
             *(f"| {r['label']} | {r['wall']:.0f} s | {r['pretrain_s']:.0f} s | {steps_trained(r)} | "
               f"{r['pretrain']['outputs'].get('probe_seconds', 0):.0f} s at {len(r['forecast']['points'])} points |"
               for r in (full, stopped)), "",
-            f"Why it stopped: {out.get('stop_reason') or 'it did not'}; tokens saved: {out.get('tokens_saved', 0):,}.",
+            f"Why it stopped: {out.get('stop_reason') or 'it did not; at its last probe point: ' + (stopped['forecast'].get('stop') or {}).get('why', '?')}; "
+            f"tokens saved: {out.get('tokens_saved', 0):,}.",
             "",
             "| domain | base ppl (full) | base ppl (stopped) | fine-tuned ppl (full) | fine-tuned ppl (stopped) | "
             "stopped vs full |", "|---|---|---|---|---|---|", *rows, "",

@@ -56,6 +56,10 @@ def test_the_cooldown_counts_and_one_domain_past_one_percent_misses(stop_rule):
 
 
 def test_a_rule_that_never_fired_misses_and_says_why(stop_rule):
-    steps, _ = stop_rule.stop_targets(FULL, _run({"legal": 100.0, "code": 50.0, "docs": 80.0}))
+    never = _run({"legal": 100.0, "code": 50.0, "docs": 80.0})
+    never["forecast"]["stop"] = {"why": "legal: forecast gain 2.50% of the remaining budget ≥ epsilon 1.00%"}
+    steps, ppl = stop_rule.stop_targets(FULL, never)
     assert steps.status == "missed" and steps.measured.endswith("(never stopped)")
-    assert "no stop rule" in steps.why
+    assert "the rule never fired; at the last probe: legal: forecast gain 2.50%" in steps.why
+    # the same steps as the full run: equal perplexities would prove nothing
+    assert ppl.status == "not measured" and ppl.measured is None and "never stopped" in ppl.why
