@@ -94,11 +94,30 @@ def steps_trained(r: dict) -> int:
     return BUDGET - int(r["pretrain"]["outputs"].get("tokens_saved", 0)) // int(r["forecast"]["tokens_per_step"])
 
 
+def last_reason(forecast: dict) -> str:
+    """Why the rule did not stop at the last probe point before the budget's end, replayed with
+    the product's own forecast and stop rule over the probe losses the run recorded (at the
+    budget's end the rule is not asked: nothing is left to save)."""
+    from branchout.stages.evaluation.forecast import forecast as fit
+    from branchout.stages.evaluation.forecast import stop_decision
+
+    stop = forecast.get("stop") or {}
+    rule = stop.get("rule")
+    if not rule:
+        return stop.get("why") or "no stop rule"
+    points = [p for p in forecast["points"] if p < BUDGET]
+    per_token, budget = forecast["tokens_per_step"], forecast["budget_tokens"]
+    history = [{d: fit([p * per_token for p in points[:n]], v["losses"][:n], budget)
+                for d, v in forecast["domains"].items()} for n in range(1, len(points) + 1)]
+    return f"step {points[-1]}: " + stop_decision(history, [p * per_token for p in points], rule["epsilon"],
+                                                  rule.get("weights"), rule.get("patience", 2))[1]
+
+
 def stop_targets(full: dict, stopped: dict) -> list[Target]:
     trained = steps_trained(stopped)
     share = trained / BUDGET
     at = stopped["pretrain"]["outputs"].get("stopped_at")
-    last = (stopped["forecast"].get("stop") or {}).get("why") or "no reason recorded"
+    last = last_reason(stopped["forecast"])
     targets = [Target("The stopped pretrain's steps (cooldown included)", f"≤ 50% of the {BUDGET}-step budget",
                       f"{trained} steps, {share:.0%}" + (f" (stopped at {at})" if at else " (never stopped)"),
                       status(share <= 0.5),
@@ -152,7 +171,7 @@ def main() -> None:
             *(f"| {r['label']} | {r['wall']:.0f} s | {r['pretrain_s']:.0f} s | {steps_trained(r)} | "
               f"{r['pretrain']['outputs'].get('probe_seconds', 0):.0f} s at {len(r['forecast']['points'])} points |"
               for r in (full, stopped)), "",
-            f"Why it stopped: {out.get('stop_reason') or 'it did not; at its last probe point: ' + (stopped['forecast'].get('stop') or {}).get('why', '?')}; "
+            f"Why it stopped: {out.get('stop_reason') or 'it did not; at its last chance, ' + last_reason(stopped['forecast'])}; "
             f"tokens saved: {out.get('tokens_saved', 0):,}.",
             "",
             "| domain | base ppl (full) | base ppl (stopped) | fine-tuned ppl (full) | fine-tuned ppl (stopped) | "

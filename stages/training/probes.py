@@ -138,6 +138,8 @@ class Prober:
         stop, why = False, "no stop rule (pretrain.stop)"
         if self.stop is not None and step < self.job.steps:
             stop, why = stop_decision(history, now, self.stop.epsilon, self.stop.weights, self.stop.patience)
+        elif self.stop is not None:  # the budget's end: nothing left to save; keep why it went on
+            why = f"the end of the budget; at the probe before: {self.why}" if self.why else "the end of the budget"
         self.why = why
         if stop:
             self.stopped_at = step

@@ -51,7 +51,9 @@ def test_probes_fine_tune_every_domain_between_steps_and_a_failing_one_does_not_
     root, _, legal = parts
     options = job_for((root, legal, TINY["model"]["config"]), "x", "lora", steps=4, eval_every=4, eval_blocks=8,
                       keep_best=False).training
-    job = replace(_pretrain(parts, "pre", probes={"every": 4, "steps": 4}, schedule={"kind": "wsd", "warmup_steps": 2}),
+    # a stop rule the broken domain keeps from firing (a domain without a forecast never lets it stop)
+    job = replace(_pretrain(parts, "pre", probes={"every": 4, "steps": 4}, schedule={"kind": "wsd", "warmup_steps": 2},
+                            stop={"epsilon": 0.01, "patience": 1}),
                   probes=(ProbeTarget("legal", legal, options), ProbeTarget("broken", str(root / "nowhere"), options)))
     result = train(job)
     assert result["steps"] == STEPS and result["probe_points"] == [4, 8, 12] and result["probe_seconds"] > 0
@@ -67,6 +69,10 @@ def test_probes_fine_tune_every_domain_between_steps_and_a_failing_one_does_not_
     assert forecast["domains"]["legal"]["losses"] == [history[s]["legal"]["loss"] for s in ("4", "8", "12")]
     assert forecast["domains"]["broken"]["verdict"] == "no forecast"
     assert [f["step"] for f in forecast["domains"]["legal"]["forecast_after"]] == [4, 8, 12]
+    # at the budget's end the rule is not asked; the record keeps why it went on the probe before
+    assert forecast["stop"]["stopped_at"] is None
+    assert forecast["stop"]["why"].startswith("the end of the budget; at the probe before: ")
+    assert ": no forecast (" in forecast["stop"]["why"]
 
 
 def test_a_stop_ends_the_run_after_a_cooldown_on_the_wsd_schedule(parts):
