@@ -98,26 +98,25 @@ def last_reason(forecast: dict) -> str:
     """Why the rule did not stop at the last probe point before the budget's end, replayed with
     the product's own forecast and stop rule over the probe losses the run recorded (at the
     budget's end the rule is not asked: nothing is left to save)."""
-    from branchout.stages.evaluation.forecast import forecast as fit
-    from branchout.stages.evaluation.forecast import stop_decision
+    from branchout.stages.evaluation.forecast import forecast_history, stop_decision
 
     stop = forecast.get("stop") or {}
     rule = stop.get("rule")
     if not rule:
         return stop.get("why") or "no stop rule"
-    points = [p for p in forecast["points"] if p < BUDGET]
-    per_token, budget = forecast["tokens_per_step"], forecast["budget_tokens"]
-    history = [{d: fit([p * per_token for p in points[:n]], v["losses"][:n], budget)
-                for d, v in forecast["domains"].items()} for n in range(1, len(points) + 1)]
-    return f"step {points[-1]}: " + stop_decision(history, [p * per_token for p in points], rule["epsilon"],
-                                                  rule.get("weights"), rule.get("patience", 2))[1]
+    n = len([p for p in forecast["points"] if p < BUDGET])
+    history, now = forecast_history(forecast["points"][:n], {d: v["losses"][:n] for d, v in forecast["domains"].items()},
+                                    forecast["tokens_per_step"], forecast["budget_tokens"])
+    why = stop_decision(history, now, rule["epsilon"], rule.get("weights"), rule.get("patience", 2))[1]
+    return f"step {forecast['points'][n - 1]}: {why}"
 
 
-def stop_targets(full: dict, stopped: dict) -> list[Target]:
+def stop_targets(full: dict, stopped: dict, last: str | None = None) -> list[Target]:
+    """The two targets; ``last``: why the rule went on at its last chance (replayed when not given)."""
     trained = steps_trained(stopped)
     share = trained / BUDGET
     at = stopped["pretrain"]["outputs"].get("stopped_at")
-    last = last_reason(stopped["forecast"])
+    last = last or last_reason(stopped["forecast"])
     targets = [Target("The stopped pretrain's steps (cooldown included)", f"≤ 50% of the {BUDGET}-step budget",
                       f"{trained} steps, {share:.0%}" + (f" (stopped at {at})" if at else " (never stopped)"),
                       status(share <= 0.5),
@@ -153,15 +152,14 @@ def main() -> None:
                     f"{sm['finetuned_ppl']:.2f} | {sm['finetuned_ppl'] / fm['finetuned_ppl'] - 1:+.2%} |")
     # the premise: how much each domain's probe loss still fell over the last 3/4 of the budget
     points = full["forecast"]["points"]
-    premise = []
-    for d in DOMAINS:
-        losses = dict(zip(points, full["forecast"]["domains"][d]["losses"], strict=True))
-        quarter = max((p for p in points if p <= BUDGET // 4), default=None)
-        if quarter is not None and points:
-            premise.append(f"{d} {losses[quarter]:.3f} → {losses[points[-1]]:.3f} "
-                           f"({losses[points[-1]] / losses[quarter] - 1:+.1%})")
+    quarter = max((i for i, p in enumerate(points) if p <= BUDGET // 4), default=None)
+    premise = [] if quarter is None else [
+        f"{d} {v[quarter]:.3f} → {v[-1]:.3f} ({v[-1] / v[quarter] - 1:+.1%})"
+        for d in DOMAINS for v in [full["forecast"]["domains"][d]["losses"]]]
     out = stopped["pretrain"]["outputs"]
-    written = "" if full["stamp"] == stamp() else f" (this section written again by {stamp().split(';')[0]})"
+    last = last_reason(stopped["forecast"])  # a replay of every probe point's forecast: once
+    now = stamp()
+    written = "" if full["stamp"] == now else f" (this section written again by {now.split(';')[0]})"
     body = [f"Measured by `python benchmarks/stop_rule.py`: {full['stamp']}{written}.", "",
             f"The shipped quickstart with a {BUDGET}-step pretrain (4× its own 400), `schedule.kind: wsd`, LoRA "
             f"probes of {PROBE_STEPS} steps every {EVERY} steps, run twice: to the end of the budget, and with "
@@ -171,14 +169,14 @@ def main() -> None:
             *(f"| {r['label']} | {r['wall']:.0f} s | {r['pretrain_s']:.0f} s | {steps_trained(r)} | "
               f"{r['pretrain']['outputs'].get('probe_seconds', 0):.0f} s at {len(r['forecast']['points'])} points |"
               for r in (full, stopped)), "",
-            f"Why it stopped: {out.get('stop_reason') or 'it did not; at its last chance, ' + last_reason(stopped['forecast'])}; "
+            f"Why it stopped: {out.get('stop_reason') or 'it did not; at its last chance, ' + last}; "
             f"tokens saved: {out.get('tokens_saved', 0):,}.",
             "",
             "| domain | base ppl (full) | base ppl (stopped) | fine-tuned ppl (full) | fine-tuned ppl (stopped) | "
             "stopped vs full |", "|---|---|---|---|---|---|", *rows, "",
             f"The premise, from the full run's probes (probe loss at step ≤ {BUDGET // 4} → at step {points[-1]}): "
             + ("; ".join(premise) or "no probe point in the first quarter") + ".", "",
-            *targets_table(stop_targets(full, stopped))]
+            *targets_table(stop_targets(full, stopped, last))]
     print("\n".join(body))
     write_section("Stop rule: a 4× pretraining budget (benchmarks/stop_rule.py)", body)
 

@@ -154,6 +154,15 @@ def forecast(tokens: list[int], losses: list[float], budget: int, seed: int = 0)
     return out
 
 
+def forecast_history(points: list[int], losses: dict[str, list[float]], tokens_per_step: int,
+                     budget: int) -> tuple[list[dict[str, Forecast]], list[int]]:
+    """The forecasts as they were after each probe point (domain → Forecast), and the tokens
+    at each: what ``stop_decision`` reads. ``losses``: each domain's probe loss at every point."""
+    tokens = [p * tokens_per_step for p in points]
+    history = [{d: forecast(tokens[:n], v[:n], budget) for d, v in losses.items()} for n in range(1, len(points) + 1)]
+    return history, tokens
+
+
 def stop_decision(history: list[dict[str, Forecast]], now_tokens: list[int], epsilon: float,
                   weights: dict[str, float] | None = None, patience: int = 2) -> tuple[bool, str]:
     """``pretrain.stop``: (stop?, why). ``history``: the forecasts after each probe point so

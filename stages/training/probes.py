@@ -123,18 +123,13 @@ class Prober:
     def _decide(self, step: int) -> bool:
         """Rank 0: forecasts from every probe point so far; the stop rule."""
         from branchout import storage
-        from branchout.stages.evaluation.forecast import forecast, stop_decision
+        from branchout.stages.evaluation.forecast import forecast_history, stop_decision
 
         steps = sorted(int(s) for s in self.history)
         domains = [t.domain for t in self.job.probes]
         budget = self.job.steps * self.tokens_per_step
-        history, now = [], []
-        for upto in range(1, len(steps) + 1):  # the forecasts as they were after each point
-            seen = steps[:upto]
-            history.append({d: forecast([s * self.tokens_per_step for s in seen],
-                                        [self.history[str(s)].get(d, {}).get("loss", math.nan) for s in seen], budget)
-                            for d in domains})
-            now.append(seen[-1] * self.tokens_per_step)
+        losses = {d: [self.history[str(s)].get(d, {}).get("loss", math.nan) for s in steps] for d in domains}
+        history, now = forecast_history(steps, losses, self.tokens_per_step, budget)
         stop, why = False, "no stop rule (pretrain.stop)"
         if self.stop is not None and step < self.job.steps:
             stop, why = stop_decision(history, now, self.stop.epsilon, self.stop.weights, self.stop.patience)
