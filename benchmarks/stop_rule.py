@@ -10,8 +10,10 @@ Two ``branchout run``s of the shipped quickstart, one after the other, identical
    warmup-stable-decay schedule (what the plan recommends with probes: checkpoints before
    the cooldown are comparable), LoRA probes of ``PROBE_STEPS`` steps every ``EVERY`` steps;
 2. **stopped**: the same with ``pretrain.stop: {epsilon: EPSILON}`` (patience 2, the
-   default): the pretrain ends, then cools down, once two probe points in a row forecast less
-   than ``EPSILON`` relative gain from the rest of the budget for every domain.
+   default): the pretrain ends, then cools down, once every domain is saturated: two probe
+   points in a row forecast less than ``EPSILON`` relative gain from the rest of the budget,
+   or its best probe loss improved over the last two points at a rate that would gain less
+   than ``EPSILON`` by the budget's end (``stages.evaluation.forecast.stop_decision``).
 
 Both fine-tune every domain as the quickstart does and score base and fine-tuned models on
 the same held-out sets (no scratch model, no cross evaluation: neither is compared here).

@@ -362,12 +362,17 @@ class ProbeSpec(StrictModel):
 
 
 class StopSpec(StrictModel):
-    """End the pretrain once probes forecast that the rest of its budget no longer helps."""
+    """End the pretrain once probes say that the rest of its budget no longer helps."""
 
-    when: Literal["saturated"] = "saturated"
-    epsilon: float = Field(0.01, gt=0, description="Stop when every domain's forecast relative gain of the "
-                           "remaining budget is below this, at `patience` probe points in a row.")
-    patience: int = Field(2, ge=1)
+    when: Literal["saturated"] = Field("saturated", description="Every domain saturated: its forecast gain of the "
+                                       "remaining budget is below `epsilon` at `patience` probe points in a row, or its "
+                                       "best probe loss improved over the last `patience` points at a rate that would "
+                                       "gain less than `epsilon` by the budget's end (a curve that turned back up gains "
+                                       "nothing).")
+    epsilon: float = Field(0.01, gt=0, description="The relative gain of the remaining budget below which a "
+                           "domain is saturated.")
+    patience: int = Field(2, ge=1, description="Probe points in a row a forecast must hold, and the window the "
+                          "best probe loss's recent improvement is measured over.")
     weights: dict[str, float] = Field(default_factory=dict, description="Domain → weight of its gain (default 1).")
 
 
@@ -392,7 +397,7 @@ class PretrainSpec(TrainingSpec):
         "against pretraining tokens (loss = E + A·T^-α) and forecasts the end of the budget."
     )
     stop: StopSpec | None = Field(None, description="With probes: stop the pretrain (then cool down) once the "
-                                  "forecast gain of the rest of its budget is below epsilon for every domain.")
+                                  "rest of its budget no longer helps any domain (see `when`).")
 
     @model_validator(mode="after")
     def _steps_or_tokens(self) -> PretrainSpec:

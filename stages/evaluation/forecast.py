@@ -17,10 +17,21 @@ A forecast says "no forecast" rather than guess when the fit cannot be trusted: 
 bootstrap interval of the final loss wider than ``MAX_SPREAD`` of it. The interval resamples
 the residuals (``BOOTSTRAP`` rounds, seeded).
 
-``stop_decision`` is ``pretrain.stop: {when: saturated}``: stop once, for ``patience`` probe
-points in a row, every domain's forecast gain of the remaining budget (relative: the loss now
-over the loss at the end of the budget, minus one) is below ``epsilon``, weighted per domain
-where weights are given. A domain without a forecast never lets the pretrain stop.
+``stop_decision`` is ``pretrain.stop: {when: saturated}``: stop once every domain is
+saturated, weighted per domain where weights are given. A domain is saturated when either
+
+- its forecast gain of the remaining budget (relative: the loss now over the loss at the end
+  of the budget, minus one) is below ``epsilon`` at ``patience`` probe points in a row, or
+- its probes have stopped getting better: the best probe loss so far improved over the last
+  ``patience`` points by so little that, carried on at that rate to the end of the budget, it
+  would gain less than ``epsilon``. On a saturating (convex, falling) curve the recent rate
+  overstates what is left, so this errs towards going on; a curve that has turned back up
+  (the pretrain now overfits its corpus or overtrains for the domains) gains nothing at all.
+  A saturating law cannot describe such a curve ("no forecast"), and without this the rule
+  would never stop the very pretrain it exists for (benchmarks/stop_rule.py: probe losses
+  fell until ~step 800 of 1,600 and rose after, and the fit-only rule never fired).
+
+A domain with neither (no forecast and probes still improving) never lets the pretrain stop.
 """
 
 from __future__ import annotations
@@ -169,14 +180,51 @@ def stop_decision(history: list[dict[str, Forecast]], now_tokens: list[int], eps
     far (domain → Forecast), ``now_tokens`` the tokens at each. A domain's gain is weighted
     by ``weights[domain]`` (default 1) before it is compared with ``epsilon``."""
     weights = weights or {}
+    if not history:
+        return False, "no probe point yet"
+    saturated = []
+    for domain, latest in history[-1].items():
+        weight = weights.get(domain, 1.0)
+        held = _forecast_holds(history, now_tokens, domain, epsilon, weight, patience)
+        if held is None:
+            saturated.append(f"{domain}: forecast gain < {epsilon:.2%} at {patience} probe points in a row")
+            continue
+        flat = _plateau(latest, patience, epsilon, weight)
+        if flat is None:
+            probed = sum(math.isfinite(v) for v in latest.losses)
+            return False, held + ("; its best probe still improves" if probed > patience else "")
+        saturated.append(f"{domain}: {flat}")
+    return True, "every domain saturated: " + "; ".join(saturated)
+
+
+def _forecast_holds(history, now_tokens, domain: str, epsilon: float, weight: float, patience: int) -> str | None:
+    """None where ``domain``'s forecast gain (weighted) was below epsilon at the last
+    ``patience`` points; otherwise why not."""
     if len(history) < patience:
-        return False, f"{len(history)} probe point(s) of the {patience} in a row it takes"
+        return f"{domain}: {len(history)} probe point(s) of the {patience} in a row it takes"
     for forecasts, now in zip(history[-patience:], now_tokens[-patience:], strict=True):
-        for domain, f in forecasts.items():
-            gain = f.gain(now)
-            if gain is None:
-                return False, f"{domain}: no forecast ({f.why})"
-            if gain * weights.get(domain, 1.0) >= epsilon:
-                return False, f"{domain}: forecast gain {gain:.2%} of the remaining budget ≥ epsilon {epsilon:.2%}"
-    return True, (f"every domain's forecast gain of the remaining budget < {epsilon:.2%} "
-                  f"for {patience} probe points in a row")
+        f = forecasts[domain]
+        gain = f.gain(now)
+        if gain is None:
+            return f"{domain}: no forecast ({f.why})"
+        if gain * weight >= epsilon:
+            return f"{domain}: forecast gain {gain:.2%} of the remaining budget ≥ epsilon {epsilon:.2%}"
+    return None
+
+
+def _plateau(f: Forecast, patience: int, epsilon: float, weight: float) -> str | None:
+    """Why ``f``'s domain has stopped improving (see the module's docstring), or None."""
+    points = [(t, v) for t, v in zip(f.tokens, f.losses, strict=True) if math.isfinite(v)]
+    if len(points) <= patience:
+        return None
+    best_then = min(v for _, v in points[:-patience])
+    best_now = min(v for _, v in points)
+    span = points[-1][0] - points[-1 - patience][0]
+    left = max(0, f.budget - points[-1][0])
+    rate = best_then / best_now - 1.0  # ≥ 0: the best so far only goes down
+    carried = rate * left / span if span > 0 else math.inf
+    if carried * weight >= epsilon:
+        return None
+    if rate == 0:
+        return f"no better probe in the last {patience} points (best {best_now:.4g})"
+    return f"best probe improved {rate:.2%} over the last {patience} points: ~{carried:.2%} left at that rate"

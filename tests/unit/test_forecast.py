@@ -65,6 +65,48 @@ def test_the_stop_rule_stops_on_a_saturating_curve_and_not_on_a_falling_one():
     assert stop_decision(mixed, now, epsilon=0.01, weights={"code": 0.0})[0]
 
 
+def _probes(losses: list[float], every: int = 100, budget_steps: int = 1600):
+    """The forecasts after each of ``losses``' probe points (one per ``every`` steps, a
+    token per step), as the prober builds them."""
+    from branchout.stages.evaluation.forecast import forecast_history
+
+    steps = [every * (i + 1) for i in range(len(losses))]
+    return forecast_history(steps, {"legal": losses}, 1, budget_steps)
+
+
+def test_a_curve_that_turns_back_up_stops_the_pretrain_though_no_law_fits_it():
+    """Overtraining (or a small corpus overfit): the probes fall, then rise. The saturating
+    law cannot describe that (no forecast), yet the rest of the budget plainly gains nothing
+    (benchmarks/stop_rule.py's probe losses, legal's rounded)."""
+    curve = [6.99, 6.67, 6.56, 6.37, 6.27, 6.25, 6.26, 6.18, 6.18, 6.24, 6.22, 6.31, 6.46]
+    fires = []
+    for n in range(1, len(curve) + 1):
+        history, now = _probes(curve[:n])
+        stop, why = stop_decision(history, now, epsilon=0.01)
+        if stop:
+            fires.append((n, why))
+    assert fires and fires[0][0] == 10, fires  # steps 900 and 1000 no better than 800's 6.18
+    assert "legal: no better probe in the last 2 points (best 6.18)" in fires[0][1]
+    history, now = _probes(curve)
+    assert not history[-1]["legal"].ok  # the law does not fit it: the plateau decides, not the forecast
+
+
+def test_a_slow_steady_fall_with_much_budget_left_goes_on():
+    """0.4% better every probe point: two points are < epsilon of gain, but carried over the
+    rest of the budget (11 more points) that rate is ~4.4%: not saturated."""
+    curve = [6.0 * 0.996 ** i for i in range(5)]
+    history, now = _probes(curve)
+    stop, why = stop_decision(history, now, epsilon=0.01)
+    assert not stop, why
+    # the same fall near the budget's end is saturated: one point's worth of budget is left
+    history, now = _probes(curve, budget_steps=600)
+    stop, why = stop_decision(history, now, epsilon=0.01)
+    assert stop and "best probe improved 0.80% over the last 2 points: ~0.40% left at that rate" in why, why
+    # a domain's weight scales what is left: 0.40% × 3 ≥ 1% goes on
+    stop, why = stop_decision(history, now, epsilon=0.01, weights={"legal": 3.0})
+    assert not stop and why.endswith("; its best probe still improves"), why
+
+
 def test_wsd_is_stable_then_cools_down_and_an_early_end_moves_the_cooldown():
     schedule = ScheduleSpec(kind="wsd", warmup_steps=2, min_lr_ratio=0.1, cooldown_fraction=0.25)
     f = lr_lambda(schedule, 100)
