@@ -338,7 +338,10 @@ class ProbeSpec(StrictModel):
     )
     every: int | None = Field(None, ge=1, description="A probe point every this many pretrain steps.")
     steps: int = Field(50, ge=1, le=MAX_STEPS, description="Optimizer steps of each probe fine-tune (its domain's other options).")
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["lora", "full", "domain"] = Field(
+        "lora", description="How each probe fine-tunes: `lora` (cheap: no optimizer state for the base), `full`, or "
+        "`domain`: each domain's own `method`, so the probe predicts the fine-tune it will get (a full probe holds "
+        "the whole model's optimizer state on the pretrain's workers).")
 
     @field_validator("at")
     @classmethod

@@ -137,3 +137,24 @@ def test_stop_needs_probes_and_the_wsd_schedule(write_pipeline):
     spec["pretrain"]["probes"] = {"every": 6, "steps": 2}
     out = run_cli("validate", str(write_pipeline(spec)))
     assert out.returncode == 2 and "pretrain.stop: an early stop cools down from where it stops" in out.stderr
+
+
+@pytest.mark.parametrize("method, expected", [("lora", ["lora", "lora", "lora"]), ("full", ["full", "full", "full"]),
+                                              ("domain", ["full", "full", "lora"])])
+def test_a_probe_fine_tunes_by_the_method_asked_or_by_its_domains_own(method, expected):
+    """``probes.method: domain``: each probe is the fine-tune its domain will get (TINY's legal and
+    code are full fine-tunes, docs LoRA), so probe and real fine-tune losses rank alike across domains."""
+    import copy
+    from types import SimpleNamespace
+
+    from branchout.core.spec import PipelineSpec
+    from branchout.orchestrator.run.driver import probe_targets
+
+    from conftest import TINY
+
+    raw = copy.deepcopy(TINY)
+    raw["pretrain"].update(probes={"every": 6, "steps": 3, "method": method})
+    spec = PipelineSpec.model_validate(raw)
+    targets = probe_targets(spec, {d: SimpleNamespace(uri=f"/data/{d}") for d in ("legal", "code", "docs")})
+    assert [t.options.method for t in targets] == expected
+    assert [t.domain for t in targets] == ["legal", "code", "docs"] and {t.options.steps for t in targets} == {3}
