@@ -13,7 +13,17 @@ from branchout.orchestrator.cli.common import app
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    finally:
+        # Leave the objects alive now out of the collector's reach. The interpreter's exit runs
+        # full collections over everything torch, transformers and Ray allocated at import: 1.5 s
+        # of every command that loaded them (measured: 1.47-1.63 s → 0.19-0.20 s). Nothing is
+        # lost: atexit handlers, thread joins and finalizers still run; the memory goes back to
+        # the OS with the process.
+        import gc
+
+        gc.freeze()
 
 
 __all__ = ["app", "main"]
