@@ -74,6 +74,7 @@ class Prober:
                 mine[target.domain] = self._probe(target, model_uri, step)
         set_rng_state(rng)
         results = self._gather(mine)
+        self._recall_stop(engine, step)
         stop = False
         if self.rank == 0:
             self.history[str(step)] = results
@@ -83,6 +84,24 @@ class Prober:
         if stop:
             self.stopped_at = step
         return bool(stop)
+
+    def _recall_stop(self, engine, step: int) -> None:
+        """A probe point inside the cooldown of a stop already decided (by this process, or
+        before a restart: the decision rides in the checkpoint's ``early``) is probed and
+        recorded, never decided again: the run's stop and its reason stay those of the point
+        where it stopped."""
+        from branchout import storage
+
+        early = getattr(engine, "early", None)
+        decided = early.stop_at if early is not None and early.stop_at is not None and early.stop_at < step else None
+        if decided is None or self.stopped_at is not None:
+            return
+        self.stopped_at = decided
+        saved = storage.join(self.uri, "forecast.json")
+        if self.rank == 0 and storage.exists(saved):
+            record = json.loads(storage.read_text(saved)).get("stop") or {}
+            if record.get("stopped_at") == decided:
+                self.why = record.get("why") or self.why
 
     def _publish(self, engine, step: int) -> str:
         """The current weights as an HF model directory every rank reads (rank 0 writes it)."""
@@ -131,7 +150,9 @@ class Prober:
         losses = {d: [self.history[str(s)].get(d, {}).get("loss", math.nan) for s in steps] for d in domains}
         history, now = forecast_history(steps, losses, self.tokens_per_step, budget)
         stop, why = False, "no stop rule (pretrain.stop)"
-        if self.stop is not None and step < self.job.steps:
+        if self.stopped_at is not None:  # in the cooldown: the stop stands as it was decided
+            why = self.why
+        elif self.stop is not None and step < self.job.steps:
             stop, why = stop_decision(history, now, self.stop.epsilon, self.stop.weights, self.stop.patience)
         elif self.stop is not None:  # the budget's end: nothing left to save; keep why it went on
             why = f"the end of the budget; at the probe before: {self.why}" if self.why else "the end of the budget"
