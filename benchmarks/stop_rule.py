@@ -100,13 +100,20 @@ def last_reason(forecast: dict) -> str:
     """Why the rule did not stop at the last probe point before the budget's end, replayed with
     the product's own forecast and stop rule over the probe losses the run recorded (at the
     budget's end the rule is not asked: nothing is left to save)."""
+    stop = forecast.get("stop") or {}
+    if not stop.get("rule"):
+        return stop.get("why") or "no stop rule"
+    return reason_before(forecast, BUDGET)
+
+
+def reason_before(forecast: dict, step: int) -> str:
+    """The rule's answer at the last probe point before ``step``, replayed as ``last_reason``."""
     from branchout.stages.evaluation.forecast import forecast_history, stop_decision
 
-    stop = forecast.get("stop") or {}
-    rule = stop.get("rule")
-    if not rule:
-        return stop.get("why") or "no stop rule"
-    n = len([p for p in forecast["points"] if p < BUDGET])
+    rule = (forecast.get("stop") or {}).get("rule")
+    n = len([p for p in forecast.get("points", []) if p < step])
+    if not rule or n == 0:
+        return "no probe point before it"
     history, now = forecast_history(forecast["points"][:n], {d: v["losses"][:n] for d, v in forecast["domains"].items()},
                                     forecast["tokens_per_step"], forecast["budget_tokens"])
     why = stop_decision(history, now, rule["epsilon"], rule.get("weights"), rule.get("patience", 2))[1]
@@ -122,8 +129,9 @@ def stop_targets(full: dict, stopped: dict, last: str | None = None) -> list[Tar
     targets = [Target("The stopped pretrain's steps (cooldown included)", f"≤ 50% of the {BUDGET}-step budget",
                       f"{trained} steps, {share:.0%}" + (f" (stopped at {at})" if at else " (never stopped)"),
                       status(share <= 0.5),
-                      why=(f"{share:.0%} of the budget: " + (f"stopped at step {at}" if at else
-                                                             f"the rule never fired; at the last probe: {last}")))]
+                      why=(f"{share:.0%} of the budget: " + (
+                          f"stopped at step {at}; at the probe before, {reason_before(stopped['forecast'], at)}"
+                          if at else f"the rule never fired; at the last probe: {last}")))]
     what, target = "Fine-tuned perplexity after the stopped pretrain", "within 1% of the full budget's"
     if not at:  # both runs trained the whole budget: equal perplexities would prove nothing
         return [*targets, Target(what, target, None, "not measured",

@@ -52,6 +52,7 @@ def test_the_cooldown_counts_and_one_domain_past_one_percent_misses(stop_rule):
     stopped = _run({"legal": 101.5, "code": 50.0, "docs": 80.0}, tokens_saved=799 * 2048, stopped_at=700)
     steps, ppl = stop_rule.stop_targets(FULL, stopped)
     assert steps.status == "missed" and "801" in steps.measured
+    assert steps.why == "50% of the budget: stopped at step 700; at the probe before, no probe point before it"
     assert ppl.status == "missed" and ppl.why == "more than 1% worse for legal"
 
 
@@ -63,3 +64,14 @@ def test_a_rule_that_never_fired_misses_and_says_why(stop_rule):
     assert "the rule never fired; at the last probe: legal: forecast gain 2.50%" in steps.why
     # the same steps as the full run: equal perplexities would prove nothing
     assert ppl.status == "not measured" and ppl.measured is None and "never stopped" in ppl.why
+
+
+def test_a_late_stop_says_why_the_probe_before_went_on(stop_rule):
+    """The replay at the point before the stop: the forecast still promised a gain there."""
+    stopped = _run({"legal": 100.0, "code": 50.0, "docs": 80.0}, tokens_saved=500 * 1, stopped_at=1000)
+    losses = [6.985, 6.673, 6.563, 6.367, 6.269, 6.253, 6.258, 6.18, 6.184, 6.236]
+    stopped["forecast"] = {"tokens_per_step": 1, "budget_tokens": 1600, "points": list(range(100, 1001, 100)),
+                           "domains": {"legal": {"losses": losses}}, "stop": {"rule": {"epsilon": 0.01}}}
+    steps, _ = stop_rule.stop_targets(FULL, stopped)
+    assert steps.status == "missed" and steps.why.startswith(
+        "69% of the budget: stopped at step 1000; at the probe before, step 900: legal: forecast gain "), steps.why
