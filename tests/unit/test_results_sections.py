@@ -113,9 +113,8 @@ REPO = BENCHMARKS.parent
 WRITTEN_BEFORE_SEALS = {
     "Contamination",
     "ZeRO-3 vs ZeRO-2 per-rank peak memory (2 CPU ranks, gloo)", "Data stage at scale",
-    "Suite: orchestration, fan-out, memory (benchmarks/run.py)",
     "Adapter farms in pipeline runs (benchmarks/farm_pipeline.py)",
-    "Probes: forecasting the pretrain's worth (benchmarks/probes.py)", "Licence assistant answers (benchmarks/licence.py)",
+    "Licence assistant answers (benchmarks/licence.py)",
     "Autoscaling lead (benchmarks/autoscale_lead.py)", "Checkpoint I/O (benchmarks/checkpoint_io.py)",
     "Stage cache (benchmarks/cache.py)",
 }
