@@ -214,6 +214,8 @@ def _forecast_holds(history, now_tokens, domain: str, epsilon: float, weight: fl
 
 def _plateau(f: Forecast, patience: int, epsilon: float, weight: float) -> str | None:
     """Why ``f``'s domain has stopped improving (see the module's docstring), or None."""
+    if not f.losses or not math.isfinite(f.losses[-1]):  # the latest probe failed: nothing seen now
+        return None
     points = [(t, v) for t, v in zip(f.tokens, f.losses, strict=True) if math.isfinite(v)]
     if len(points) <= patience:
         return None

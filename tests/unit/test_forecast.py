@@ -89,6 +89,10 @@ def test_a_curve_that_turns_back_up_stops_the_pretrain_though_no_law_fits_it():
     assert "legal: no better probe in the last 2 points (best 6.18)" in fires[0][1]
     history, now = _probes(curve)
     assert not history[-1]["legal"].ok  # the law does not fit it: the plateau decides, not the forecast
+    # a failed latest probe is no evidence of a plateau: the stop waits for a probe that ran
+    history, now = _probes([*curve[:10], float("nan")])  # 1000 alone would stop it (above)
+    stop, why = stop_decision(history, now, epsilon=0.01)
+    assert not stop, why
 
 
 def test_a_slow_steady_fall_with_much_budget_left_goes_on():
