@@ -197,6 +197,25 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None,
 
 
 @contextlib.contextmanager
+def benchmark_module(script: str):
+    """``benchmarks/<script>`` imported under a name of its own, for tests of its verdicts. The
+    script puts benchmarks/ on sys.path and imports its neighbours (quickstart, results): both
+    are undone after, so no later test imports a benchmark by a common name."""
+    import importlib.util
+
+    path, modules = list(sys.path), set(sys.modules)
+    try:
+        spec = importlib.util.spec_from_file_location(f"{Path(script).stem}_under_test", REPO / "benchmarks" / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path[:] = path
+        for name in set(sys.modules) - modules:
+            del sys.modules[name]
+
+
+@contextlib.contextmanager
 def local_ray(namespace: str, **options):
     """An in-process local Ray on this machine's 2 CPUs for one test module, shut down after."""
     import ray

@@ -3,29 +3,17 @@ a first-half fit the product judged "no forecast" misses, however close it came.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def probes():
-    """benchmarks/probes.py under a name of its own; its sys.path entry and the neighbours it
-    imports (quickstart, results) are undone after."""
-    path, modules = list(sys.path), set(sys.modules)
-    try:
-        spec = importlib.util.spec_from_file_location("probes_under_test", REPO / "benchmarks" / "probes.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("probes.py") as module:
         yield module
-    finally:
-        sys.path[:] = path
-        for name in set(sys.modules) - modules:
-            del sys.modules[name]
 
 
 def _targets(probes, errors, rho=0.95, probe_s=5.0, wall=100.0):

@@ -3,29 +3,15 @@ benchmark's): the share of the budget counts the cooldown, and a fine-tune 1% wo
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from conftest import REPO
+from conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def stop_rule():
-    """benchmarks/stop_rule.py under a name of its own; the script puts benchmarks/ on sys.path
-    and imports its neighbours (quickstart, results): both are undone after, so no later test
-    imports a benchmark by a common name."""
-    path, modules = list(sys.path), set(sys.modules)
-    try:
-        spec = importlib.util.spec_from_file_location("stop_rule_under_test", REPO / "benchmarks" / "stop_rule.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("stop_rule.py") as module:
         yield module
-    finally:
-        sys.path[:] = path
-        for name in set(sys.modules) - modules:
-            del sys.modules[name]
 
 
 def _run(ppl: dict[str, float], tokens_saved: int = 0, stopped_at: int | None = None) -> dict:
