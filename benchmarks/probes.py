@@ -5,8 +5,8 @@
 1. ``branchout run`` of the shipped quickstart with ``pretrain.probes`` at the default points
    (1/16, 1/8, 1/4, 1/2, 3/4 and all of its 400 steps), ``PROBE_STEPS``-step probes that
    fine-tune as each domain's own fine-tune does (``method: PROBE_METHOD``: full for legal and
-   code, LoRA for docs), and only the pretrain's outputs used: the probe losses, ``eval/forecast.json`` and the pretrain's
-   ``probe_seconds`` against its wall time.
+   code, LoRA for docs), and only the pretrain's outputs used: the probe losses,
+   ``eval/forecast.json`` and the pretrain's ``probe_seconds`` against its wall time.
 2. From each published probe checkpoint, every domain's real fine-tune (the quickstart's
    fine-tune options: full, 60 steps), scored on the same held-out sample as its probe.
 
@@ -15,8 +15,9 @@ fine-tunes returned. Targets (issue 30): Spearman ρ ≥ 0.9 between probe held-
 full fine-tune's held-out loss from the same checkpoint, over domains × probe points; the
 forecast made from the first half of the pretrain predicts the last probe's loss within 2% per
 domain, and is one (a fit the product judged "no forecast" misses, however close; the 512c688
-record judged those by distance alone); probes cost ≤ 10% of the pretrain's wall time. The stop rule's target (a 4× budget
-stopped at ≤ 50% with fine-tunes within 1%) is benchmarks/stop_rule.py's.
+record judged those by distance alone); probes cost ≤ 10% of the pretrain's wall time. The
+stop rule's target (a 4× budget stopped at ≤ 50% with fine-tunes within 1%) is
+benchmarks/stop_rule.py's.
 
 Changed since the 5751e56 record (LoRA probes for every domain, ρ 0.465 pooled, 1.000 within
 each domain): a LoRA probe of a domain that is fully fine-tuned sits on another loss scale than
@@ -146,8 +147,9 @@ def main() -> None:
                             f"{len(points)} points × {len(spec['finetune']['domains'])} domains × {PROBE_STEPS} steps")
     body = [f"Measured by `python benchmarks/probes.py`: {stamp()}.", "",
             f"The shipped quickstart with `pretrain.probes: {{steps: {PROBE_STEPS}, method: {PROBE_METHOD}}}` (probes "
-            f"that fine-tune as their domain's fine-tune does, at steps {', '.join(map(str, points))}); then the quickstart's own fine-tune of each domain (its method, full "
-            "or LoRA) from each probe checkpoint, scored on the same held-out sample.", "",
+            f"that fine-tune as their domain's fine-tune does, at steps {', '.join(map(str, points))}); then the "
+            "quickstart's own fine-tune of each domain (its method, full or LoRA) from each probe checkpoint, "
+            "scored on the same held-out sample.", "",
             "| domain | probe and fine-tune method | probe step | probe loss | fine-tune loss |", "|---|---|---|---|---|",
             *rows, "",
             "Spearman ρ within each domain: " + ", ".join(f"{d} {r:.3f}" for d, r in per_domain.items()) + ".", "",

@@ -125,13 +125,12 @@ def stop_targets(full: dict, stopped: dict, last: str | None = None) -> list[Tar
     trained = steps_trained(stopped)
     share = trained / BUDGET
     at = stopped["pretrain"]["outputs"].get("stopped_at")
-    last = last or last_reason(stopped["forecast"])
     targets = [Target("The stopped pretrain's steps (cooldown included)", f"≤ 50% of the {BUDGET}-step budget",
                       f"{trained} steps, {share:.0%}" + (f" (stopped at {at})" if at else " (never stopped)"),
                       status(share <= 0.5),
                       why=(f"{share:.0%} of the budget: " + (
                           f"stopped at step {at}; at the probe before, {reason_before(stopped['forecast'], at)}"
-                          if at else f"the rule never fired; at the last probe: {last}")))]
+                          if at else f"the rule never fired; at the last probe: {last or last_reason(stopped['forecast'])}")))]
     what, target = "Fine-tuned perplexity after the stopped pretrain", "within 1% of the full budget's"
     if not at:  # both runs trained the whole budget: equal perplexities would prove nothing
         return [*targets, Target(what, target, None, "not measured",
@@ -167,7 +166,9 @@ def main() -> None:
         f"{d} {v[quarter]:.3f} → {v[-1]:.3f} ({v[-1] / v[quarter] - 1:+.1%})"
         for d in DOMAINS for v in [full["forecast"]["domains"][d]["losses"]]]
     out = stopped["pretrain"]["outputs"]
-    last = last_reason(stopped["forecast"])  # a replay of every probe point's forecast: once
+    # why the rule went on at its last chance: a replay of every probe point's forecast, only
+    # where it never stopped, and once
+    last = None if out.get("stopped_at") else last_reason(stopped["forecast"])
     now = stamp()
     written = "" if full["stamp"] == now else f" (this section written again by {now.split(';')[0]})"
     body = [f"Measured by `python benchmarks/stop_rule.py`: {full['stamp']}{written}.", "",
@@ -179,7 +180,7 @@ def main() -> None:
             *(f"| {r['label']} | {r['wall']:.0f} s | {r['pretrain_s']:.0f} s | {steps_trained(r)} | "
               f"{r['pretrain']['outputs'].get('probe_seconds', 0):.0f} s at {len(r['forecast']['points'])} points |"
               for r in (full, stopped)), "",
-            f"Why it stopped: {out.get('stop_reason') or 'it did not; at its last chance, ' + last}; "
+            f"Why it stopped: {out.get('stop_reason') if last is None else 'it did not; at its last chance, ' + last}; "
             f"tokens saved: {out.get('tokens_saved', 0):,}.",
             "",
             "| domain | base ppl (full) | base ppl (stopped) | fine-tuned ppl (full) | fine-tuned ppl (stopped) | "

@@ -349,8 +349,9 @@ def stage_pretrain(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
 
 def probe_targets(spec: PipelineSpec, data: dict[str, PackedInfo]) -> tuple:
     """``pretrain.probes``: each domain as a probe fine-tunes it, on the pretrain's workers: its own
-    options, with the probe's steps and method (``domain``: the domain's own), one worker on the pretrain worker's resources,
-    its held-out loss scored at its last step and nothing kept or mixed in."""
+    options, with the probe's steps and method (``domain``: the domain's own), one worker on the
+    pretrain worker's resources, its held-out loss scored at its last step and nothing kept or
+    mixed in."""
     from branchout.stages.training.probes import ProbeTarget
 
     p = spec.pretrain
@@ -359,10 +360,11 @@ def probe_targets(spec: PipelineSpec, data: dict[str, PackedInfo]) -> tuple:
     steps = p.probes.steps
     out = []
     for d in spec.finetune.domains:
+        method = d.method if p.probes.method == "domain" else p.probes.method
         engine = d.deepspeed.model_copy(update={"engine": "auto", "offload_optimizer": False, "offload_params": False,
                                                 "precision": p.deepspeed.precision})
         options = d.model_copy(update={
-            "steps": steps, "method": d.method if p.probes.method == "domain" else p.probes.method, "num_workers": 1, "seq_len": spec.domain_seq_len(d),
+            "steps": steps, "method": method, "num_workers": 1, "seq_len": spec.domain_seq_len(d),
             "resources_per_worker": p.resources_per_worker, "deepspeed": engine, "eval_every": steps,
             "keep_best": False, "early_stop": None, "replay": 0.0, "farm": False, "checkpoint_every": steps,
             "log_every": steps, "micro_batch_size": min(d.micro_batch_size, d.global_batch_size)})
