@@ -66,6 +66,9 @@ class TrainJob:
     # pretrain.probes: the domains its workers fine-tune at probe points (stages.training.probes.ProbeTarget)
     probes: tuple = ()
     model_revision: str | None = None
+    # False for a probe (stages.training.probes): its worth is its held-out loss, returned; it
+    # exports no model and writes no result.json (only its logs)
+    export: bool = True
 
     @property
     def model_uri(self) -> str:

@@ -166,11 +166,24 @@ def forecast(tokens: list[int], losses: list[float], budget: int, seed: int = 0)
 
 
 def forecast_history(points: list[int], losses: dict[str, list[float]], tokens_per_step: int,
-                     budget: int) -> tuple[list[dict[str, Forecast]], list[int]]:
+                     budget: int, memo: dict | None = None) -> tuple[list[dict[str, Forecast]], list[int]]:
     """The forecasts as they were after each probe point (domain → Forecast), and the tokens
-    at each: what ``stop_decision`` reads. ``losses``: each domain's probe loss at every point."""
+    at each: what ``stop_decision`` reads. ``losses``: each domain's probe loss at every point.
+
+    ``memo``: forecasts made before (a forecast is a pure function of its points, the
+    bootstrap seeded), kept by a caller that asks again at every probe point: each asks
+    then only for the newest prefix, not all of them again."""
+    memo = {} if memo is None else memo
     tokens = [p * tokens_per_step for p in points]
-    history = [{d: forecast(tokens[:n], v[:n], budget) for d, v in losses.items()} for n in range(1, len(points) + 1)]
+
+    def made(domain: str, n: int) -> Forecast:
+        # repr: a NaN (a failed probe) is never == itself, its repr is
+        key = (domain, budget, tuple(tokens[:n]), tuple(map(repr, losses[domain][:n])))
+        if key not in memo:
+            memo[key] = forecast(tokens[:n], losses[domain][:n], budget)
+        return memo[key]
+
+    history = [{d: made(d, n) for d in losses} for n in range(1, len(points) + 1)]
     return history, tokens
 
 

@@ -7,7 +7,8 @@ At each probe point (``ProbeSpec.points``) the pretrain's own workers pause:
 2. the domains are shared out over the ranks (domain ``i`` on rank ``i % world``); each rank
    fine-tunes its domains from that checkpoint for ``probes.steps`` steps, one at a time, on
    the same device, with the domain's own options (``stages.training.recipe.train``, one
-   worker, held-out loss scored at its last step: ``eval_every``);
+   worker, held-out loss scored at its last step: ``eval_every``; nothing exported or
+   checkpointed: its held-out loss is all it returns);
 3. rank 0 gathers the probe losses, fits each domain's curve (``stages.evaluation.forecast``),
    writes ``probes/probes.json`` and ``probes/forecast.json``, and decides whether the
    pretrain should stop (``pretrain.stop``); every rank gets the decision.
@@ -54,6 +55,8 @@ class Prober:
         self.stopped_at: int | None = None
         self.why = ""
         self.seconds = 0.0
+        self._tokenizer = None  # loaded at the first probe point, then lent to every probe
+        self._forecasts: dict = {}  # rank 0: forecast_history's memo (each point re-reads every earlier one)
         if rank == 0 and storage.exists(storage.join(self.uri, "probes.json")):
             saved = json.loads(storage.read_text(storage.join(self.uri, "probes.json")))
             self.history, self.seconds = saved.get("history", {}), saved.get("probe_seconds", 0.0)
@@ -63,16 +66,21 @@ class Prober:
 
     def __call__(self, engine, step: int) -> bool:
         """Probe at ``step``; True when the pretrain should stop. Every rank must call it."""
+        import torch
+
         from branchout.stages.training.loop import rng_state, set_rng_state
 
         started = time.time()
         model_uri = self._publish(engine, step)
-        rng = rng_state()  # a probe draws from the RNGs (adapter init); the pretrain goes on as if it had not run
+        # a probe draws from the RNGs (adapter init) and sets torch's threads to its own
+        # resources: the pretrain goes on as if it had not run
+        rng, threads = rng_state(), torch.get_num_threads()
         mine = {}
         for i, target in enumerate(self.job.probes):
             if i % self.world == self.rank:
                 mine[target.domain] = self._probe(target, model_uri, step)
         set_rng_state(rng)
+        torch.set_num_threads(threads)
         results = self._gather(mine)
         self._recall_stop(engine, step)
         stop = False
@@ -106,15 +114,13 @@ class Prober:
     def _publish(self, engine, step: int) -> str:
         """The current weights as an HF model directory every rank reads (rank 0 writes it)."""
         from branchout import storage
-        from branchout.stages.prepare.tokenizer import load_tokenizer
         from branchout.stages.training.engine import training_dtype
         from branchout.stages.training.model import export_model
-        from branchout.storage.checkpoint import fetch_verified
 
         uri = storage.join(self.uri, f"step_{step:08d}", "model")
         weights = engine.state_dict_for_export()  # collective under ZeRO-3
         if self.rank == 0:
-            tokenizer = load_tokenizer(fetch_verified(self.job.tokenizer_uri))
+            tokenizer = self.tokenizer()
             module = getattr(engine, "module", None) or engine.model
             if weights is None:  # the plain engine: a copy in the training dtype (never cast the live model)
                 dtype = training_dtype(self.job.training.deepspeed.precision)
@@ -124,6 +130,14 @@ class Prober:
         self._barrier()
         return uri
 
+    def tokenizer(self):
+        from branchout.stages.prepare.tokenizer import load_tokenizer
+        from branchout.storage.checkpoint import fetch_verified
+
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(fetch_verified(self.job.tokenizer_uri))
+        return self._tokenizer
+
     def _probe(self, target: ProbeTarget, model_uri: str, step: int) -> dict:
         from branchout import storage
 
@@ -131,9 +145,9 @@ class Prober:
         job = replace(self.job, name=name, kind="finetune", training=target.options, steps=target.options.steps,
                       data_uri=target.data_uri, out_uri=storage.join(self.uri, f"step_{step:08d}", target.domain),
                       method=target.options.method, base_model_uri=model_uri, hub_name=None, lease=None,
-                      tracking=None, mixture=(), replay=(), probes=(), model_path=None)
+                      tracking=None, mixture=(), replay=(), probes=(), model_path=None, export=False)
         try:
-            result = self.train(job)
+            result = self.train(job, tokenizer=self.tokenizer())
             return {"loss": float(result["best_eval_loss"]), "seconds": result["ended"] - result["started"]}
         except Exception as e:  # a probe never fails the pretrain
             print(f"[branchout] {self.job.name}: probe of {target.domain} at step {step} failed: {e}", flush=True)
@@ -148,7 +162,7 @@ class Prober:
         domains = [t.domain for t in self.job.probes]
         budget = self.job.steps * self.tokens_per_step
         losses = {d: [self.history[str(s)].get(d, {}).get("loss", math.nan) for s in steps] for d in domains}
-        history, now = forecast_history(steps, losses, self.tokens_per_step, budget)
+        history, now = forecast_history(steps, losses, self.tokens_per_step, budget, self._forecasts)
         stop, why = False, "no stop rule (pretrain.stop)"
         if self.stopped_at is not None:  # in the cooldown: the stop stands as it was decided
             why = self.why

@@ -141,10 +141,10 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
     mixture_read = _summed(blocks.read, engine.device, world) if job.mixture or job.replay else None
 
     weights = None
-    if deepspeed:
+    if deepspeed and job.export:
         engine.release_optimizer_state()  # the last checkpoint holds them; the export needs the room
         weights = engine.state_dict_for_export()  # collective under ZeRO-3: every rank must call it
-    if rank == 0:
+    if rank == 0 and job.export:
         job.check_lease()
         extra = {"job": job.name, "steps": job.steps}
         if deepspeed:
@@ -156,7 +156,7 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
         # Checkpoints stay until the driver has recorded this job as succeeded (it removes
         # them then): a worker that outlived its driver must not leave a resumed attempt
         # nothing to resume from.
-    out = {**asdict(result), "started": started, "ended": time.time(), "model_uri": job.model_uri,
+    out = {**asdict(result), "started": started, "ended": time.time(), "model_uri": job.model_uri if job.export else None,
            "pid": os.getpid(), "workers": world, "precision": precision.as_dict(),
            "kernels": engine.kernels.as_dict()}
     if sink.rollbacks:
@@ -172,7 +172,8 @@ def train(job: TrainJob, rank: int = 0, world: int = 1, shared_base: dict | None
         names = [name for name, _, _ in job.mixture] or [job.name, *(name for name, _, _ in job.replay)]
         out["mixture_blocks"] = dict(zip(names, mixture_read, strict=True))
     if rank == 0:
-        storage.write_text(storage.join(job.out_uri, "result.json"), json.dumps(out))
+        if job.export:
+            storage.write_text(storage.join(job.out_uri, "result.json"), json.dumps(out))
         logger.state("succeeded", ended=out["ended"])
         logger.close()
     return out

@@ -45,6 +45,8 @@ def _pretrain(parts, out: str, **training):
 def test_probes_fine_tune_every_domain_between_steps_and_a_failing_one_does_not_fail_the_pretrain(parts):
     from dataclasses import replace
 
+    import torch
+
     from branchout.stages.training.probes import ProbeTarget
     from branchout.stages.training.recipe import train
 
@@ -53,17 +55,25 @@ def test_probes_fine_tune_every_domain_between_steps_and_a_failing_one_does_not_
                       keep_best=False).training
     # a stop rule the broken domain keeps from firing (a domain without a forecast never lets it stop)
     job = replace(_pretrain(parts, "pre", probes={"every": 4, "steps": 4}, schedule={"kind": "wsd", "warmup_steps": 2},
-                            stop={"epsilon": 0.01, "patience": 1}),
+                            stop={"epsilon": 0.01, "patience": 1}, resources_per_worker={"cpu": 2}),
                   probes=(ProbeTarget("legal", legal, options), ProbeTarget("broken", str(root / "nowhere"), options)))
-    result = train(job)
+    threads = torch.get_num_threads()
+    try:
+        result = train(job)  # the pretrain on 2 threads, its probes on 1 (their domain's resources)
+        assert torch.get_num_threads() == 2  # the pretrain went on with its own threads after each probe
+    finally:
+        torch.set_num_threads(threads)
     assert result["steps"] == STEPS and result["probe_points"] == [4, 8, 12] and result["probe_seconds"] > 0
     history = json.loads((root / "pre" / "probes" / "probes.json").read_text())["history"]
     assert sorted(history, key=int) == ["4", "8", "12"]
     for point in history.values():
         assert math.isfinite(point["legal"]["loss"]) and point["legal"]["loss"] > 0
         assert math.isnan(point["broken"]["loss"]) and point["broken"]["error"]
-    # each probe started from that point's published weights, a model any loader reads
+    # each probe started from that point's published weights, a model any loader reads; a probe
+    # itself keeps nothing: no export, no checkpoint, no result (its loss is what it returns)
     assert (root / "pre" / "probes" / "step_00000008" / "model" / "config.json").exists()
+    assert not (root / "pre" / "probes" / "step_00000008" / "legal").exists()
+    assert (root / "logs" / "pretrain-probe-8-legal.metrics.jsonl").exists()
     forecast = json.loads((root / "pre" / "probes" / "forecast.json").read_text())
     assert forecast["points"] == [4, 8, 12] and forecast["budget_tokens"] == STEPS * 8 * 32
     assert forecast["domains"]["legal"]["losses"] == [history[s]["legal"]["loss"] for s in ("4", "8", "12")]
@@ -125,8 +135,8 @@ def test_a_probe_inside_the_cooldown_is_recorded_and_the_stop_and_its_reason_sta
                   steps=1600, out_uri=str(tmp_path / "pre"), probes=(ProbeTarget("legal", parts[2], options),))
 
     def prober() -> Prober:
-        p = Prober(job, 0, 1, train=lambda j: {"best_eval_loss": curve[int(j.name.split("-")[2])], "started": 0.0,
-                                               "ended": 0.0})
+        p = Prober(job, 0, 1, train=lambda j, **_: {"best_eval_loss": curve[int(j.name.split("-")[2])],
+                                                    "started": 0.0, "ended": 0.0})
         p._publish = lambda engine, step: "unused"  # no weights to publish: the probe above reads none
         return p
 

@@ -3,6 +3,8 @@ synthetic curves whose law is known."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -72,6 +74,25 @@ def _probes(losses: list[float], every: int = 100, budget_steps: int = 1600):
 
     steps = [every * (i + 1) for i in range(len(losses))]
     return forecast_history(steps, {"legal": losses}, 1, budget_steps)
+
+
+def test_forecasts_kept_between_probe_points_are_the_ones_made_afresh():
+    """The prober keeps a memo across points: at each it fits only the newest prefix; what the
+    stop rule reads is the same as forecasting every prefix again (a failed probe's NaN too)."""
+    from dataclasses import asdict
+
+    from branchout.stages.evaluation.forecast import forecast_history
+
+    curve = [6.9, 6.6, 6.45, math.nan, 6.3, 6.27]
+    losses = {"legal": curve, "code": [v - 0.5 for v in curve]}
+    memo: dict = {}
+    for n in range(1, len(curve) + 1):
+        kept, _ = forecast_history(list(range(100, 100 * n + 1, 100)), {d: v[:n] for d, v in losses.items()}, 1,
+                                   1600, memo)
+        assert len(memo) == 2 * n  # one new forecast per domain at each point
+    fresh, _ = forecast_history(list(range(100, 601, 100)), losses, 1, 1600)
+    assert [{d: asdict(f) for d, f in h.items()} for h in kept] == [{d: asdict(f) for d, f in h.items()} for h in fresh]
+    assert kept[-1]["legal"].verdict == fresh[-1]["legal"].verdict
 
 
 def test_a_curve_that_turns_back_up_stops_the_pretrain_though_no_law_fits_it():
