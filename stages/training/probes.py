@@ -148,7 +148,9 @@ class Prober:
                       tracking=None, mixture=(), replay=(), probes=(), model_path=None, export=False)
         try:
             result = self.train(job, tokenizer=self.tokenizer())
-            return {"loss": float(result["best_eval_loss"]), "seconds": result["ended"] - result["started"]}
+            # seconds: the whole probe; loop_seconds: its steps and scoring, without building it
+            return {"loss": float(result["best_eval_loss"]), "seconds": result["ended"] - result["started"],
+                    "loop_seconds": result["seconds"]}
         except Exception as e:  # a probe never fails the pretrain
             print(f"[branchout] {self.job.name}: probe of {target.domain} at step {step} failed: {e}", flush=True)
             return {"loss": math.nan, "error": f"{type(e).__name__}: {e}"}

@@ -41,3 +41,25 @@ def test_a_close_fit_judged_no_forecast_misses_and_a_far_one_is_named(probes):
 def test_too_few_pairs_for_a_rank_correlation_is_not_measured(probes):
     t = _targets(probes, {}, rho=math.nan)
     assert {v.status for k, v in t.items() if k.startswith(("Spearman", "Forecast"))} == {"not measured"}
+
+
+def test_a_missed_overhead_says_where_the_busiest_ranks_time_went(probes, tmp_path):
+    """Domain i probes on rank i % workers: with 3 domains on 2 ranks, rank 0 (legal, docs) is
+    the critical path at a point unless code alone took longer."""
+    import json
+
+    history = {"25": {"legal": {"seconds": 3.0, "loop_seconds": 2.5}, "code": {"seconds": 4.0, "loop_seconds": 3.0},
+                      "docs": {"seconds": 2.0, "loop_seconds": 1.5}},
+               "50": {"legal": {"seconds": 1.0, "loop_seconds": 0.5}, "code": {"seconds": 6.0, "loop_seconds": 5.0},
+                      "docs": {"seconds": 1.0, "loop_seconds": 0.5}}}
+    (tmp_path / "pretrain" / "probes").mkdir(parents=True)
+    (tmp_path / "pretrain" / "probes" / "probes.json").write_text(json.dumps({"history": history}))
+    spec = {"pretrain": {"num_workers": 2, "global_batch_size": 16, "steps": 400},
+            "finetune": {"defaults": {"global_batch_size": 8},
+                         "domains": [{"name": "legal"}, {"name": "code"}, {"name": "docs", "global_batch_size": 4}]}}
+    said = probes.where_probe_time_went(tmp_path, spec, [25, 50])
+    # 25: rank 0's 5 s (4 s of loops) > rank 1's 4 s; 50: rank 1's 6 s (5 s) > rank 0's 2 s
+    assert said.startswith(f"the busiest rank's probes took 11 s, 9 s of it their {3 * probes.PROBE_STEPS} "), said
+    assert "of 4/8 rows against the pretrain's 400 steps of 8 rows a rank" in said
+    t = {x.what: x for x in probes.probe_targets(0.95, 18, {}, 46.0, 141.0, "6 points", said)}
+    assert t["Probes"].status == "missed" and t["Probes"].why == f"48.4%, over 10%: {said}"
