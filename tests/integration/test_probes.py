@@ -136,7 +136,7 @@ def test_a_probe_inside_the_cooldown_is_recorded_and_the_stop_and_its_reason_sta
 
     def prober() -> Prober:
         p = Prober(job, 0, 1, train=lambda j, **_: {"best_eval_loss": curve[int(j.name.split("-")[2])],
-                                                    "started": 0.0, "ended": 0.0})
+                                                    "started": 0.0, "ended": 0.0, "seconds": 0.0})
         p._publish = lambda engine, step: "unused"  # no weights to publish: the probe above reads none
         return p
 
