@@ -89,9 +89,9 @@ def where_probe_time_went(run_dir: Path, spec: dict, points: list[int]) -> str:
     history = json.loads((run_dir / "pretrain" / "probes" / "probes.json").read_text())["history"]
     workers = spec["pretrain"].get("num_workers", 1)
     domains = [d["name"] for d in spec["finetune"]["domains"]]
+    ranks = [[d for i, d in enumerate(domains) if i % workers == r] for r in range(workers)]
     busiest = {"seconds": 0.0, "loop_seconds": 0.0, "steps": 0}
     for step in points:
-        ranks = [[d for i, d in enumerate(domains) if i % workers == r] for r in range(workers)]
         slowest = max(ranks, key=lambda mine: sum(history[str(step)][d].get("seconds", 0.0) for d in mine))
         for d in slowest:
             busiest["seconds"] += history[str(step)][d].get("seconds", 0.0)

@@ -1,8 +1,7 @@
 """The quickstart as the README runs it: its own corpus builder, its pipeline file, real text,
 ~3M-parameter Llama, 3 domains. Steps are cut (pretrain 60 of 400, fine-tunes 40 of 60) and
 32 held-out blocks scored of up to 128 to keep the suite's budget; everything else is the
-shipped file. The full-length run and its
-numbers are benchmarks/quickstart.py's."""
+shipped file. The full-length run and its numbers are benchmarks/quickstart.py's."""
 
 from __future__ import annotations
 
