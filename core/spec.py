@@ -485,7 +485,7 @@ class FinetuneSpec(StrictModel):
         None, ge=1, description="Cap on domain jobs in flight; default: what the cluster holds."
     )
     warm_pool: bool = Field(
-        True, description="Run single-worker jobs, then the evaluations, on long-lived warm actors that "
+        True, description="Run single-worker jobs and the evaluations on long-lived warm actors that "
         "share the base weights through the object store (false: one Ray task per job)."
     )
 

@@ -59,7 +59,8 @@ class RunContext:
         return self.uri(*node.path)
 
     def run(self, items: list[WorkItem], max_in_flight: int | None = None,
-            on_tick: Callable[[dict], None] | None = None) -> dict[str, Any]:
+            on_tick: Callable[[dict], None] | None = None,
+            more: Callable[[], list[WorkItem]] | None = None) -> dict[str, Any]:
         def tick(snapshot: dict) -> None:
             if on_tick:
                 on_tick(snapshot)
@@ -71,11 +72,15 @@ class RunContext:
             if item.resources:
                 self.view.note(waiting_message(item.name, item.resources, waited))
 
-        for item in items:
-            item.key = item.key or self.keys.get(item.name)
+        def keyed(items: list[WorkItem]) -> list[WorkItem]:
+            for item in items:
+                item.key = item.key or self.keys.get(item.name)
+            return items
+
         hooks = Hooks(tick=tick, waiting=waiting, note=self.view.note, done=self.tracker.job_ended)
-        return run_jobs(self.record, items, self.hub, hooks, max_in_flight,
-                        self.spec.cluster.capacity_timeout_s, self.cache)
+        return run_jobs(self.record, keyed(items), self.hub, hooks, max_in_flight,
+                        self.spec.cluster.capacity_timeout_s, self.cache,
+                        more=(lambda: keyed(more())) if more else None)
 
     def claiming(self, job: TrainJob, submit: Callable[[], cf.Future]) -> Callable[[], cf.Future]:
         """``submit`` preceded by what each attempt needs: ownership of the job's directory

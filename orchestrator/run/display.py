@@ -47,8 +47,9 @@ def print_plan(console: Console, plan: Plan, notes: list[str] | None = None) -> 
                   "domain documents that are mostly pretraining text are not scored); the counts are "
                   "printed with the results and in the report", highlight=False)
     evaluations = [j for j in plan.jobs if j.kind == "evaluate"]
-    table = Table(title=f"fan-out: {plan.fanout_jobs} jobs, then {len(evaluations)} evaluation(s) "
-                        f"({', '.join(plan.eval_models)} scored)", title_justify="left", show_edge=False)
+    table = Table(title=f"fan-out: {plan.fanout_jobs} jobs, and {len(evaluations)} evaluation(s), each once its "
+                        f"domain's models are done ({', '.join(plan.eval_models)} scored)", title_justify="left",
+                  show_edge=False)
     for col in ("job", "tokens/step", "steps", "tokens", "engine", "resources", "mem/worker"):
         table.add_column(col, justify="left" if col in ("job", "engine", "resources") else "right")
     for job in plan.jobs:

@@ -36,14 +36,11 @@ from branchout.orchestrator.run.cache import StageCache, data_fingerprints, job_
 from branchout.orchestrator.run.checks import check_capacity, check_shared_storage
 from branchout.orchestrator.run.context import RunContext
 from branchout.orchestrator.run.display import ProgressView, print_plan, print_results
+from branchout.orchestrator.run.evaluations import Evaluations, stage_evaluate
 from branchout.orchestrator.run.fanout import WorkItem, submit_task
-from branchout.orchestrator.run.node_jobs import run_ready
+from branchout.orchestrator.run.node_jobs import ready_now, run_ready
 from branchout.orchestrator.run.pool import PoolSet
 from branchout.orchestrator.run.report import (
-    cross_matrix,
-    forgetting,
-    metrics_row,
-    precisions,
     read_run_metrics,
     write_report,
 )
@@ -56,9 +53,7 @@ from branchout.orchestrator.run.state import (
 )
 from branchout.orchestrator.run.tracking import Tracker
 from branchout.stages.job import (
-    Candidate,
     DataJob,
-    EvalJob,
     ImportJob,
     TokenizerJob,
     TrainJob,
@@ -150,15 +145,16 @@ def _run_stages(spec: PipelineSpec, graph: JobGraph, plan: Plan, record: RunReco
         run_ready(ctx)
         data = stage_data(ctx, tokenizer)
         run_ready(ctx)
-        base_uri = stage_pretrain(ctx, tokenizer, data)
-        run_ready(ctx)
-        # one set of warm runners for the fan-out and then its evaluations
+        base_uri = stage_pretrain(ctx, tokenizer, data)  # what reads only the base runs beside the fan-out
+        # one set of warm runners for the fan-out and its evaluations
         pools = PoolSet(base_uri, spec.finetune.max_concurrent, fixed_cluster=not spec.cluster.autoscaling)
         ctx.pools = pools if spec.finetune.warm_pool else None
+        evaluations = Evaluations(ctx, data, base_uri, tokenizer["uri"], pools)
         try:
-            stage_finetune(ctx, tokenizer, data, base_uri, pools)
+            # an evaluation, a cross or lm_eval job starts beside the fan-out once what it reads is done
+            stage_finetune(ctx, tokenizer, data, base_uri, pools, beside=lambda: [*evaluations.ready(), *ready_now(ctx)])
             run_ready(ctx)
-            stage_evaluate(ctx, data, base_uri, tokenizer["uri"], pools)
+            stage_evaluate(ctx, evaluations, beside=lambda: ready_now(ctx))
             run_ready(ctx)
         finally:
             pools.shutdown()
@@ -412,9 +408,10 @@ def import_base(ctx: RunContext, node: Node, tokenizer: dict[str, str]) -> str:
 
 
 def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, PackedInfo],
-                   base_uri: str, pools: PoolSet) -> None:
+                   base_uri: str, pools: PoolSet, beside: Callable[[], list[WorkItem]] | None = None) -> None:
     """One fine-tune per domain from the shared base, plus from-scratch baselines, concurrently
-    (every fine-tune is submitted before the first baseline)."""
+    (every fine-tune is submitted before the first baseline). ``beside``: the jobs that can
+    start now as well (asked again whenever one ends)."""
     from branchout.orchestrator.run.pool import FarmSet
 
     spec = ctx.spec
@@ -446,7 +443,7 @@ def stage_finetune(ctx: RunContext, tokenizer: dict[str, str], data: dict[str, P
                               on_success=lambda r, job=job: {**training_outputs(job, r),
                                                              "parent": job.base_model_uri}))
     try:
-        ctx.run(items, max_in_flight=spec.finetune.max_concurrent)
+        ctx.run(items, max_in_flight=spec.finetune.max_concurrent, more=beside)
     finally:
         farms.shutdown()
     for item in items:  # recorded as succeeded: its resume points are no longer needed
@@ -479,80 +476,3 @@ def _submitter(ctx: RunContext, job: TrainJob, deepspeed: bool, resources: dict[
     return lambda: pools.submit(job, resources, sum(not ctx.record.job(n).state.done for n in group))
 
 
-def stage_evaluate(ctx: RunContext, data: dict[str, PackedInfo], base_uri: str, tokenizer_uri: str,
-                   pools: PoolSet) -> None:
-    """Held-out perplexity per domain of base, fine-tuned and scratch models, and their
-    greedy answers to held-out prompts (scored by exact match and ROUGE-L on instruction data).
-
-    One job per domain, placed like the domain's fine-tune (one worker's bundle: its GPU
-    share, accelerator type and CPUs) and scoring in its precision (``auto``: decided on its
-    worker); the driver (often on a small head node) loads no model. A model is scored
-    when its job succeeded (or was cached); the base, always.
-    """
-    from branchout.stages.evaluation.evaluate import evaluate_domain
-
-    spec, ev = ctx.spec, ctx.spec.evaluate
-    nodes = ctx.graph.of(Kind.EVALUATE)
-    by_name = {d.name: d for d in spec.finetune.domains}
-    items = []
-
-    def submit(job: EvalJob, node: Node) -> cf.Future:
-        if not spec.finetune.warm_pool:
-            return submit_task(evaluate_domain, (job,), node.resources, node.name, ctx.hub_name)
-        left = sum(not ctx.record.job(n.name).state.done for n in nodes if n.resources == node.resources)
-        return pools.submit_call(evaluate_domain, (job,), node.name, ctx.hub_name, node.resources, left)
-
-    for node in nodes:
-        domain = by_name[node.domain]
-        candidates: dict[str, tuple[str, str | None]] = {}
-        for model in ("base", "finetuned", "scratch"):  # the scoring order
-            producer = node.parents.get(model)
-            if producer is None:
-                continue
-            if model == "base":
-                candidates[model] = (base_uri, None)
-            elif ctx.record.job(producer).state.done:
-                lora = model == "finetuned" and domain.method == "lora"  # an adapter on the base
-                candidates[model] = (ctx.record.job(producer).outputs["model_uri"], base_uri if lora else None)
-        job = EvalJob(domain=domain.name, data_uri=data[domain.name].uri,
-                      candidates={name: Candidate(*c) for name, c in candidates.items()},
-                      batch_size=ev.batch_size, max_blocks=ev.max_blocks,
-                      threads=max(1, int(node.resources["CPU"])),
-                      precision=domain.deepspeed.precision, use_gpu=domain.resources_per_worker.uses_gpu,
-                      tokenizer_uri=tokenizer_uri, generation_samples=ev.generation_samples,
-                      max_new_tokens=ev.max_new_tokens)
-        previous = ctx.record.job(node.name).outputs.get("scored")
-        items.append(WorkItem(node.name,
-                              lambda job=job, node=node: submit(job, node),
-                              resources=node.resources,
-                              on_success=lambda r, c=candidates: {**r, "scored": c},
-                              # a cached score stands only if it scored the same models
-                              accept=lambda hit, c=candidates: _as_lists(hit.get("scored", {})) == _as_lists(c),
-                              # a resume that redid a fine-tune must score it again
-                              rerun=previous is not None and _as_lists(previous) != _as_lists(candidates)))
-    ctx.hints.request(stage_bundles(ctx.graph)["evaluate"], "evaluate")
-    results = ctx.run(items)
-    domains, samples = {}, {}
-    for node in nodes:
-        r = results.get(node.name)
-        if r is None:
-            continue
-        domains[node.domain] = metrics_row(r, by_name[node.domain].method, data[node.domain].kind)
-        if r.get("samples"):
-            samples[node.domain] = r["samples"]
-    metrics = {"run_id": ctx.record.run_id, "pipeline": spec.name, "domains": domains,
-               "pretrain": ctx.record.job(ctx.graph.of(Kind.PRETRAIN)[0].name).outputs,
-               "precision": precisions(ctx.record)}
-    if ev.cross:  # the cross jobs ran after the fan-out (run_ready)
-        metrics["cross"] = cross_matrix(ctx.graph, ctx.record, results)
-        metrics["forgetting"] = forgetting(metrics["cross"], [n.name for n in ctx.graph.of(Kind.FINETUNE)],
-                                           ev.forgetting)
-    if ev.lm_eval:  # the harness's jobs ran after the fan-out too
-        metrics["lm_eval"] = {r.outputs["model"]: r.outputs["scores"] for r in
-                              (ctx.record.job(n.name) for n in ctx.graph.of(Kind.LM_EVAL)) if "scores" in r.outputs}
-    storage.write_text(ctx.uri("eval", "metrics.json"), json.dumps(metrics, indent=1))
-    storage.write_text(ctx.uri("eval", "samples.json"), json.dumps(samples, indent=1, ensure_ascii=False))
-
-
-def _as_lists(candidates: dict) -> dict:
-    return {k: list(v) for k, v in candidates.items()}

@@ -97,6 +97,7 @@ class Tracked:
     seen_starts: set[float] = field(default_factory=set)
     warnings_seen: set[str] = field(default_factory=set)  # worker warnings already reported
     preemptions_seen: set[int] = field(default_factory=set)  # steps of preemption notices already reported
+    extra: bool = False  # admitted beside the stage's jobs (run_jobs's ``more``): outside max_in_flight
 
     @property
     def name(self) -> str:
@@ -132,8 +133,13 @@ def _announce_and_call(fn: Callable, job: str, hub: str | None, *args: Any) -> A
 
 
 def run_jobs(record: RunRecord, items: list[WorkItem], hub, hooks: Hooks | None = None,
-             max_in_flight: int | None = None, patience_s: float = 300.0, cache=None) -> dict[str, dict[str, Any]]:
+             max_in_flight: int | None = None, patience_s: float = 300.0, cache=None,
+             more: Callable[[], list[WorkItem]] | None = None) -> dict[str, dict[str, Any]]:
     """Run ``items`` to completion; returns the recorded outputs of every succeeded item.
+
+    ``more``: asked at the start and whenever a job ends for the jobs that can start now
+    beside these (a fine-tuned model's evaluation once the model exists): they run in the
+    same loop, outside ``max_in_flight``, and the loop ends when they have ended too.
 
     Items the record already shows as succeeded (a resumed run) are not run again unless
     ``rerun`` is set; their recorded outputs are returned as they are. An item queued for
@@ -148,7 +154,7 @@ def run_jobs(record: RunRecord, items: list[WorkItem], hub, hooks: Hooks | None 
     attempt begins, and ``hooks.note`` says so on the progress display. ``hooks.done(name,
     record)`` hears of every job that ends for good: succeeded, cached, or failed for good.
     """
-    return FanOut(record, hub, hooks or Hooks(), max_in_flight, patience_s, cache).run(items)
+    return FanOut(record, hub, hooks or Hooks(), max_in_flight, patience_s, cache).run(items, more)
 
 
 class FanOut:
@@ -163,14 +169,17 @@ class FanOut:
         self.running: dict[cf.Future, Tracked] = {}
         self.hub_lost = False  # said once: a hub that stops answering costs only live numbers
 
-    def run(self, items: list[WorkItem]) -> dict[str, dict[str, Any]]:
+    def run(self, items: list[WorkItem], more: Callable[[], list[WorkItem]] | None = None) -> dict[str, dict[str, Any]]:
         self.pending.extend(Tracked(item) for item in items if not self._already_done(item))
-        limit = self.max_in_flight or len(self.pending) or 1
+        self._admit(more)
         while self.pending or self.running:
-            while self.pending and len(self.running) < limit:
-                job = self.pending.popleft()
-                self.record.set_job(job.name, JobState.QUEUED)
-                self.running[job.submit()] = job
+            held = sum(not job.extra for job in self.running.values())
+            for job in list(self.pending):  # in order; max_in_flight holds back only the stage's own jobs
+                if job.extra or self.max_in_flight is None or held < self.max_in_flight:
+                    self.pending.remove(job)
+                    held += not job.extra
+                    self.record.set_job(job.name, JobState.QUEUED)
+                    self.running[job.submit()] = job
             finished, _ = cf.wait(list(self.running), timeout=0.5, return_when=cf.FIRST_COMPLETED)
             snapshot, problem = _snapshot(self.hub)
             if problem and not self.hub_lost and self.hooks.note:
@@ -181,8 +190,15 @@ class FanOut:
                 self._observe(job, snapshot.get(job.name, {}), now)
             for future in finished:
                 self._finish(self.running.pop(future), future, snapshot)
+            if finished:
+                self._admit(more)
             self.hooks.tick(snapshot)
         return self.outputs
+
+    def _admit(self, more: Callable[[], list[WorkItem]] | None) -> None:
+        """The jobs ``more`` says can start now, queued behind the stage's own."""
+        if more is not None:
+            self.pending.extend(Tracked(item, extra=True) for item in more() if not self._already_done(item))
 
     def _already_done(self, item: WorkItem) -> bool:
         """Succeeded earlier in this run (resume) or cached: its outputs stand, nothing runs."""

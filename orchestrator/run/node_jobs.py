@@ -1,8 +1,8 @@
 """Jobs the driver runs from their graph node alone (``core.graph.Node.entry``).
 
 Kinds without a stage function of their own (``cross``, and whatever kinds are added the
-same way) run here: after each stage the driver calls ``run_ready``, which submits, wave
-by wave, every such job whose parents are all done.
+same way) run here: beside the fan-out and the evaluations, each as soon as its parents are
+done (``ready_now``), and after each stage (``run_ready``), wave by wave.
 """
 
 from __future__ import annotations
@@ -22,16 +22,24 @@ def run_ready(ctx: RunContext) -> None:
     on its node's bundle, given a ``NodeJob`` (the node, the spec, its parents' outputs by
     role; on the fan-out's warm runners once they exist); what the function returns is
     recorded as its outputs. A job one of whose parents failed stays pending, and is
-    recorded as skipped when the stages end."""
+    recorded as skipped when the stages end. The stages also run these jobs beside their
+    own as their parents end (``ready_now``, the fan-out loop's ``more``): this catches the
+    ones whose parents were done by then."""
+    while wave := ready_now(ctx):
+        ctx.run(wave)
+
+
+def ready_now(ctx: RunContext) -> list[WorkItem]:
+    """The jobs with an ``entry`` whose parents are all done and that this driver has not
+    submitted yet, as work items (each submitted once: a failed one is not tried again here)."""
     tried = ctx.generic_tried
-    while True:
-        wave = [n for n in ctx.graph if n.entry and n.name not in tried and not ctx.record.job(n.name).state.done
-                and all(ctx.record.job(p).state.done for p in n.parents.values())]
-        if not wave:
-            return
-        tried.update(n.name for n in wave)
-        ctx.hints.request([b for n in wave for b in n.bundles], ", ".join(dict.fromkeys(n.kind.value for n in wave)))
-        ctx.run([_node_item(ctx, n, sum(m.resources == n.resources for m in wave)) for n in wave])
+    wave = [n for n in ctx.graph if n.entry and n.name not in tried and not ctx.record.job(n.name).state.done
+            and all(ctx.record.job(p).state.done for p in n.parents.values())]
+    if not wave:
+        return []
+    tried.update(n.name for n in wave)
+    ctx.hints.request([b for n in wave for b in n.bundles], ", ".join(dict.fromkeys(n.kind.value for n in wave)))
+    return [_node_item(ctx, n, sum(m.resources == n.resources for m in wave)) for n in wave]
 
 
 def _node_item(ctx: RunContext, node: Node, same_bundle: int) -> WorkItem:

@@ -84,6 +84,39 @@ def test_in_flight_limit_holds(record, pool):
     assert Job.most == 2 and all(record.job(j.name).state is JobState.SUCCEEDED for j in jobs)
 
 
+def test_jobs_admitted_beside_start_once_their_parent_ends_outside_the_limit(record, pool):
+    """``more``: an evaluation starts as soon as the job it reads is done, while the stage's
+    other jobs still run (not after all of them), and max_in_flight holds back only the
+    stage's own jobs; the loop ends when the admitted ones have ended too."""
+    ran = {"evaluate/quick": threading.Event(), "queued": threading.Event()}
+
+    class Marks(Job):
+        def _run(self, attempt: int) -> dict:
+            ran[self.name].set()
+            return super()._run(attempt)
+
+    class WaitsForThem(Job):  # ends only once both have run: were they held behind it, it fails
+        def _run(self, attempt: int) -> dict:
+            if not all(e.wait(60) for e in ran.values()):
+                raise RuntimeError("the evaluation or the third job waited for this one")
+            return super()._run(attempt)
+
+    quick, slow, queued = Job(pool, "quick"), WaitsForThem(pool, "slow"), Marks(pool, "queued")
+    scored = Marks(pool, "evaluate/quick")
+    asked: list[set[str]] = []
+
+    def more():
+        done = {n for n, r in record.jobs.items() if r.state is JobState.SUCCEEDED}
+        asked.append(done)
+        return _items([scored]) if "quick" in done and scored.attempts == 0 else []
+
+    # the limit of 2: "queued" starts when "quick" ends, though the evaluation started then too
+    run_jobs(record, _items([quick, slow, queued]), None, max_in_flight=2, more=more)
+    assert asked[0] == set()  # asked before anything ran: nothing was ready yet
+    assert scored.attempts == 1 and slow.attempts == 1
+    assert all(record.job(n).state is JobState.SUCCEEDED for n in ("quick", "slow", "queued", "evaluate/quick"))
+
+
 def test_finished_jobs_are_not_run_again(record, pool):
     record.jobs["done"] = JobRecord("done", state=JobState.SUCCEEDED, outputs={"value": "earlier"})
     done = Job(pool, "done")
