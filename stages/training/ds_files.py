@@ -1,7 +1,8 @@
 """Checkpoint files and DeepSpeed itself, read safely and loaded cheaply: the plain engine's
 ``state.pt`` (``write_state`` / ``read_state``), ``weights_only`` loading of anything from shared
-storage (``safe_load``, ``weights_only_loads``), and DeepSpeed's import without its autotuner's
-MLflow (``import_deepspeed``)."""
+storage (``safe_load``, ``weights_only_loads``), DeepSpeed's import without its autotuner's
+MLflow (``import_deepspeed``), and no import of it at all where nothing uses it
+(``without_deepspeed``)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,30 @@ def import_deepspeed():
         if blocked and sys.modules.get("mlflow", 0) is None:
             del sys.modules["mlflow"]
     return deepspeed
+
+
+@contextlib.contextmanager
+def without_deepspeed() -> Iterator[None]:
+    """Inside, DeepSpeed looks uninstalled to a process that has not imported it.
+
+    ``save_pretrained`` unwraps the model through accelerate, which imports DeepSpeed
+    whenever it is installed, to test the model against ``DeepSpeedEngine``; DeepSpeed's
+    import in turn loads its autotuner's MLflow. A process that never trained with DeepSpeed
+    (a warm runner's fine-tune, its export) holds no such engine, and paid ~3.5 s of imports
+    (2-core Zen 1) on its first export for that test. A process that imported DeepSpeed keeps
+    it, and the test runs as before.
+    """
+    import sys
+
+    if "deepspeed" in sys.modules:
+        yield
+        return
+    sys.modules["deepspeed"] = None  # importlib.util.find_spec("deepspeed") is None: not installed
+    try:
+        yield
+    finally:
+        if sys.modules.get("deepspeed", 0) is None:
+            del sys.modules["deepspeed"]
 
 
 def write_state(path: str, model_state: dict, optimizer, scheduler, client_state: dict[str, Any],

@@ -402,6 +402,7 @@ def export_model(model, tokenizer, model_uri: str, state_dict: dict | None = Non
     """
     import tempfile
 
+    from branchout.stages.training.ds_files import without_deepspeed
     from branchout.storage.checkpoint import publish_dir
 
     is_adapter = hasattr(model, "peft_config")
@@ -412,7 +413,8 @@ def export_model(model, tokenizer, model_uri: str, state_dict: dict | None = Non
     elif dtype is not None and not is_adapter:
         model.to(dtype)  # at the end of a job: in place, halving what it holds
     with tempfile.TemporaryDirectory(prefix="branchout-export-") as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
+        with without_deepspeed():  # a DeepSpeed job's process has it imported, and is unchanged
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
         publish_dir(tmp, model_uri, extra=extra)
 
