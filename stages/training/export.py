@@ -74,10 +74,13 @@ def _tokenizer(uri: str):
 def _save(model, tokenizer, out_dir: str, dtype: str | None) -> None:
     import torch
 
+    from branchout.stages.training.ds_files import without_deepspeed
+
     if dtype is not None:
         model = model.to(getattr(torch, DTYPES[dtype]))
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    with without_deepspeed():  # `branchout export` holds no DeepSpeed engine: no seconds importing it
+        model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
 
