@@ -200,9 +200,12 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None,
 def benchmark_module(script: str):
     """``benchmarks/<script>`` imported under a name of its own, for tests of its verdicts. The
     script puts benchmarks/ on sys.path and imports its neighbours (quickstart, results): both
-    are undone after, so no later test imports a benchmark by a common name."""
+    are undone after, so no later test imports a benchmark by a common name. Only the
+    benchmarks' own modules are forgotten: a library the script imported first (numpy) stays,
+    as a compiled extension cannot be loaded twice in one process."""
     import importlib.util
 
+    benchmarks = str(REPO / "benchmarks")
     path, modules = list(sys.path), set(sys.modules)
     try:
         spec = importlib.util.spec_from_file_location(f"{Path(script).stem}_under_test", REPO / "benchmarks" / script)
@@ -212,7 +215,8 @@ def benchmark_module(script: str):
     finally:
         sys.path[:] = path
         for name in set(sys.modules) - modules:
-            del sys.modules[name]
+            if (getattr(sys.modules[name], "__file__", None) or "").startswith(benchmarks):
+                del sys.modules[name]
 
 
 @contextlib.contextmanager
