@@ -83,7 +83,7 @@ def matmul_gflops(rounds: int = 5, n: int = 512, reps: int = 20) -> float:
     code = (f"import time, statistics, torch; torch.set_num_threads(1); a = torch.randn({n}, {n}); b = torch.randn({n}, {n}); "
             f"a @ b; t = []\nfor _ in range({rounds}):\n s = time.perf_counter()\n for _ in range({reps}): a @ b\n "
             f"t.append(time.perf_counter() - s)\nprint(2 * {n}**3 * {reps} / statistics.median(t) / 1e9)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
 
 

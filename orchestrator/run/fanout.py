@@ -173,13 +173,7 @@ class FanOut:
         self.pending.extend(Tracked(item) for item in items if not self._already_done(item))
         self._admit(more)
         while self.pending or self.running:
-            held = sum(not job.extra for job in self.running.values())
-            for job in list(self.pending):  # in order; max_in_flight holds back only the stage's own jobs
-                if job.extra or self.max_in_flight is None or held < self.max_in_flight:
-                    self.pending.remove(job)
-                    held += not job.extra
-                    self.record.set_job(job.name, JobState.QUEUED)
-                    self.running[job.submit()] = job
+            self._submit_pending()
             finished, _ = cf.wait(list(self.running), timeout=0.5, return_when=cf.FIRST_COMPLETED)
             snapshot, problem = _snapshot(self.hub)
             if problem and not self.hub_lost and self.hooks.note:
@@ -194,6 +188,20 @@ class FanOut:
                 self._admit(more)
             self.hooks.tick(snapshot)
         return self.outputs
+
+    def _submit_pending(self) -> None:
+        """Submit, in order, what may start: every admitted job, and the stage's own up to
+        ``max_in_flight`` (which holds back only those)."""
+        held = sum(not job.extra for job in self.running.values())
+        waiting: deque[Tracked] = deque()
+        for job in self.pending:
+            if not job.extra and self.max_in_flight is not None and held >= self.max_in_flight:
+                waiting.append(job)
+                continue
+            held += not job.extra
+            self.record.set_job(job.name, JobState.QUEUED)
+            self.running[job.submit()] = job
+        self.pending = waiting
 
     def _admit(self, more: Callable[[], list[WorkItem]] | None) -> None:
         """The jobs ``more`` says can start now, queued behind the stage's own."""

@@ -25,19 +25,12 @@ def import_deepspeed():
 
     if "deepspeed" in sys.modules:
         return sys.modules["deepspeed"]
-    blocked = "mlflow" not in sys.modules
-    if blocked:
-        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError while DeepSpeed loads
-    try:
+    with _hidden("mlflow"):  # `import mlflow` raises ImportError while DeepSpeed loads
         import deepspeed
-    finally:
-        if blocked and sys.modules.get("mlflow", 0) is None:
-            del sys.modules["mlflow"]
     return deepspeed
 
 
-@contextlib.contextmanager
-def without_deepspeed() -> Iterator[None]:
+def without_deepspeed() -> contextlib.AbstractContextManager[None]:
     """Inside, DeepSpeed looks uninstalled to a process that has not imported it.
 
     ``save_pretrained`` unwraps the model through accelerate, which imports DeepSpeed
@@ -47,17 +40,24 @@ def without_deepspeed() -> Iterator[None]:
     (2-core Zen 1) on its first export for that test. A process that imported DeepSpeed keeps
     it, and the test runs as before.
     """
+    return _hidden("deepspeed")
+
+
+@contextlib.contextmanager
+def _hidden(package: str) -> Iterator[None]:
+    """Inside, ``package`` is not importable (``importlib.util.find_spec`` says None, ``import``
+    raises ImportError) unless this process already imported it, which then keeps it."""
     import sys
 
-    if "deepspeed" in sys.modules:
+    if package in sys.modules:
         yield
         return
-    sys.modules["deepspeed"] = None  # importlib.util.find_spec("deepspeed") is None: not installed
+    sys.modules[package] = None
     try:
         yield
     finally:
-        if sys.modules.get("deepspeed", 0) is None:
-            del sys.modules["deepspeed"]
+        if sys.modules.get(package, 0) is None:
+            del sys.modules[package]
 
 
 def write_state(path: str, model_state: dict, optimizer, scheduler, client_state: dict[str, Any],
