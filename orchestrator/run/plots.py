@@ -111,7 +111,7 @@ def forecast_plot(forecast: dict | None) -> bytes | None:
     for ax, (domain, f) in zip(axes[0], domains.items(), strict=True):
         ax.plot(f["tokens"], f["losses"], "o", label="probe")
         if f.get("E") is not None:
-            t = np.geomspace(max(1, min(f["tokens"])), budget, 100)
+            t = np.geomspace(max(1, f.get("fitted_from") or min(f["tokens"])), budget, 100)  # the law's regime on
             ax.plot(t, f["E"] + f["A"] * t ** -f["alpha"], "-", label="fit" + ("" if f["verdict"] == "forecast"
                                                                                    else " (no forecast)"))
             if f.get("interval"):

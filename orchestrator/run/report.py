@@ -284,7 +284,9 @@ HARNESS_NOTE = ("`evaluate.lm_eval`: EleutherAI's lm-evaluation-harness on each 
                 "(a LoRA fine-tune merged into its base). Its full results: `lm_eval/<model>/results.json`.")
 HARNESS_HEADER = ["model", "task", "metric", "value"]
 FORECAST_NOTE = ("`pretrain.probes`: each domain fine-tuned briefly from the pretrain at its probe points; the "
-                 "probe's held-out loss fit as E + A·T^-α against pretraining tokens T. \"forecast at half\": what the "
+                 "probe's held-out loss fit as E + A·T^-α against pretraining tokens T, from the curve's steepest fall "
+                 "per doubling on (before it, the probes show the fine-tune more than the pretrain). \"forecast at "
+                 "half\": what the "
                  "probes up to half the budget said the last probe would score; \"last probe\": what it scored.")
 FORECAST_HEADER = ["domain", "probe points", "E", "α", "forecast at half", "last probe", "verdict"]
 

@@ -11,9 +11,20 @@ The fit is a grid over α (then a finer one around the best) with, for each α, 
 least-squares E and A (linear in them), constrained to be non-negative: no optimiser to
 diverge, the same answer every time.
 
+The law holds only where the curve is in its regime. ``E + A·T^-α`` falls ever more slowly
+per doubling of T (its slope in log T shrinks), so the points before the curve's steepest fall
+per doubling are not on any such law: they are the transient, where the probe's own fine-tune
+sets the loss (a checkpoint too early for pretraining to show) and the pretrain has only begun
+to fall. ``forecast`` fits the points from the start of that steepest fall on (``regime``);
+fit through the transient, the law bends to it and mistakes the onset for the tail (the
+quickstart's probes: a first-half fit that passed through steps 25-100 forecast α ~0.1 and
+gains that never came, and the 4× budget's stop waited for the plateau rule alone).
+
 A forecast says "no forecast" rather than guess when the fit cannot be trusted: fewer than
-``MIN_POINTS`` probe points, a fit that explains too little of the variance (R² below
-``MIN_R2``), an α at the edge of its grid (the law does not describe the curve), or a
+``MIN_POINTS`` probe points in the law's regime (a curve whose steepest fall is still among its
+latest points has not reached it), a fit that explains too little of the variance (R² below
+``MIN_R2``), an α at the low edge of its grid (a curve straight on log axes: the law cannot
+tell where it flattens, if ever), or a
 bootstrap interval of the final loss wider than ``MAX_SPREAD`` of it. The interval resamples
 the residuals (``BOOTSTRAP`` rounds, seeded).
 
@@ -41,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-MIN_POINTS = 3
+MIN_POINTS = 4  # in the law's regime: three points fit a three-parameter law exactly, and say nothing of it
 MIN_R2 = 0.9
 MAX_SPREAD = 0.1
 BOOTSTRAP = 200
@@ -74,7 +85,7 @@ def fit_saturating(tokens, losses) -> Fit:
         f_sse, f_E, f_A = _solve(t / scale, y, fine)
         j = int(np.argmin(f_sse))
         alpha, best, E_, A_ = fine[j], f_sse[j], f_E[j], f_A[j]
-    else:  # at the grid's edge: kept there (forecast() calls that no forecast)
+    else:  # at the grid's edge: kept there (forecast() says what it means)
         alpha, best, E_, A_ = ALPHAS[i], sse[i], E[i], A[i]
     total = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float(best) / total if total > 0 else (1.0 if best == 0 else 0.0)
@@ -117,6 +128,7 @@ class Forecast:
     alpha: float | None = None
     r2: float | None = None
     final_loss: float | None = None  # the fit at the budget
+    fitted_from: int | None = None  # the first token count of the law's regime: the points fit
     interval: list[float] = field(default_factory=list)  # bootstrap 5th-95th percentile of final_loss
 
     @property
@@ -143,6 +155,13 @@ def forecast(tokens: list[int], losses: list[float], budget: int, seed: int = 0)
         out.why = f"{len(finite)} probe point(s); a forecast needs {MIN_POINTS}"
         return out
     t, y = (np.array(c, np.float64) for c in zip(*finite, strict=True))
+    first = regime(t, y)
+    out.fitted_from = int(t[first])
+    if len(t) - first < MIN_POINTS:
+        out.why = (f"the curve's steepest fall is still among its latest points (from {int(t[first]):,} tokens): "
+                   f"{len(t) - first} point(s) in the law's regime; a forecast needs {MIN_POINTS}")
+        return out
+    t, y = t[first:], y[first:]
     fit = fit_saturating(t, y)
     out.E, out.A, out.alpha, out.r2 = fit.E, fit.A, fit.alpha, fit.r2
     out.final_loss = float(fit.loss(budget))
@@ -156,13 +175,25 @@ def forecast(tokens: list[int], losses: list[float], budget: int, seed: int = 0)
     out.interval = [float(lo), float(hi)]
     if fit.r2 < MIN_R2:
         out.why = f"the law explains too little of the curve (R² {fit.r2:.2f} < {MIN_R2})"
-    elif fit.alpha in (ALPHAS[0], ALPHAS[-1]):
-        out.why = f"α at the edge of its range ({fit.alpha:.3g}): the curve is not a saturating power law"
+    elif fit.alpha == ALPHAS[0]:
+        # the high edge is a curve that has flattened within its points: the law at the budget is
+        # its floor E, which the fit saw; the low edge never flattens in sight
+        out.why = f"α at the low edge of its range ({fit.alpha:.3g}): no sign yet of where the curve flattens"
     elif (hi - lo) > MAX_SPREAD * out.final_loss:
         out.why = f"the interval of the final loss is too wide ({lo:.3f}-{hi:.3f})"
     else:
         out.verdict = "forecast"
     return out
+
+
+def regime(tokens: np.ndarray, losses: np.ndarray) -> int:
+    """The index of the first point in the saturating law's regime: where the curve's steepest
+    fall per doubling of tokens begins (0 for a curve that falls most at its start, as the law
+    does). See the module's docstring."""
+    if len(tokens) < 2:
+        return 0
+    per_doubling = np.diff(losses) / np.diff(np.log2(tokens))
+    return int(np.argmin(per_doubling))
 
 
 def forecast_history(points: list[int], losses: dict[str, list[float]], tokens_per_step: int,
@@ -197,6 +228,10 @@ def stop_decision(history: list[dict[str, Forecast]], now_tokens: list[int], eps
         return False, "no probe point yet"
     saturated = []
     for domain, latest in history[-1].items():
+        if latest.losses and not math.isfinite(latest.losses[-1]):
+            # a failed probe adds no evidence: the forecast repeats the one before, and patience
+            # counts points that saw the curve
+            return False, f"{domain}: its probe at this point failed"
         weight = weights.get(domain, 1.0)
         held = _forecast_holds(history, now_tokens, domain, epsilon, weight, patience)
         if held is None:

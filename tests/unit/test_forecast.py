@@ -37,10 +37,44 @@ def test_a_forecast_from_the_first_half_carries_to_the_end():
 
 def test_no_forecast_rather_than_a_guess():
     assert forecast(TOKENS[:2], [5.0, 4.0], budget=int(TOKENS[-1])).why.startswith("2 probe point(s)")
-    noisy = forecast(TOKENS, [5.0, 4.0, 5.0, 4.0, 5.0, 4.0], budget=int(TOKENS[-1]))
+    # three points fit a three-parameter law exactly: no forecast, however well it "fits"
+    exact = TOKENS[:3]
+    assert forecast(exact, 2.0 + 300.0 * exact ** -0.4, budget=int(TOKENS[-1])).why.startswith("3 probe point(s)")
+    noisy = forecast(TOKENS, [5.0, 4.0, 4.5, 4.0, 4.4, 4.1], budget=int(TOKENS[-1]))
     assert not noisy.ok and "R²" in noisy.why
+    zigzag = forecast(TOKENS, [5.0, 4.0, 5.0, 4.0, 5.0, 4.0], budget=int(TOKENS[-1]))  # falls most at its end
+    assert not zigzag.ok and "steepest fall is still among its latest points" in zigzag.why
     nan = forecast(TOKENS[:4], [5.0, float("nan"), float("nan"), 4.0], budget=int(TOKENS[-1]))
     assert not nan.ok and nan.why.startswith("2 probe point(s)")
+
+
+EARLY = np.array([0.25, 0.5, 1, 2, 4, 8, 12, 16]) * 1_000_000
+
+
+def test_the_transient_before_the_steepest_fall_is_left_out_of_the_fit():
+    """A probe from an early checkpoint scores what its own fine-tune reaches (a ceiling), until
+    pretraining shows: flat, then the law. The fit takes the law's regime alone, from the start of
+    the steepest fall per doubling, and recovers the law; through the flat points it could not."""
+    from branchout.stages.evaluation.forecast import regime
+
+    def law(t):
+        return 2.0 + 300.0 * t ** -0.4
+
+    curve = np.minimum(law(EARLY), law(2e6))  # flat until 2M tokens, on the law after
+    budget = int(EARLY[-1]) * 2
+    assert regime(EARLY, curve) == 3  # the fall from 2M to 4M is the steepest
+    f = forecast(EARLY, curve, budget)
+    assert f.ok and f.fitted_from == 2_000_000, f.why
+    assert f.alpha == pytest.approx(0.4, rel=1e-2) and pytest.approx(2.0, abs=1e-2) == f.E
+    assert f.final_loss == pytest.approx(law(budget), rel=1e-3)
+    through = fit_saturating(EARLY, curve)  # the transient bends the law: off by far more
+    assert abs(through.loss(budget) / law(budget) - 1) > 0.01
+    # a curve still falling faster at each doubling has not reached the regime: no forecast
+    accelerating = forecast(EARLY[:5], [7.0, 6.98, 6.9, 6.7, 6.3], budget)
+    assert not accelerating.ok and accelerating.fitted_from == 2_000_000
+    assert "2 point(s) in the law's regime; a forecast needs 4" in accelerating.why
+    # a law from its first point is fit whole
+    assert regime(EARLY, law(EARLY)) == 0
 
 
 def _history(law, points: int, budget: int):
@@ -95,10 +129,11 @@ def test_forecasts_kept_between_probe_points_are_the_ones_made_afresh():
     assert kept[-1]["legal"].verdict == fresh[-1]["legal"].verdict
 
 
-def test_a_curve_that_turns_back_up_stops_the_pretrain_though_no_law_fits_it():
-    """Overtraining (or a small corpus overfit): the probes fall, then rise. The saturating
-    law cannot describe that (no forecast), yet the rest of the budget plainly gains nothing
-    (benchmarks/stop_rule.py's probe losses, legal's rounded)."""
+def test_a_curve_that_turns_back_up_stops_the_pretrain():
+    """Overtraining (or a small corpus overfit): the probes fall, then rise (benchmarks/stop_rule.py's
+    probe losses, legal's rounded). The law on the curve's regime (from its steepest fall, step 300
+    to 400, on) sees it flatten and stops it at step 800; once the rise spoils every fit, the
+    plateau rule still stops it: the rest of the budget plainly gains nothing."""
     curve = [6.99, 6.67, 6.56, 6.37, 6.27, 6.25, 6.26, 6.18, 6.18, 6.24, 6.22, 6.31, 6.46]
     fires = []
     for n in range(1, len(curve) + 1):
@@ -106,14 +141,15 @@ def test_a_curve_that_turns_back_up_stops_the_pretrain_though_no_law_fits_it():
         stop, why = stop_decision(history, now, epsilon=0.01)
         if stop:
             fires.append((n, why))
-    assert fires and fires[0][0] == 10, fires  # steps 900 and 1000 no better than 800's 6.18
-    assert "legal: no better probe in the last 2 points (best 6.18)" in fires[0][1]
+    assert fires and fires[0][0] == 8, fires  # 700 and 800: under 1% of gain left by the forecast
+    assert fires[0][1] == "every domain saturated: legal: forecast gain < 1.00% at 2 probe points in a row"
     history, now = _probes(curve)
-    assert not history[-1]["legal"].ok  # the law does not fit it: the plateau decides, not the forecast
-    # a failed latest probe is no evidence of a plateau: the stop waits for a probe that ran
-    history, now = _probes([*curve[:10], float("nan")])  # 1000 alone would stop it (above)
+    assert not history[-1]["legal"].ok  # the law does not fit the rise: the plateau decides
+    assert fires[-1] == (13, "every domain saturated: legal: no better probe in the last 2 points (best 6.18)")
+    # a failed latest probe is no evidence: the stop waits for a probe that ran
+    history, now = _probes([*curve[:8], float("nan")])  # 800 alone stops it (above)
     stop, why = stop_decision(history, now, epsilon=0.01)
-    assert not stop, why
+    assert not stop and why == "legal: its probe at this point failed", why
 
 
 def test_a_slow_steady_fall_with_much_budget_left_goes_on():
