@@ -397,7 +397,9 @@ class PretrainSpec(TrainingSpec):
     probes: ProbeSpec | None = Field(
         None, description="At probe points the pretrain's workers fine-tune every domain briefly from the current "
         "weights and score it on the domain's held-out text: eval/forecast.json fits each domain's probe loss "
-        "against pretraining tokens (loss = E + A·T^-α) and forecasts the end of the budget."
+        "against pretraining tokens (loss = E + A·T^-α) from the curve's steepest fall on, and forecasts the end of "
+        "the budget once four points are past it (a short pretrain's transient can span its first quarter: "
+        "`every` places enough points there)."
     )
     stop: StopSpec | None = Field(None, description="With probes: stop the pretrain (then cool down) once the "
                                   "rest of its budget no longer helps any domain (see `when`).")

@@ -178,7 +178,8 @@ class Prober:
         latest = history[-1]
         report = {"tokens_per_step": self.tokens_per_step, "budget_tokens": budget, "points": steps,
                   "domains": {d: {**latest[d].as_dict(),
-                                  "forecast_after": [{"step": s, "final_loss": h[d].final_loss, "verdict": h[d].verdict}
+                                  "forecast_after": [{"step": s, "final_loss": h[d].final_loss, "verdict": h[d].verdict,
+                                                      "why": h[d].why}
                                                      for s, h in zip(steps, history, strict=True)]}
                               for d in domains},
                   "stop": {"rule": self.stop.model_dump() if self.stop else None, "stopped_at": self.stopped_at,

@@ -21,7 +21,7 @@ def _targets(probes, errors, rho=0.95, probe_s=5.0, wall=100.0):
 
 
 def test_close_forecasts_the_product_made_are_met(probes):
-    t = _targets(probes, {"legal": (5.99, 5.95, "forecast"), "code": (5.50, 5.46, "forecast")})
+    t = _targets(probes, {"legal": (5.99, 5.95, "forecast", ""), "code": (5.50, 5.46, "forecast", "")})
     forecast = next(v for k, v in t.items() if k.startswith("Forecast"))
     assert forecast.status == "met"
     assert t["Spearman ρ (probe vs fine-tune held-out loss, 18 pairs over every domain)"].status == "met"
@@ -29,11 +29,13 @@ def test_close_forecasts_the_product_made_are_met(probes):
 
 
 def test_a_close_fit_judged_no_forecast_misses_and_a_far_one_is_named(probes):
-    t = _targets(probes, {"legal": (5.99, 5.95, "forecast"), "code": (5.55, 5.46, "no forecast"),
-                          "docs": (6.40, 6.17, "forecast")}, rho=0.5, probe_s=46.0, wall=141.0)
+    t = _targets(probes, {"legal": (5.99, 5.95, "forecast", ""), "code": (None, 5.46, "no forecast", "too few"),
+                          "docs": (6.40, 6.17, "forecast", "")}, rho=0.5, probe_s=46.0, wall=141.0)
     forecast = next(v for k, v in t.items() if k.startswith("Forecast"))
     assert forecast.status == "missed"
-    assert forecast.why == "more than 2% off for docs; no forecast (the product's verdict) for code"
+    assert forecast.why == "more than 2% off for docs; no forecast (the product's verdict) for code: too few"
+    assert forecast.measured == ("legal: 5.9900 vs 5.9500, +0.7%, forecast, code: no forecast vs 5.4600, "
+                                 "docs: 6.4000 vs 6.1700, +3.7%, forecast")
     assert t["Probes"].status == "missed" and t["Probes"].measured.startswith("48.4%")
     assert t["Spearman ρ (probe vs fine-tune held-out loss, 18 pairs over every domain)"].status == "missed"
 
