@@ -187,13 +187,22 @@ def forecast(tokens: list[int], losses: list[float], budget: int, seed: int = 0)
 
 
 def regime(tokens: np.ndarray, losses: np.ndarray) -> int:
-    """The index of the first point in the saturating law's regime: where the curve's steepest
-    fall per doubling of tokens begins (0 for a curve that falls most at its start, as the law
-    does). See the module's docstring."""
-    if len(tokens) < 2:
-        return 0
-    per_doubling = np.diff(losses) / np.diff(np.log2(tokens))
-    return int(np.argmin(per_doubling))
+    """The index of the first point in the saturating law's regime: the point from which the
+    curve falls most per doubling of tokens (0 for a curve that falls most at its start, as the
+    law does). Each fall is measured to the first point at least half a doubling later: closely
+    spaced late points (probes every N steps) would otherwise let one noisy pair pose as the
+    steepest fall. See the module's docstring."""
+    log_t = np.log2(np.asarray(tokens, np.float64))
+    y = np.asarray(losses, np.float64)
+    steepest, start = 0.0, 0
+    for i in range(len(log_t)):
+        j = int(np.searchsorted(log_t, log_t[i] + 0.5 - 1e-9))
+        if j >= len(log_t):  # no point half a doubling on: too late to judge
+            break
+        fall = (y[j] - y[i]) / (log_t[j] - log_t[i])
+        if fall < steepest:
+            steepest, start = fall, i
+    return start
 
 
 def forecast_history(points: list[int], losses: dict[str, list[float]], tokens_per_step: int,

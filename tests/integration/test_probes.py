@@ -118,9 +118,9 @@ def test_a_stop_ends_the_run_after_a_cooldown_on_the_wsd_schedule(parts):
 
 def test_a_probe_inside_the_cooldown_is_recorded_and_the_stop_and_its_reason_stand(parts, tmp_path):
     """The prober as the loop calls it at every probe point, its probe fine-tunes replaced by
-    the losses benchmarks/stop_rule.py's probes recorded (legal's): it stops at 1000 of 1600;
-    the point at 1100, inside the cooldown, is probed and written but decided no more (it
-    would say "go on"), before and after a restart."""
+    the losses benchmarks/stop_rule.py's probes recorded (legal's): it stops at 800 of 1600; the
+    point at 900, inside the cooldown, is probed and written but decided no more, before and
+    after a restart."""
     from dataclasses import replace
     from types import SimpleNamespace
 
@@ -128,10 +128,11 @@ def test_a_probe_inside_the_cooldown_is_recorded_and_the_stop_and_its_reason_sta
     from branchout.stages.training.probes import Prober, ProbeTarget
 
     curve = {100: 6.985, 200: 6.673, 300: 6.563, 400: 6.367, 500: 6.269, 600: 6.253, 700: 6.258, 800: 6.18,
-             900: 6.184, 1000: 6.236, 1100: 6.10}
+             900: 6.10}
     options = job_for((parts[0], parts[2], TINY["model"]["config"]), "x", "lora", steps=2).training
     job = replace(_pretrain(parts, "cooldown", probes={"every": 100, "steps": 2},
-                            schedule={"kind": "wsd", "warmup_steps": 2}, stop={"epsilon": 0.01}),
+                            schedule={"kind": "wsd", "warmup_steps": 2, "cooldown_fraction": 0.25},
+                            stop={"epsilon": 0.01}),
                   steps=1600, out_uri=str(tmp_path / "pre"), probes=(ProbeTarget("legal", parts[2], options),))
 
     def prober() -> Prober:
@@ -142,15 +143,15 @@ def test_a_probe_inside_the_cooldown_is_recorded_and_the_stop_and_its_reason_sta
 
     engine = SimpleNamespace(early=EarlyEnd())
     first = prober()
-    said = {step: first(engine, step) for step in range(100, 1001, 100)}
-    assert [s for s, stop in said.items() if stop] == [1000], said
-    engine.early.stop_at, engine.early.end = 1000, 1100  # what the loop does on the stop
+    said = {step: first(engine, step) for step in range(100, 801, 100)}
+    assert [s for s, stop in said.items() if stop] == [800], said
+    engine.early.stop_at, engine.early.end = 800, 1000  # what the loop does on the stop: 0.25 × 800 to cool down
     why = first.why
-    assert why.startswith("every domain saturated: legal: no better probe in the last 2 points"), why
+    assert why == "every domain saturated: legal: forecast gain < 1.00% at 2 probe points in a row", why
     forecast_file = tmp_path / "pre" / "probes" / "forecast.json"
     for p in (first, prober()):  # the same process, then a restarted one (its history read back)
-        assert p(engine, 1100) is False
+        assert p(engine, 900) is False
         record = json.loads(forecast_file.read_text())
-        assert record["points"][-1] == 1100 and record["domains"]["legal"]["losses"][-1] == 6.10
-        assert record["stop"]["stopped_at"] == 1000 and record["stop"]["why"] == why
-        assert p.outputs(1100)["stopped_at"] == 1000 and p.outputs(1100)["stop_reason"] == why
+        assert record["points"][-1] == 900 and record["domains"]["legal"]["losses"][-1] == 6.10
+        assert record["stop"]["stopped_at"] == 800 and record["stop"]["why"] == why
+        assert p.outputs(1000)["stopped_at"] == 800 and p.outputs(1000)["stop_reason"] == why
