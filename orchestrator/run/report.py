@@ -298,7 +298,10 @@ def forecast_rows(forecast: dict | None) -> list[list[str]]:
     rows = []
     for domain, f in forecast["domains"].items():
         early = [h for h in f["forecast_after"] if h["step"] <= half and h["verdict"] == "forecast"]
-        rows.append([domain, str(len(f["tokens"])), _num(f.get("E")), _num(f.get("alpha")),
+        fitted = f.get("fitted_from")  # the law's regime: the points from the curve's steepest fall on
+        points = str(len(f["tokens"])) + (f", fit from step {fitted // forecast['tokens_per_step']:,}"
+                                          if fitted and fitted > min(f["tokens"]) else "")
+        rows.append([domain, points, _num(f.get("E")), _num(f.get("alpha")),
                      _num(early[-1]["final_loss"]) if early else "-", _num(f["losses"][-1]) if f["losses"] else "-",
                      f["verdict"] + (f" ({f['why']})" if f.get("why") else "")])
     stop = forecast.get("stop") or {}

@@ -220,3 +220,20 @@ def test_a_probe_fine_tunes_by_the_method_asked_or_by_its_domains_own(method, ex
     targets = probe_targets(spec, {d: SimpleNamespace(uri=f"/data/{d}") for d in ("legal", "code", "docs")})
     assert [t.options.method for t in targets] == expected
     assert [t.domain for t in targets] == ["legal", "code", "docs"] and {t.options.steps for t in targets} == {3}
+
+
+def test_the_report_says_from_which_step_the_law_was_fit():
+    from branchout.orchestrator.run.report import forecast_rows
+    from branchout.stages.evaluation.forecast import forecast_history
+
+    curve = [6.93, 6.93, 6.81, 6.75, 6.49, 6.31, 6.26, 6.22, 6.19, 6.15]  # the quickstart's legal probes
+    steps = [25, 50, 75, 100, 150, 200, 250, 300, 350, 400]
+    history, _ = forecast_history(steps, {"legal": curve}, 2048, 400 * 2048)
+    f = history[-1]["legal"]
+    record = {"budget_tokens": 400 * 2048, "tokens_per_step": 2048, "stop": None,
+              "domains": {"legal": {**f.as_dict(), "forecast_after": [
+                  {"step": s, "final_loss": h["legal"].final_loss, "verdict": h["legal"].verdict}
+                  for s, h in zip(steps, history, strict=True)]}}}
+    (row,) = forecast_rows(record)
+    assert row[1] == "10, fit from step 100" and row[-1] == "forecast"
+    assert row[4] == "-"  # at half (step 200) three points were in the regime: no forecast then
