@@ -118,8 +118,8 @@ def test_a_stop_ends_the_run_after_a_cooldown_on_the_wsd_schedule(parts):
 
 def test_a_probe_inside_the_cooldown_is_recorded_and_the_stop_and_its_reason_stand(parts, tmp_path):
     """The prober as the loop calls it at every probe point, its probe fine-tunes replaced by
-    the losses benchmarks/stop_rule.py's probes recorded (legal's): it stops at 800 of 1600; the
-    point at 900, inside the cooldown, is probed and written but decided no more, before and
+    the losses benchmarks/stop_rule.py's probes recorded (legal's): it stops at 700 of 1600; the
+    point at 800, inside the cooldown, is probed and written but decided no more, before and
     after a restart."""
     from dataclasses import replace
     from types import SimpleNamespace
@@ -127,8 +127,7 @@ def test_a_probe_inside_the_cooldown_is_recorded_and_the_stop_and_its_reason_sta
     from branchout.stages.training.optim import EarlyEnd
     from branchout.stages.training.probes import Prober, ProbeTarget
 
-    curve = {100: 6.985, 200: 6.673, 300: 6.563, 400: 6.367, 500: 6.269, 600: 6.253, 700: 6.258, 800: 6.18,
-             900: 6.10}
+    curve = {100: 6.985, 200: 6.673, 300: 6.563, 400: 6.367, 500: 6.269, 600: 6.253, 700: 6.258, 800: 6.18}
     options = job_for((parts[0], parts[2], TINY["model"]["config"]), "x", "lora", steps=2).training
     job = replace(_pretrain(parts, "cooldown", probes={"every": 100, "steps": 2},
                             schedule={"kind": "wsd", "warmup_steps": 2, "cooldown_fraction": 0.25},
@@ -143,15 +142,15 @@ def test_a_probe_inside_the_cooldown_is_recorded_and_the_stop_and_its_reason_sta
 
     engine = SimpleNamespace(early=EarlyEnd())
     first = prober()
-    said = {step: first(engine, step) for step in range(100, 801, 100)}
-    assert [s for s, stop in said.items() if stop] == [800], said
-    engine.early.stop_at, engine.early.end = 800, 1000  # what the loop does on the stop: 0.25 × 800 to cool down
+    said = {step: first(engine, step) for step in range(100, 701, 100)}
+    assert [s for s, stop in said.items() if stop] == [700], said
+    engine.early.stop_at, engine.early.end = 700, 875  # what the loop does on the stop: 0.25 × 700 to cool down
     why = first.why
     assert why == "every domain saturated: legal: forecast gain < 1.00% at 2 probe points in a row", why
     forecast_file = tmp_path / "pre" / "probes" / "forecast.json"
     for p in (first, prober()):  # the same process, then a restarted one (its history read back)
-        assert p(engine, 900) is False
+        assert p(engine, 800) is False
         record = json.loads(forecast_file.read_text())
-        assert record["points"][-1] == 900 and record["domains"]["legal"]["losses"][-1] == 6.10
-        assert record["stop"]["stopped_at"] == 800 and record["stop"]["why"] == why
-        assert p.outputs(1000)["stopped_at"] == 800 and p.outputs(1000)["stop_reason"] == why
+        assert record["points"][-1] == 800 and record["domains"]["legal"]["losses"][-1] == 6.18
+        assert record["stop"]["stopped_at"] == 700 and record["stop"]["why"] == why
+        assert p.outputs(875)["stopped_at"] == 700 and p.outputs(875)["stop_reason"] == why
