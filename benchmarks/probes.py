@@ -27,8 +27,9 @@ points in it (994fe33); on the quickstart that regime begins near step 100, so t
 points put at most two in the first half, and a forecast from it is impossible by construction.
 Probes every 25 steps put five there; 6-step probes keep sixteen points' cost near the old six
 points'. Both were chosen from a collection run of 994fe33 with these settings (its probe
-curves, not its forecasts' errors, which that run did not compute against any target); the
-run below is a new one.
+curves, not its forecasts' errors, which that run did not compute against any target). The
+run below is a new one, but runs are deterministic: its probe losses at the ten points it
+shares with the collection run are the same numbers, so they are not independent of it.
 
 Changed before that (5751e56: LoRA probes for every domain, ρ 0.465 pooled, 1.000 within each
 domain): a LoRA probe of a domain that is fully fine-tuned sits on another loss scale than its

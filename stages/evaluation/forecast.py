@@ -158,7 +158,7 @@ def forecast(tokens: list[int], losses: list[float], budget: int, seed: int = 0)
     first = regime(t, y)
     out.fitted_from = int(t[first])
     if len(t) - first < MIN_POINTS:
-        out.why = (f"the curve's steepest fall is still among its latest points (from {int(t[first]):,} tokens): "
+        out.why = (f"the curve's steepest fall is still among its latest points (from {out.fitted_from:,} tokens): "
                    f"{len(t) - first} point(s) in the law's regime; a forecast needs {MIN_POINTS}")
         return out
     t, y = t[first:], y[first:]
@@ -270,9 +270,8 @@ def _forecast_holds(history, now_tokens, domain: str, epsilon: float, weight: fl
 
 
 def _plateau(f: Forecast, patience: int, epsilon: float, weight: float) -> str | None:
-    """Why ``f``'s domain has stopped improving (see the module's docstring), or None."""
-    if not f.losses or not math.isfinite(f.losses[-1]):  # the latest probe failed: nothing seen now
-        return None
+    """Why ``f``'s domain has stopped improving (see the module's docstring), or None.
+    ``stop_decision`` asks only where the latest probe ran."""
     points = [(t, v) for t, v in zip(f.tokens, f.losses, strict=True) if math.isfinite(v)]
     if len(points) <= patience:
         return None
